@@ -1,0 +1,1 @@
+"""Step kinds: one module per kind, each exposing `KIND` (see `base.py`)."""

@@ -1,0 +1,359 @@
+"""The contract every step kind implements, and the context it runs in.
+
+A kind is a subclass of `Kind` in its own module under `provision/steps/`, exposed as the
+module-level `KIND` instance; `provision.steps.registry` finds it by module name. Kind modules
+are imported on the controller (to validate params, resolve templates, describe the plan) and on
+the box by the agent (to check, run and verify), so **their top level imports only the standard
+library**; a third-party library (google-cloud-storage, rclone-python, ...) is imported inside
+`run`/`verify`, and the kind lists it in `pip` so the agent runs it with its private venv.
+
+Lifecycle of one step on the box:
+
+1. `check(ctx)` in the runner process: cheap, no side effects, stdlib only (stat files, read a
+   marker, `dpkg-query`). It decides "done" together with the engine's own checks (fingerprint,
+   `creates`, `done_when`, upstream generations).
+2. If not done, the runner starts a subprocess (`agent exec`) that calls `run(ctx)` then
+   `verify(ctx)`. Both raise `StepFailed(reason, hint)` on failure; anything printed goes to the
+   step's log (redacted by the runner).
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from provision.errors import StepFailed
+
+T = TypeVar("T")
+
+#: Placeholder the controller puts where a secret's value goes in rendered text; the agent
+#: replaces it on the box (`StepContext.fill_secrets`), so plans never hold secret values.
+SECRET_MARK = "@@bootstrap-secret:{}@@"
+
+#: Param types understood by `validate_params`.
+PARAM_TYPES = ("str", "path", "int", "float", "bool", "list", "dict", "any")
+
+#: No polling interval anywhere may exceed this many seconds (DESIGN.md).
+MAX_POLL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Param:
+    """One kind-specific parameter of a step.
+
+    `type` is one of PARAM_TYPES; `path` is a string the agent expands (`~` is the box's home).
+    `items` constrains list items / dict values to a scalar type ("str", "int", ...).
+    `secret_ref`: the value names an inventory secret, which the step then receives.
+    """
+
+    name: str
+    type: str
+    help: str
+    required: bool = False
+    default: Any = None
+    choices: tuple[Any, ...] = ()
+    items: str | None = None
+    secret_ref: bool = False
+
+
+@dataclass(frozen=True)
+class Check:
+    """Outcome of a done-check: whether the step's effect holds, and why (shown by `plan`)."""
+
+    done: bool
+    reason: str
+
+
+class ParamError(ValueError):
+    """Bad kind params; `key` names the offending param so the loader can point at its line."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ResolveTools(Protocol):
+    """What the controller offers `Kind.resolve` (implemented in `provision.playbook`)."""
+
+    def render_template(self, name: str) -> str:
+        """Render `templates/NAME` with the host's vars; secrets become placeholders."""
+        ...
+
+    def read_local(self, path: str) -> bytes:
+        """Read a file on the controller (relative to the playbook's directory)."""
+        ...
+
+
+class Kind:
+    """Base class of step kinds. Subclasses set the ClassVars and override what they need."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    #: pip requirements for the agent venv; non-empty means run/verify execute in that venv.
+    pip: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self, params: dict[str, Any]) -> None:
+        """Cross-field validation on the controller; raise ParamError. Types are already checked."""
+
+    def resolve(self, params: dict[str, Any], tools: ResolveTools) -> dict[str, Any]:
+        """Controller-side resolution (render a template into the params, read a local file)."""
+        return params
+
+    def describe(self, params: dict[str, Any]) -> str:
+        """One line saying what `run` would do, for `bootstrap plan` (no secrets)."""
+        return self.summary
+
+    def check(self, ctx: StepContext) -> Check:
+        """Cheap, side-effect-free test that the step's effect holds on this box."""
+        return Check(True, "nothing to check")
+
+    def run(self, ctx: StepContext) -> None:
+        """Do the work; raise StepFailed on failure."""
+        raise NotImplementedError
+
+    def verify(self, ctx: StepContext) -> None:
+        """Prove the work took effect; raise StepFailed with the reason otherwise."""
+
+
+def validate_params(kind: Kind, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Check `raw` against the kind's params: unknown keys, required keys, types, choices.
+
+    Returns the params with defaults filled in; raises ParamError naming the key.
+    """
+    known = {p.name: p for p in kind.params}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            expected = ", ".join(sorted(known)) or "none"
+            raise ParamError(
+                f"unknown key '{key}' for kind '{kind.name}'{hint}; its params: {expected}",
+                key,
+            )
+    out: dict[str, Any] = {}
+    for p in kind.params:
+        if p.name not in raw or raw[p.name] is None:
+            if p.required:
+                raise ParamError(f"kind '{kind.name}' requires '{p.name}' ({p.help})", p.name)
+            out[p.name] = p.default
+            continue
+        value = raw[p.name]
+        _check_type(p, value)
+        if p.choices and value not in p.choices:
+            choices = ", ".join(map(str, p.choices))
+            raise ParamError(f"'{p.name}' must be one of {choices}, got {value!r}", p.name)
+        out[p.name] = value
+    kind.validate(out)
+    return out
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "path": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+}
+
+
+def _type_ok(type_name: str, value: Any) -> bool:
+    if type_name == "any":
+        return True
+    if isinstance(value, bool) and type_name in ("int", "float"):
+        return False
+    return isinstance(value, _SCALARS[type_name])
+
+
+def _check_type(p: Param, value: Any) -> None:
+    if not _type_ok(p.type, value):
+        raise ParamError(f"'{p.name}' must be {p.type}, got {type(value).__name__}", p.name)
+    if p.items is None:
+        return
+    members = value.values() if isinstance(value, dict) else value
+    for item in members:
+        if not _type_ok(p.items, item):
+            raise ParamError(
+                f"'{p.name}' must hold {p.items} values, got {type(item).__name__}", p.name
+            )
+
+
+@dataclass
+class StepContext:
+    """Everything a kind sees while checking, running or verifying one step on the box."""
+
+    step_id: str
+    params: dict[str, Any]
+    run_dir: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    secrets: dict[str, str] = field(default_factory=dict)
+    poll: float = 5.0
+    deadline: float | None = None
+    out: Any = None
+
+    @property
+    def workdir(self) -> Path:
+        """A private directory for this step's markers and manifests (created on demand)."""
+        path = self.run_dir / "steps" / self.step_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def path(self, value: str) -> Path:
+        """A path param as a Path on this box (`~` expanded)."""
+        return Path(os.path.expanduser(value))
+
+    def log(self, message: str) -> None:
+        """Write one line to the step's log."""
+        stream = self.out or sys.stdout
+        stream.write(message.rstrip("\n") + "\n")
+        stream.flush()
+
+    def fill_secrets(self, text: str) -> str:
+        """Replace secret placeholders with the values this step may see."""
+        for name, value in self.secrets.items():
+            text = text.replace(SECRET_MARK.format(name), value)
+        return text
+
+    def sh(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        check: bool = True,
+    ) -> int:
+        """Run a command with its output streamed into the log.
+
+        A string runs through `bash -c`. On a non-zero exit with `check`, raises StepFailed
+        naming the command and exit code (the log holds its output). Never put a secret in
+        `cmd`: pass it through `env` instead.
+        """
+        argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        shown = cmd if isinstance(cmd, str) else " ".join(cmd)
+        tail: collections.deque[str] = collections.deque(maxlen=15)
+        stream = self.out or sys.stdout
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=dict(env) if env is not None else self.env,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        if input is not None and proc.stdin:
+            proc.stdin.write(input.encode())
+            proc.stdin.close()
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            stream.write(line)
+            stream.flush()
+            tail.append(line.rstrip())
+        rc = proc.wait()
+        if rc != 0 and check:
+            last = next((t for t in reversed(tail) if t.strip()), "")
+            raise StepFailed(f"`{shown}` exited {rc}" + (f": {last}" if last else ""))
+        return rc
+
+    def capture(
+        self,
+        cmd: Sequence[str],
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a quiet command (for checks) and return its result; never raises on rc."""
+        try:
+            return subprocess.run(
+                list(cmd),
+                cwd=cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return subprocess.CompletedProcess(list(cmd), 127, "", str(exc))
+
+    def progress(
+        self,
+        *,
+        done: float | None = None,
+        total: float | None = None,
+        unit: str = "",
+        files_done: int | None = None,
+        files_total: int | None = None,
+        speed: float | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Report progress of long work (bytes, files, speed in unit/s); shown by `status`."""
+        data: dict[str, Any] = {"unit": unit, "updated": time.time()}
+        for key, value in (
+            ("done", done),
+            ("total", total),
+            ("files_done", files_done),
+            ("files_total", files_total),
+            ("speed", speed),
+            ("message", message),
+        ):
+            if value is not None:
+                data[key] = value
+        if done is not None and total:
+            data["percent"] = round(100.0 * done / total, 1)
+        write_json_atomic(self.workdir / "_progress.json", data)
+
+    def warn(self, message: str) -> None:
+        """Record a warning: it goes to the log and into the step's status."""
+        self.log(f"WARNING: {message}")
+        path = self.workdir / "_warnings.json"
+        warnings = read_json(path, [])
+        warnings.append(message)
+        write_json_atomic(path, warnings)
+
+    def wait_until(self, probe: Callable[[], T | None], what: str) -> T:
+        """Poll `probe` until it returns a value, adaptively from 1 s up to `poll` seconds.
+
+        Raises StepFailed when the step's deadline comes first.
+        """
+        interval = 1.0
+        ceiling = min(max(self.poll, 1.0), MAX_POLL_S)
+        while True:
+            value = probe()
+            if value is not None:
+                return value
+            if self.deadline is not None and time.time() + interval >= self.deadline:
+                raise StepFailed(f"timed out waiting for {what}")
+            time.sleep(interval)
+            interval = min(interval * 1.5, ceiling)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via temp file, fsync and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any) -> Any:
+    """Read JSON, or `default` when the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return default
