@@ -1,0 +1,1 @@
+"""Readers and writers of on-disk formats, standard library only (the agent imports them)."""
