@@ -1,0 +1,6 @@
+"""Watching a training run and explaining failures: the failure catalog, training-log parsing,
+nvidia-smi and host probes, alert rules and pre-flight checks.
+
+Everything here is standard-library only and Python 3.9 compatible: it runs on the box inside
+the agent (one SSH round trip per `monitor`/`check`) as well as on the controller.
+"""
