@@ -1,0 +1,72 @@
+"""Shared fixtures: throwaway sshd boxes (see boxes.py) and a controller environment.
+
+Box fixtures need root (box users are uid 0, as on vast.ai) and openssh-server installed; CI runs
+as root after `apt-get install -y openssh-server`. Without them the box tests fail, loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from boxes import SSHD, Box, make_key, start_box, sweep_stale_users
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Private key (ed25519, `.pub` beside it) that every box of the session authorizes."""
+    if os.geteuid() != 0:
+        pytest.fail("sshd boxes need root (box users are uid 0)")
+    if not Path(SSHD).exists() or not shutil.which("ssh-keygen"):
+        pytest.fail("sshd boxes need openssh-server: apt-get install -y openssh-server")
+    sweep_stale_users()
+    return make_key(tmp_path_factory.mktemp("client") / "id_ed25519")
+
+
+@pytest.fixture
+def box_factory(tmp_path: Path, client_key: Path) -> Iterator[Callable[..., list[Box]]]:
+    """`make(n=1)` starts n fresh boxes (named box1, box2, ... within the test); all are torn
+    down when the test ends: processes killed and reaped, users and HOMEs removed."""
+    boxes: list[Box] = []
+
+    def make(n: int = 1) -> list[Box]:
+        new = []
+        for _ in range(n):
+            name = f"box{len(boxes) + 1}"
+            boxes.append(start_box(tmp_path / name, client_key, name))
+            new.append(boxes[-1])
+        return new
+
+    yield make
+    errors = []
+    for box in boxes:
+        try:
+            box.close()
+        except Exception as exc:  # close the other boxes anyway
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def box(box_factory: Callable[..., list[Box]]) -> Box:
+    """One fresh box for this test."""
+    return box_factory(1)[0]
+
+
+@pytest.fixture
+def controller_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running the bootstrap CLI as a subprocess (see `boxes.run_cli`): its own
+    controller config dir (known_hosts etc.; not created here), this python's scripts on PATH,
+    and no ssh agent, so only the keys a test names are used."""
+    env = dict(os.environ)
+    env.pop("SSH_AUTH_SOCK", None)
+    env["BOOTSTRAP_CONFIG_DIR"] = str(tmp_path / "controller")
+    scripts = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    env["PATH"] = os.pathsep.join(dict.fromkeys([*scripts, env.get("PATH", os.defpath)]))
+    return env
