@@ -1,0 +1,208 @@
+"""Finding (or installing) uv on the box, the arguments and environment every uv call gets, and
+uv's output turned into progress. Shared by the `uv_sync` and `pip_install` kinds.
+
+uv is always called by absolute path: over SSH the environment is minimal and `~/.local/bin` is
+not on PATH (TESTBED.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from provision.errors import StepFailed
+from provision.steps.base import Param, ParamError, StepContext
+
+#: Where bootstrap installs uv when the box has none.
+UV_HOME = "~/.bootstrap/bin"
+
+#: Absolute places uv usually lives, searched before PATH.
+UV_CANDIDATES = (f"{UV_HOME}/uv", "/usr/local/bin/uv", "~/.local/bin/uv", "~/.cargo/bin/uv")
+
+#: Environment every uv call gets unless the step's `env` says otherwise: no git-lfs downloads
+#: while resolving git dependencies, and copies instead of hardlinks into uv's cache (patching a
+#: hardlinked file in the venv would patch the cache too; RUNBOOK E).
+UV_ENV_DEFAULTS = {"GIT_LFS_SKIP_SMUDGE": "1", "UV_LINK_MODE": "copy"}
+
+#: The params about uv itself and where packages come from, shared by both kinds.
+UV_PARAMS = (
+    Param("uv", "path", "uv executable to use (default: found by absolute path, else installed)"),
+    Param(
+        "find_links", "list", "local wheel directories or URLs to look in", default=[], items="str"
+    ),
+    Param("index_url", "str", "package index to use instead of PyPI"),
+    Param(
+        "offline",
+        "bool",
+        "never touch the network (with `find_links` on air-gapped boxes)",
+        default=False,
+    ),
+)
+
+
+def uv_env(ctx: StepContext) -> dict[str, str]:
+    """The step's environment with the uv defaults filled in where it does not set them."""
+    env = dict(ctx.env)
+    for key, value in UV_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    return env
+
+
+def index_args(params: dict[str, Any]) -> list[str]:
+    """uv options for `find_links`, `index_url` and `offline`."""
+    args: list[str] = []
+    for link in params["find_links"]:
+        args += ["--find-links", os.path.expanduser(link)]
+    if params["index_url"]:
+        args += ["--index-url", params["index_url"]]
+    if params["offline"]:
+        args.append("--offline")
+    return args
+
+
+def validate_index(params: dict[str, Any]) -> None:
+    """Reject an empty `find_links` entry (it would make uv look in the working directory)."""
+    if any(not link.strip() for link in params["find_links"]):
+        raise ParamError("'find_links' holds an empty entry", "find_links")
+
+
+def locate_uv(ctx: StepContext, explicit: str | None) -> Path | None:
+    """uv's absolute path: `explicit`, else the usual places, else PATH; None when absent."""
+    if explicit:
+        path = ctx.path(explicit)
+        return path if _is_executable(path) else None
+    for candidate in UV_CANDIDATES:
+        path = ctx.path(candidate)
+        if _is_executable(path):
+            return path
+    found = shutil.which("uv", path=ctx.env.get("PATH", os.defpath))
+    return Path(found).absolute() if found else None
+
+
+def ensure_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
+    """uv's absolute path; installs it into `~/.bootstrap/bin` when the box has none."""
+    found = locate_uv(ctx, params["uv"])
+    if found:
+        return found
+    if params["uv"]:
+        raise StepFailed(f"uv not found at {params['uv']}", hint="fix the `uv` param or drop it")
+    return install_uv(ctx, params)
+
+
+def install_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
+    """Install uv from its PyPI wheel (the wheel carries the static binary) into UV_HOME.
+
+    `pip download` only fetches the wheel: nothing is installed into the box's python, so this
+    works on distro pythons that refuse `pip install` (PEP 668) too.
+    """
+    dest = ctx.path(UV_HOME)
+    dest.mkdir(parents=True, exist_ok=True)
+    ctx.progress(message="installing uv")
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "uv", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--dest", tmp, *_pip_index_args(params)]
+        ctx.log(f"uv not found; downloading its wheel: {' '.join(cmd)}")
+        if ctx.sh(cmd, check=False) != 0:
+            raise StepFailed(
+                "uv is not installed and `pip download uv` failed",
+                hint=f"install python3-pip (an apt step), or put a uv binary at {UV_HOME}/uv",
+            )
+        wheels = sorted(Path(tmp).glob("uv-*.whl"))
+        if not wheels:
+            raise StepFailed("`pip download uv` saved no uv wheel")
+        _extract_binaries(wheels[0], dest)
+    uv = dest / "uv"
+    ctx.log(f"installed uv at {uv}")
+    return uv
+
+
+def _pip_index_args(params: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for link in params["find_links"]:
+        args += ["--find-links", os.path.expanduser(link)]
+    if params["index_url"]:
+        args += ["--index-url", params["index_url"]]
+    if params["offline"]:
+        args.append("--no-index")
+    return args
+
+
+def _extract_binaries(wheel: Path, dest: Path) -> None:
+    """Copy `uv` and `uvx` out of the wheel's scripts dir, each replaced atomically."""
+    with zipfile.ZipFile(wheel) as zf:
+        scripts = {
+            Path(n).name: n for n in zf.namelist() if re.match(r"[^/]+\.data/scripts/[^/]+$", n)
+        }
+        if "uv" not in scripts:
+            raise StepFailed(f"{wheel.name} holds no uv binary")
+        for name in ("uv", "uvx"):
+            if name not in scripts:
+                continue
+            tmp = dest / f".{name}.{os.getpid()}.tmp"
+            with zf.open(scripts[name]) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            tmp.chmod(0o755)
+            os.replace(tmp, dest / name)
+
+
+def _is_executable(path: Path) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) and os.access(path, os.X_OK)
+
+
+_PROGRESS_LINES = (
+    (re.compile(r"^Resolved (\d+) packages? in "), "resolved {0} packages"),
+    (re.compile(r"^Downloading (\S+) \(([^)]+)\)"), "downloading {0} ({1})"),
+    (re.compile(r"^\s*Downloaded (\S+)"), "downloaded {0}"),
+    (re.compile(r"^Building (\S+)"), "building {0}"),
+    (re.compile(r"^\s*Built (\S+)"), "built {0}"),
+    (re.compile(r"^Prepared (\d+) packages? in "), "prepared {0} packages"),
+    (re.compile(r"^Uninstalled (\d+) packages? in "), "uninstalled {0} packages"),
+    (re.compile(r"^Installed (\d+) packages? in "), "installed {0} packages"),
+    (re.compile(r"^Audited (\d+) packages? in "), "audited {0} packages"),
+)
+
+
+def progress_message(line: str) -> str | None:
+    """The progress message for one line of uv's output, or None for lines that carry none."""
+    for pattern, template in _PROGRESS_LINES:
+        match = pattern.match(line)
+        if match:
+            return template.format(*match.groups())
+    return None
+
+
+class _UvOutput:
+    """A stream for `StepContext.sh`: forwards uv's output to the log, and its summary lines
+    (Resolved / Downloading / Prepared / Installed ...) to the step's progress."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self._ctx = ctx
+        self._out = ctx.out or sys.stdout
+
+    def write(self, text: str) -> int:
+        self._out.write(text)
+        for line in text.splitlines():
+            message = progress_message(line)
+            if message:
+                self._ctx.progress(message=message)
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+def run_uv(ctx: StepContext, argv: list[str], *, cwd: Path, env: dict[str, str]) -> None:
+    """Run a uv command, its output in the log and its summary lines in the progress."""
+    dataclasses.replace(ctx, out=_UvOutput(ctx)).sh(argv, cwd=cwd, env=env)
