@@ -1,0 +1,216 @@
+"""The agent's command line on the box: `python3 agent.pyz COMMAND ...`.
+
+- `up`: read the controller's payload (plan, secrets, optional rerun request) on stdin, store it,
+  and either find every step done in-process (the cheap no-op path: no runner is started) or
+  start a detached runner holding the run's lock; then stream snapshots until the run ends
+  (or return at once with `--detach`).
+- `plan`: the same payload; says what `up` would do and why, writing nothing.
+- `run`: the runner itself (started by `up`, detached, without a pty).
+- `exec`: one step (started by the runner).
+- `status`, `logs`: read-only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from provision.agent import report
+from provision.agent.execute import exec_step, pyz_path
+from provision.agent.runner import Runner
+from provision.agent.state import (
+    RunDir,
+    RunLock,
+    forget_secrets,
+    runner_active,
+    save_state,
+    write_secrets,
+)
+from provision.steps.base import write_json_atomic
+
+
+def _read_payload() -> dict[str, Any]:
+    data = sys.stdin.buffer.read()
+    payload = json.loads(data.decode("utf-8")) if data.strip() else {}
+    if not isinstance(payload, dict) or "plan" not in payload:
+        raise SystemExit("agent: expected a JSON payload with a plan on stdin")
+    return payload
+
+
+def _store_plan(run: RunDir, plan: dict[str, Any]) -> None:
+    text = json.dumps(plan, indent=1, sort_keys=True)
+    try:
+        if run.plan.read_text(encoding="utf-8") == text:
+            return
+    except OSError:
+        pass
+    write_json_atomic(run.plan, plan)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    payload = _read_payload()
+    plan = payload["plan"]
+    run = RunDir(plan["name"])
+    run.make()
+    _store_plan(run, plan)
+    secrets = payload.get("secrets") or {}
+    if secrets:
+        write_secrets(run, secrets)
+    reset = payload.get("reset")
+    if reset:
+        request = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
+        write_json_atomic(run.requests / f"{time.time_ns()}.json", request)
+    lock = RunLock(run)
+    started = False
+    if lock.acquire():
+        try:
+            started = _start_unless_done(run, lock)
+        finally:
+            lock.release()
+    if args.detach:
+        report.emit("final" if not started else "snapshot", report.snapshot(run))
+        return 0
+    report.follow(run)
+    return 0
+
+
+def _start_unless_done(run: RunDir, lock: RunLock) -> bool:
+    """With the lock held: settle everything in-process if all is done, else start a runner.
+
+    Returns True when a runner was started (it inherits the lock; ours is then released).
+    """
+    runner = Runner(run)
+    runner.apply_requests()
+    decisions = runner.evaluate()
+    if all(d.done for _, d in decisions):
+        for step_id, decision in decisions:
+            runner.mark_done(step_id, decision.reason)
+        runner.mark_skipped()
+        runner.state.setdefault("runner", {}).update(status="idle", checked=time.time())
+        save_state(run, runner.state)
+        forget_secrets(run)
+        return False
+    save_state(run, runner.state)
+    assert lock.fd is not None
+    with open(run.runner_log, "ab") as log:
+        subprocess.Popen(
+            [sys.executable, str(pyz_path()), "run", "--run", run.name, "--lock-fd", str(lock.fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=(lock.fd,),
+            cwd=os.path.expanduser("~"),
+        )
+    return True
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    run = RunDir(args.run)
+    lock = RunLock(run, args.lock_fd) if args.lock_fd is not None else RunLock(run)
+    if args.lock_fd is None and not lock.acquire():
+        print(f"a runner for '{run.name}' is already running", flush=True)
+        return 0
+    # SIGTERM/SIGHUP end the runner through its `finally`: children killed, state saved.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    print(f"runner {os.getpid()} started for '{run.name}'", flush=True)
+    ok = Runner(run).execute()
+    print(f"runner {os.getpid()} finished: {'all done' if ok else 'not all done'}", flush=True)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    return exec_step(RunDir(args.run), args.step)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    payload = _read_payload()
+    plan = payload["plan"]
+    runner = Runner(RunDir(plan["name"]), plan=plan, secrets=payload.get("secrets") or {})
+    from provision.steps.registry import get_kind
+
+    out = []
+    for step_id, decision in runner.evaluate():
+        step = runner.steps[step_id]
+        kind = get_kind(step["kind"])
+        describe = kind.describe(step.get("params") or {}) if kind else step["kind"]
+        out.append(
+            {"id": step_id, "run": not decision.done, "reason": decision.reason, "does": describe}
+        )
+    skipped = [s["id"] for s in plan["steps"] if not s.get("selected", True)]
+    print(json.dumps({"steps": out, "skipped": skipped}))
+    return 0
+
+
+def _run_for(name: str | None) -> RunDir | None:
+    name = name or report.latest_run()
+    return RunDir(name) if name else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run = _run_for(args.run)
+    if run is None or not run.plan.exists():
+        print(json.dumps({"error": "no bootstrap run on this box", "run": args.run}))
+        return 0
+    print(json.dumps(report.snapshot(run, args.lines)))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run = _run_for(args.run)
+    if run is None:
+        sys.stderr.write("no bootstrap run on this box\n")
+        return 2
+    return report.print_log(run, args.step, args.lines, args.follow)
+
+
+def cmd_active(args: argparse.Namespace) -> int:
+    run = _run_for(args.run)
+    return 0 if run is not None and runner_active(run) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--detach", action="store_true")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("plan").set_defaults(func=cmd_plan)
+    run = sub.add_parser("run")
+    run.add_argument("--run", required=True)
+    run.add_argument("--lock-fd", type=int)
+    run.set_defaults(func=cmd_run)
+    ex = sub.add_parser("exec")
+    ex.add_argument("--run", required=True)
+    ex.add_argument("step")
+    ex.set_defaults(func=cmd_exec)
+    st = sub.add_parser("status")
+    st.add_argument("--run")
+    st.add_argument("-n", "--lines", type=int, default=report.DEFAULT_TAIL_LINES)
+    st.set_defaults(func=cmd_status)
+    lg = sub.add_parser("logs")
+    lg.add_argument("--run")
+    lg.add_argument("step")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.set_defaults(func=cmd_logs)
+    ac = sub.add_parser("active")
+    ac.add_argument("--run")
+    ac.set_defaults(func=cmd_active)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Run one step: the body of the `agent exec` subprocess the runner starts for each step.
+
+The runner owns the state file; this process only reports through its exit code and the files
+in the step's directory (`_result.json`, `_progress.json`, `_warnings.json`). Its stdout and
+stderr are a pipe the runner redacts into the step's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from provision.agent.checks import box_checks
+from provision.agent.state import RunDir
+from provision.errors import StepFailed
+from provision.steps.base import StepContext, read_json, write_json_atomic
+from provision.steps.registry import get_kind
+
+#: Exit codes of `agent exec`: the step ran and failed, or it could not run at all.
+EXIT_FAILED = 1
+EXIT_ERROR = 3
+
+
+def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
+    """The environment a step sees: the runner's, its own `env`, and only its own secrets."""
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in (step.get("env") or {}).items()})
+    for name in step.get("secrets") or []:
+        if name in secrets:
+            env[name] = secrets[name]
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def make_context(
+    run: RunDir,
+    step: dict[str, Any],
+    secrets: dict[str, str],
+    deadline: float | None = None,
+) -> StepContext:
+    """The StepContext of `step` (for checks in the runner, and for running in `exec`)."""
+    return StepContext(
+        step_id=step["id"],
+        params=dict(step.get("params") or {}),
+        run_dir=run.path,
+        env=step_env(step, secrets),
+        secrets={n: secrets[n] for n in step.get("secrets") or [] if n in secrets},
+        poll=float(step.get("poll") or 5),
+        deadline=deadline,
+    )
+
+
+def exec_step(run: RunDir, step_id: str) -> int:
+    """Run and verify one step of the run's plan; returns the process exit code."""
+    plan = read_json(run.plan, {})
+    step = next((s for s in plan.get("steps", []) if s["id"] == step_id), None)
+    result_path = run.step_dir(step_id) / "_result.json"
+    run.step_dir(step_id).mkdir(parents=True, exist_ok=True)
+    if step is None:
+        write_json_atomic(result_path, {"reason": f"step '{step_id}' is not in the plan"})
+        return EXIT_ERROR
+    kind = get_kind(step["kind"])
+    if kind is None:
+        write_json_atomic(result_path, {"reason": f"unknown kind '{step['kind']}' on the box"})
+        return EXIT_ERROR
+    # The runner passes the step's secrets in the environment; take only those the step names.
+    secrets = {n: os.environ[n] for n in step.get("secrets") or [] if n in os.environ}
+    deadline = (
+        float(os.environ["BOOTSTRAP_DEADLINE"]) if "BOOTSTRAP_DEADLINE" in os.environ else None
+    )
+    ctx = make_context(run, step, secrets, deadline)
+    started = time.time()
+    try:
+        kind.run(ctx)
+        kind.verify(ctx)
+        after = _post_checks(step, ctx)
+        if after:
+            raise StepFailed(after)
+    except StepFailed as exc:
+        ctx.log(f"FAILED: {exc.reason}")
+        write_json_atomic(result_path, {"reason": exc.reason, "hint": exc.hint})
+        return EXIT_FAILED
+    except Exception as exc:  # a crash is an error of the kind, not a failure of the work
+        traceback.print_exc(file=sys.stdout)
+        write_json_atomic(result_path, {"reason": f"crashed: {type(exc).__name__}: {exc}"})
+        return EXIT_ERROR
+    write_json_atomic(result_path, {"reason": f"ran in {time.time() - started:.1f}s"})
+    return 0
+
+
+def _post_checks(step: dict[str, Any], ctx: StepContext) -> str | None:
+    """After a run, `creates` must exist and `done_when` must pass: else the step failed."""
+    if not (step.get("creates") or step.get("done_when")):
+        return None
+    result = box_checks({k: step.get(k) for k in ("creates", "done_when")}, ctx, None)
+    return None if result.done else f"ran, but {result.reason}"
+
+
+def read_result(run: RunDir, step_id: str) -> dict[str, Any]:
+    """What the last `exec` of a step reported (reason, hint)."""
+    data = read_json(run.step_dir(step_id) / "_result.json", {})
+    return data if isinstance(data, dict) else {}
+
+
+def clear_reports(run: RunDir, step_id: str) -> None:
+    """Forget the previous attempt's result, progress and warnings before a new attempt."""
+    for name in ("_result.json", "_progress.json", "_warnings.json"):
+        with contextlib.suppress(FileNotFoundError):
+            (run.step_dir(step_id) / name).unlink()
+
+
+def pyz_path() -> Path:
+    """The agent zipapp on this box."""
+    from provision.agent.state import agent_root
+
+    return agent_root() / "agent.pyz"

@@ -1,0 +1,470 @@
+"""The runner: executes a plan's DAG on the box, one subprocess per step, and owns the state.
+
+It holds the run's lock for its whole life, so there is one runner per run. Steps start as soon
+as their needs are done (stdlib `graphlib`), at most `max_parallel` at once. Each step is an
+`agent exec` child in its own process group; a waiter thread per child puts its exit on a queue,
+so completion is noticed at once, not on a poll. Timeouts kill the whole process group (SIGTERM,
+then SIGKILL after a grace period). Requests to rerun steps arrive as files in `requests/` and
+are applied between events. A runner killed with SIGKILL leaves steps marked `running`; the next
+runner kills what is left of them and runs them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import graphlib
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from provision import dag
+from provision.agent import checks
+from provision.agent.execute import (
+    EXIT_ERROR,
+    clear_reports,
+    make_context,
+    pyz_path,
+    read_result,
+    step_env,
+)
+from provision.agent.redact import Redactor
+from provision.agent.state import (
+    BAD,
+    RunDir,
+    forget_secrets,
+    load_state,
+    read_secrets,
+    record,
+    save_state,
+)
+from provision.steps.base import read_json
+from provision.steps.registry import get_kind
+
+#: Seconds between SIGTERM and SIGKILL for a step that timed out or was cancelled.
+KILL_GRACE_S = 5.0
+#: How often the runner looks for rerun requests while it waits for children.
+REQUEST_POLL_S = 0.5
+DEFAULT_MAX_PARALLEL = 8
+
+
+@dataclass
+class Launched:
+    """A running step process."""
+
+    proc: subprocess.Popen[bytes]
+    token: int
+    deadline: float | None
+    kill_at: float | None = None
+    cancelled: str = ""
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+class Runner:
+    """Runs the plan of one run directory to the end."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        plan: dict[str, Any] | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
+        self.run = run
+        plan = plan if plan is not None else read_json(run.plan, None)
+        if not isinstance(plan, dict):
+            raise RuntimeError(f"no plan at {run.plan}")
+        self.plan = plan
+        self.steps: dict[str, dict[str, Any]] = {s["id"]: s for s in plan["steps"]}
+        self.selected = [s["id"] for s in plan["steps"] if s.get("selected", True)]
+        self.needs = {sid: list(self.steps[sid].get("needs") or []) for sid in self.selected}
+        self.state = load_state(run)
+        self.secrets = secrets if secrets is not None else read_secrets(run)
+        self.redact = Redactor(self.secrets.values())
+        self.events: queue.Queue[tuple[str, int, int]] = queue.Queue()
+        self.procs: dict[str, Launched] = {}
+        self.tokens = 0
+        self.max_parallel = int(plan.get("max_parallel") or DEFAULT_MAX_PARALLEL)
+        # Steps that ran successfully, started at least once, or ended badly in this runner's life.
+        self.executed: set[str] = set()
+        self.started: set[str] = set()
+        self.final: set[str] = set()
+
+    # ----------------------------------------------------------------- deciding, without running
+
+    def status(self, step_id: str) -> str:
+        return str(self.state.get("steps", {}).get(step_id, {}).get("status", "pending"))
+
+    def gens(self, step_id: str) -> dict[str, int]:
+        recs = self.state.get("steps", {})
+        return {n: int(recs.get(n, {}).get("gen", 0)) for n in self.needs.get(step_id, [])}
+
+    def decide(self, step_id: str, rerun: set[str]) -> checks.Decision:
+        """Is the step done? `rerun` holds the steps that ran (or will run) this session."""
+        step = self.steps[step_id]
+        ctx = make_context(self.run, step, self.secrets)
+        rerun_needs = [n for n in self.needs[step_id] if n in rerun]
+        rec = self.state.get("steps", {}).get(step_id)
+        return checks.decide(step, rec, self.gens(step_id), ctx, rerun_needs)
+
+    def evaluate(self) -> list[tuple[str, checks.Decision]]:
+        """Decide every selected step in order as if all that must run succeeded (for `plan`)."""
+        will_run: set[str] = set()
+        out = []
+        for step_id in dag.topo_order(self.needs):
+            decision = self.decide(step_id, will_run)
+            if not decision.done:
+                will_run.add(step_id)
+            out.append((step_id, decision))
+        return out
+
+    def mark_done(self, step_id: str, reason: str) -> None:
+        """Record a step found done without running it."""
+        rec = record(self.state, step_id)
+        if rec.get("status") != "done":
+            rec["gen"] = int(rec.get("gen", 0)) + 1
+            rec["upstream"] = self.gens(step_id)
+            rec["ended"] = rec.get("ended") or time.time()
+        rec.update(status="done", reason=reason, fingerprint=self.steps[step_id]["fingerprint"])
+        rec.pop("hint", None)
+
+    def mark_skipped(self) -> None:
+        """Steps not selected are `skipped`, unless they are done from an earlier run."""
+        for step_id in self.steps:
+            if step_id not in self.needs and self.status(step_id) != "done":
+                record(self.state, step_id).update(status="skipped", reason="not selected")
+
+    # ----------------------------------------------------------------------------- running
+
+    def execute(self) -> bool:
+        """Run until every selected step is done, failed or blocked; True when all are done."""
+        self.recover()
+        self.apply_requests()
+        self.state["runner"] = {
+            "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+        }
+        self.mark_skipped()
+        save_state(self.run, self.state)
+        try:
+            while self.schedule():
+                pass
+        finally:
+            self.stop_all("runner stopping")
+            self.state["runner"].update(status="idle", ended=time.time(), pid=None)
+            save_state(self.run, self.state)
+            forget_secrets(self.run)
+        return all(self.status(s) == "done" for s in self.selected)
+
+    def schedule(self) -> bool:
+        """One pass over the DAG; returns True when a rerun request means starting over."""
+        order = {sid: i for i, sid in enumerate(dag.topo_order(self.needs))}
+        sorter = graphlib.TopologicalSorter({k: tuple(v) for k, v in self.needs.items()})
+        sorter.prepare()
+        ready: list[str] = []
+        while sorter.is_active():
+            ready.extend(sorted(sorter.get_ready(), key=order.__getitem__))
+            if self.dispatch(ready, sorter):
+                continue
+            if not self.procs:
+                raise RuntimeError(f"stalled with ready steps {ready}")
+            if self.wait(sorter):
+                return True
+        return False
+
+    def dispatch(self, ready: list[str], sorter: graphlib.TopologicalSorter[str]) -> bool:
+        """Settle or start ready steps; True when some step was settled (new ones may be ready)."""
+        settled = False
+        for step_id in list(ready):
+            if step_id in self.procs:
+                ready.remove(step_id)  # still running from before a restart: await its exit
+                continue
+            bad = [n for n in self.needs[step_id] if self.status(n) in BAD]
+            if bad or step_id in self.final:
+                ready.remove(step_id)
+                if bad:
+                    rec = record(self.state, step_id)
+                    rec.update(status="blocked", reason=f"blocked by {', '.join(bad)}")
+                    rec.pop("hint", None)
+                sorter.done(step_id)
+                settled = True
+                continue
+            decision = self.decide(step_id, self.executed)
+            if decision.done:
+                ready.remove(step_id)
+                self.mark_done(step_id, decision.reason)
+                sorter.done(step_id)
+                settled = True
+            elif len(self.procs) < self.max_parallel:
+                ready.remove(step_id)
+                try:
+                    self.launch(step_id, decision.reason)
+                except OSError as exc:
+                    rec = record(self.state, step_id)
+                    rec.update(status="error", ended=time.time(), reason=f"could not start: {exc}")
+                    self.final.add(step_id)
+                    sorter.done(step_id)
+                    settled = True
+        if settled:
+            save_state(self.run, self.state)
+        return settled
+
+    def launch(self, step_id: str, why: str) -> None:
+        """Start `agent exec` for a step in its own process group; raises OSError."""
+        step = self.steps[step_id]
+        rec = record(self.state, step_id)
+        attempts = int(rec.get("attempts", 0)) + 1 if step_id in self.started else 1
+        self.started.add(step_id)
+        rec.update(
+            status="running",
+            attempts=attempts,
+            started=time.time(),
+            ended=None,
+            rc=None,
+            duration_s=None,
+            reason=why,
+            warnings=[],
+        )
+        rec.pop("hint", None)
+        clear_reports(self.run, step_id)
+        log_path = self.run.log(step_id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        timeout = step.get("timeout")
+        deadline = time.time() + float(timeout) if timeout else None
+        env = step_env(step, self.secrets)
+        env.update(BOOTSTRAP_RUN=self.run.name, BOOTSTRAP_STEP=step_id)
+        if deadline:
+            env["BOOTSTRAP_DEADLINE"] = repr(deadline)
+        argv = [self.python_for(step), str(pyz_path()), "exec", "--run", self.run.name, step_id]
+        mode = "ab" if rec["attempts"] > 1 else "wb"
+        with open(log_path, mode) as log:
+            log.write(f"=== {step_id}: attempt {rec['attempts']} ({why}) ===\n".encode())
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=os.path.expanduser("~"),
+            env=env,
+        )
+        self.tokens += 1
+        launched = Launched(proc, self.tokens, deadline)
+        rec["pid"] = proc.pid
+        pump = threading.Thread(target=self._pump, args=(proc, log_path), daemon=True)
+        waiter = threading.Thread(
+            target=self._wait_child, args=(step_id, launched, pump), daemon=True
+        )
+        launched.threads = [pump, waiter]
+        self.procs[step_id] = launched
+        pump.start()
+        waiter.start()
+        save_state(self.run, self.state)
+
+    def python_for(self, step: dict[str, Any]) -> str:
+        """The interpreter for a step: the box's python3, or the agent venv's for library kinds."""
+        kind = get_kind(step["kind"])
+        if kind is not None and kind.pip:
+            return str(
+                self.plan.get("agent_python") or os.path.expanduser("~/.bootstrap/venv/bin/python")
+            )
+        return sys.executable
+
+    def _pump(self, proc: subprocess.Popen[bytes], log_path: Any) -> None:
+        """Copy a child's output into its log, line by line, through the redactor."""
+        assert proc.stdout is not None
+        with open(log_path, "ab") as log:
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                log.write(self.redact(line).encode())
+                log.flush()
+
+    def _wait_child(self, step_id: str, launched: Launched, pump: threading.Thread) -> None:
+        rc = launched.proc.wait()
+        # A step may leave a daemon holding the pipe; the log gets what arrives within 1 s.
+        pump.join(timeout=1.0)
+        self.events.put((step_id, launched.token, rc))
+
+    def wait(self, sorter: graphlib.TopologicalSorter[str]) -> bool:
+        """Wait for the next child exit, timeout or request; True when the DAG must restart."""
+        try:
+            step_id, token, rc = self.events.get(timeout=self._next_wakeup())
+        except queue.Empty:
+            pass
+        else:
+            launched = self.procs.get(step_id)
+            if launched is not None and launched.token == token:
+                self.finish(step_id, launched, rc, sorter)
+        self.enforce_timeouts()
+        return self.apply_requests()
+
+    def _next_wakeup(self) -> float:
+        times = [REQUEST_POLL_S]
+        now = time.time()
+        for launched in self.procs.values():
+            for when in (launched.deadline, launched.kill_at):
+                if when is not None:
+                    times.append(max(0.0, when - now))
+        return min(times)
+
+    def finish(
+        self,
+        step_id: str,
+        launched: Launched,
+        rc: int,
+        sorter: graphlib.TopologicalSorter[str],
+    ) -> None:
+        """Record a child's exit: done, retried, failed or error."""
+        del self.procs[step_id]
+        step = self.steps[step_id]
+        rec = record(self.state, step_id)
+        result = read_result(self.run, step_id)
+        warnings = read_json(self.run.step_dir(step_id) / "_warnings.json", [])
+        now = time.time()
+        rec.update(
+            rc=rc,
+            ended=now,
+            duration_s=round(now - float(rec.get("started") or now), 3),
+            warnings=warnings if isinstance(warnings, list) else [],
+            fingerprint=step["fingerprint"],
+        )
+        rec.pop("pid", None)
+        if rc == 0 and not launched.cancelled:
+            if rec.get("forced") != "only":
+                rec["gen"] = int(rec.get("gen", 0)) + 1
+            rec.update(status="done", upstream=self.gens(step_id), reason=result.get("reason"))
+            rec.pop("forced", None)
+            self.executed.add(step_id)
+            sorter.done(step_id)
+        else:
+            reason = launched.cancelled or result.get("reason") or f"exited {rc}"
+            rec.update(reason=reason, hint=result.get("hint") or self.diagnose(step_id))
+            if int(rec.get("attempts", 1)) <= int(step.get("retries") or 0):
+                save_state(self.run, self.state)
+                self.launch(step_id, f"retry after: {reason}")
+                return
+            rec["status"] = "error" if rc == EXIT_ERROR and not launched.cancelled else "failed"
+            self.final.add(step_id)
+            sorter.done(step_id)
+        save_state(self.run, self.state)
+
+    def diagnose(self, step_id: str) -> str | None:
+        """A known-issue hint for a failed step's log tail, when the catalog knows it."""
+        try:
+            from provision.monitor import catalog
+        except ImportError:
+            return None
+        tail = tail_text(self.run.log(step_id), 64 * 1024)
+        return catalog.hint_for(tail) if hasattr(catalog, "hint_for") else None
+
+    def enforce_timeouts(self) -> None:
+        """SIGTERM steps past their deadline; SIGKILL them after the grace period."""
+        now = time.time()
+        for step_id, launched in self.procs.items():
+            if launched.kill_at is not None and now >= launched.kill_at:
+                _signal_group(launched.proc.pid, signal.SIGKILL)
+                launched.kill_at = None
+            elif launched.deadline is not None and now >= launched.deadline:
+                timeout = self.steps[step_id].get("timeout")
+                launched.cancelled = f"timed out after {timeout}s"
+                launched.deadline = None
+                launched.kill_at = now + KILL_GRACE_S
+                _signal_group(launched.proc.pid, signal.SIGTERM)
+
+    def stop_all(self, why: str) -> None:
+        """Kill every running step (runner shutting down)."""
+        for step_id, launched in list(self.procs.items()):
+            _kill_group(launched.proc)
+            rec = record(self.state, step_id)
+            rec.update(status="pending", reason=f"interrupted: {why}")
+            rec.pop("pid", None)
+        self.procs.clear()
+
+    # ----------------------------------------------------------------- recovery and requests
+
+    def recover(self) -> None:
+        """Steps left `running` by a runner that died: kill their leftovers, run them again."""
+        for step_id, rec in self.state.get("steps", {}).items():
+            if rec.get("status") != "running":
+                continue
+            pid = rec.pop("pid", None)
+            if pid and _is_step_process(int(pid), step_id):
+                _signal_group(int(pid), signal.SIGKILL)
+            rec.update(status="pending", reason="interrupted: the runner stopped")
+
+    def apply_requests(self) -> bool:
+        """Apply rerun requests queued by `agent up --reset`; True when any step was reset."""
+        try:
+            names = sorted(os.listdir(self.run.requests))
+        except FileNotFoundError:
+            return False
+        changed = False
+        for name in names:
+            path = self.run.requests / name
+            request = read_json(path, {})
+            path.unlink(missing_ok=True)
+            if isinstance(request, dict) and request.get("reset"):
+                self.reset(request["reset"], bool(request.get("only")))
+                changed = True
+        if changed:
+            save_state(self.run, self.state)
+        return changed
+
+    def reset(self, step_id: str, only: bool) -> None:
+        """Mark a step (and, unless `only`, everything downstream) pending and forced."""
+        targets = {step_id} if only else dag.downstream(self.needs, [step_id])
+        for sid in targets:
+            if sid not in self.steps:
+                continue
+            launched = self.procs.pop(sid, None)
+            if launched is not None:
+                _kill_group(launched.proc)
+            rec = record(self.state, sid)
+            rec.update(status="pending", forced="only" if only else True, reason="rerun requested")
+            rec.pop("hint", None)
+            self.final.discard(sid)
+            self.executed.discard(sid)
+            self.started.discard(sid)
+
+
+def tail_text(path: Any, limit: int) -> str:
+    """The last `limit` bytes of a file as text ('' when missing)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a step's process group, SIGKILL it if it lingers, and reap the child."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _is_step_process(pid: int, step_id: str) -> bool:
+    """Whether `pid` is still the process of this step (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"BOOTSTRAP_STEP={step_id}".encode() in fh.read().split(b"\0")
+    except OSError:
+        return False

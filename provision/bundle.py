@@ -1,0 +1,98 @@
+"""The agent shipped to the box: the `provision` package as a zipapp run by the box's python3.
+
+Built deterministically (sorted entries, fixed timestamps) so its hash only changes when the
+code does; cached on the controller keyed by the sources' sizes and mtimes. The box keeps the
+hash beside the zipapp, so the agent is shipped only when it differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from provision.home import config_dir
+
+PACKAGE = Path(__file__).resolve().parent
+_MAIN = "import sys\nfrom provision.agent.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+#: Controller-only modules: they import typer/rich/yaml/jinja2, which the box lacks.
+_CONTROLLER_ONLY = {
+    "cli.py",
+    "console.py",
+    "controller.py",
+    "playbook.py",
+    "inventory.py",
+    "yamlsrc.py",
+    "bundle.py",
+    "home.py",
+}
+
+
+@dataclass(frozen=True)
+class Agent:
+    """The agent zipapp and its sha256."""
+
+    data: bytes
+    sha256: str
+
+
+def _sources() -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(PACKAGE):
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "transport"))
+        for name in sorted(names):
+            path = Path(root) / name
+            rel = path.relative_to(PACKAGE)
+            if name.endswith((".py", ".json")) and str(rel) not in _CONTROLLER_ONLY:
+                files.append(path)
+    catalog = PACKAGE / "known_issues.yaml"
+    if catalog.exists():
+        files.append(catalog)
+    return files
+
+
+def _catalog_json(path: Path) -> bytes:
+    import yaml
+
+    return json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), sort_keys=True).encode()
+
+
+def build_agent() -> Agent:
+    """Build (or reuse from the cache) the agent zipapp."""
+    sources = _sources()
+    key = hashlib.sha256()
+    for path in sources:
+        st = path.stat()
+        key.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    cache = config_dir() / "agent-cache" / f"{key.hexdigest()[:20]}.pyz"
+    if cache.exists():
+        data = cache.read_bytes()
+        return Agent(data, hashlib.sha256(data).hexdigest())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        _add(zf, "__main__.py", _MAIN.encode())
+        for path in sources:
+            rel = "provision/" + str(path.relative_to(PACKAGE))
+            if path.name == "known_issues.yaml":
+                _add(zf, "provision/known_issues.json", _catalog_json(path))
+            else:
+                _add(zf, rel, path.read_bytes())
+    data = buffer.getvalue()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    for old in cache.parent.glob("*.pyz"):
+        old.unlink(missing_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cache)
+    return Agent(data, hashlib.sha256(data).hexdigest())
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)

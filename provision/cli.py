@@ -1,0 +1,492 @@
+"""The `bootstrap` command line (typer). The only module that exits.
+
+Exit codes: 0 every selected step done; 1 a step failed, errored or is blocked; 2 bad input
+(config, usage, unknown target, unreachable host, refused key) — printed as one line.
+Heavy modules are imported inside the commands, so `bootstrap --version` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from provision import __version__
+from provision.errors import ProvisionError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Take a rented GPU box from nothing to a running, verified training job.",
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PLAYBOOK = Path("playbooks/smoke.yaml")
+DEFAULT_INVENTORY = Path("inventory.yaml")
+
+PlaybookOpt = Annotated[
+    Path | None,
+    typer.Option("-p", "--playbook", help="playbook file [default: playbooks/smoke.yaml]"),
+]
+InventoryOpt = Annotated[
+    Path | None,
+    typer.Option("-i", "--inventory", help="inventory file [default: ./inventory.yaml]"),
+]
+TargetsArg = Annotated[
+    list[str], typer.Argument(help="host, group, local, user@host[:port], or a pasted ssh command")
+]
+TagsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--tags", "-t", help="run only steps with these tags (and what they need)"),
+]
+VarsOpt = Annotated[
+    list[str] | None, typer.Option("--var", "-e", help="extra var NAME=VALUE (highest precedence)")
+]
+KeyOpt = Annotated[
+    bool,
+    typer.Option("--accept-new-host-key", help="forget a changed host key and trust the new one"),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bootstrap {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")
+    ] = False,
+) -> None:
+    """Take a rented GPU box from nothing to a running, verified training job."""
+
+
+def fail(error: ProvisionError | str, code: int = 2) -> NoReturn:
+    """Print one line (never a traceback) and exit."""
+    sys.stderr.write(f"error: {error}\n")
+    raise typer.Exit(code)
+
+
+def _playbook_path(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    if DEFAULT_PLAYBOOK.exists():
+        return DEFAULT_PLAYBOOK
+    return REPO / DEFAULT_PLAYBOOK
+
+
+def _extra_vars(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ProvisionError(f"--var expects NAME=VALUE, got '{item}'")
+        name, value = item.split("=", 1)
+        out[name.strip()] = value
+    return out
+
+
+class Loaded:
+    """Playbook, inventory and hosts for a command."""
+
+    def __init__(
+        self, playbook: Path | None, inventory: Path | None, targets: list[str] | None
+    ) -> None:
+        from provision.inventory import load_inventory, resolve_targets
+        from provision.playbook import load_playbook
+
+        inv_path = inventory if inventory is not None else DEFAULT_INVENTORY
+        if inventory is not None and not inventory.exists():
+            raise ProvisionError(f"{inventory}: no such inventory file")
+        self.inventory = load_inventory(inv_path)
+        self.playbook_path = _playbook_path(playbook)
+        if not self.playbook_path.exists():
+            raise ProvisionError(f"{self.playbook_path}: no such playbook file")
+        self.book = load_playbook(self.playbook_path)
+        self.hosts = resolve_targets(targets, self.inventory) if targets is not None else []
+
+    def plans(self, tags: list[str] | None, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        from provision.playbook import resolve
+
+        return {
+            h.name: resolve(self.book, self.inventory, h, tags=tags, extra_vars=extra)
+            for h in self.hosts
+        }
+
+
+def _redactor(values: list[str]) -> Any:
+    from provision.agent.redact import Redactor
+
+    return Redactor(values)
+
+
+def _each_box(
+    hosts: list[Any], work: Any, accept_new: bool = False
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run `work(box)` for every host in parallel; returns results and one-line errors."""
+    from provision.controller import connect
+
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+
+    def one(host: Any) -> None:
+        try:
+            results[host.name] = work(connect(host, accept_new))
+        except ProvisionError as exc:
+            errors[host.name] = str(exc)
+
+    threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.2)
+    return results, errors
+
+
+def _exit_for(finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> int:
+    if errors:
+        return 2
+    for snap in finals.values():
+        for step in snap.get("steps", []):
+            if step["status"] not in ("done", "skipped"):
+                return 1
+    return 0
+
+
+def _run_up(
+    targets: list[str],
+    playbook: Path | None,
+    inventory: Path | None,
+    tags: list[str] | None,
+    variables: list[str] | None,
+    detach: bool,
+    accept_new: bool,
+    reset: dict[str, Any] | None = None,
+) -> int:
+    from provision import console, controller
+
+    loaded = Loaded(playbook, inventory, targets)
+    if reset is not None:
+        loaded.book.step(reset["step"])
+    plans = loaded.plans(tags, _extra_vars(variables))
+    secrets = {name: controller.secrets_for(plan, loaded.inventory) for name, plan in plans.items()}
+    out = console.Out(_redactor([v for s in secrets.values() for v in s.values()]))
+    with console.RunView(out) as view:
+        finals, errors = _each_box(
+            loaded.hosts,
+            lambda box: controller.up(
+                box,
+                plans[box.name],
+                secrets[box.name],
+                reset=reset,
+                detach=detach,
+                on_snapshot=view.update,
+            ),
+            accept_new,
+        )
+    if detach:
+        for host in finals:
+            console.wait_hint(
+                out, f"{host}: running on the box; follow with: bootstrap status {host} --watch"
+            )
+        console.print_summary(out, {}, errors)
+        return 2 if errors else 0
+    console.print_summary(out, finals, errors)
+    return _exit_for(finals, errors)
+
+
+def _guard(fn: Any, *args: Any, **kwargs: Any) -> NoReturn:
+    """Run a command body; map bad input to one line and exit code 2, Ctrl-C to a detach."""
+    try:
+        code = fn(*args, **kwargs)
+    except ProvisionError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ndetached: the run goes on on the box; see `bootstrap status TARGET`\n")
+        raise typer.Exit(130) from None
+    raise typer.Exit(code or 0)
+
+
+@app.command()
+def up(
+    targets: TargetsArg,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    tags: TagsOpt = None,
+    var: VarsOpt = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="start and return at once")
+    ] = False,
+    accept_new_host_key: KeyOpt = False,
+) -> None:
+    """Run the playbook on the targets (on the box: closing the laptop does not stop it)."""
+    _guard(_run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key)
+
+
+@app.command()
+def rerun(
+    target: Annotated[str, typer.Argument(help="host")],
+    step: Annotated[str, typer.Argument(help="step id")],
+    only: Annotated[
+        bool, typer.Option("--only", help="rerun just STEP, not what depends on it")
+    ] = False,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    tags: TagsOpt = None,
+    var: VarsOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d")] = False,
+    accept_new_host_key: KeyOpt = False,
+) -> None:
+    """Mark STEP (and everything downstream) pending and run again."""
+    reset = {"step": step, "only": only}
+    _guard(_run_up, [target], playbook, inventory, tags, var, detach, accept_new_host_key, reset)
+
+
+def _status(
+    targets: list[str],
+    playbook: Path | None,
+    inventory: Path | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    lines: int,
+) -> int:
+    import time
+
+    from provision import console, controller
+
+    loaded = Loaded(playbook, inventory, targets)
+    run = loaded.book.name if playbook is not None else None
+    out = console.Out()
+    while True:
+        snaps, errors = _each_box(loaded.hosts, lambda box: controller.status(box, run, lines))
+        ordered = [snaps[h.name] for h in loaded.hosts if h.name in snaps]
+        if as_json:
+            for snap in ordered:
+                print(json.dumps(snap), flush=True)
+        else:
+            if watch:
+                out.console.clear()
+            console.print_status(out, ordered, verbose_tail=3)
+        for message in errors.values():
+            out.error(message)
+        if not watch:
+            return 2 if errors else _exit_for(snaps, {})
+        time.sleep(interval)
+
+
+@app.command()
+def status(
+    targets: TargetsArg,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per host")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until interrupted")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=1, max=30, help="seconds between refreshes")
+    ] = 2.0,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="log lines per step")] = 10,
+) -> None:
+    """Show every step of the run on the targets (one SSH round trip each)."""
+    _guard(_status, targets, playbook, inventory, as_json, watch, interval, lines)
+
+
+def _logs(
+    target: str, step: str, playbook: Path | None, inventory: Path | None, lines: int, follow: bool
+) -> int:
+    from provision import controller
+
+    loaded = Loaded(playbook, inventory, [target])
+    run = loaded.book.name if playbook is not None else None
+    return controller.logs(controller.connect(loaded.hosts[0]), run, step, lines, follow)
+
+
+@app.command()
+def logs(
+    target: Annotated[str, typer.Argument(help="host")],
+    step: Annotated[str, typer.Argument(help="step id")],
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    lines: Annotated[int, typer.Option("--lines", "-n")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+) -> None:
+    """Print or follow a step's log."""
+    _guard(_logs, target, step, playbook, inventory, lines, follow)
+
+
+def _plan(
+    targets: list[str],
+    playbook: Path | None,
+    inventory: Path | None,
+    tags: list[str] | None,
+    variables: list[str] | None,
+    as_json: bool,
+) -> int:
+    from provision import console, controller
+
+    loaded = Loaded(playbook, inventory, targets)
+    plans = loaded.plans(tags, _extra_vars(variables))
+    secrets = {name: controller.secrets_for(plan, loaded.inventory) for name, plan in plans.items()}
+    out = console.Out(_redactor([v for s in secrets.values() for v in s.values()]))
+    results, errors = _each_box(
+        loaded.hosts, lambda box: controller.plan(box, plans[box.name], secrets[box.name])
+    )
+    for host in loaded.hosts:
+        if host.name in results:
+            if as_json:
+                print(json.dumps(dict(results[host.name], host=host.name)))
+            else:
+                console.print_plan(out, host.name, results[host.name])
+    for message in errors.values():
+        out.error(message)
+    return 2 if errors else 0
+
+
+@app.command()
+def plan(
+    targets: TargetsArg,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    tags: TagsOpt = None,
+    var: VarsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Say, step by step, what `up` would do and why; change nothing on the box."""
+    _guard(_plan, targets, playbook, inventory, tags, var, as_json)
+
+
+def _graph(playbook: Path | None, fmt: str) -> int:
+    from provision import console, dag
+    from provision.playbook import load_playbook
+
+    book = load_playbook(_playbook_path(playbook))
+    needs = book.needs
+    estimate = {s.id: float(s.raw.get("estimate") or 0) for s in book.steps}
+    path, total = dag.critical_path(needs, estimate)
+    on_path = set(path)
+    lines: list[str] = []
+    if fmt == "mermaid":
+        lines.append("graph LR")
+        for s in book.steps:
+            label = f"{s.id}" + (f" ({estimate[s.id]:.0f}s)" if estimate[s.id] else "")
+            lines.append(f'  {s.id.replace("-", "_")}["{label}"]')
+            for n in s.needs:
+                arrow = "==>" if n in on_path and s.id in on_path else "-->"
+                lines.append(f"  {n.replace('-', '_')} {arrow} {s.id.replace('-', '_')}")
+    elif fmt == "dot":
+        lines.append(f'digraph "{book.name}" {{')
+        lines.append("  rankdir=LR;")
+        for s in book.steps:
+            style = " style=bold color=red" if s.id in on_path else ""
+            lines.append(f'  "{s.id}" [label="{s.id}\\n{s.kind}"{style}];')
+            for n in s.needs:
+                lines.append(f'  "{n}" -> "{s.id}";')
+        lines.append("}")
+    else:
+        children = dag.dependents(needs)
+        roots = [s.id for s in book.steps if not s.needs]
+        kinds = {s.id: s.kind for s in book.steps}
+
+        def walk(node: str, prefix: str, last: bool, seen: set[str]) -> None:
+            mark = "*" if node in on_path else " "
+            est = f" ~{estimate[node]:.0f}s" if estimate[node] else ""
+            branch = "└─ " if last else "├─ "
+            again = " (see above)" if node in seen else ""
+            lines.append(f"{prefix}{branch}{mark}{node} [{kinds[node]}]{est}{again}")
+            if node in seen:
+                return
+            seen.add(node)
+            kids = [k for k in (s.id for s in book.steps) if k in children.get(node, set())]
+            for i, kid in enumerate(kids):
+                walk(kid, prefix + ("   " if last else "│  "), i == len(kids) - 1, seen)
+
+        lines.append(f"{book.name}")
+        seen: set[str] = set()
+        for i, root in enumerate(roots):
+            walk(root, "", i == len(roots) - 1, seen)
+    if fmt == "tree" or total:
+        lines.append(
+            f"critical path ({total:.0f}s): {' -> '.join(path)}"
+            if total
+            else "no estimates: critical path unknown"
+        )
+    console.print_tree(console.Out(), lines)
+    return 0
+
+
+@app.command()
+def graph(
+    playbook: PlaybookOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="tree | mermaid | dot")] = "tree",
+) -> None:
+    """Draw the playbook's DAG with its critical path (from `estimate:`)."""
+    if fmt not in ("tree", "mermaid", "dot"):
+        fail("--format must be tree, mermaid or dot")
+    _guard(_graph, playbook, fmt)
+
+
+def _kinds(name: str | None) -> int:
+    from provision.steps.registry import get_kind, kind_names
+
+    if name is None:
+        for kind_name in kind_names():
+            kind = get_kind(kind_name)
+            if kind is not None:
+                print(f"{kind_name:<18} {kind.summary}")
+        return 0
+    kind = get_kind(name)
+    if kind is None:
+        raise ProvisionError(f"no kind '{name}' (kinds: {', '.join(kind_names())})")
+    print(f"{name}: {kind.summary}\n")
+    print("params:")
+    for p in kind.params:
+        need = "required" if p.required else f"default {p.default!r}"
+        print(f"  {p.name:<20} {p.type:<6} {need:<24} {p.help}")
+    example = kind_example(name)
+    if example:
+        print("\nexample:\n" + example)
+    return 0
+
+
+def kind_example(name: str) -> str:
+    """The YAML example in a kind module's docstring (the first ```yaml block)."""
+    import importlib
+    import re
+
+    doc = importlib.import_module(f"provision.steps.{name}").__doc__ or ""
+    match = re.search(r"```yaml\n(.*?)```", doc, re.S)
+    return match.group(1) if match else ""
+
+
+@app.command()
+def kinds(name: Annotated[str | None, typer.Argument(help="a kind to describe")] = None) -> None:
+    """List step kinds, or describe one with its params and an example."""
+    _guard(_kinds, name)
+
+
+def _forget(target: str) -> int:
+    from provision.transport.ssh import forget_host_key, parse_forget_target
+
+    host = parse_forget_target(target)
+    removed = forget_host_key(host)
+    print(f"{'forgot' if removed else 'no key stored for'} {target}")
+    return 0
+
+
+@app.command()
+def forget(
+    target: Annotated[str, typer.Argument(help="HOST[:PORT] whose trusted key to forget")],
+) -> None:
+    """Forget a host's trusted key (after vast.ai gave its address to a new box)."""
+    _guard(_forget, target)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,253 @@
+"""Terminal rendering of runs, status, plans and graphs: the only module that imports rich.
+
+Everything printed passes the controller's redactor (secret values and their encodings).
+On a terminal `up` shows a live table per box; elsewhere (CI, pipes) it prints one line per
+status change, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+STYLE = {
+    "pending": "dim",
+    "running": "bold cyan",
+    "done": "green",
+    "failed": "bold red",
+    "error": "bold magenta",
+    "blocked": "yellow",
+    "skipped": "dim",
+}
+ICON = {
+    "pending": "·",
+    "running": "▶",
+    "done": "✓",
+    "failed": "✗",
+    "error": "!",
+    "blocked": "⊘",
+    "skipped": "-",
+}
+
+
+class Out:
+    """Console output with redaction."""
+
+    def __init__(self, redact: Callable[[str], str] = lambda s: s) -> None:
+        self.redact = redact
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def line(self, text: str, style: str | None = None) -> None:
+        self.console.print(escape(self.redact(text)), style=style)
+
+    def error(self, text: str) -> None:
+        self.err.print(f"[bold red]error:[/] {escape(self.redact(text))}")
+
+    def raw(self, text: str) -> None:
+        sys.stdout.write(self.redact(text))
+        sys.stdout.flush()
+
+
+def _duration(step: dict[str, Any]) -> str:
+    value = step.get("duration_s")
+    if value is None:
+        return ""
+    value = float(value)
+    if value < 60:
+        return f"{value:.1f}s"
+    return f"{int(value // 60)}m{int(value % 60):02d}s"
+
+
+def _progress(step: dict[str, Any]) -> str:
+    p = step.get("progress") or {}
+    if not p:
+        return ""
+    parts = []
+    if p.get("percent") is not None:
+        parts.append(f"{p['percent']:.0f}%")
+    if p.get("done") is not None and p.get("unit") == "B":
+        total = f"/{_bytes(p['total'])}" if p.get("total") else ""
+        parts.append(f"{_bytes(p['done'])}{total}")
+    if p.get("files_total"):
+        parts.append(f"{p.get('files_done', 0)}/{p['files_total']} files")
+    if p.get("speed"):
+        parts.append(f"{_bytes(p['speed'])}/s" if p.get("unit") == "B" else f"{p['speed']:.1f}/s")
+    if p.get("message"):
+        parts.append(str(p["message"]))
+    return " ".join(parts)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def _detail(step: dict[str, Any]) -> str:
+    status = step["status"]
+    if status == "running":
+        progress = _progress(step)
+        tail = (step.get("log_tail") or [""])[-1]
+        return progress or tail
+    if status in ("failed", "error", "blocked"):
+        return step.get("reason") or ""
+    if status == "done" and step.get("warnings"):
+        return f"{len(step['warnings'])} warning(s): {step['warnings'][0]}"
+    return ""
+
+
+def status_table(snap: dict[str, Any], redact: Callable[[str], str]) -> Table:
+    """One box's steps as a table."""
+    runner = snap.get("runner", "?")
+    title = f"{snap.get('host')} · {snap.get('run')} · runner {runner}"
+    table = Table(title=escape(title), title_justify="left", expand=False, show_edge=False)
+    table.add_column("step")
+    table.add_column("status")
+    table.add_column("tries", justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("detail", overflow="ellipsis", no_wrap=True, max_width=80)
+    for step in snap.get("steps", []):
+        status = step["status"]
+        table.add_row(
+            escape(step["id"]),
+            Text(f"{ICON.get(status, '?')} {status}", style=STYLE.get(status, "")),
+            str(step.get("attempts") or ""),
+            _duration(step),
+            escape(redact(_detail(step))),
+        )
+    return table
+
+
+class RunView:
+    """Live progress of `up` over one or more boxes."""
+
+    def __init__(self, out: Out, live: bool | None = None) -> None:
+        self.out = out
+        self.live_mode = out.console.is_terminal if live is None else live
+        self.snaps: dict[str, dict[str, Any]] = {}
+        self.seen: dict[tuple[str, str], str] = {}
+        self.lock = threading.Lock()
+        self.live: Live | None = None
+
+    def __enter__(self) -> RunView:
+        if self.live_mode:
+            self.live = Live(
+                Group(), console=self.out.console, refresh_per_second=8, transient=False
+            )
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.__exit__(None, None, None)
+
+    def _render(self) -> Group:
+        return Group(*(status_table(s, self.out.redact) for s in self.snaps.values()))
+
+    def update(self, host: str, snap: dict[str, Any]) -> None:
+        """Take a snapshot from a box (called from the box's thread)."""
+        with self.lock:
+            self.snaps[host] = snap
+            if self.live is not None:
+                self.live.update(self._render())
+                return
+            for step in snap.get("steps", []):
+                key = (host, step["id"])
+                previous = self.seen.get(key)
+                if previous != step["status"]:
+                    self.seen[key] = step["status"]
+                    if previous is None and step["status"] in ("pending", "skipped"):
+                        continue
+                    extra = _duration(step)
+                    reason = step.get("reason") or ""
+                    suffix = (
+                        f" ({extra}{', ' if extra and reason else ''}{reason})"
+                        if extra or reason
+                        else ""
+                    )
+                    self.out.line(f"[{host}] {step['id']}: {step['status']}{suffix}")
+
+
+def print_summary(out: Out, finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> None:
+    """After `up`: per box, what ended badly, with log tail and hint."""
+    for host, snap in finals.items():
+        steps = snap.get("steps", [])
+        counts: dict[str, int] = {}
+        for step in steps:
+            counts[step["status"]] = counts.get(step["status"], 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        out.line(f"{host}: {summary}", style="bold")
+        for step in steps:
+            if step["status"] in ("failed", "error"):
+                out.line(
+                    f"  {step['status']}: {step['id']} — {step.get('reason') or ''}",
+                    style=STYLE[step["status"]],
+                )
+                for line in step.get("log_tail") or []:
+                    out.line(f"    | {line}", style="dim")
+                if step.get("hint"):
+                    out.line(f"    hint: {step['hint']}", style="yellow")
+                out.line(f"    rerun: bootstrap rerun {host} {step['id']}", style="dim")
+            for warning in step.get("warnings") or []:
+                out.line(f"  warning: {step['id']}: {warning}", style="yellow")
+    for host, message in errors.items():
+        out.error(f"{host}: {message}" if not message.startswith(host) else message)
+
+
+def print_status(out: Out, snaps: list[dict[str, Any]], verbose_tail: int = 0) -> None:
+    """`bootstrap status` output."""
+    for snap in snaps:
+        out.console.print(status_table(snap, out.redact))
+        for step in snap.get("steps", []):
+            if step.get("hint"):
+                out.line(f"  hint for {step['id']}: {step['hint']}", style="yellow")
+            if verbose_tail and step["status"] in ("failed", "error", "running"):
+                for line in (step.get("log_tail") or [])[-verbose_tail:]:
+                    out.line(f"  {step['id']} | {line}", style="dim")
+
+
+def print_plan(out: Out, host: str, result: dict[str, Any]) -> None:
+    """`bootstrap plan` output: what would run and why."""
+    table = Table(title=escape(f"{host}: plan"), title_justify="left", show_edge=False)
+    table.add_column("step")
+    table.add_column("action")
+    table.add_column("why")
+    table.add_column("does", overflow="ellipsis", no_wrap=True, max_width=70)
+    for step in result["steps"]:
+        action = Text("run", style="bold cyan") if step["run"] else Text("ok", style="green")
+        table.add_row(
+            escape(step["id"]), action, escape(step["reason"]), escape(out.redact(step["does"]))
+        )
+    for step_id in result.get("skipped", []):
+        table.add_row(escape(step_id), Text("skip", style="dim"), "not selected", "")
+    out.console.print(table)
+    todo = sum(1 for s in result["steps"] if s["run"])
+    out.line(f"{host}: {todo} step(s) would run, {len(result['steps']) - todo} already done")
+
+
+def print_tree(out: Out, lines: list[str]) -> None:
+    """Print pre-formatted graph lines."""
+    for line in lines:
+        out.console.print(escape(line))
+
+
+def wait_hint(out: Out, text: str) -> None:
+    """A dim one-liner (e.g. how to reattach)."""
+    out.line(text, style="dim")
+
+
+def elapsed(start: float) -> str:
+    return f"{time.time() - start:.1f}s"

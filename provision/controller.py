@@ -1,0 +1,271 @@
+"""The controller's side of every command: ship the agent and the plan, start, follow, read.
+
+One box costs one SSH round trip per command: a small stdlib prelude (`python3 -c`) reads a
+header line on stdin, installs the agent zipapp that follows it when the box's copy differs
+(the controller remembers what each box has, so usually nothing follows), then hands the rest
+of stdin (plan and secrets) to the agent. `up` keeps that channel open to stream snapshots;
+closing it (Ctrl-C, a dropped link) does not stop the run, which belongs to the box.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from provision.bundle import Agent, build_agent
+from provision.errors import ProvisionError, TargetError
+from provision.home import config_dir
+from provision.inventory import Host, Inventory
+from provision.transport import Result, Transport
+
+_PRELUDE = r"""
+import sys,os,json
+if sys.version_info<(3,9):
+    sys.stdout.write("BOOTSTRAP_OLD_PYTHON %s\n"%sys.version.split()[0]);sys.exit(4)
+r=os.environ.get("BOOTSTRAP_AGENT_DIR") or os.path.expanduser("~/.bootstrap")
+p=os.path.join(r,"agent.pyz");s=os.path.join(r,"agent.sha256")
+i=sys.stdin.buffer;h=json.loads(i.readline())
+try:
+    have=open(s).read().strip()
+except OSError:
+    have=""
+if h["len"]:
+    d=i.read(h["len"])
+    if have!=h["sha"] and h["ephemeral"]:
+        import tempfile;f=tempfile.NamedTemporaryFile(suffix=".pyz");f.write(d);f.flush();p=f.name
+    elif have!=h["sha"]:
+        os.makedirs(r,exist_ok=True);open(p+".tmp","wb").write(d);os.replace(p+".tmp",p)
+        open(s+".tmp","w").write(h["sha"]);os.replace(s+".tmp",s)
+elif have!=h["sha"] or not os.path.exists(p):
+    sys.stdout.write("BOOTSTRAP_NEED_AGENT\n");sys.stdout.flush();sys.exit(3)
+sys.path.insert(0,p)
+from provision.agent.__main__ import main
+sys.exit(main(h["argv"]))
+"""
+_NEED_AGENT = b"BOOTSTRAP_NEED_AGENT"
+_OLD_PYTHON = b"BOOTSTRAP_OLD_PYTHON"
+_AGENT = '"${BOOTSTRAP_AGENT_DIR:-$HOME/.bootstrap}/agent.pyz"'
+
+
+@dataclass
+class Box:
+    """A host and the transport that reaches it."""
+
+    host: Host
+    transport: Transport
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+
+def connect(host: Host, accept_new_host_key: bool = False) -> Box:
+    """The Box for a host (no connection is made yet)."""
+    if host.connection == "local":
+        from provision.transport.local import LocalTransport
+
+        return Box(host, LocalTransport(host.name))
+    from provision.transport.ssh import SSHTransport
+
+    return Box(host, SSHTransport(host, accept_new_host_key))
+
+
+# ------------------------------------------------------------------------------ agent shipping
+
+
+def _cache_file(box: Box) -> Any:
+    key = hashlib.sha256(box.host.address.encode()).hexdigest()[:16]
+    return config_dir() / "hosts" / f"{key}.agent"
+
+
+def _box_has(box: Box, agent: Agent) -> bool:
+    try:
+        return _cache_file(box).read_text().strip() == agent.sha256
+    except OSError:
+        return False
+
+
+def _remember(box: Box, agent: Agent) -> None:
+    path = _cache_file(box)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(agent.sha256 + "\n")
+
+
+def _command(box: Box) -> str:
+    python = box.host.vars.get("box_python", "python3")
+    return f"{shlex.quote(str(python))} -c {shlex.quote(_PRELUDE)}"
+
+
+def _stdin(agent: Agent, argv: list[str], payload: bytes, ship: bool, ephemeral: bool) -> bytes:
+    header = {
+        "sha": agent.sha256,
+        "len": len(agent.data) if ship else 0,
+        "argv": argv,
+        "ephemeral": ephemeral,
+    }
+    return json.dumps(header).encode() + b"\n" + (agent.data if ship else b"") + payload
+
+
+def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
+    if out.startswith(_OLD_PYTHON):
+        version = out.split()[1].decode() if len(out.split()) > 1 else "?"
+        return TargetError(f"{box.name}: python3 on the box is {version}; bootstrap needs >= 3.9")
+    if re.search(r"python3?: (command )?not found|No such file", err):
+        return TargetError(
+            f"{box.name}: no python3 on the box (install python3, or set the host var box_python)"
+        )
+    tail = " | ".join(err.strip().splitlines()[-3:]) or out.decode("utf-8", "replace")[-300:]
+    return TargetError(f"{box.name}: the agent failed: {tail}")
+
+
+def agent_run(
+    box: Box,
+    argv: list[str],
+    payload: bytes = b"",
+    *,
+    ephemeral: bool = False,
+    timeout: float = 120,
+) -> Result:
+    """Run an agent command to completion, shipping the agent only if the box lacks it."""
+    agent = build_agent()
+    ship = not _box_has(box, agent)
+    result = box.transport.run(
+        _command(box), _stdin(agent, argv, payload, ship, ephemeral), timeout
+    )
+    if result.rc == 3 and result.stdout.startswith(_NEED_AGENT):
+        ship = True
+        result = box.transport.run(
+            _command(box), _stdin(agent, argv, payload, True, ephemeral), timeout
+        )
+    if result.rc != 0:
+        raise _agent_failed(box, result.stdout, result.stderr)
+    if ship and not ephemeral:
+        _remember(box, agent)
+    return result
+
+
+def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str, Any]]:
+    """Run an agent command and yield the JSON events it prints, as they come."""
+    agent = build_agent()
+    ship = not _box_has(box, agent)
+    for attempt in range(2):
+        proc = box.transport.stream(_command(box), _stdin(agent, argv, payload, ship, False))
+        assert proc.stdout is not None
+        first = True
+        need_agent = False
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                if first and raw.startswith(_NEED_AGENT):
+                    need_agent = True
+                    break
+                first = False
+                if raw.startswith(b"{"):
+                    yield json.loads(raw)
+        finally:
+            if proc.poll() is None and not need_agent:
+                proc.terminate()
+            proc.wait()
+        stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+        box.transport.check_stream(proc, stderr)
+        if need_agent and attempt == 0:
+            ship = True
+            continue
+        if proc.returncode != 0:
+            raise _agent_failed(box, b"", stderr)
+        if ship:
+            _remember(box, agent)
+        return
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def secrets_for(plan: dict[str, Any], inv: Inventory) -> dict[str, str]:
+    """Values of the secrets the plan's selected steps name (resolved now, on the controller)."""
+    names = {n for s in plan["steps"] if s.get("selected", True) for n in s.get("secrets", [])}
+    return {n: inv.secret(n) for n in sorted(names)}
+
+
+def up(
+    box: Box,
+    plan: dict[str, Any],
+    secrets: dict[str, str],
+    *,
+    reset: dict[str, Any] | None = None,
+    detach: bool = False,
+    on_snapshot: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Ship the plan, start (or attach to) the run, follow it; returns the final snapshot."""
+    payload = json.dumps({"plan": plan, "secrets": secrets, "reset": reset}).encode()
+    argv = ["up", "--detach"] if detach else ["up"]
+    final: dict[str, Any] | None = None
+    for event in agent_stream(box, argv, payload):
+        snap = dict(event, host=box.name)
+        if on_snapshot is not None:
+            on_snapshot(box.name, snap)
+        if event.get("event") == "final" or detach:
+            final = snap
+    if final is None:
+        raise TargetError(f"{box.name}: the connection ended before the run reported its end")
+    return final
+
+
+def status(box: Box, run: str | None, lines: int = 10) -> dict[str, Any]:
+    """The run's status on the box, in one round trip."""
+    command = f"python3 {_AGENT} status -n {int(lines)}" + (
+        f" --run {shlex.quote(run)}" if run else ""
+    )
+    result = box.transport.run(command, b"", timeout=30)
+    if result.rc != 0:
+        if "can't open file" in result.stderr or "No such file" in result.stderr:
+            raise TargetError(
+                f"{box.name}: no bootstrap run on this box (run `bootstrap up` first)"
+            )
+        raise _agent_failed(box, result.stdout, result.stderr)
+    data = json.loads(result.stdout)
+    if "error" in data:
+        raise TargetError(f"{box.name}: {data['error']}" + (f" named '{run}'" if run else ""))
+    return dict(data, host=box.name)
+
+
+def plan(box: Box, plan: dict[str, Any], secrets: dict[str, str]) -> dict[str, Any]:
+    """What `up` would do on the box and why; changes nothing there."""
+    payload = json.dumps({"plan": plan, "secrets": secrets}).encode()
+    result = agent_run(box, ["plan"], payload, ephemeral=True)
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> int:
+    """Print (or follow) a step's log; returns the remote exit code."""
+    command = f"python3 {_AGENT} logs {shlex.quote(step)} -n {int(lines)}"
+    command += (f" --run {shlex.quote(run)}" if run else "") + (" -f" if follow else "")
+    proc = box.transport.stream(command)
+    assert proc.stdout is not None
+    import sys
+
+    for raw in iter(proc.stdout.readline, b""):
+        sys.stdout.write(raw.decode("utf-8", "replace"))
+        sys.stdout.flush()
+    proc.wait()
+    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+    box.transport.check_stream(proc, stderr)
+    if proc.returncode != 0:
+        if "can't open file" in stderr:
+            raise TargetError(
+                f"{box.name}: no bootstrap run on this box (run `bootstrap up` first)"
+            )
+        raise TargetError(
+            f"{box.name}: {stderr.strip().splitlines()[-1] if stderr.strip() else 'logs failed'}"
+        )
+    return 0
+
+
+def interactive(box: Box, command: str) -> int:
+    """Run a command on the box attached to this terminal (e.g. `tmux attach`)."""
+    return subprocess.call(box.transport.interactive_argv(command))

@@ -1,0 +1,496 @@
+"""Playbooks: load and validate the YAML, then resolve it for one host into a plan.
+
+Loading checks the structure (keys, types, ids, needs, cycles, kinds) and points at file:line
+and the step id. Resolving renders every string with jinja2 (StrictUndefined) from the playbook
+vars, the inventory vars and the host's vars, validates each kind's params, lets kinds resolve
+controller-side inputs (templates), selects steps by tag, adds the agent-venv step that library
+kinds need, and fingerprints each step. The plan is plain JSON and holds no secret value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.nativetypes
+
+from provision import dag
+from provision.errors import ConfigError
+from provision.inventory import Host, Inventory
+from provision.steps.base import MAX_POLL_S, SECRET_MARK, ParamError, validate_params
+from provision.steps.registry import get_kind, kind_names
+from provision.yamlsrc import LineMap, load_yaml
+
+COMMON_KEYS = (
+    "id",
+    "kind",
+    "needs",
+    "creates",
+    "done_when",
+    "timeout",
+    "retries",
+    "poll",
+    "env",
+    "secrets",
+    "tags",
+    "estimate",
+    "description",
+)
+TOP_KEYS = ("name", "description", "vars", "steps", "max_parallel")
+_ID = re.compile(r"^[a-z0-9_-]+$")
+_SECRET_REF = re.compile(re.escape(SECRET_MARK).replace(r"\{\}", r"([A-Za-z0-9_]+)"))
+AGENT_VENV_ID = "agent-venv"
+
+
+@dataclass
+class Step:
+    """One step as written, with its line for errors."""
+
+    id: str
+    kind: str
+    raw: dict[str, Any]
+    line: int
+    needs: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+    def params(self) -> dict[str, Any]:
+        """The kind-specific keys (everything that is not a common key)."""
+        return {k: v for k, v in self.raw.items() if k not in COMMON_KEYS}
+
+
+@dataclass
+class Playbook:
+    """A validated playbook."""
+
+    path: Path
+    name: str
+    vars: dict[str, Any]
+    steps: list[Step]
+    max_parallel: int = 8
+    description: str = ""
+
+    def step(self, step_id: str) -> Step:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        close = difflib.get_close_matches(step_id, [s.id for s in self.steps], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"no step '{step_id}'{hint}", file=str(self.path))
+
+    @property
+    def needs(self) -> dict[str, list[str]]:
+        return {s.id: s.needs for s in self.steps}
+
+
+def load_playbook(path: Path) -> Playbook:
+    """Load and structurally validate a playbook file."""
+    data = load_yaml(path)
+    src = str(path)
+    if not isinstance(data, LineMap):
+        raise ConfigError("a playbook must be a mapping with 'name' and 'steps'", file=src, line=1)
+    _no_unknown(data, TOP_KEYS, src, None, "playbook")
+    name = data.get("name")
+    if not isinstance(name, str) or not _ID.match(name):
+        raise ConfigError(
+            "'name' must be set and match [a-z0-9_-]+ (it names the run on the box)",
+            file=src,
+            line=data.line_of("name"),
+        )
+    pvars = data.get("vars") or {}
+    if not isinstance(pvars, dict):
+        raise ConfigError("'vars' must be a mapping", file=src, line=data.line_of("vars"))
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ConfigError("'steps' must be a non-empty list", file=src, line=data.line_of("steps"))
+    max_parallel = data.get("max_parallel", 8)
+    if not isinstance(max_parallel, int) or isinstance(max_parallel, bool) or max_parallel < 1:
+        raise ConfigError(
+            "'max_parallel' must be a positive integer", file=src, line=data.line_of("max_parallel")
+        )
+    steps = [_step(raw, src, raw_steps, i) for i, raw in enumerate(raw_steps)]
+    _check_graph(steps, src)
+    return Playbook(
+        path, name, dict(pvars), steps, max_parallel, str(data.get("description") or "")
+    )
+
+
+def _no_unknown(
+    data: LineMap, known: tuple[str, ...], src: str, step: str | None, what: str
+) -> None:
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown key '{key}' in {what}{hint}", file=src, line=data.line_of(key), step=step
+            )
+
+
+def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
+    line = seq.item_lines[index] if hasattr(seq, "item_lines") else 0
+    if not isinstance(raw, LineMap):
+        raise ConfigError("each step must be a mapping with 'id' and 'kind'", file=src, line=line)
+    step_id = raw.get("id")
+    if not isinstance(step_id, str) or not _ID.match(step_id):
+        raise ConfigError(
+            f"step id must match [a-z0-9_-]+, got {step_id!r}", file=src, line=raw.line_of("id")
+        )
+
+    def err(message: str, key: str | None = None) -> ConfigError:
+        return ConfigError(
+            message, file=src, line=raw.line_of(key) if key else raw.line, step=step_id
+        )
+
+    kind_name = raw.get("kind")
+    kind = get_kind(kind_name) if isinstance(kind_name, str) else None
+    if kind is None:
+        close = difflib.get_close_matches(str(kind_name), kind_names(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return_err = f"unknown kind {kind_name!r}{hint}; kinds: {', '.join(kind_names())}"
+        raise err(return_err, "kind")
+    known_params = {p.name for p in kind.params}
+    for key in raw:
+        if key not in COMMON_KEYS and key not in known_params:
+            close = difflib.get_close_matches(str(key), [*COMMON_KEYS, *known_params], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise err(f"unknown key '{key}' for kind '{kind_name}'{hint}", key)
+    needs = _str_list(raw, "needs", err)
+    tags = _str_list(raw, "tags", err)
+    _str_list(raw, "secrets", err)
+    for key in ("timeout", "estimate"):
+        value = raw.get(key)
+        if value is not None and (not _is_number(value) or value <= 0):
+            raise err(f"'{key}' must be a positive number of seconds", key)
+    retries = raw.get("retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise err("'retries' must be a non-negative integer", "retries")
+    poll = raw.get("poll")
+    if poll is not None and (not _is_number(poll) or not 1 <= poll <= MAX_POLL_S):
+        raise err(f"'poll' must be between 1 and {MAX_POLL_S:.0f} seconds", "poll")
+    env = raw.get("env")
+    if env is not None and (
+        not isinstance(env, dict)
+        or not all(isinstance(v, (str, int, float, bool)) for v in env.values())
+    ):
+        raise err("'env' must map names to strings", "env")
+    for key in ("creates", "done_when"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise err(f"'{key}' must be a string", key)
+    return Step(step_id, kind_name, raw, raw.line, needs, tags)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _str_list(raw: LineMap, key: str, err: Any) -> list[str]:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise err(f"'{key}' must be a list of strings", key)
+    return list(value)
+
+
+def _check_graph(steps: list[Step], src: str) -> None:
+    seen: dict[str, Step] = {}
+    for step in steps:
+        if step.id in seen:
+            raise ConfigError(
+                f"duplicate step id (first at line {seen[step.id].line})",
+                file=src,
+                line=step.line,
+                step=step.id,
+            )
+        seen[step.id] = step
+    for step in steps:
+        for need in step.needs:
+            if need not in seen:
+                close = difflib.get_close_matches(need, list(seen), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"needs unknown step '{need}'{hint}",
+                    file=src,
+                    line=step.raw.line_of("needs"),
+                    step=step.id,
+                )
+    try:
+        dag.topo_order({s.id: s.needs for s in steps})
+    except dag.CycleFound as exc:
+        first = seen[exc.cycle[0]]
+        raise ConfigError(
+            f"cycle in needs: {' -> '.join(exc.cycle)}", file=src, line=first.line, step=first.id
+        ) from None
+
+
+# ---------------------------------------------------------------------------------- resolving
+
+
+class _Tools:
+    """`ResolveTools` for kinds: templates next to the playbook, local files."""
+
+    def __init__(self, book: Playbook, context: dict[str, Any], step: Step) -> None:
+        self.book = book
+        self.context = context
+        self.step = step
+
+    def _base(self) -> Path:
+        # playbooks/x.yaml -> templates/ beside playbooks/, or beside the playbook itself.
+        for base in (self.book.path.parent.parent, self.book.path.parent):
+            if (base / "templates").is_dir():
+                return base
+        return self.book.path.parent
+
+    def render_template(self, name: str) -> str:
+        path = self._base() / "templates" / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"template '{name}': {exc.strerror} ({path})",
+                file=str(self.book.path),
+                line=self.step.line,
+                step=self.step.id,
+            ) from None
+        context = dict(self.context)
+        context["secrets"] = _SecretMarks()
+        return _render(text, context, str(path), self.step)
+
+    def read_local(self, path: str) -> bytes:
+        full = self.book.path.parent / path
+        try:
+            return full.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {full}: {exc.strerror}",
+                file=str(self.book.path),
+                line=self.step.line,
+                step=self.step.id,
+            ) from None
+
+
+class _SecretMarks:
+    """In templates, `{{ secrets.NAME }}` renders a placeholder the agent fills on the box."""
+
+    def __getattr__(self, name: str) -> str:
+        return SECRET_MARK.format(name)
+
+    __getitem__ = __getattr__
+
+
+class _NoSecrets:
+    """Outside templates a secret must reach a step as an env var, never as text in params."""
+
+    def __getattr__(self, name: str) -> str:
+        raise jinja2.UndefinedError(
+            f"secrets.{name} may only be used in templates; name it in the step's 'secrets:' "
+            f"and read ${name} from the environment"
+        )
+
+    __getitem__ = __getattr__
+
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_NATIVE = jinja2.nativetypes.NativeEnvironment(undefined=jinja2.StrictUndefined)
+_SINGLE_EXPR = re.compile(r"^\s*\{\{[^{}]*\}\}\s*$")
+
+
+def _render(text: str, context: dict[str, Any], src: str, step: Step | None) -> Any:
+    """Render one string; a string that is one `{{ expr }}` keeps the expression's type."""
+    if "{{" not in text and "{%" not in text:
+        return text
+    try:
+        if _SINGLE_EXPR.match(text):
+            return _NATIVE.from_string(text).render(context)
+        return _ENV.from_string(text).render(context)
+    except jinja2.TemplateError as exc:
+        line = getattr(exc, "lineno", None) if step is None else step.line
+        raise ConfigError(
+            f"template error: {exc.message or exc}",
+            file=src,
+            line=line,
+            step=step.id if step else None,
+        ) from None
+
+
+def _render_tree(value: Any, context: dict[str, Any], src: str, step: Step | None) -> Any:
+    if isinstance(value, str):
+        return _render(value, context, src, step)
+    if isinstance(value, list):
+        return [_render_tree(v, context, src, step) for v in value]
+    if isinstance(value, dict):
+        return {k: _render_tree(v, context, src, step) for k, v in value.items()}
+    return value
+
+
+def host_context(
+    book: Playbook, inv: Inventory, host: Host, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Variables for one host: playbook vars < inventory vars < host vars < command line."""
+    merged: dict[str, Any] = {}
+    for layer in (book.vars, inv.vars, host.vars, extra):
+        merged.update(layer)
+    merged.update(host=host.name, playbook=book.name)
+    # Vars may refer to other vars; render until stable (bounded, so a cycle cannot loop).
+    context = dict(merged)
+    context["secrets"] = _NoSecrets()
+    for _ in range(5):
+        rendered = {k: _render_tree(v, context, str(book.path), None) for k, v in merged.items()}
+        if rendered == merged:
+            break
+        merged = rendered
+        context.update(merged)
+    return context
+
+
+def resolve(
+    book: Playbook,
+    inv: Inventory,
+    host: Host,
+    *,
+    tags: list[str] | None = None,
+    extra_vars: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The plan for one host: resolved, validated, selected and fingerprinted steps."""
+    context = host_context(book, inv, host, extra_vars or {})
+    src = str(book.path)
+    steps = [_resolve_step(book, s, context, src, inv) for s in book.steps]
+    selected = select(book, tags)
+    venv_step = _agent_venv(steps, selected, host, context)
+    if venv_step is not None:
+        steps.insert(0, venv_step)
+        selected.add(AGENT_VENV_ID)
+    for step in steps:
+        step["selected"] = step["id"] in selected
+    return {
+        "version": 1,
+        "name": book.name,
+        "playbook": str(book.path),
+        "host": host.name,
+        "max_parallel": book.max_parallel,
+        "agent_python": context.get("agent_python"),
+        "steps": steps,
+    }
+
+
+def _resolve_step(
+    book: Playbook, step: Step, context: dict[str, Any], src: str, inv: Inventory
+) -> dict[str, Any]:
+    kind = get_kind(step.kind)
+    assert kind is not None  # checked at load
+    raw = step.params()
+    params = _render_tree(raw, context, src, step)
+    try:
+        params = validate_params(kind, params)
+    except ParamError as exc:
+        line = step.raw.line_of(exc.key) if exc.key else step.line
+        raise ConfigError(str(exc), file=src, line=line, step=step.id) from None
+    params = kind.resolve(params, _Tools(book, context, step))
+    common = {
+        k: _render_tree(step.raw.get(k), context, src, step) for k in ("creates", "done_when")
+    }
+    env = {
+        k: str(v) for k, v in _render_tree(step.raw.get("env") or {}, context, src, step).items()
+    }
+    secrets = list(step.raw.get("secrets") or [])
+    secrets += [params[p.name] for p in kind.params if p.secret_ref and params.get(p.name)]
+    secrets += _SECRET_REF.findall(json.dumps(params))
+    secrets = sorted(set(secrets))
+    for name in secrets:
+        if name not in inv.secret_sources:
+            known = ", ".join(sorted(inv.secret_sources)) or "none"
+            raise ConfigError(
+                f"uses secret '{name}' that the inventory does not define (inventory secrets: {known})",
+                file=src,
+                line=step.raw.line_of("secrets"),
+                step=step.id,
+            )
+    resolved = {
+        "id": step.id,
+        "kind": step.kind,
+        "params": params,
+        "needs": list(step.needs),
+        "creates": common["creates"],
+        "done_when": common["done_when"],
+        "timeout": step.raw.get("timeout"),
+        "retries": step.raw.get("retries", 0),
+        "poll": step.raw.get("poll"),
+        "env": env,
+        "secrets": secrets,
+        "tags": list(step.tags),
+        "estimate": step.raw.get("estimate"),
+        "line": step.line,
+    }
+    resolved["fingerprint"] = fingerprint(resolved)
+    return resolved
+
+
+def fingerprint(step: dict[str, Any]) -> str:
+    """Hash of what the step does: changing any of it re-runs the step (not timeouts or tags)."""
+    what = {k: step.get(k) for k in ("kind", "params", "creates", "done_when", "env", "secrets")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select(book: Playbook, tags: list[str] | None) -> set[str]:
+    """Selected step ids: all, or the tagged ones and everything they need."""
+    if not tags:
+        return {s.id for s in book.steps}
+    known = {t for s in book.steps for t in s.tags}
+    unknown = [t for t in tags if t not in known]
+    if unknown:
+        raise ConfigError(
+            f"no step has tag(s) {', '.join(unknown)} (tags: {', '.join(sorted(known)) or 'none'})",
+            file=str(book.path),
+        )
+    roots = [s.id for s in book.steps if set(s.tags) & set(tags)]
+    return dag.upstream(book.needs, roots)
+
+
+def _agent_venv(
+    steps: list[dict[str, Any]], selected: set[str], host: Host, context: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The implicit step creating the agent's venv, made a need of the library kinds' steps."""
+    users = []
+    requirements: set[str] = set()
+    for step in steps:
+        kind = get_kind(step["kind"])
+        if kind is not None and kind.pip and step["id"] in selected:
+            users.append(step)
+            requirements.update(kind.pip)
+    if not users or context.get("agent_python"):
+        return None
+    local = host.connection == "local"
+    params = {
+        "requirements": sorted(requirements),
+        "python": context.get("agent_base_python") or (sys.executable if local else "python3"),
+        "system_site_packages": bool(context.get("agent_system_site_packages", local)),
+    }
+    step = {
+        "id": AGENT_VENV_ID,
+        "kind": "agent_venv",
+        "params": params,
+        "needs": [],
+        "creates": None,
+        "done_when": None,
+        "timeout": 900,
+        "retries": 1,
+        "poll": None,
+        "env": {},
+        "secrets": [],
+        "tags": [],
+        "estimate": 30,
+        "line": 0,
+    }
+    step["fingerprint"] = fingerprint(step)
+    for user in users:
+        user["needs"] = [AGENT_VENV_ID, *user["needs"]]
+    return step
