@@ -1,0 +1,50 @@
+"""The lines `tmux_launch` writes into a job's log, shared with `wait_log`, and log diagnosis.
+
+`tmux_launch` tees a job's output into its log and brackets each launch with two lines of its
+own, so that a watcher reading the log knows where the latest launch begins (a relaunch appends
+to the same log) and when the job has ended:
+
+    [bootstrap] job 3f2a9c1b7d04 started in tmux session waypoint_ae
+    [bootstrap] job 3f2a9c1b7d04 exited with status 1
+
+Standard library only: both kinds use this on the box's plain python3.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+#: printf formats the launch script uses (launch id, then session name or exit status).
+STARTED_FORMAT = "[bootstrap] job %s started in tmux session %s"
+EXITED_FORMAT = "[bootstrap] job %s exited with status %s"
+
+STARTED_RE = re.compile(r"^\[bootstrap\] job (?P<launch>[0-9a-f]+) started in tmux session \S+")
+EXITED_RE = re.compile(r"^\[bootstrap\] job (?P<launch>[0-9a-f]+) exited with status (?P<rc>\d+)")
+
+
+def tail_lines(path: Path, count: int = 30, max_bytes: int = 65536) -> list[str]:
+    """The last `count` non-empty lines of a text file (at most `max_bytes` read); [] if absent."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return []
+    lines = re.split(r"\r\n|\r|\n", data.decode("utf-8", "replace"))
+    return [line for line in lines if line.strip()][-count:]
+
+
+def diagnose(text: str) -> str | None:
+    """The known-issues catalog's diagnosis and fix for `text`, as one hint; None if none match."""
+    try:
+        from provision.monitor.catalog import match
+    except ImportError:
+        return None
+    found = match(text)
+    if not found:
+        return None
+    return "; ".join(f"{m.diagnosis} — fix: {m.fix}" for m in found)

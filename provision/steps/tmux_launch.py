@@ -1,0 +1,507 @@
+"""`tmux_launch`: start a long job (training) in its own tmux session, and prove it started.
+
+Example:
+
+```yaml
+- id: train-ae
+  kind: tmux_launch
+  needs: [convert, stats-ae]
+  session: waypoint_ae
+  cwd: /workspace/openpi
+  venv: .venv
+  gpus: "0,1"
+  command: >-
+    torchrun --standalone --nnodes=1 --nproc_per_node=2 scripts/train_waypoint.py
+    --mode ae --config configs/waypoint_ae_libero.yaml
+  log: logs/waypoint_ae_libero.log
+  resume_args: --resume
+  env: {PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}
+  secrets: [WANDB_API_KEY]
+```
+
+Nothing is ever typed into tmux (seed 003 §14.5: `send-keys` glued an `export` to the training
+command). `run` writes a launch script into the step's directory and the session runs it:
+
+- the step's environment (the runner's, its `env`, its `secrets`) goes into a 0600 env file that
+  the script sources and deletes at once, so secrets never reach argv, the script or the log;
+- `cd CWD`, then `COMMAND 2>&1 | tee -a LOG`; the job's exit status (PIPESTATUS) goes to a
+  status file, and the log gets a `[bootstrap] job ID started` / `exited with status N` line
+  around each launch (`wait_log` uses them);
+- `venv:` turns a leading `torchrun`/`python`/`python3` into that venv's binary and puts its
+  `bin/` first on PATH; a venv without that binary fails the step before anything starts (the
+  system torchrun runs the wrong interpreter: `ModuleNotFoundError: No module named
+  'safetensors'`);
+- `gpus:` sets CUDA_VISIBLE_DEVICES; `resume_args` are appended when the step launches again
+  after an earlier launch (a `rerun`, a changed param), e.g. openpi's `--resume`.
+
+`run` first kills a session of the same name (the seed's `tmux kill-session` before each try) and
+waits for its processes to exit, so a relaunch never races the old job for GPU memory. It returns
+once the script runs the command; the job keeps running, and later `wait_log` steps watch it.
+
+Done while the session is alive with this step's launch id, or when the job has finished with
+status 0. `tmux_attach_command` gives the remote command that `bootstrap attach` runs.
+`socket:` selects a tmux server other than the box user's default one (a path for `tmux -S`, a
+name for `tmux -L`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from provision.errors import StepFailed
+from provision.steps import _joblog
+from provision.steps.base import (
+    Check,
+    Kind,
+    Param,
+    ParamError,
+    StepContext,
+    read_json,
+    write_json_atomic,
+)
+
+_SESSION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_GPUS_RE = re.compile(r"^[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: A leading `VAR=value` assignments prefix, then the program word `venv:` may resolve.
+_LEADING_RE = re.compile(r"^(\s*(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)*)(torchrun|python3?)(?=\s|$)")
+#: Variables the env file must not set: bash's read-only or per-shell ones, tmux's per-pane
+#: ones, and the runner's own step bookkeeping.
+_NOT_EXPORTED = frozenset(
+    {"BASHOPTS", "BASHPID", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID", "GROUPS",
+     "PWD", "OLDPWD", "SHLVL", "_", "TMUX", "TMUX_PANE", "LINES", "COLUMNS"}
+)  # fmt: skip
+#: The option that marks a session with the launch that made it.
+_LAUNCH_OPTION = "@bootstrap_launch"
+#: How long the script may take to reach the command, and an old job to exit after SIGHUP.
+_START_TIMEOUT_S = 20.0
+_STOP_GRACE_S = 10.0
+
+LAUNCH_FILE = "launch.json"
+PID_FILE = "job.pid"
+STATUS_FILE = "job.status"
+ENV_FILE = "job.env"
+SCRIPT_FILE = "launch.sh"
+
+
+class TmuxLaunch(Kind):
+    """Run a command in a named tmux session through a launch script; see the module doc."""
+
+    name = "tmux_launch"
+    summary = "start a long-running job in its own tmux session"
+    pip = ("libtmux",)
+    params = (
+        Param("session", "str", "tmux session name, one per job", required=True),
+        Param("command", "str", "the job's command line (bash)", required=True),
+        Param("cwd", "path", "working directory of the job", default="~"),
+        Param("log", "path", "log file the output is tee'd to (relative: to cwd)"),
+        Param(
+            "venv", "path", "virtualenv whose torchrun/python run the command (relative: to cwd)"
+        ),
+        Param("gpus", "any", "CUDA_VISIBLE_DEVICES: 1, '0,1' or [0, 1]"),
+        Param("resume_args", "str", "appended to the command when launching again, e.g. --resume"),
+        Param("remain_on_exit", "bool", "keep the pane after the job ends", default=False),
+        Param("socket", "str", "tmux server: a socket path (-S) or name (-L); default: tmux's"),
+    )
+
+    def validate(self, params: dict[str, Any]) -> None:
+        if not _SESSION_RE.match(params["session"]):
+            raise ParamError("'session' may hold only letters, digits, '_' and '-'", "session")
+        if not params["command"].strip():
+            raise ParamError("'command' is empty", "command")
+        gpus = params["gpus"]
+        if gpus is not None and gpus_value(gpus) is None:
+            raise ParamError("'gpus' must be an index, a list of indexes or '0,1'", "gpus")
+        if params["socket"] is not None and not params["socket"].strip():
+            raise ParamError("'socket' is empty", "socket")
+
+    def describe(self, params: dict[str, Any]) -> str:
+        first = params["command"].strip().splitlines()[0]
+        venv = f" with {params['venv']}" if params.get("venv") else ""
+        return f"tmux session {params['session']}: {first}{venv}"
+
+    def check(self, ctx: StepContext) -> Check:
+        record = read_json(ctx.workdir / LAUNCH_FILE, None)
+        if not isinstance(record, dict):
+            return Check(False, "never launched")
+        launch, session = record["launch_id"], record["session"]
+        rc = _exit_status(ctx.workdir, launch)
+        if rc == 0:
+            return Check(True, f"job finished with status 0 (log {record['log']})")
+        if rc is not None:
+            return Check(False, f"job exited with status {rc} (log {record['log']})")
+        owner = session_launch(session, record.get("socket"))
+        if owner == launch:
+            return Check(True, f"running in tmux session {session} (log {record['log']})")
+        if owner is not None:
+            return Check(False, f"tmux session {session} holds another launch")
+        return Check(False, f"tmux session {session} is gone and the job left no exit status")
+
+    def run(self, ctx: StepContext) -> None:
+        import libtmux
+
+        p = ctx.params
+        session = p["session"]
+        cwd = ctx.path(p["cwd"])
+        if not cwd.is_dir():
+            raise StepFailed(f"cwd {cwd} is not a directory", "create it in an earlier step")
+        command = p["command"].strip()
+        venv = _under(cwd, ctx.path(p["venv"])) if p["venv"] else None
+        if venv is not None:
+            command = resolve_venv_command(command, venv)
+        previous = read_json(ctx.workdir / LAUNCH_FILE, None)
+        resumed = isinstance(previous, dict) and bool(p["resume_args"])
+        if resumed:
+            command = f"{command} {p['resume_args']}"
+        log = _under(cwd, ctx.path(p["log"] or f"logs/{session}.log"))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        launch = uuid.uuid4().hex[:12]
+        with _client_environ(ctx):
+            if isinstance(previous, dict) and _still_ours(previous, session, p["socket"]):
+                # Renamed or moved since the last launch: that job must not keep the GPUs.
+                old = libtmux.Server(**_socket_kwargs(previous.get("socket")))
+                _stop_session(old, previous["session"], ctx)
+            server = libtmux.Server(**_socket_kwargs(p["socket"]))
+            _stop_session(server, session, ctx)
+            for name in (PID_FILE, STATUS_FILE):
+                (ctx.workdir / name).unlink(missing_ok=True)
+            script = ctx.workdir / SCRIPT_FILE
+            script.write_text(
+                launch_script(ctx.workdir, launch, session, cwd, command, log, venv, p["gpus"]),
+                encoding="utf-8",
+            )
+            record = {"launch_id": launch, "session": session, "socket": p["socket"]}
+            record.update(log=str(log), command=command, resumed=resumed, started=time.time())
+            write_json_atomic(ctx.workdir / LAUNCH_FILE, record)
+            env_file = _write_env_file(ctx.workdir / ENV_FILE, _job_env(ctx))
+            try:
+                _new_session(server, session, launch, cwd, script, p["remain_on_exit"])
+                pid = _wait_started(ctx.workdir, launch, server, session, log)
+            finally:
+                env_file.unlink(missing_ok=True)
+        ctx.log(f"launched `{command}` in tmux session {session} (pid {pid}), output in {log}")
+        ctx.log(f"watch it: {tmux_attach_command(session, p['socket'])}")
+
+    def verify(self, ctx: StepContext) -> None:
+        record = read_json(ctx.workdir / LAUNCH_FILE, {})
+        launch, session = record.get("launch_id"), record.get("session")
+        rc = _exit_status(ctx.workdir, launch)
+        if rc == 0:
+            return
+        if rc is not None:
+            raise _job_failed(f"job exited with status {rc}", Path(record["log"]), ctx)
+        if session_launch(session, record.get("socket")) != launch:
+            raise _job_failed(
+                f"tmux session {session} ended without an exit status", Path(record["log"]), ctx
+            )
+
+
+def gpus_value(gpus: Any) -> str | None:
+    """CUDA_VISIBLE_DEVICES for the `gpus` param, or None when it is malformed."""
+    if isinstance(gpus, bool):
+        return None
+    if isinstance(gpus, int):
+        return str(gpus) if gpus >= 0 else None
+    if isinstance(gpus, list):
+        ok = gpus and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)
+        return ",".join(map(str, gpus)) if ok else None
+    if isinstance(gpus, str) and _GPUS_RE.match(gpus.replace(" ", "")):
+        return gpus.replace(" ", "")
+    return None
+
+
+def resolve_venv_command(command: str, venv: Path) -> str:
+    """`command` with a leading torchrun/python/python3 replaced by the venv's own binary.
+
+    Raises StepFailed when the venv lacks it: the system binary would run another interpreter.
+    """
+    if not (venv / "bin").is_dir():
+        raise StepFailed(
+            f"venv {venv} does not exist (no {venv / 'bin'})",
+            "create it first (uv sync) or fix the `venv:` path (relative paths start at cwd)",
+        )
+    found = _LEADING_RE.match(command)
+    if not found:
+        return command
+    binary = venv / "bin" / found.group(2)
+    if not os.access(binary, os.X_OK):
+        raise StepFailed(
+            f"venv {venv} has no {binary.name} ({binary} is missing)",
+            f"install it into the venv; the system {binary.name} runs another python, which "
+            "fails with `ModuleNotFoundError: No module named 'safetensors'`",
+        )
+    return found.group(1) + shlex.quote(str(binary)) + command[found.end() :]
+
+
+def launch_script(
+    workdir: Path,
+    launch: str,
+    session: str,
+    cwd: Path,
+    command: str,
+    log: Path,
+    venv: Path | None,
+    gpus: Any,
+) -> str:
+    """The bash script the tmux session runs (holds no secret: those are in the env file)."""
+    q, nl = shlex.quote, "\\n"  # printf turns the two characters \n into a newline
+    status, tmp = q(str(workdir / STATUS_FILE)), q(str(workdir / f".{STATUS_FILE}.tmp"))
+    lines = [
+        "#!/bin/bash",
+        f"# bootstrap tmux_launch: launch {launch}, tmux session {session}",
+        "set -o pipefail",
+        f"set -a; . {q(str(workdir / ENV_FILE))}; set +a; rm -f {q(str(workdir / ENV_FILE))}",
+    ]
+    if venv is not None:
+        lines.append(f'export VIRTUAL_ENV={q(str(venv))} PATH={q(str(venv / "bin"))}:"$PATH"')
+    if gpus is not None:
+        lines.append(f"export CUDA_VISIBLE_DEVICES={q(gpus_value(gpus) or '')}")
+    lines += [
+        "finish() {",
+        f'  printf "%s %s\\n" "$1" {launch} > {tmp} && mv -f {tmp} {status}',
+        f'  printf {q(_joblog.EXITED_FORMAT + nl)} {launch} "$1" >> {q(str(log))}',
+        '  exit "$1"',
+        "}",
+        f"cd {q(str(cwd))} 2>> {q(str(log))} || finish 1",
+        f'printf "%s %s\\n" "$$" {launch} > {q(str(workdir / PID_FILE))}',
+        f"printf {q(_joblog.STARTED_FORMAT + nl)} {launch} {session} >> {q(str(log))}",
+        "{",
+        "set -e",
+        command,
+        f"}} 2>&1 | tee -a {q(str(log))}",
+        'finish "${PIPESTATUS[0]}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def session_launch(session: str | None, socket: str | None) -> str | None:
+    """The launch id marking tmux session `session`: '' if unmarked, None if there is none.
+
+    Calls the tmux binary (standard library only: `check` runs in the runner's python).
+    """
+    if not session:
+        return None
+    argv = ["tmux", *_socket_args(socket), "display-message", "-p", "-t", f"={session}:"]
+    try:
+        done = subprocess.run(
+            [*argv, f"#{{{_LAUNCH_OPTION}}}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=_tmux_client_env(os.environ, ()),
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def tmux_attach_command(session: str | None = None, socket: str | None = None) -> str:
+    """The remote command `bootstrap attach TARGET [SESSION]` runs with `ssh -t`.
+
+    Without a session, tmux attaches the most recently used one. `-u` because an SSH login may
+    carry no UTF-8 locale.
+    """
+    argv = ["tmux", "-u", *_socket_args(socket), "attach-session"]
+    if session:
+        argv += ["-t", f"={session}"]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _still_ours(previous: dict[str, Any], session: str, socket: str | None) -> bool:
+    """Whether the previous launch ran elsewhere (another name or server) and still runs."""
+    where = (previous["session"], previous.get("socket"))
+    if where == (session, socket):
+        return False
+    return session_launch(*where) == previous["launch_id"]
+
+
+def _under(base: Path, path: Path) -> Path:
+    """`path`, taken relative to `base` unless absolute."""
+    return path if path.is_absolute() else base / path
+
+
+def _socket_args(socket: str | None) -> list[str]:
+    if not socket:
+        return []
+    return ["-S", os.path.expanduser(socket)] if "/" in socket else ["-L", socket]
+
+
+def _socket_kwargs(socket: str | None) -> dict[str, str]:
+    if not socket:
+        return {}
+    if "/" in socket:
+        return {"socket_path": os.path.expanduser(socket)}
+    return {"socket_name": socket}
+
+
+@contextlib.contextmanager
+def _client_environ(ctx: StepContext) -> Iterator[None]:
+    """The environment libtmux's tmux client runs in: UTF-8 locale, and no secrets.
+
+    A tmux server started by this client keeps its environment for every session it ever runs,
+    so secrets stay out of it; the job gets them from the env file instead.
+    """
+    saved = dict(os.environ)
+    env = _tmux_client_env(ctx.env, ctx.secrets)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _tmux_client_env(env: Mapping[str, str], secrets: Collection[str]) -> dict[str, str]:
+    """`env` for a tmux client: no secrets, a UTF-8 locale, and no $TMUX (which would pick the
+    server the caller runs in instead of the default one)."""
+    out = {k: v for k, v in env.items() if k not in secrets and k != "TMUX"}
+    out["LC_ALL"] = "C.UTF-8"
+    return out
+
+
+def _job_env(ctx: StepContext) -> dict[str, str]:
+    """What the job's environment is: the step's, minus names bash or tmux own."""
+    return {
+        k: v
+        for k, v in ctx.env.items()
+        if _NAME_RE.match(k) and k not in _NOT_EXPORTED and not k.startswith("BOOTSTRAP_")
+    }
+
+
+def _write_env_file(path: Path, env: dict[str, str]) -> Path:
+    """Write `env` as bash assignments into a new 0600 file (created with that mode)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        for key in sorted(env):
+            fh.write(f"{key}={shlex.quote(env[key])}\n")
+    return path
+
+
+def _new_session(
+    server: Any, session: str, launch: str, cwd: Path, script: Path, remain_on_exit: bool
+) -> None:
+    """Start the session running the script, marked with the launch id, in one tmux command.
+
+    Options set in the same command list take effect before tmux runs its event loop again, so
+    even a job that exits at once leaves its pane when `remain_on_exit` is set.
+    """
+    target = f"={session}:"
+    args: list[str] = ["-d", "-s", session, "-x", "220", "-y", "50", "-c", str(cwd)]
+    args += [f"exec bash {shlex.quote(str(script))}"]
+    args += [";", "set-option", "-t", target, _LAUNCH_OPTION, launch]
+    if remain_on_exit:
+        args += [";", "set-option", "-w", "-t", target, "remain-on-exit", "on"]
+    result = server.cmd("new-session", *args)
+    if result.stderr:
+        raise StepFailed(f"tmux new-session failed: {' '.join(result.stderr)}")
+
+
+def _wait_started(workdir: Path, launch: str, server: Any, session: str, log: Path) -> int:
+    """Wait for the script to write its pid file; return the pid. Fails if the job ended first."""
+    deadline = time.time() + _START_TIMEOUT_S
+    pid_file = workdir / PID_FILE
+    while time.time() < deadline:
+        fields = _read_fields(pid_file)
+        if fields and fields[1:] == [launch] and fields[0].isdigit():
+            return int(fields[0])
+        rc = _exit_status(workdir, launch)
+        if rc is not None:
+            lines = _joblog.tail_lines(log, 5)
+            last = f": {lines[-1]}" if lines else ""
+            raise StepFailed(f"the launch script exited with status {rc} before the job{last}")
+        time.sleep(0.05)
+    screen = ""
+    with contextlib.suppress(Exception):
+        found = server.sessions.get(session_name=session, default=None)
+        if found is not None:
+            screen = " | ".join(s for s in found.active_pane.capture_pane() if s.strip())[-500:]
+    raise StepFailed(
+        f"the launch script did not start within {_START_TIMEOUT_S:.0f}s"
+        + (f"; the pane shows: {screen}" if screen else ""),
+        f"attach to the session to look: tmux attach -t {session}",
+    )
+
+
+def _stop_session(server: Any, session: str, ctx: StepContext) -> None:
+    """Kill a session named `session` and wait for its processes to exit (TERM, then KILL)."""
+    if not server.has_session(session):
+        return
+    listed = server.cmd("list-panes", "-s", "-t", f"={session}", "-F", "#{pane_pid}")
+    groups = set()
+    for line in listed.stdout:
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            groups.add(os.getpgid(int(line)))
+    groups.discard(os.getpgrp())
+    ctx.log(f"killing the existing tmux session {session}")
+    server.cmd("kill-session", "-t", f"={session}")
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, sig)
+        deadline = time.time() + _STOP_GRACE_S
+        while time.time() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.1)
+        groups = {g for g in groups if _group_alive(g)}
+        if not groups:
+            return
+        ctx.log(f"processes of the old session still run in groups {sorted(groups)}")
+    raise StepFailed(f"the old job of tmux session {session} does not exit", "kill it by hand")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` has a member that is not a zombie."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _read_fields(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split()
+    except OSError:
+        return []
+
+
+def _exit_status(workdir: Path, launch: str | None) -> int | None:
+    """The exit status the script recorded for launch `launch`, or None while it has none."""
+    fields = _read_fields(workdir / STATUS_FILE)
+    if len(fields) == 2 and fields[1] == launch and fields[0].isdigit():
+        return int(fields[0])
+    return None
+
+
+def _job_failed(reason: str, log: Path, ctx: StepContext) -> StepFailed:
+    """A StepFailed for a dead job: its log tail goes to the step log, the catalog gives a hint."""
+    lines = _joblog.tail_lines(log, 30)
+    if lines:
+        ctx.log(f"last lines of {log}:")
+        for line in lines:
+            ctx.log(f"  {line}")
+    hint = _joblog.diagnose("\n".join(lines))
+    last = next((x for x in reversed(lines) if not _joblog.EXITED_RE.match(x)), "")
+    return StepFailed(reason + (f": {last}" if last else ""), hint)
+
+
+KIND = TmuxLaunch()
