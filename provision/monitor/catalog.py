@@ -61,7 +61,7 @@ _FIELDS = {
     "source",
 }
 _REQUIRED = ("id", "title", "patterns", "diagnosis", "fix")
-#: The longest matching line a Match keeps (log lines can be megabytes of tqdm output).
+#: How much of a matching line a Match keeps (a line can be megabytes long).
 MAX_LINE = 300
 
 
@@ -183,9 +183,14 @@ def normalize(text: str) -> str:
 def _to_match(clean: str, pos: int, entry: Entry) -> Match:
     start = clean.rfind("\n", 0, pos) + 1
     end = clean.find("\n", pos)
-    line = clean[start : end if end >= 0 else len(clean)].strip()
-    if len(line) > MAX_LINE:
-        line = line[: MAX_LINE - 3] + "..."
+    end = end if end >= 0 else len(clean)
+    if end - start > MAX_LINE:
+        # Keep the part of a very long line around the match, marked as cut.
+        lo = max(start, min(pos - MAX_LINE // 3, end - MAX_LINE))
+        line = ("..." if lo > start else "") + clean[lo : lo + MAX_LINE].strip()
+        line += "..." if lo + MAX_LINE < end else ""
+    else:
+        line = clean[start:end].strip()
     return Match(
         id=entry.id,
         title=entry.title,
