@@ -1,0 +1,42 @@
+"""JSON files of datasets and results: read with clear errors, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from provision.stats.errors import DatasetError
+
+
+def load(path: Path, *, allow_list: bool = False) -> Any:
+    """The JSON object in `path` (or a list, when allowed); DatasetError when unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
+        raise DatasetError(f"{path} does not hold a JSON object")
+    return data
+
+
+def write_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
+    """Write `data` as JSON via a temp file, fsync and rename: readers never see half a file.
+
+    Keys keep their insertion order (the statistics files list mean, std, q01, q99, ...).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=indent)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
