@@ -90,18 +90,19 @@ def write_project(
 
 def uv_lock(uv: str, project: Path, env: dict[str, str]) -> None:
     """`uv lock --offline` in `project` (raises on failure)."""
-    subprocess.run([uv, "lock", "--offline"], cwd=project, env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [uv, "lock", "--offline"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def uv_env(tmp: Path) -> dict[str, str]:
-    """Environment for uv in tests: no interpreter downloads, a cold cache of its own, no user
-    config, and this python as the interpreter."""
+    """Environment for uv in tests: no interpreter downloads, a cold cache of its own, and this
+    python as the interpreter."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
     env.update(
         UV_PYTHON_DOWNLOADS="never",
         UV_CACHE_DIR=str(tmp / "uv-cache"),
-        UV_NO_CONFIG="1",
         UV_PYTHON=sys.executable,
     )
     return env

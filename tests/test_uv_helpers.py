@@ -144,7 +144,7 @@ dependencies = [
 
 [package.metadata]
 requires-dist = [{{ name = "av", specifier = ">=14.2.0" }}]
-"""  # noqa: E501
+"""
 
 BOX = Interpreter("cpython", (3, 11), "x86_64", (2, 35))
 

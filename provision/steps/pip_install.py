@@ -17,8 +17,9 @@ Example (RUNBOOK A, row tf; D, the ml_dtypes row):
   directory: uv applies the project's `[tool.uv] override-dependencies` only there (from
   elsewhere ml-dtypes may fall to 0.2.x and break jax). `venv` defaults to `.venv` in `cwd`.
 - Requirements must be exact pins (`name==version`, extras allowed) unless `allow_ranges: true`.
-- Done when each package's installed version, read from the venv's `*.dist-info/METADATA`
-  without starting python, equals its pin (for ranges: the version installed by the last run).
+- Done when the last run passed its verification and each package's installed version, read
+  from the venv's `*.dist-info/METADATA` without starting python, still equals its pin (for
+  ranges: the version the last run installed).
   A later `uv sync` removes these packages again (it is exact), which this check notices.
 - Afterwards the venv's interpreter, in one run, reports the versions (importlib.metadata) and
   evaluates each `verify` expression, importing the modules it names; a failing expression is
@@ -111,16 +112,16 @@ class PipInstall(Kind):
         venv = _venv(ctx)
         if not python_of(venv).exists():
             return Check(False, f"no venv at {venv}")
+        recorded = read_json(ctx.workdir / _MARKER, None)
+        if not isinstance(recorded, dict):
+            return Check(False, "not installed and verified by this step yet")
         installed = installed_versions(venv)
-        recorded = read_json(ctx.workdir / _MARKER, {})
         for requirement in ctx.params["packages"]:
             name, pin = _parse(requirement)
             have = installed.get(name)
             if have is None:
                 return Check(False, f"{name} is not installed in {venv}")
-            want = pin or recorded.get(name)
-            if want is None:
-                return Check(False, f"{name} {have} was not installed by this step")
+            want = pin or recorded.get(name) or ""
             if not same_version(want, have):
                 return Check(False, f"{name} is {have}, wanted {want}")
         return Check(True, f"installed: {', '.join(ctx.params['packages'])}")

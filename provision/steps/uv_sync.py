@@ -143,7 +143,8 @@ class UvSync(Kind):
         interp = _interpreter(ctx, uv, project, params["python"])
         traps = source_build_traps(lock.read_text(), interp) if lock.is_file() else []
         for trap in traps:
-            ctx.log(f"{trap}; re-locking with overrides {read_overrides(_read(project))}")
+            overrides = ", ".join(read_overrides(_read(project))) or "none"
+            ctx.log(f"{trap}; re-locking (overrides: {overrides})")
         if edited or traps or not lock.is_file():
             ctx.progress(message="locking")
             run_uv(ctx, [uv, "lock", *common], cwd=project, env=env)
