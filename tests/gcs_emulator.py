@@ -1,0 +1,124 @@
+"""The GCS emulator for tests and benches: in this process, or as a subprocess that can be paused.
+
+gcp-storage-emulator is single-threaded plain http: keep objects small, and never use gsutil
+against it (gsutil only talks https and hangs in retries).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def client(endpoint: str) -> Any:
+    """An anonymous client for the emulator at `endpoint`."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(
+        project="test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": endpoint},
+    )
+
+
+def upload(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
+    """Create `bucket` (unless it exists) holding `objects`."""
+    gcs = client(endpoint)
+    target = gcs.lookup_bucket(bucket) or gcs.create_bucket(bucket)
+    for name, content in objects.items():
+        target.blob(name).upload_from_string(content)
+
+
+@contextmanager
+def in_process() -> Iterator[tuple[Any, str]]:
+    """An in-memory emulator on a free port in this process: yields (server, endpoint)."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def corrupt(server: Any, bucket: str, name: str) -> None:
+    """Flip one byte of a stored object, keeping its listed size and checksums."""
+    storage = server._storage
+    path = storage._object_path(bucket, name)
+    content = bytearray(storage._store.read_bytes(path))
+    content[len(content) // 2] ^= 0xFF
+    storage._store.write_bytes(path, bytes(content))
+
+
+class EmulatorProcess:
+    """The emulator as a subprocess, so a test can freeze it (SIGSTOP) mid-transfer."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        start = [sys.executable, "-m", "gcp_storage_emulator", "start", "--in-memory", "--quiet"]
+        self.proc = subprocess.Popen(
+            [*start, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(self.port)
+        except OSError:
+            self.stop()
+            raise
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def pi05_like(big_bytes: int, small_bytes: int = 40_000, shards: int = 14) -> dict[str, bytes]:
+    """Objects shaped like gs://openpi-assets/checkpoints/pi05_base (Orbax OCDBT), 20 in all."""
+    base = "checkpoints/pi05_base/params/"
+    objects = {
+        base + "_METADATA": b'{"tree_metadata": {}}',
+        base + "_sharding": b"{}",
+        base + "commit_success.txt": b"Checkpoint commit was successful to gs://...",
+        base + "manifest.ocdbt": os.urandom(120),
+        base + "ocdbt.process_0/manifest.ocdbt": os.urandom(200),
+        base + "ocdbt.process_0/d/big0000000000000000000000000000": os.urandom(big_bytes),
+    }
+    for i in range(shards):
+        objects[base + f"ocdbt.process_0/d/{i:032x}"] = os.urandom(small_bytes + 1000 * i)
+    return objects
