@@ -7,14 +7,19 @@ to the same log) and when the job has ended:
     [bootstrap] job 3f2a9c1b7d04 started in tmux session waypoint_ae
     [bootstrap] job 3f2a9c1b7d04 exited with status 1
 
-Standard library only: both kinds use this on the box's plain python3.
+`diagnose` asks the known-issues catalog (`provision.monitor.catalog`) what a log line or tail
+means. Standard library only: both kinds use this on the box's plain python3.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
+
+from provision.errors import ConfigError
+from provision.monitor import catalog
 
 #: printf formats the launch script uses (launch id, then session name or exit status).
 STARTED_FORMAT = "[bootstrap] job %s started in tmux session %s"
@@ -38,13 +43,11 @@ def tail_lines(path: Path, count: int = 30, max_bytes: int = 65536) -> list[str]
     return [line for line in lines if line.strip()][-count:]
 
 
-def diagnose(text: str) -> str | None:
-    """The known-issues catalog's diagnosis and fix for `text`, as one hint; None if none match."""
+def diagnose(text: str, ignore: Collection[str] = ()) -> str | None:
+    """The known-issues catalog's diagnosis and fix for the earliest issue in `text` (skipping
+    the issue ids in `ignore`), as one hint; None when nothing matches or no catalog ships."""
     try:
-        from provision.monitor.catalog import match
-    except ImportError:
+        found = catalog.default_catalog().match(text)
+    except ConfigError:
         return None
-    found = match(text)
-    if not found:
-        return None
-    return "; ".join(f"{m.diagnosis} — fix: {m.fix}" for m in found)
+    return next((m.hint for m in found if m.id not in ignore), None)

@@ -32,8 +32,9 @@ range check fails. The step fails, saying which markers it saw and which it wait
 
 - a marker shows up before an earlier one (a marker already seen may repeat: DDP ranks log twice);
 - a captured value is outside its range (NaN always is);
-- a line matches a known-issues catalog signature, or a `fail_on` regex, before the last marker
-  (the hint is the catalog's diagnosis and fix, e.g. CUDA out of memory);
+- a line matches a known-issues catalog signature (`provision/known_issues.yaml`; skip some with
+  `ignore_issues`, e.g. `wandb-network`, which wandb often survives), or a `fail_on` regex, before
+  the last marker (the hint is the catalog's diagnosis and fix, e.g. CUDA out of memory);
 - the job launched by `tmux_launch` logs that it exited before the last marker;
 - the step's `timeout` passes (one hour without one).
 
@@ -63,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import StepFailed
+from provision.monitor import catalog
 from provision.steps import _joblog
 from provision.steps.base import (
     Check,
@@ -190,6 +192,7 @@ class WaitLog(Kind):
         Param(
             "fail_on", "list", "regexes that fail the step when seen first", default=[], items="str"
         ),
+        Param("ignore_issues", "list", "catalog issue ids not to fail on", default=[], items="str"),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
@@ -199,6 +202,12 @@ class WaitLog(Kind):
                 re.compile(pattern)
             except re.error as exc:
                 raise ParamError(f"'fail_on': bad regex {pattern!r}: {exc}", "fail_on") from exc
+        known = catalog.default_catalog()
+        for issue in params["ignore_issues"]:
+            if known.get(issue) is None:
+                raise ParamError(
+                    f"'ignore_issues': no issue '{issue}' in the catalog", "ignore_issues"
+                )
 
     def describe(self, params: dict[str, Any]) -> str:
         markers = parse_markers(params["markers"])
@@ -226,9 +235,9 @@ class WaitLog(Kind):
     def run(self, ctx: StepContext) -> None:
         log = ctx.path(ctx.params["log"])
         (ctx.workdir / SUCCESS_FILE).unlink(missing_ok=True)
-        watch = _Watch(
-            log, parse_markers(ctx.params["markers"]), ctx.params["fail_on"], ctx.workdir
-        )
+        watch = _Watch(log, parse_markers(ctx.params["markers"]), ctx.workdir)
+        watch.fail_res = [re.compile(p) for p in ctx.params["fail_on"]]
+        watch.ignore = ctx.params["ignore_issues"]
         if ctx.deadline is None:
             ctx.deadline = time.time() + DEFAULT_TIMEOUT_S
         started = time.time()
@@ -342,8 +351,9 @@ class _Watch:
 
     log: Path
     markers: list[Marker]
-    fail_on: list[str]
     workdir: Path
+    fail_res: list[re.Pattern[str]] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
     seen: list[str | None] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
     failed: bool = False
@@ -354,7 +364,6 @@ class _Watch:
 
     def __post_init__(self) -> None:
         self.follower = _Follower(self.log)
-        self.fail_res = [re.compile(p) for p in self.fail_on]
         self.seen = [None] * len(self.markers)
 
     @property
@@ -418,7 +427,7 @@ class _Watch:
                 )
 
     def _check_failure(self, line: str) -> None:
-        hint = _joblog.diagnose(line)
+        hint = _joblog.diagnose(line, self.ignore)
         if hint is not None:
             self._fail(
                 f"known failure in {self.log} before {self._waiting()}: {line.strip()}", hint
