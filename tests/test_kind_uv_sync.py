@@ -15,6 +15,8 @@ import pytest
 import tomllib
 import uv as uv_package
 import yaml
+from boxes import Box
+from project import Project
 from pywheels import build_sdist, build_wheel, uv_env, uv_lock, write_project
 
 from provision.errors import StepFailed
@@ -289,3 +291,62 @@ def test_describe() -> None:
     assert uv_sync.KIND.describe(params) == (
         f"uv sync in /workspace/openpi (overrides: {AV}); verify imports torch 2.7"
     )
+
+
+E2E = """
+name: uvtest
+steps:
+  - id: sync
+    kind: uv_sync
+    project: ~/proj
+    uv: {uv}
+    offline: true
+    overrides: ["av>=13.1.0,<14.0.0"]
+    verify_imports: {{av: "13.1", tinypkg: "1.0"}}
+    env: {{UV_PYTHON_DOWNLOADS: never, UV_CACHE_DIR: {cache}}}
+  - id: extra
+    kind: pip_install
+    needs: [sync]
+    cwd: ~/proj
+    packages: [extrapkg==1.0]
+    find_links: [~/wheels]
+    offline: true
+    uv: {uv}
+    verify: ['extrapkg.__version__ == "1.0"']
+    env: {{UV_PYTHON_DOWNLOADS: never, UV_CACHE_DIR: {cache}}}
+"""
+
+
+@pytest.mark.slow
+def test_up_over_ssh_then_a_second_up_is_a_noop(project: Project, box: Box, tmp_path: Path) -> None:
+    """Through `bootstrap up` on a test sshd box: the av trap fixed, the venv synced, a package
+    added from the project root; then nothing runs again, and `plan` says why."""
+    wheels = box.home / "wheels"
+    build_wheel(wheels, "tinypkg", "1.0")
+    build_wheel(wheels, "extrapkg", "1.0")
+    build_wheel(wheels, "av", "13.1.0")
+    build_sdist(wheels, "av", "14.0.0")
+    proj = write_project(box.home / "proj", ["av>=13", "tinypkg==1.0"], wheels)
+    uv_lock(UV, proj, uv_env(tmp_path))
+    project.playbook(E2E.format(uv=UV, cache=box.home / "uv-cache"))
+
+    first = project.up("box1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    steps = project.steps("box1")
+    assert [steps[s]["status"] for s in ("sync", "extra")] == ["done", "done"]
+    site = next(proj.glob(".venv/lib/python*/site-packages"))
+    assert {p.name for p in site.glob("*.dist-info")} == {
+        "av-13.1.0.dist-info",
+        "tinypkg-1.0.dist-info",
+        "extrapkg-1.0.dist-info",
+    }
+
+    second = project.up("box1")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [project.steps("box1")[s]["attempts"] for s in ("sync", "extra")] == [1, 1]
+    plan = project.cli("plan", "box1", "-p", "playbooks/test.yaml", "--json")
+    assert plan.returncode == 0, plan.stderr
+    reasons = {s["id"]: s for s in json.loads(plan.stdout)["steps"]}
+    assert not any(s["run"] for s in reasons.values())
+    assert "synced; uv.lock unchanged" in reasons["sync"]["reason"]
+    assert "installed: extrapkg==1.0" in reasons["extra"]["reason"]
