@@ -17,19 +17,26 @@ from provision.steps.template import KIND
 
 #: A new-format wandb key: 86 characters, which `wandb login` rejects.
 WANDB_KEY = "wandb_v1_" + "aB3" * 25 + "Q1"
-NETRC = "machine api.wandb.ai\n  login user\n  password {{ secret('WANDB_API_KEY') }}\n"
+NETRC = "machine api.wandb.ai\n  login user\n  password {{ secrets.WANDB_API_KEY }}\n"
+
+
+class Marks:
+    def __getattr__(self, name: str) -> str:
+        return SECRET_MARK.format(name)
 
 
 class Tools:
-    """Renders templates/NAME with jinja2, secrets as placeholders (as the controller does)."""
+    """Renders templates/NAME as `provision.playbook` does: `secrets.X` become placeholders."""
 
     def __init__(self, root: Path) -> None:
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(root), undefined=jinja2.StrictUndefined
+            loader=jinja2.FileSystemLoader(root),
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
         )
 
     def render_template(self, name: str) -> str:
-        return self.env.get_template(name).render(secret=SECRET_MARK.format)
+        return self.env.get_template(name).render(secrets=Marks())
 
     def read_local(self, path: str) -> bytes:
         raise AssertionError("not used")
