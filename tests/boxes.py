@@ -158,7 +158,10 @@ class Box:
         offset = self.log.stat().st_size if self.log.exists() else 0
         self._init.stdin.write(b"start\n")
         self._init.stdin.flush()
-        sshd_pid = int(self._init.stdout.readline())
+        reply = self._init.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"the init of box {self.name} is gone:\n{self.log_tail()}")
+        sshd_pid = int(reply)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             new_log = self.log.read_bytes()[offset:].decode(errors="replace")
@@ -196,13 +199,11 @@ class Box:
         try:
             if self._init is not None:
                 self.kill_all()
-                assert self._init.stdin is not None
-                self._init.stdin.close()  # EOF: the init exits (killing anything left first)
-                try:
-                    self._init.wait(timeout=10)
+                try:  # EOF on its stdin: the init exits (killing anything left first)
+                    self._init.communicate(timeout=10)
                 except subprocess.TimeoutExpired:
                     self._init.kill()
-                    self._init.wait()
+                    self._init.communicate()
                 self._init = None
         finally:
             _remove_user(self.user)
@@ -250,29 +251,31 @@ def start_box(root: Path, client_key: Path, name: str) -> Box:
     (root / "tmp").mkdir()
     shutil.copyfile(f"{client_key}.pub", home / ".ssh" / "authorized_keys")
     box = Box(name=name, host=host, port=0, user=user, home=home, key=client_key, root=root)
-    make_key(box.host_key, f"host-{name}")
-    _add_user(user, home)
     try:
-        box._init = subprocess.Popen(
-            [sys.executable, __file__, SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=box.log.open("ab"),
-            start_new_session=True,  # a Ctrl-C on the terminal is pytest's to handle, not the box's
-        )
+        with box.log.open("ab") as log:
+            box._init = subprocess.Popen(
+                [sys.executable, __file__, SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,  # a Ctrl-C on the terminal is pytest's, not the box's
+            )
+        # While the init's python starts up:
+        make_key(box.host_key, f"host-{name}")
+        _add_user(user, home)
         for attempt in itertools.count(1):
             box.port = _free_port(host)
             _write_sshd_config(box)
             try:
                 box.start()
                 return box
-            except PortInUse:
+            except PortInUse:  # someone took the port between _free_port and sshd's bind
                 if attempt == 3:
                     raise
     except BaseException:
         box.close()
         raise
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: itertools.count never ends")
 
 
 def _write_sshd_config(box: Box) -> None:

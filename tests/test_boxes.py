@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,21 +112,17 @@ def test_stop_leaves_the_box_running(box: Box) -> None:
 
 
 def test_setsid_nohup_job_survives_the_ssh_client_being_killed(box: Box) -> None:
-    client = subprocess.Popen(
-        [
-            *box.ssh_argv(),
-            "setsid nohup sleep 300 </dev/null >/dev/null 2>&1 & echo $!; exec sleep 60",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    cmd = "setsid nohup sleep 300 </dev/null >/dev/null 2>&1 & echo $!; exec sleep 60"
+    with subprocess.Popen(
+        [*box.ssh_argv(), cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+    ) as client:
         assert client.stdout is not None
-        job = int(client.stdout.readline())
-    finally:
+        job = int(client.stdout.readline())  # the session is still open: sleep 60 runs
         client.send_signal(signal.SIGKILL)
-        client.wait()
+    deadline = time.monotonic() + 10
+    while any("@notty" in cmd for _, cmd in box.processes()):  # sshd ends the session
+        assert time.monotonic() < deadline, box.processes()
+        time.sleep(0.01)
     assert job in dict(box.processes())
 
 
