@@ -108,6 +108,7 @@ def install_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
     ctx.progress(message="installing uv")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "uv", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--progress-bar", "off"]
         cmd += ["--dest", tmp, *_pip_index_args(params)]
         ctx.log(f"uv not found; downloading its wheel: {' '.join(cmd)}")
         if ctx.sh(cmd, check=False) != 0:
