@@ -130,7 +130,8 @@ class PatchTree(Kind):
         if not snippet:
             return
         # Run outside the repo so its source dirs cannot shadow the installed package.
-        rc = ctx.sh([ctx.params["python"], "-c", snippet], cwd=ctx.workdir, check=False)
+        python = str(ctx.path(ctx.params["python"]))
+        rc = ctx.sh([python, "-c", snippet], cwd=ctx.workdir, check=False)
         if rc != 0:
             raise StepFailed(
                 f"verify snippet failed with {ctx.params['python']} (exit {rc})",
