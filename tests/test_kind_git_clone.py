@@ -164,6 +164,19 @@ def test_other_repository_in_dest_is_left_alone(tmp_path: Path, home: Path, repo
     assert sorted(p.name for p in dest.iterdir()) == before
 
 
+def test_checkout_of_another_user_is_explained(tmp_path: Path, home: Path, repos: Repos) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    dest = tmp_path / "openpi"
+    git("clone", "-q", str(repos.app), str(dest))
+    for path in [dest, *dest.rglob("*")]:
+        os.lchown(path, 12345, 12345)
+    ctx = _ctx(tmp_path, home, repo=str(repos.app), dest=str(dest), config=FILE_OK)
+    assert "belongs to another user" in KIND.check(ctx).reason
+    with pytest.raises(StepFailed, match=r"safe\.directory"):
+        KIND.run(ctx)
+
+
 def test_non_checkout_in_dest_is_left_alone(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "openpi"
     dest.mkdir()

@@ -253,6 +253,12 @@ def _checkout_ref(ctx: StepContext, git: _Git, dest: Path) -> None:
 
 def _foreign(ctx: StepContext, dest: Path) -> str | None:
     """Why `dest` is a checkout of another repository, or None when it is of `repo`."""
+    probe = ctx.capture(["git", "-C", str(dest), "rev-parse", "--git-dir"])
+    if "dubious ownership" in probe.stderr:
+        return (
+            f"git refuses {dest}: it belongs to another user (run `git config --global --add "
+            f"safe.directory {dest}` if you trust it)"
+        )
     origin = _git_out(ctx, dest, "config", "--get", "remote.origin.url")
     if origin is None:
         return f"{dest} is a git checkout without an 'origin' remote"
