@@ -17,7 +17,7 @@ from provision.errors import ConfigError
 from provision.stats import compute, formats, jsonfile, samples
 from provision.stats.errors import DatasetError
 from provision.stats.lerobot import SPLIT_FILE, LeRobotReader
-from provision.stats.rlds import RldsReader, find_version_dir
+from provision.stats.rlds import RldsReader, version_dirs
 
 FORMATS = ("auto", "rlds", "lerobot")
 #: Keys tried when none is named: the runbook's RLDS keys; LeRobot's and openpi's column names.
@@ -45,8 +45,8 @@ def stats_command(
 ) -> dict[str, Any]:
     """Compute statistics of the dataset at `path`; write them to `output` when given.
 
-    Returns a summary: format, dataset, keys, dims, counts, warnings, seconds, and the
-    `document` (what the file holds).
+    Returns a summary: format, dataset, keys, dims, counts, warnings, seconds, the input
+    files read, and the `document` (what the file holds).
     """
     started = time.monotonic()
     _check_choices(fmt, schema, expect, action_horizon)
@@ -64,6 +64,7 @@ def stats_command(
         }
         where, source, name = reader.version_dir, f"split '{split}'", reader.name
         stream = reader.episodes(list(dict.fromkeys(keys.values())), progress)
+        inputs = reader.input_files()
         warnings = []
     else:
         reader = LeRobotReader(root)
@@ -77,6 +78,9 @@ def stats_command(
         warnings = _split_warnings(root, split_file, episodes, source, len(chosen))
         where, name = root, reader.name
         stream = reader.episodes(list(dict.fromkeys(keys.values())), chosen, progress)
+        inputs = reader.input_files(chosen)
+        if split_file:
+            inputs.append(Path(split_file).expanduser())
     _check_dims(reader.numeric_fields(), keys, expect, schema)
     result = compute.compute(compute.gather(stream, keys, action_horizon))
     _check_counts(result, expect_samples, expect_episodes)
@@ -103,6 +107,7 @@ def stats_command(
         "episodes_from": source,
         "warnings": warnings + result.warnings,
         "seconds": round(time.monotonic() - started, 3),
+        "inputs": [str(p) for p in inputs],
         "document": doc,
     }
 
@@ -179,14 +184,11 @@ def _check_choices(
 def _detect(root: Path) -> str:
     if (root / "meta" / "info.json").is_file():
         return "lerobot"
-    try:
-        find_version_dir(root)
-    except DatasetError:
-        raise DatasetError(
-            f"{root} is neither an RLDS/TFDS dataset (features.json) nor a LeRobot one "
-            "(meta/info.json)"
-        ) from None
-    return "rlds"
+    if version_dirs(root):
+        return "rlds"
+    raise DatasetError(
+        f"{root} is neither an RLDS/TFDS dataset (features.json) nor a LeRobot one (meta/info.json)"
+    )
 
 
 def _split_warnings(

@@ -2,7 +2,7 @@
 
 Rows of the two sampled keys are gathered episode by episode (a few MB even for large sets:
 67k steps x 15 floats), then summarised exactly: mean and population std accumulated in float64,
-min/max, and q01/q99 by `np.percentile(rows, [1, 99], axis=0)` on the rows as stored, which is
+min/max, and q01/q99 by `np.percentile(rows, 1 | 99, axis=0)` on the rows as stored, which is
 what the runbook's own script computes (no histograms). Optional openpi-style action chunks:
 each step contributes the actions of steps t..t+H-1, clamped to the episode's last step.
 
@@ -49,14 +49,17 @@ class Stats:
 
 
 def summarize(rows: np.ndarray) -> Stats:
-    """Exact statistics over the rows (axis 0) of a non-empty (N, dims) array."""
-    q01, q99 = np.percentile(rows, [1, 99], axis=0)
+    """Exact statistics over the rows (axis 0) of a non-empty (N, dims) array.
+
+    Quantiles are taken one at a time with a scalar q, as the runbook's script does: numpy then
+    interpolates in the rows' own dtype, so q01/q99 equal that script's values bit for bit.
+    """
     return Stats(
         count=len(rows),
         mean=rows.mean(axis=0, dtype=np.float64),
         std=rows.std(axis=0, dtype=np.float64),
-        q01=np.asarray(q01, dtype=np.float64),
-        q99=np.asarray(q99, dtype=np.float64),
+        q01=np.percentile(rows, 1, axis=0).astype(np.float64),
+        q99=np.percentile(rows, 99, axis=0).astype(np.float64),
         min=rows.min(axis=0).astype(np.float64),
         max=rows.max(axis=0).astype(np.float64),
     )

@@ -53,6 +53,13 @@ class LeRobotReader:
         #: episode index -> (data file holding it, length the metadata records or None)
         self.index = self._episode_index()
 
+    def input_files(self, selected: Sequence[int]) -> list[Path]:
+        """Every file statistics over the `selected` episodes depend on."""
+        meta = self.root / "meta"
+        index = sorted((meta / "episodes").glob("*/*.parquet")) or [meta / "episodes.jsonl"]
+        data = dict.fromkeys(self.index[e][0] for e in sorted(selected))
+        return [meta / "info.json", *index, *data]
+
     def numeric_fields(self) -> dict[str, int]:
         """Columns holding fixed-size numbers and their dims, from info.json."""
         return {

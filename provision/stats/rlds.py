@@ -98,14 +98,19 @@ def describe(field: StepField) -> str:
     return field.kind
 
 
-def find_version_dir(path: Path) -> Path:
-    """The TFDS version dir at or below `path` (up to 3 levels), e.g. `name/1.0.0`."""
+def version_dirs(path: Path) -> list[Path]:
+    """TFDS version dirs (features.json + dataset_info.json) at or up to 3 levels below `path`."""
     if (path / "features.json").is_file():
-        return path
+        return [path]
     found: list[Path] = []
     for depth in range(1, _SEARCH_DEPTH + 1):
         found += [p.parent for p in path.glob("/".join(["*"] * depth) + "/features.json")]
-    found = sorted(p for p in found if (p / "dataset_info.json").is_file())
+    return sorted(p for p in found if (p / "dataset_info.json").is_file())
+
+
+def find_version_dir(path: Path) -> Path:
+    """The one TFDS version dir at or below `path`, e.g. `name/1.0.0`."""
+    found = version_dirs(path)
     if not found:
         raise DatasetError(
             f"no RLDS/TFDS dataset at {path}: no features.json + dataset_info.json within "
@@ -132,6 +137,10 @@ class RldsReader:
         self.name = str(self.info.get("name") or self.version_dir.parent.name)
         self.split = split
         self.shards, self.shard_lengths = self._find_shards()
+
+    def input_files(self) -> list[Path]:
+        """Every file the statistics depend on."""
+        return [self.version_dir / "dataset_info.json", self.features_path, *self.shards]
 
     def numeric_fields(self) -> dict[str, int]:
         """Keys of the fixed-size number fields and their dims."""
