@@ -310,7 +310,10 @@ def _render(text: str, context: dict[str, Any], src: str, step: Step | None) -> 
         return text
     try:
         if _SINGLE_EXPR.match(text):
-            return _NATIVE.from_string(text).render(context)
+            value = _NATIVE.from_string(text).render(context)
+            if isinstance(value, jinja2.Undefined):
+                str(value)  # raises UndefinedError with the variable's name
+            return value
         return _ENV.from_string(text).render(context)
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None) if step is None else step.line

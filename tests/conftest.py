@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from boxes import SSHD, Box, make_key, start_box, sweep_stale_users
+from project import Project
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +71,9 @@ def controller_env(tmp_path: Path) -> dict[str, str]:
     scripts = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
     env["PATH"] = os.pathsep.join(dict.fromkeys([*scripts, env.get("PATH", os.defpath)]))
     return env
+
+
+@pytest.fixture
+def project(tmp_path: Path, controller_env: dict[str, str], box: Box) -> Project:
+    """A bootstrap project directory whose inventory holds one fresh box (`box1`)."""
+    return Project(tmp_path / "project", controller_env, [box])

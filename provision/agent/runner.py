@@ -323,6 +323,9 @@ class Runner:
     ) -> None:
         """Record a child's exit: done, retried, failed or error."""
         del self.procs[step_id]
+        if launched.cancelled:
+            # The step's own process is gone; what it left in its group must not outlive it.
+            _signal_group(launched.proc.pid, signal.SIGKILL)
         step = self.steps[step_id]
         rec = record(self.state, step_id)
         result = read_result(self.run, step_id)
@@ -337,11 +340,12 @@ class Runner:
         )
         rec.pop("pid", None)
         if rc == 0 and not launched.cancelled:
+            # `rerun --only` keeps the generation: what depends on the step stays done.
             if rec.get("forced") != "only":
                 rec["gen"] = int(rec.get("gen", 0)) + 1
+                self.executed.add(step_id)
             rec.update(status="done", upstream=self.gens(step_id), reason=result.get("reason"))
             rec.pop("forced", None)
-            self.executed.add(step_id)
             sorter.done(step_id)
         else:
             reason = launched.cancelled or result.get("reason") or f"exited {rc}"

@@ -1,0 +1,86 @@
+"""A throwaway bootstrap project for a test: playbooks and an inventory of test boxes.
+
+`Project.up(...)` and friends run the real CLI as a subprocess against the boxes, so every test
+goes through the same path a user does: YAML -> plan -> SSH -> agent -> runner on the box.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from boxes import Box, run_cli
+
+
+@dataclass
+class Project:
+    """A directory with `playbooks/`, `templates/` and `inventory.yaml`."""
+
+    root: Path
+    env: dict[str, str]
+    boxes: list[Box] = field(default_factory=list)
+    host_vars: dict[str, Any] = field(default_factory=dict)
+    secrets: dict[str, Any] = field(default_factory=dict)
+
+    def playbook(self, text: str, name: str = "test.yaml") -> Path:
+        """Write a playbook (dedented) and return its path."""
+        path = self.root / "playbooks" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    def template(self, name: str, text: str) -> Path:
+        path = self.root / "templates" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def write_inventory(self) -> Path:
+        hosts = {b.name: {**b.inventory_entry(), "vars": dict(self.host_vars)} for b in self.boxes}
+        data: dict[str, Any] = {"hosts": hosts, "groups": {"fleet": [b.name for b in self.boxes]}}
+        if self.secrets:
+            data["secrets"] = self.secrets
+        path = self.root / "inventory.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def cli(
+        self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `bootstrap ARGS` in the project dir."""
+        self.write_inventory()
+        return run_cli(list(args), env=env or self.env, timeout=timeout, cwd=self.root)
+
+    def up(
+        self, *targets: str, playbook: str = "test.yaml", extra: Sequence[str] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        return self.cli("up", *targets, "-p", f"playbooks/{playbook}", *extra)
+
+    def status(self, target: str, playbook: str = "test.yaml") -> dict[str, Any]:
+        result = self.cli("status", target, "-p", f"playbooks/{playbook}", "--json")
+        assert result.returncode in (0, 1), result.stderr
+        return json.loads(result.stdout.strip().splitlines()[0])
+
+    def steps(self, target: str, playbook: str = "test.yaml") -> dict[str, dict[str, Any]]:
+        return {s["id"]: s for s in self.status(target, playbook)["steps"]}
+
+
+def count(box: Box, name: str) -> int:
+    """How many times a step appended a line to ~/count-NAME in the box."""
+    path = box.home / f"count-{name}"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """Assert the CLI failed as bad input: exit 2, one line on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
