@@ -266,8 +266,9 @@ def _record(part: str) -> Record | None:
                 continue
             number *= _TIME_UNITS[unit]
         fields[name] = number
-    for value, what in _PER_S.findall(part):
-        fields.setdefault("steps_per_s" if what == "steps" else "samples_per_s", float(value))
+    if "s/s" in part:  # cheap guard: the number-first regex is slow on every line
+        for value, what in _PER_S.findall(part):
+            fields.setdefault("steps_per_s" if what == "steps" else "samples_per_s", float(value))
     if "loss" not in fields and "grad_norm" not in fields:
         return None
     total = int(step_m.group(2)) if step_m.group(2) else None
