@@ -133,11 +133,14 @@ def query_gpus(
     if binary is None:
         return GpuReport(error=f"{nvidia_smi} not found on PATH (no NVIDIA driver on this box?)")
     rc, out = _run([binary, *QUERY], env, timeout)
-    if rc != 0 or not out.strip():
+    gpus, other = parse_query(out)
+    if not gpus:
         first = next((ln.strip() for ln in out.splitlines() if ln.strip()), "")
         return GpuReport(error=first or f"nvidia-smi exited {rc} without output")
-    gpus, lost = parse_query(out)
-    report = GpuReport(gpus=gpus, lost=lost)
+    if rc != 0 and not other:
+        other = [f"nvidia-smi exited {rc}"]
+    # Some GPUs answered: the other lines (exit 15) are about GPUs it cannot reach.
+    report = GpuReport(gpus=gpus, lost=other)
     rc, table = _run([binary], env, timeout)
     driver, cuda, table_errors = parse_table(table if rc == 0 else "")
     report.driver_version = driver or next((g.driver_version for g in gpus), None)
@@ -222,7 +225,7 @@ def _run(argv: list[str], env: dict[str, str] | None, timeout: float) -> tuple[i
         )
     except subprocess.TimeoutExpired:
         # A hanging nvidia-smi is itself a symptom of a GPU in trouble.
-        return 124, f"nvidia-smi did not answer within {timeout:.0f} s"
+        return 124, f"nvidia-smi did not answer within {timeout:g} s"
     except OSError as exc:
         return 127, f"cannot run nvidia-smi: {exc.strerror}"
     return proc.returncode, proc.stdout
