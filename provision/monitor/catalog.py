@@ -272,7 +272,10 @@ def _packaged() -> tuple[Any, str]:
     if yaml_ok:
         return _read(_yaml_path()), _yaml_path()
     # pkgutil reads from inside the agent's zipapp too, where open() cannot.
-    raw = pkgutil.get_data("provision", "known_issues.json")
+    try:
+        raw = pkgutil.get_data("provision", "known_issues.json")
+    except OSError:
+        raw = None
     if raw is None:
         raise ConfigError("no failure catalog: provision/known_issues.json is not shipped")
     try:
