@@ -215,8 +215,9 @@ def gpus_value(gpus: Any) -> str | None:
     if isinstance(gpus, list):
         ok = gpus and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)
         return ",".join(map(str, gpus)) if ok else None
-    if isinstance(gpus, str) and _GPUS_RE.match(gpus.replace(" ", "")):
-        return gpus.replace(" ", "")
+    if isinstance(gpus, str):
+        value = ",".join(part.strip() for part in gpus.split(","))
+        return value if _GPUS_RE.match(value) else None
     return None
 
 
@@ -294,7 +295,9 @@ def session_launch(session: str | None, socket: str | None) -> str | None:
     argv = ["tmux", *_socket_args(socket), "display-message", "-p", "-t", f"={session}:"]
     try:
         done = subprocess.run(
-            [*argv, f"#{{{_LAUNCH_OPTION}}}"],
+            # display-message prints an empty format, rc 0, for a session that just went away:
+            # the name in the output proves the session exists.
+            [*argv, f"#{{session_name}} #{{{_LAUNCH_OPTION}}}"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -303,7 +306,8 @@ def session_launch(session: str | None, socket: str | None) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    name, _, launch = done.stdout.strip().partition(" ")
+    return launch if done.returncode == 0 and name == session else None
 
 
 def tmux_attach_command(session: str | None = None, socket: str | None = None) -> str:

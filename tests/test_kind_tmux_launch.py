@@ -1,0 +1,432 @@
+"""tmux_launch with real tmux (an isolated server per test) and the stand-in trainer."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from provision.errors import StepFailed
+from provision.steps import tmux_launch
+from provision.steps.base import ParamError, StepContext, validate_params
+from provision.steps.registry import get_kind
+from provision.steps.tmux_launch import KIND
+from provision.steps.wait_log import KIND as WAIT_LOG
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
+FAKE_TORCHRUN = REPO / "tests" / "fakes" / "torchrun"
+AE = f"{TRAINER} --mode ae --config configs/ae.yaml --startup-sleep 0"
+COMMON_KEYS = {
+    "id", "kind", "needs", "creates", "done_when", "timeout", "retries", "poll", "env",
+    "secrets", "tags", "estimate",
+}  # fmt: skip
+
+
+@pytest.fixture
+def socket() -> Iterator[str]:
+    """A tmux server socket of this test's own (short path: unix sockets allow ~107 bytes)."""
+    folder = tempfile.mkdtemp(prefix="tmx", dir="/tmp")
+    path = f"{folder}/tmux"
+    yield path
+    subprocess.run(["tmux", "-S", path, "kill-server"], capture_output=True, check=False)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> Path:
+    """The job's working directory, with the config file the trainer insists on."""
+    (tmp_path / "job" / "configs").mkdir(parents=True)
+    (tmp_path / "job" / "configs" / "ae.yaml").write_text("mode: ae\n")
+    return tmp_path / "job"
+
+
+def make_ctx(
+    tmp_path: Path,
+    socket: str,
+    command: str,
+    secret_env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    **params: object,
+) -> StepContext:
+    raw = {"session": "train", "socket": socket, "cwd": str(tmp_path / "job"), "command": command}
+    raw.update(params)
+    return StepContext(
+        step_id="launch",
+        params=validate_params(KIND, raw),
+        run_dir=tmp_path / "run",
+        env={**os.environ, **(env or {}), **(secret_env or {})},
+        secrets=dict(secret_env or {}),
+        out=io.StringIO(),
+    )
+
+
+def tmux(socket: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["tmux", "-S", socket, *args], capture_output=True, text=True, check=False
+    )
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: this machine's PID 1 reaps no orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def job_pid(ctx: StepContext) -> int:
+    return int((ctx.workdir / "job.pid").read_text().split()[0])
+
+
+def trainer_environ(ctx: StepContext) -> list[bytes]:
+    """The environment of the trainer process the launch script started (a descendant)."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+    script = job_pid(ctx)
+    for pid in parents:
+        up = pid
+        while up in parents and up != script:
+            up = parents[up]
+        if up != script:
+            continue
+        try:  # a process may exit while we look
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if len(argv) > 1 and argv[1] == str(TRAINER).encode():
+                return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+    raise AssertionError("no trainer process under the launch script")
+
+
+def wait_for(predicate, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def wait_markers(tmp_path: Path, log: Path, markers: list, timeout: float = 15) -> StepContext:
+    ctx = StepContext(
+        step_id="wait",
+        params=validate_params(WAIT_LOG, {"log": str(log), "markers": markers}),
+        run_dir=tmp_path / "run",
+        poll=1,
+        deadline=time.time() + timeout,
+    )
+    WAIT_LOG.run(ctx)
+    return ctx
+
+
+def test_session_survives_the_launching_process(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    command = f"python3 {AE} --steps 100000 --step-sleep 0.2 --wandb offline"
+    launcher = """
+import io, json, sys
+from pathlib import Path
+from provision.steps.base import StepContext, validate_params
+from provision.steps.tmux_launch import KIND
+params = validate_params(KIND, json.loads(sys.argv[1]))
+ctx = StepContext(step_id="launch", params=params, run_dir=Path(sys.argv[2]), out=io.StringIO())
+KIND.run(ctx)
+KIND.verify(ctx)
+"""
+    raw = {"session": "train", "socket": socket, "cwd": str(job_dir), "command": command}
+    started = time.time()
+    subprocess.run(
+        [sys.executable, "-c", launcher, json.dumps(raw), str(tmp_path / "run")],
+        cwd=REPO,
+        check=True,
+        timeout=60,
+    )
+    launch_s = time.time() - started
+    ctx = make_ctx(tmp_path, socket, command)
+    check = KIND.check(ctx)
+    assert check.done and "running in tmux session train" in check.reason
+    assert alive(job_pid(ctx))
+    log = job_dir / "logs" / "train.log"
+    wait_markers(tmp_path, log, [r"\[AE\] step=0/", r"\[AE\] step=2/"])
+    assert launch_s < 10
+
+
+def test_relaunch_kills_the_old_job_and_resumes(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    ctx = make_ctx(
+        tmp_path, socket, f"python3 {AE} --steps 2 --hold --wandb offline", resume_args="--resume"
+    )
+    KIND.run(ctx)
+    KIND.verify(ctx)
+    first = job_pid(ctx)
+    first_launch = json.loads((ctx.workdir / "launch.json").read_text())
+    assert not first_launch["resumed"] and "--resume" not in first_launch["command"]
+    log = job_dir / "logs" / "train.log"
+    wait_markers(tmp_path, log, [r"\[AE\] step=1/"])
+    assert KIND.check(ctx).done
+    KIND.run(ctx)  # what `rerun` does
+    KIND.verify(ctx)
+    assert not alive(first)
+    second = json.loads((ctx.workdir / "launch.json").read_text())
+    assert second["resumed"] and second["command"].endswith(" --resume")
+    assert second["launch_id"] != first_launch["launch_id"]
+    waited = wait_markers(tmp_path, log, ["Resuming from checkpoint at step 1000", r"step=1000/"])
+    assert WAIT_LOG.check(waited).done
+    assert tmux(socket, "list-sessions", "-F", "#{session_name}").stdout.split() == ["train"]
+    text = log.read_text()
+    assert text.count("started in tmux session train") == 2
+    assert KIND.check(ctx).done
+
+
+def test_kills_a_stale_session_of_the_same_name(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    tmux(socket, "new-session", "-d", "-s", "train", "sleep 300")
+    stale = int(tmux(socket, "display-message", "-p", "-t", "=train:", "#{pane_pid}").stdout)
+    ctx = make_ctx(tmp_path, socket, "sleep 300")
+    assert not KIND.check(ctx).done
+    KIND.run(ctx)
+    assert not alive(stale)
+    assert KIND.check(ctx).done
+
+
+def test_session_of_another_launch_is_not_done(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    ctx = make_ctx(tmp_path, socket, "sleep 300")
+    KIND.run(ctx)
+    # Another session keeps the server up (it exits with its last session).
+    tmux(socket, "new-session", "-d", "-s", "keep", "sleep 300")
+    tmux(socket, "kill-session", "-t", "=train")
+    tmux(socket, "new-session", "-d", "-s", "train", "sleep 300")
+    assert "holds another launch" in KIND.check(ctx).reason
+    tmux(socket, "kill-session", "-t", "=train")
+    assert "is gone" in KIND.check(ctx).reason
+
+
+def test_venv_torchrun_is_used(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    venv = job_dir / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    torchrun = venv / "bin" / "torchrun"  # installed as pip installs console scripts
+    torchrun.write_text(
+        f"#!{venv}/bin/python\n" + FAKE_TORCHRUN.read_text().split("\n", 1)[1], encoding="utf-8"
+    )
+    torchrun.chmod(0o755)
+    command = (
+        "torchrun --standalone --nnodes=1 --nproc_per_node=2 "
+        f"{AE} --steps 2 --hold --wandb offline --require-venv"
+    )
+    ctx = make_ctx(tmp_path, socket, command, venv=".venv", gpus=[0, 1])
+    KIND.run(ctx)
+    KIND.verify(ctx)
+    record = json.loads((ctx.workdir / "launch.json").read_text())
+    assert record["command"].startswith(f"{venv}/bin/torchrun --standalone")
+    log = job_dir / "logs" / "train.log"
+    wait_markers(tmp_path, log, ["Setting OMP_NUM_THREADS", r"\[AE\] step=0/"])
+    assert "ModuleNotFoundError" not in log.read_text()
+    environ = trainer_environ(ctx)
+    assert b"CUDA_VISIBLE_DEVICES=0,1" in environ
+    assert b"RANK=0" in environ  # started by the fake torchrun
+    assert f"VIRTUAL_ENV={venv}".encode() in environ
+
+
+def test_venv_without_torchrun_fails_before_launching(
+    tmp_path: Path, socket: str, job_dir: Path
+) -> None:
+    venv = job_dir / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    ctx = make_ctx(tmp_path, socket, f"torchrun {AE}", venv=".venv")
+    with pytest.raises(StepFailed) as err:
+        KIND.run(ctx)
+    assert f"venv {venv} has no torchrun" in err.value.reason
+    assert "safetensors" in (err.value.hint or "")
+    assert tmux(socket, "has-session", "-t", "=train").returncode != 0
+    ctx = make_ctx(tmp_path, socket, f"python {AE}", venv="missing-venv")
+    with pytest.raises(StepFailed) as err:
+        KIND.run(ctx)
+    assert "does not exist" in err.value.reason
+
+
+def test_system_torchrun_trap_is_diagnosed(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    path = f"{FAKE_TORCHRUN.parent}:{os.environ['PATH']}"
+    ctx = make_ctx(
+        tmp_path, socket, f"torchrun --nproc_per_node=2 {AE} --require-venv", env={"PATH": path}
+    )
+    KIND.run(ctx)
+    log = job_dir / "logs" / "train.log"
+    with pytest.raises(StepFailed) as err:
+        wait_markers(tmp_path, log, ["WaypointAEDataset"])
+    assert "No module named 'safetensors'" in err.value.reason
+    assert ".venv/bin/torchrun" in (err.value.hint or "")
+    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    assert KIND.check(ctx).reason.startswith("job exited with status 1")
+
+
+def test_secrets_stay_out_of_argv_logs_and_files(
+    tmp_path: Path, socket: str, job_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "wandb_v1_" + secrets.token_hex(38)
+    # The runner's step process has the step's secrets in its own environment.
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    ctx = make_ctx(
+        tmp_path,
+        socket,
+        f"python3 {AE} --steps 1000 --step-sleep 0.1",  # wandb online: needs the key
+        secret_env={"WANDB_API_KEY": secret},
+        env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+    )
+    KIND.run(ctx)
+    KIND.verify(ctx)
+    log = job_dir / "logs" / "train.log"
+    wait_markers(tmp_path, log, [r"wandb: .*View run at https://", r"\[AE\] step=3/"])
+    needle = secret.encode()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            assert needle not in cmdline, f"secret in argv of pid {entry.name}"
+    server = int(tmux(socket, "display-message", "-p", "#{pid}").stdout)
+    assert needle not in Path(f"/proc/{server}/environ").read_bytes()
+    job_environ = trainer_environ(ctx)
+    assert b"WANDB_API_KEY=" + needle in job_environ
+    assert b"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in job_environ
+    assert not (ctx.workdir / "job.env").exists()
+    for path in [*ctx.workdir.rglob("*"), log]:
+        if path.is_file():
+            assert needle not in path.read_bytes(), f"secret in {path}"
+    assert secret not in ctx.out.getvalue()
+
+
+def test_env_file_is_private_while_it_exists(tmp_path: Path) -> None:
+    path = tmux_launch._write_env_file(tmp_path / "job.env", {"K": "it's $x\nline"})
+    assert path.stat().st_mode & 0o777 == 0o600
+    shown = subprocess.run(
+        ["bash", "-c", f'set -a; . {path}; set +a; printf %s "$K"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout == "it's $x\nline"
+
+
+def test_quick_job_finishing_with_zero_is_done(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    ctx = make_ctx(tmp_path, socket, "echo all good")
+    KIND.run(ctx)
+    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    KIND.verify(ctx)
+    check = KIND.check(ctx)
+    assert check.done and "finished with status 0" in check.reason
+    lines = (job_dir / "logs" / "train.log").read_text().splitlines()
+    assert lines[1] == "all good" and lines[2].endswith("exited with status 0")
+
+
+def test_failed_job_keeps_its_pane_and_is_not_done(
+    tmp_path: Path, socket: str, job_dir: Path
+) -> None:
+    ctx = make_ctx(tmp_path, socket, "echo boom; exit 3", remain_on_exit=True)
+    KIND.run(ctx)
+    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    with pytest.raises(StepFailed) as err:
+        KIND.verify(ctx)
+    assert err.value.reason == "job exited with status 3: boom"
+    assert "exited with status 3" in KIND.check(ctx).reason
+    pane = ["display-message", "-p", "-t", "=train:", "#{session_name} #{pane_dead_status}"]
+    wait_for(lambda: tmux(socket, *pane).stdout.split() == ["train", "3"])
+
+
+def test_oom_failure_carries_the_catalog_hint(tmp_path: Path, socket: str, job_dir: Path) -> None:
+    ctx = make_ctx(tmp_path, socket, f"python3 {AE} --fail oom --wandb offline")
+    KIND.run(ctx)
+    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    with pytest.raises(StepFailed) as err:
+        KIND.verify(ctx)
+    assert err.value.reason.startswith("job exited with status 1: torch.OutOfMemoryError")
+    assert "expandable_segments:True" in (err.value.hint or "")
+    assert "CUDA out of memory" in ctx.out.getvalue()  # the log tail, for the step's log
+
+
+def test_missing_cwd_fails_clearly(tmp_path: Path, socket: str) -> None:
+    ctx = make_ctx(tmp_path, socket, "true")
+    with pytest.raises(StepFailed) as err:
+        KIND.run(ctx)
+    assert "is not a directory" in err.value.reason
+
+
+def test_never_launched_is_not_done(tmp_path: Path, socket: str) -> None:
+    assert KIND.check(make_ctx(tmp_path, socket, "true")).reason == "never launched"
+
+
+@pytest.mark.parametrize(
+    ("params", "key"),
+    [
+        ({"session": "a.b"}, "session"),
+        ({"session": "a:b"}, "session"),
+        ({"command": "  "}, "command"),
+        ({"gpus": "0, x y"}, "gpus"),
+        ({"gpus": [0, "1"]}, "gpus"),
+        ({"gpus": True}, "gpus"),
+        ({"gpus": -1}, "gpus"),
+        ({"remain_on_exit": "yes"}, "remain_on_exit"),
+    ],
+)
+def test_bad_params_are_rejected(params: dict, key: str) -> None:
+    with pytest.raises(ParamError) as err:
+        validate_params(KIND, {"session": "s", "command": "x", **params})
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("gpus", "value"), [(1, "1"), ([0, 1], "0,1"), ("0, 1", "0,1"), ("GPU-3f2a", "GPU-3f2a")]
+)
+def test_gpus_value(gpus: object, value: str) -> None:
+    assert tmux_launch.gpus_value(gpus) == value
+
+
+def test_venv_resolution_keeps_leading_assignments(tmp_path: Path) -> None:
+    venv = tmp_path / "v"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("python", "python3", "torchrun"):
+        (venv / "bin" / name).write_text("#!/bin/sh\n")
+        (venv / "bin" / name).chmod(0o755)
+    resolve = tmux_launch.resolve_venv_command
+    assert resolve("A=1 B=x:y torchrun a.py", venv) == f"A=1 B=x:y {venv}/bin/torchrun a.py"
+    assert resolve("python3 -m x", venv) == f"{venv}/bin/python3 -m x"
+    assert resolve("pythonic", venv) == "pythonic"
+    assert resolve("uv run x", venv) == "uv run x"
+
+
+def test_attach_command() -> None:
+    assert (
+        tmux_launch.tmux_attach_command("waypoint_ae") == "tmux -u attach-session -t =waypoint_ae"
+    )
+    assert tmux_launch.tmux_attach_command() == "tmux -u attach-session"
+    assert tmux_launch.tmux_attach_command("s", "/tmp/x y/sock") == (
+        "tmux -u -S '/tmp/x y/sock' attach-session -t =s"
+    )
+    assert tmux_launch.tmux_attach_command("s", "work") == "tmux -u -L work attach-session -t =s"
+
+
+@pytest.mark.parametrize("name", ["tmux_launch", "wait_log"])
+def test_docstring_example_validates(name: str) -> None:
+    kind = get_kind(name)
+    assert kind is not None
+    doc = importlib.import_module(f"provision.steps.{name}").__doc__ or ""
+    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    (step,) = yaml.safe_load(block)
+    assert step["kind"] == name
+    params = validate_params(kind, {k: v for k, v in step.items() if k not in COMMON_KEYS})
+    assert kind.describe(params)
