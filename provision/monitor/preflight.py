@@ -154,7 +154,7 @@ def _gpu_memory_row(gpus: list[gpu.Gpu], need: float) -> Row:
 
 def _disk_rows(p: dict[str, Any]) -> list[Row]:
     needs: list[tuple[str, float, str]] = [
-        (path, float(gb), f"{float(gb):g} for {path}") for path, gb in (p["disk"] or {}).items()
+        (path, float(gb), f"{float(gb):.10g} for {path}") for path, gb in (p["disk"] or {}).items()
     ]
     if p["checkpoint_dir"] and p["checkpoints"]:
         gb = float(p["checkpoints"]) * float(p["checkpoint_gb"])

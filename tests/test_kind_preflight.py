@@ -1,0 +1,186 @@
+"""Pre-flight checks and the `preflight` kind, driven by the stand-in nvidia-smi."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from gpu_fake import fake_env, use_fake_gpus
+
+from provision.errors import StepFailed
+from provision.monitor.preflight import preflight_report, run_preflight, version_at_least
+from provision.steps.base import ParamError, StepContext, validate_params
+from provision.steps.preflight import KIND
+
+HUGE = 10**9  # GB: no disk has that much
+
+
+def rows(params: dict) -> dict[str, dict]:
+    return {r.check: r.to_dict() for r in run_preflight(params)}
+
+
+def test_healthy_box_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    use_fake_gpus(monkeypatch, "healthy")
+    report = preflight_report(
+        {
+            "min_gpus": 2,
+            "min_gpu_memory_gb": 96,
+            "gpu_name": "RTX PRO 6000",
+            "min_driver": "570",
+            "min_cuda": "12.8",
+            "disk": {str(tmp_path): 1},
+            "tools": ["python3", "tmux"],
+        }
+    )
+    assert report["ok"] and report["failed"] == [], report
+    found = {r["check"]: r for r in report["rows"]}
+    assert found["gpus"]["value"] == "2 × NVIDIA RTX PRO 6000 Blackwell Workstation Edition"
+    assert found["gpu memory"]["value"] == "102.6 GB (97887 MiB, gpu0)"
+    assert found["nvidia driver"]["value"] == "570.172.08"
+    assert found["cuda (driver)"]["value"] == "12.8"
+    assert re.match(r"\d+\.\d+", found["python3"]["value"])
+    json.dumps(report)
+
+
+def test_err_gpu_fails_with_the_hardware_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, "err")
+    health = rows({"min_gpus": 2})["gpu health"]
+    assert not health["ok"]
+    assert health["value"].startswith("gpu1: nvidia-smi shows ERR!")
+    assert "rent another box" in health["detail"]
+
+
+def test_not_enough_gpu_memory_or_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, "small")
+    found = rows({"min_gpus": 2, "min_gpu_memory_gb": 80, "gpu_name": "H100|RTX PRO 6000"})
+    assert not found["gpus"]["ok"] and found["gpus"]["value"] == "1 × NVIDIA GeForce RTX 4090"
+    assert not found["gpu memory"]["ok"]
+    assert found["gpu memory"]["value"] == "25.8 GB (24564 MiB, gpu0)"
+    assert not found["gpu model"]["ok"]
+    use_fake_gpus(monkeypatch, "h100")
+    assert rows({"min_gpu_memory_gb": 80})["gpu memory"]["ok"]  # an "80GB" H100 is 85.5 GB
+
+
+def test_old_driver_and_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, "small")  # 550.135, CUDA 12.4
+    found = rows({"min_driver": "570", "min_cuda": "12.8"})
+    assert not found["nvidia driver"]["ok"] and not found["cuda (driver)"]["ok"]
+    assert version_at_least("570.172.08", "570") and version_at_least("12.10", "12.8")
+    assert not version_at_least("12.4", "12.8") and not version_at_least(None, "1")
+
+
+def test_no_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, "no_driver")
+    gpus = rows({"min_gpus": 1})["gpus"]
+    assert not gpus["ok"] and "couldn't communicate" in gpus["value"]
+    assert "nvidia-smi" in gpus["detail"]  # the catalog's no-gpu-visible fix
+    assert rows({"min_gpus": 0})["gpus"]["ok"]  # a CPU-only playbook does not care
+
+
+def test_low_disk_sums_paths_on_one_filesystem(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_fake_gpus(monkeypatch, "healthy")
+    params = {
+        "disk": {str(tmp_path / "data"): 1, str(tmp_path / "models"): HUGE},
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "checkpoints": 3,
+    }
+    (disk,) = [r for r in run_preflight(params) if r.check.startswith("disk ")]
+    assert not disk.ok
+    assert disk.expected == (
+        f">= {HUGE + 1 + 66:.1f} GB (1 for {tmp_path / 'data'} + {HUGE} for "
+        f"{tmp_path / 'models'} + 3 checkpoints × 22)"
+    )
+    assert "bigger disk" in disk.detail
+
+
+def test_workers_need_ram_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, "healthy")
+    found = rows({"min_gpus": 2, "workers": 4096})
+    assert not found["ram"]["ok"]
+    assert "(15 base + 4096 workers × 2.5)" in found["ram"]["expected"]
+    assert not found["cpu cores"]["ok"]
+    assert found["cpu cores"]["expected"] == ">= 4098 (4096 workers + 2 trainers)"
+    assert "cpu cores" not in rows({"workers": 0})
+
+
+def test_missing_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_gpus(monkeypatch, "healthy")
+    found = rows({"tools": ["python3", "no-such-tool-bootstrap"], "min_python": "99"})
+    assert found["no-such-tool-bootstrap"] == {
+        "check": "no-such-tool-bootstrap",
+        "value": "not found",
+        "expected": "on PATH",
+        "ok": False,
+        "detail": "install no-such-tool-bootstrap",
+    }
+    assert not found["python3"]["ok"] and found["python3"]["expected"] == ">= 99"
+
+
+def context(tmp_path: Path, scenario: str, **params: object) -> StepContext:
+    return StepContext(
+        step_id="preflight",
+        params=validate_params(KIND, params),
+        run_dir=tmp_path / "run",
+        env=fake_env(scenario),
+    )
+
+
+def test_kind_passes_then_stays_done(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "healthy", min_gpus=2, disk={str(tmp_path): 1})
+    assert not KIND.check(ctx).done
+    KIND.run(ctx)
+    KIND.verify(ctx)
+    check = KIND.check(ctx)
+    assert check.done and check.reason.startswith("passed at ")
+    saved = json.loads((ctx.workdir / "preflight.json").read_text())
+    assert saved["ok"] and saved["failed"] == []
+
+
+def test_kind_fails_naming_every_failing_row(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "err", min_gpus=4, min_gpu_memory_gb=120)
+    with pytest.raises(StepFailed) as failed:
+        KIND.run(ctx)
+    reason = failed.value.reason
+    assert reason.startswith("preflight failed: gpus: 2 × NVIDIA RTX PRO 6000")
+    assert "(need >= 4)" in reason and "gpu health: gpu1: nvidia-smi shows ERR!" in reason
+    assert "gpu memory: 102.6 GB (97887 MiB, gpu0) (need >= 120 GB each)" in reason
+    assert "rent another box" in failed.value.hint
+    check = KIND.check(ctx)
+    assert not check.done and check.reason == "failed last time: gpus, gpu health, gpu memory"
+    with pytest.raises(StepFailed):
+        KIND.verify(ctx)
+
+
+@pytest.mark.parametrize(
+    ("params", "key"),
+    [
+        ({"min_gpus": -1}, "min_gpus"),
+        ({"min_cuda": "twelve"}, "min_cuda"),
+        ({"gpu_name": "H100("}, "gpu_name"),
+        ({"checkpoints": 2}, "checkpoint_dir"),
+        ({"disk": {"/workspace": -5}}, "disk"),
+        ({"disk": {"/workspace": "60G"}}, "disk"),
+        ({"workers": "8"}, "workers"),
+    ],
+)
+def test_bad_params(params: dict, key: str) -> None:
+    with pytest.raises(ParamError) as err:
+        validate_params(KIND, params)
+    assert err.value.key == key
+
+
+def test_docstring_example_validates() -> None:
+    doc = importlib.import_module("provision.steps.preflight").__doc__ or ""
+    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    (step,) = yaml.safe_load(block)
+    params = validate_params(KIND, {k: v for k, v in step.items() if k not in ("id", "kind")})
+    assert KIND.describe(params) == (
+        "check the box has 2 GPU(s) >= 90 GB, 60 GB on /workspace, "
+        "3 checkpoints in /workspace/openpi/checkpoints, 8 workers"
+    )
