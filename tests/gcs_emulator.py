@@ -78,13 +78,33 @@ def corrupt(server: Any, bucket: str, name: str) -> None:
     storage._store.write_bytes(path, bytes(content))
 
 
-class EmulatorProcess:
-    """The emulator as a subprocess, so a test can freeze it (SIGSTOP) mid-transfer."""
+#: Runs the emulator as GCS serves: a thread per request, a deep accept queue, keep-alive.
+_THREADED = """
+import http.server, sys
+class Threaded(http.server.ThreadingHTTPServer):
+    request_queue_size = 256
+    daemon_threads = True
+http.server.HTTPServer = Threaded
+from gcp_storage_emulator import server
+server.RequestHandler.protocol_version = "HTTP/1.1"  # keep-alive: it always sends Content-Length
+from gcp_storage_emulator.__main__ import main
+main(sys.argv[1:])
+"""
 
-    def __init__(self) -> None:
+
+class EmulatorProcess:
+    """The emulator as a subprocess, so a test can freeze it (SIGSTOP) mid-transfer.
+
+    The stock emulator serves one request at a time from an accept queue of 5 (more concurrent
+    connections wait for a SYN retry, about 1 s) and closes each connection after one request;
+    `threaded` serves requests in parallel over kept-alive connections.
+    """
+
+    def __init__(self, threaded: bool = False) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        start = [sys.executable, "-m", "gcp_storage_emulator", "start", "--in-memory", "--quiet"]
+        main = ["-c", _THREADED] if threaded else ["-m", "gcp_storage_emulator"]
+        start = [sys.executable, *main, "start", "--in-memory", "--quiet"]
         self.proc = subprocess.Popen(
             [*start, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=subprocess.DEVNULL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -260,6 +261,29 @@ def test_killed_download_resumes_without_fetching_finished_objects_again(
         assert f"{len(finished)} of 20 objects already present" in ctx.out.getvalue()
     finally:
         emulator.stop()
+
+
+def test_sixteen_workers_reuse_their_connections(
+    tmp_path: Path, objects: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Against a keep-alive server, no connection is dropped for want of room in the pool."""
+    emulator = gcs_emulator.EmulatorProcess(threaded=True)
+    try:
+        gcs_emulator.upload(emulator.endpoint, "openpi-assets", objects)
+        ctx = context(
+            tmp_path,
+            src="gs://openpi-assets/checkpoints/pi05_base",
+            dest=str(tmp_path / "m"),
+            endpoint=emulator.endpoint,
+            workers=16,
+        )
+        with caplog.at_level(logging.WARNING, logger="urllib3"):
+            KIND.run(ctx)
+        KIND.verify(ctx)
+    finally:
+        emulator.stop()
+    assert local_files(tmp_path / "m") == expected_files(objects)
+    assert not [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()]
 
 
 def test_empty_prefix_fails_clearly(tmp_path: Path, emulator: tuple[Any, str], bucket: str) -> None:
