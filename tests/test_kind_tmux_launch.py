@@ -430,3 +430,89 @@ def test_docstring_example_validates(name: str) -> None:
     assert step["kind"] == name
     params = validate_params(kind, {k: v for k, v in step.items() if k not in COMMON_KEYS})
     assert kind.describe(params)
+
+
+E2E_PLAYBOOK = """
+name: train-test
+steps:
+  - id: job-dir
+    kind: shell
+    run: mkdir -p ~/job/configs && echo mode=ae > ~/job/configs/ae.yaml
+    creates: ~/job/configs/ae.yaml
+  - id: train-ae
+    kind: tmux_launch
+    needs: [job-dir]
+    session: waypoint_ae
+    cwd: ~/job
+    command: {python} {trainer} --mode ae --config configs/ae.yaml --steps 100000 --step-sleep 0.3
+    log: logs/waypoint_ae_libero.log
+    resume_args: --resume
+    env: {{PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}}
+    secrets: [WANDB_API_KEY]
+  - id: train-ae-started
+    kind: wait_log
+    needs: [train-ae]
+    log: ~/job/logs/waypoint_ae_libero.log
+    timeout: 60
+    poll: 2
+    markers:
+      - 'WaypointAEDataset: 454 episodes, 8409 valid pairs'
+      - 'Loaded 811 weight tensors, skipped 1'
+      - 'Constructing tf.data.Dataset libero_object'
+      - 'wandb: .*View run at https://'
+      - 'Model: 3617\\.8M total'
+      - regex: '\\[AE\\] step=\\d+/10000 loss=(?P<loss>[\\d.]+)'
+        ranges: {{loss: [0.2, 1.0]}}
+"""
+
+
+@pytest.mark.slow
+def test_up_launches_then_noop_then_rerun_restarts(project, box) -> None:  # type: ignore[no-untyped-def]
+    secret = "wandb_v1_" + secrets.token_hex(38)
+    project.env["WANDB_API_KEY"] = secret
+    project.secrets = {"WANDB_API_KEY": {"env": "WANDB_API_KEY"}}
+    project.host_vars = {"agent_python": sys.executable}
+    project.playbook(E2E_PLAYBOOK.format(python=sys.executable, trainer=TRAINER))
+
+    def session_pids() -> list[str]:
+        listed = box.ssh("tmux list-panes -a -F '#{session_name} #{pane_pid}'", check=False)
+        return listed.stdout.split()
+
+    first = project.up("box1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    steps = project.steps("box1")
+    assert {s["status"] for s in steps.values()} == {"done"}, steps
+    name, pid = session_pids()  # the session outlives the controller that started it
+    assert name == "waypoint_ae"
+    log = box.home / "job" / "logs" / "waypoint_ae_libero.log"
+    lines = len(log.read_text().splitlines())
+    time.sleep(1)
+    assert len(log.read_text().splitlines()) > lines  # still training
+
+    second = project.up("box1")
+    assert second.returncode == 0, second.stdout + second.stderr
+    again = project.steps("box1")
+    assert {k: s["attempts"] for k, s in again.items()} == {
+        k: s["attempts"] for k, s in steps.items()
+    }
+    assert session_pids() == [name, pid]
+    plan = project.cli("plan", "box1", "-p", "playbooks/test.yaml", "--json")
+    assert plan.returncode == 0, plan.stderr
+    reasons = {s["id"]: s for s in json.loads(plan.stdout)["steps"]}
+    assert not reasons["train-ae"]["run"]
+    assert "running in tmux session waypoint_ae" in reasons["train-ae"]["reason"]
+    assert "all 6 markers seen" in reasons["train-ae-started"]["reason"]
+
+    rerun = project.cli("rerun", "box1", "train-ae", "-p", "playbooks/test.yaml")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    name, new_pid = session_pids()
+    assert new_pid != pid
+    text = log.read_text()
+    assert "Resuming from checkpoint at step 1000" in text
+    assert text.count("started in tmux session waypoint_ae") == 2
+    after = project.steps("box1")
+    assert after["train-ae-started"]["status"] == "done"
+    assert after["train-ae-started"]["started"] > again["train-ae-started"]["ended"]
+    for path in [log, *(box.home / ".bootstrap").rglob("*")]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
