@@ -19,10 +19,12 @@ def diagnose_command(text: str, catalog: Catalog | None = None) -> list[Match]:
     return (catalog or default_catalog()).match(text)
 
 
-def render_diagnosis(matches: list[Match], source: str = "the input") -> str:
+def render_diagnosis(
+    matches: list[Match], source: str = "the input", catalog: Catalog | None = None
+) -> str:
     """Plain text: each issue with the line that shows it, the diagnosis and the fix."""
     if not matches:
-        checked = len(default_catalog())
+        checked = len(catalog or default_catalog())
         return f"No known issue found in {source} ({checked} signatures checked).\n"
     noun = "issue" if len(matches) == 1 else "issues"
     out = [f"{len(matches)} known {noun} in {source}:"]
