@@ -49,6 +49,9 @@ def test_runbook_section_d_is_covered() -> None:
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 15.68 GiB.": "cuda-oom",
         "ModuleNotFoundError: No module named 'safetensors'": "system-torchrun",
         "timed out waiting for \\[AE\\] step=0/\\d+ loss=": "first-step-slow",
+        "timed out after 300s waiting for marker 6 `\\[AE\\] step=0/(\\d+)` in logs/ae.log": (
+            "first-step-slow"
+        ),
         "ValueError: transformers_replace is not installed correctly.": "transformers-patch",
         "ValueError: Normalization stats not found.": "norm-stats-missing",
     }
