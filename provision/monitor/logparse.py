@@ -157,7 +157,7 @@ def parse_log_file(
     path: str | os.PathLike[str],
     batch_size: int | None = None,
     *,
-    max_bytes: int = 8 * 1024 * 1024,
+    max_bytes: int = 4 * 1024 * 1024,
     smoothing: float = 0.6,
     history: int = 200,
 ) -> TrainingStatus:

@@ -30,7 +30,7 @@ def monitor_snapshot(
     *,
     nvidia_smi: str = "nvidia-smi",
     disk_paths: list[str] | None = None,
-    max_bytes: int = 8 * 1024 * 1024,
+    max_bytes: int = 4 * 1024 * 1024,
     cpu_interval: float = 0.2,
 ) -> dict[str, Any]:
     """Read the job's state. `batch_size` is the global batch (for samples/s); `thresholds`
