@@ -86,7 +86,6 @@ class Tqdm:
     n: int
     total: int | None
     s_per_it: float | None
-    elapsed_s: float
     loss: float | None = None
 
 
@@ -276,7 +275,7 @@ def _record(part: str) -> Record | None:
 
 
 def _tqdm(m: re.Match[str]) -> Tqdm:
-    _, n, total, elapsed, _, rate, unit, postfix = m.groups()
+    _, n, total, _, _, rate, unit, postfix = m.groups()
     s_per_it = None
     if rate != "?" and float(rate) > 0:
         s_per_it = float(rate) if unit.startswith("s/") else 1.0 / float(rate)
@@ -284,7 +283,7 @@ def _tqdm(m: re.Match[str]) -> Tqdm:
     if postfix:
         lm = re.search(r"\bloss=(" + _NUM + ")", postfix)
         loss = float(lm.group(1)) if lm else None
-    return Tqdm(int(n), int(total) if total else None, s_per_it, _hms(elapsed), loss)
+    return Tqdm(int(n), int(total) if total else None, s_per_it, loss)
 
 
 def _clock(line: str) -> float | None:
@@ -297,13 +296,6 @@ def _clock(line: str) -> float | None:
         midnight = calendar.timegm((int(year), int(month), int(day), 0, 0, 0, 0, 0, 0))
         return midnight + seconds
     return float(seconds)
-
-
-def _hms(text: str) -> float:
-    total = 0.0
-    for part in text.split(":"):
-        total = total * 60 + float(part or 0)
-    return total
 
 
 def _current_segment(records: list[Record]) -> list[Record]:
