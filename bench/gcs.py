@@ -11,8 +11,9 @@ in-memory), then times, after one untimed warm-up of each, in rounds whose order
 Prints each one's median, min–max and MiB/s, and each one's ratio to the baseline (> 1: faster).
 The stock emulator serves one request at a time from an accept queue of 5, so parallel clients
 cannot gain there (and over 5 connections wait for SYN retries); `--server threaded` serves
-requests in parallel, closer to what GCS does, but client and server still share this machine's
-cores.
+requests in parallel over kept-alive connections, closer to GCS, but client and server share
+this machine's cores. `--stream-mb-s` then paces each response, as one stream from GCS is
+bandwidth-limited while many streams are not: that shows what parallel streams buy.
 """
 
 from __future__ import annotations
@@ -76,9 +77,19 @@ def main() -> None:
         default="single",
         help="the stock emulator (one request at a time), or one thread per request",
     )
+    parser.add_argument(
+        "--stream-mb-s",
+        type=float,
+        default=0,
+        help="with --server threaded: pace each response to this many MB/s, as one GCS stream",
+    )
     args = parser.parse_args()
     size = args.total_mb * 1_000_000 // args.objects
-    emulator = gcs_emulator.EmulatorProcess(threaded=args.server == "threaded")
+    if args.stream_mb_s and args.server != "threaded":
+        parser.error("--stream-mb-s needs --server threaded")
+    emulator = gcs_emulator.EmulatorProcess(
+        threaded=args.server == "threaded", stream_bytes_per_s=int(args.stream_mb_s * 1e6)
+    )
     try:
         objects = {f"{PREFIX}/params/d/{i:032x}": os.urandom(size) for i in range(args.objects)}
         gcs_emulator.upload(emulator.endpoint, BUCKET, objects)
@@ -106,7 +117,9 @@ def main() -> None:
         emulator.stop()
     total = size * args.objects
     print(
-        f"{args.objects} objects, {total / 1e6:.0f} MB, {args.server} emulator, "
+        f"{args.objects} objects, {total / 1e6:.0f} MB, {args.server} emulator"
+        + (f" at {args.stream_mb_s:g} MB/s per stream" if args.stream_mb_s else "")
+        + ", "
         f"median of {args.runs} (after a warm-up)"
     )
     baseline = statistics.median(times["sequential single stream"])

