@@ -145,6 +145,17 @@ def test_missing_config_file_points_at_the_template_step(tmp_path: Path) -> None
     assert "template" in (err.value.hint or "")
 
 
+def test_remote_given_by_step_env_reaches_rclone_and_only_rclone(tmp_path: Path) -> None:
+    """A remote defined by RCLONE_CONFIG_* variables (e.g. a token listed under `secrets:`)."""
+    make_tree(tmp_path / "src", {"x/y.bin": 123})
+    ctx = context(tmp_path, src=f"envremote:{tmp_path / 'src'}", dest=str(tmp_path / "dest"))
+    ctx.env = {**ctx.env, "RCLONE_CONFIG_ENVREMOTE_TYPE": "local", "HOME": str(tmp_path)}
+    KIND.run(ctx)
+    KIND.verify(ctx)
+    assert (tmp_path / "dest" / "x" / "y.bin").stat().st_size == 123
+    assert "RCLONE_CONFIG_ENVREMOTE_TYPE" not in os.environ
+
+
 @pytest.fixture
 def webdav(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     """`rclone serve webdav` on loopback with a password; yields (url, served dir, password)."""

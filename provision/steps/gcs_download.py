@@ -94,7 +94,12 @@ class GcsDownload(Kind):
         Param("endpoint", "str", "API endpoint, e.g. http://127.0.0.1:9023 (the emulator)"),
         Param("anonymous", "bool", "no credentials (public buckets)", default=True),
         Param("chunked_above_mib", "int", "objects over this download in ranges", default=64),
-        Param("expect", "list", "checks under dest afterwards: {path, exists|entries|contains}"),
+        Param(
+            "expect",
+            "list",
+            "checks under dest afterwards: {path, exists|entries|contains}",
+            default=[],
+        ),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
@@ -111,7 +116,7 @@ class GcsDownload(Kind):
         endpoint = params["endpoint"]
         if endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", endpoint):
             raise ParamError("'endpoint' must look like http://HOST:PORT", "endpoint")
-        _expect.validate_expect(params["expect"] or [])
+        _expect.validate_expect(params["expect"])
 
     def describe(self, params: dict[str, Any]) -> str:
         via = f" via {params['endpoint']}" if params["endpoint"] else ""
@@ -160,7 +165,7 @@ class GcsDownload(Kind):
                 f"{len(wrong)} of {len(files)} files missing or of the wrong size in {dest}: "
                 + ", ".join(wrong[:_SHOWN])
             )
-        failures = _expect.failed_expectations(dest, ctx.params["expect"] or [])
+        failures = _expect.failed_expectations(dest, ctx.params["expect"])
         if failures:
             raise StepFailed("expect: " + "; ".join(failures))
         _manifest.record(ctx, ctx.params["src"], dest, files, objects=listing["objects"])

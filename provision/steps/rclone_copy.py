@@ -90,7 +90,12 @@ class RcloneCopy(Kind):
             default=[],
             items="str",
         ),
-        Param("expect", "list", "checks under dest afterwards: {path, exists|entries|contains}"),
+        Param(
+            "expect",
+            "list",
+            "checks under dest afterwards: {path, exists|entries|contains}",
+            default=[],
+        ),
         Param(
             "rclone_retries",
             "int",
@@ -110,7 +115,7 @@ class RcloneCopy(Kind):
         for key in ("transfers", "rclone_retries"):
             if params[key] < 1:
                 raise ParamError(f"'{key}' must be at least 1", key)
-        _expect.validate_expect(params["expect"] or [])
+        _expect.validate_expect(params["expect"])
 
     def describe(self, params: dict[str, Any]) -> str:
         return f"rclone copy {params['src']} -> {params['dest']} ({params['transfers']} transfers)"
@@ -162,7 +167,7 @@ class RcloneCopy(Kind):
                 ) from None
         if not same:
             raise StepFailed(f"{dest} does not match {src}: {_differences(listing)}")
-        failures = _expect.failed_expectations(dest, ctx.params["expect"] or [])
+        failures = _expect.failed_expectations(dest, ctx.params["expect"])
         if failures:
             raise StepFailed("expect: " + "; ".join(failures))
         files = {rel: (dest / rel).stat().st_size for symbol, rel in listing if symbol == "="}
