@@ -85,9 +85,10 @@ def _playbook_path(path: Path | None) -> Path:
 def _extra_vars(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ProvisionError(f"--var expects NAME=VALUE, got '{item}'")
-        name, value = item.split("=", 1)
+        name, eq, value = item.partition("=")
+        # A name jinja cannot reference (empty, `a-b`, `1x`) would be silently unused.
+        if not eq or not name.strip().isidentifier():
+            raise ProvisionError(f"--var expects NAME=VALUE with NAME an identifier, got '{item}'")
         out[name.strip()] = value
     return out
 
@@ -486,6 +487,247 @@ def forget(
 ) -> None:
     """Forget a host's trusted key (after vast.ai gave its address to a new box)."""
     _guard(_forget, target)
+
+
+def _launch_steps(plan: dict[str, Any], step_id: str | None) -> dict[str, Any]:
+    """The tmux_launch step named `step_id`, or the first selected one."""
+    launches = [s for s in plan["steps"] if s["kind"] == "tmux_launch"]
+    if step_id is not None:
+        launches = [s for s in launches if s["id"] == step_id]
+        if not launches:
+            raise ProvisionError(f"no tmux_launch step '{step_id}' in {plan['playbook']}")
+    else:
+        launches = [s for s in launches if s.get("selected", True)] or launches
+    if not launches:
+        raise ProvisionError(f"{plan['playbook']} has no tmux_launch step")
+    return launches[0]
+
+
+def _training_log(step: dict[str, Any]) -> str:
+    params = step["params"]
+    log = params.get("log") or f"~/.bootstrap/runs/logs/{params['session']}.log"
+    if log.startswith(("/", "~")):
+        return log
+    return f"{params.get('cwd') or '~'}/{log}"
+
+
+def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as_json: bool) -> int:
+    from provision import controller
+    from provision.monitor.render import render_rows
+
+    loaded = Loaded(playbook, inventory, targets)
+    plans = loaded.plans(None, {})
+
+    def preflight(name: str) -> dict[str, Any]:
+        steps = [s for s in plans[name]["steps"] if s["kind"] == "preflight"]
+        return steps[0] if steps else {"params": {}, "env": {}}
+
+    reports, errors = _each_box(
+        loaded.hosts,
+        lambda box: controller.check(
+            box, preflight(box.name)["params"], preflight(box.name)["env"]
+        ),
+    )
+    for host in loaded.hosts:
+        if host.name not in reports:
+            continue
+        report = reports[host.name]
+        if as_json:
+            print(json.dumps(dict(report, host=host.name)))
+        else:
+            verdict = "ready" if report["ok"] else f"NOT ready: {', '.join(report['failed'])}"
+            print(f"{host.name}: {verdict}")
+            print(render_rows(report["rows"]))
+    for message in errors.values():
+        sys.stderr.write(f"error: {message}\n")
+    if errors:
+        return 2
+    return 0 if all(r["ok"] for r in reports.values()) else 1
+
+
+@app.command()
+def check(
+    targets: TargetsArg,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Preflight the boxes: GPUs (ERR! rows fail), disk, RAM and cores, python, tmux."""
+    _guard(_check, targets, playbook, inventory, as_json)
+
+
+def _monitor(
+    target: str,
+    playbook: Path | None,
+    inventory: Path | None,
+    step_id: str | None,
+    batch_size: int | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+) -> int:
+    import time
+
+    from provision import controller
+    from provision.monitor.alerts import merge_thresholds
+    from provision.monitor.render import render_snapshot
+
+    loaded = Loaded(playbook, inventory, [target])
+    host = loaded.hosts[0]
+    plan = loaded.plans(None, {})[host.name]
+    step = _launch_steps(plan, step_id)
+    context_vars = {**loaded.book.vars, **loaded.inventory.vars, **host.vars}
+    thresholds = context_vars.get("alert_thresholds") or None
+    try:
+        merge_thresholds(thresholds)
+    except ValueError as exc:
+        raise ProvisionError(f"{loaded.playbook_path}: alert_thresholds: {exc}") from None
+    batch = batch_size or context_vars.get("global_batch_size")
+    box = controller.connect(host)
+    while True:
+        snap = controller.monitor(box, _training_log(step), batch, thresholds, step["env"])
+        if as_json:
+            print(json.dumps(dict(snap, host=host.name, step=step["id"])), flush=True)
+        else:
+            print(f"{host.name} · {step['id']}")
+            print(render_snapshot(snap), flush=True)
+        if not watch:
+            return 1 if snap.get("alerts") else 0
+        time.sleep(interval)
+
+
+@app.command()
+def monitor(
+    target: Annotated[str, typer.Argument(help="host")],
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    step: Annotated[
+        str | None, typer.Option("--step", help="the tmux_launch step to watch")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="global batch, for samples/s")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=1, max=30)] = 10.0,
+) -> None:
+    """Training progress (step, loss, s/step, ETA), GPUs, host, and alerts (exit 1 if any)."""
+    _guard(_monitor, target, playbook, inventory, step, batch_size, as_json, watch, interval)
+
+
+def _diagnose(source: str, as_json: bool) -> int:
+    from provision.monitor.diagnose import diagnose_command, render_diagnosis
+
+    if source == "-":
+        text, name = sys.stdin.read(), "stdin"
+    else:
+        try:
+            text, name = Path(source).read_text(encoding="utf-8", errors="replace"), source
+        except OSError as exc:
+            raise ProvisionError(f"{source}: {exc.strerror}") from None
+    matches = diagnose_command(text)
+    if as_json:
+        print(json.dumps([m.to_dict() for m in matches]))
+    else:
+        sys.stdout.write(render_diagnosis(matches, name))
+    return 0 if matches else 1
+
+
+@app.command()
+def diagnose(
+    source: Annotated[str, typer.Argument(help="a log file, or - for stdin")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Match a log against the known-issues catalog: diagnosis and fix (exit 1: nothing known)."""
+    _guard(_diagnose, source, as_json)
+
+
+def _attach(target: str, session: str | None, playbook: Path | None, inventory: Path | None) -> int:
+    import shlex
+
+    from provision import controller
+
+    loaded = Loaded(playbook, inventory, [target])
+    host = loaded.hosts[0]
+    socket = None
+    if session is None:
+        step = _launch_steps(loaded.plans(None, {})[host.name], None)
+        session, socket = step["params"]["session"], step["params"].get("socket")
+    tmux = "tmux"
+    if socket:
+        tmux += f" {'-S' if '/' in socket else '-L'} {shlex.quote(socket)}"
+    return controller.interactive(
+        controller.connect(host), f"{tmux} attach -t {shlex.quote(session)}"
+    )
+
+
+@app.command()
+def attach(
+    target: Annotated[str, typer.Argument(help="host")],
+    session: Annotated[
+        str | None, typer.Argument(help="tmux session (default: the playbook's)")
+    ] = None,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+) -> None:
+    """Open a training's tmux session interactively over SSH (detach with Ctrl-B D)."""
+    _guard(_attach, target, session, playbook, inventory)
+
+
+def _stats(
+    path: str,
+    fmt: str,
+    schema: str,
+    output: str | None,
+    action_key: str | None,
+    state_key: str | None,
+) -> int:
+    from provision.stats.command import describe_result, stats_command
+
+    result = stats_command(path, fmt, schema, output, action_key, state_key)
+    for line in describe_result(result):
+        print(line)
+    if output is None:
+        print(json.dumps(result["document"], indent=1))
+    return 0
+
+
+@app.command()
+def stats(
+    path: Annotated[str, typer.Argument(help="an RLDS version dir or a LeRobot dataset root")],
+    fmt: Annotated[str, typer.Option("--format", help="rlds | lerobot | auto")] = "auto",
+    schema: Annotated[str, typer.Option("--schema", help="ae | vlm | openpi")] = "ae",
+    output: Annotated[
+        str | None, typer.Option("-o", "--output", help="write the statistics here")
+    ] = None,
+    action_key: Annotated[str | None, typer.Option("--action-key")] = None,
+    state_key: Annotated[str | None, typer.Option("--state-key")] = None,
+) -> None:
+    """Dataset statistics without TensorFlow: exact mean/std/min/max/q01/q99 per dimension."""
+    _guard(_stats, path, fmt, schema, output, action_key, state_key)
+
+
+def _sample_data(output: str, preset: str, episodes: int | None, steps: int | None) -> int:
+    from provision.stats.command import sample_data_command
+
+    result = sample_data_command(output, preset, episodes=episodes, steps=steps)
+    print(json.dumps(result, default=str, indent=1))
+    return 0
+
+
+@app.command("sample-data")
+def sample_data(
+    output: Annotated[str, typer.Argument(help="directory to write the dataset into")],
+    preset: Annotated[
+        str, typer.Option("--preset", help="libero_object | libero_wp | lerobot | lerobot_v3")
+    ] = "libero_object",
+    episodes: Annotated[int | None, typer.Option("--episodes")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="steps (RLDS) or frames (LeRobot) per episode")
+    ] = None,
+) -> None:
+    """Write a generated dataset in the runbook's on-disk layout (for trying things out)."""
+    _guard(_sample_data, output, preset, episodes, steps)
 
 
 if __name__ == "__main__":

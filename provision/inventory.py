@@ -159,8 +159,17 @@ def _host(name: str, spec: Any, src: str, line: int) -> Host:
         raise ConfigError(f"host '{name}': connection must be ssh or local", file=src, line=line)
     if connection == "ssh" and not spec.get("host"):
         raise ConfigError(f"host '{name}' needs 'host' (or connection: local)", file=src, line=line)
+    for key in ("host", "user", "key"):
+        # YAML reads `user: 1000` or `host: 1.5` as numbers; ssh's argv needs strings.
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(
+                f"host '{name}': {key} must be a string, got {type(spec[key]).__name__}",
+                file=src,
+                line=spec.line_of(key) if isinstance(spec, LineMap) else line,
+            )
     port = spec.get("port")
-    if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+    bad_port = isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    if port is not None and bad_port:
         raise ConfigError(f"host '{name}': port must be 1..65535", file=src, line=line)
     host_vars = spec.get("vars") or {}
     if not isinstance(host_vars, dict):

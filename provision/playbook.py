@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -142,6 +143,13 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
         raise ConfigError(
             f"step id must match [a-z0-9_-]+, got {step_id!r}", file=src, line=raw.line_of("id")
         )
+    if step_id == AGENT_VENV_ID:
+        # The implicit venv step has this id; a user step with it would replace that step.
+        raise ConfigError(
+            f"step id '{AGENT_VENV_ID}' is reserved for bootstrap's own venv step",
+            file=src,
+            line=raw.line_of("id"),
+        )
 
     def err(message: str, key: str | None = None) -> ConfigError:
         return ConfigError(
@@ -187,7 +195,8 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # YAML's .nan and .inf are floats too; neither is a usable number of seconds.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _str_list(raw: LineMap, key: str, err: Any) -> list[str]:

@@ -72,6 +72,8 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=str(path)) from None
     loader = _Loader(text)
     loader.source = str(path)
     try:
