@@ -266,6 +266,26 @@ def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> int:
     return 0
 
 
+def check(box: Box, params: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Preflight the box (GPUs, disk, RAM, tools) with a preflight step's params and env."""
+    payload = json.dumps({"params": params, "env": env}).encode()
+    result = agent_run(box, ["check"], payload, timeout=60)
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def monitor(
+    box: Box,
+    log: str,
+    batch_size: int | None,
+    thresholds: dict[str, Any] | None,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    """Training progress, GPUs, host and alerts of one training log on the box."""
+    payload = {"log": log, "batch_size": batch_size, "thresholds": thresholds, "env": env}
+    result = agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
 def interactive(box: Box, command: str) -> int:
     """Run a command on the box attached to this terminal (e.g. `tmux attach`)."""
     return subprocess.call(box.transport.interactive_argv(command))

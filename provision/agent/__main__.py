@@ -176,6 +176,35 @@ def cmd_active(args: argparse.Namespace) -> int:
     return 0 if run is not None and runner_active(run) else 1
 
 
+def _read_params() -> dict[str, Any]:
+    """A JSON payload for `check`/`monitor`; its `env` (the step's own) applies to this process."""
+    data = sys.stdin.buffer.read()
+    payload = json.loads(data.decode("utf-8")) if data.strip() else {}
+    payload = payload if isinstance(payload, dict) else {}
+    os.environ.update({k: str(v) for k, v in (payload.get("env") or {}).items()})
+    return payload
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Preflight of this box (GPUs, disk, RAM, tools) as JSON."""
+    from provision.monitor.preflight import preflight_report
+
+    print(json.dumps(preflight_report(_read_params().get("params") or {})))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Training progress, GPUs, host and alerts for one log, as JSON."""
+    from provision.monitor.snapshot import monitor_snapshot
+
+    payload = _read_params()
+    snap = monitor_snapshot(
+        payload["log"], payload.get("batch_size"), payload.get("thresholds") or None
+    )
+    print(json.dumps(snap))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.add_argument("-f", "--follow", action="store_true")
     lg.set_defaults(func=cmd_logs)
+    sub.add_parser("check").set_defaults(func=cmd_check)
+    sub.add_parser("monitor").set_defaults(func=cmd_monitor)
     ac = sub.add_parser("active")
     ac.add_argument("--run")
     ac.set_defaults(func=cmd_active)
