@@ -132,6 +132,7 @@ class GcsDownload(Kind):
         client = _client(ctx.params)
         objects = _list_objects(client, ctx.params["src"])
         _take_over(dest, partial, ctx)
+        ctx.progress(message=f"checking local copies of {len(objects)} objects")
         todo = [o for o in objects if not _present(partial / o.rel, o)]
         kept = len(objects) - len(todo)
         if kept:
