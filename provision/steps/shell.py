@@ -9,14 +9,16 @@ Example:
   creates: ~/work/data/READY
 ```
 
-Without `creates` or `done_when`, the step is done once it has succeeded with the same command
-(and its upstream steps have not run again since).
+It runs with `bash -e -o pipefail`, in `cwd` (default: home). Without `creates` or `done_when`,
+the step is done once it has succeeded with the same command (and its upstream steps have not
+run again since).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from provision.errors import StepFailed
 from provision.steps.base import Kind, Param, StepContext
 
 
@@ -37,7 +39,10 @@ class Shell(Kind):
     def run(self, ctx: StepContext) -> None:
         cwd = ctx.path(ctx.params["cwd"]) if ctx.params.get("cwd") else ctx.path("~")
         cwd.mkdir(parents=True, exist_ok=True)
-        ctx.sh(["bash", "-e", "-o", "pipefail", "-c", ctx.params["run"]], cwd=cwd)
+        # -e and pipefail: a multi-line runbook snippet stops at its first failing command.
+        rc = ctx.sh(["bash", "-e", "-o", "pipefail", "-c", ctx.params["run"]], cwd=cwd, check=False)
+        if rc != 0:
+            raise StepFailed(f"the command exited {rc} (its output is in the log)")
 
 
 KIND = Shell()
