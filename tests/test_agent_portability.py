@@ -1,0 +1,83 @@
+"""The agent runs on the box's own python3 (>= 3.9) with the standard library only (issue 8 #10).
+
+Every module shipped in the agent zipapp that the box's plain python3 imports — the agent core,
+every step kind's top level, the DAG, errors, the monitor — must parse as Python 3.9 and import
+nothing outside the standard library at module level (libraries are imported inside the
+functions that run in the agent's venv).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from provision.bundle import build_agent
+
+PACKAGE = Path(__file__).resolve().parent.parent / "provision"
+BOX_SIDE = [
+    *sorted((PACKAGE / "agent").glob("*.py")),
+    *sorted((PACKAGE / "steps").glob("*.py")),
+    *sorted((PACKAGE / "monitor").glob("*.py")),
+    *sorted((PACKAGE / "formats").glob("*.py")),
+    PACKAGE / "errors.py",
+    PACKAGE / "dag.py",
+    PACKAGE / "__init__.py",
+]
+
+
+def _top_level_imports(tree: ast.Module) -> list[tuple[str, int]]:
+    """Imports executed when the module loads (not inside functions or TYPE_CHECKING)."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module.split(".")[0], node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("path", BOX_SIDE, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_box_side_module_is_python39_and_stdlib_only(path: Path) -> None:
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path), feature_version=(3, 9))
+    for name, line in _top_level_imports(tree):
+        assert name == "provision" or name in sys.stdlib_module_names, (
+            f"{path.name}:{line} imports '{name}' at module level"
+        )
+    # Modules on the box use postponed annotations, so `X | None` hints do not run on 3.9.
+    if any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body):
+        assert "from __future__ import annotations" in source, path.name
+
+
+def test_agent_zipapp_runs_on_a_bare_interpreter(tmp_path: Path) -> None:
+    """The zipapp starts with `-I -S` (no site-packages at all) and answers `status`."""
+    agent = build_agent()
+    pyz = tmp_path / "agent.pyz"
+    pyz.write_bytes(agent.data)
+    names = zipfile.ZipFile(pyz).namelist()
+    assert "provision/known_issues.json" in names and "provision/cli.py" not in names
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(pyz), "status"],
+        capture_output=True,
+        text=True,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no bootstrap run" in result.stdout
+    catalog = subprocess.run(
+        [
+            sys.executable, "-I", "-S", "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]);"
+            "from provision.monitor import catalog;"
+            "print(catalog.hint_for('CUDA out of memory. Tried to allocate 2 GiB') is not None)",
+            str(pyz),
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert catalog.stdout.strip() == "True", catalog.stderr
