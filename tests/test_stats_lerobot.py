@@ -137,3 +137,8 @@ def test_data_that_disagrees_with_the_metadata(tmp_path: Path) -> None:
     (root / "data" / "chunk-000" / "episode_000001.parquet").unlink()
     with pytest.raises(DatasetError, match="1 data files are missing"):
         stats_command(str(root))
+
+
+def test_an_empty_selection_has_no_samples(v21: Path) -> None:
+    with pytest.raises(DatasetError, match="no samples: 0 episodes"):
+        stats_command(str(v21), episodes=[])

@@ -250,3 +250,11 @@ def test_runbook_presets_have_the_runbook_layout_and_counts(tmp_path: Path) -> N
     assert result["document"]["num_transitions"] == 8863
     with pytest.raises(DatasetError, match="8863 samples, expected 66984"):
         stats_command(info["path"], schema="vlm", expect_samples=66984)
+
+
+def test_no_samples_is_an_error(tmp_path: Path) -> None:
+    features = _features(("action", 7), ("observation/state", 8))
+    empty = {"action": np.zeros((0, 7)), "observation/state": np.zeros((0, 8))}
+    _write(tmp_path, features, [_episode(0, **empty), _episode(0, **empty)])
+    with pytest.raises(DatasetError, match="no samples: 2 episodes, none with a step"):
+        stats_command(str(tmp_path))

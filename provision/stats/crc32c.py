@@ -30,6 +30,9 @@ try:  # the C extension, not its pure-Python fallback (slower than numpy here)
 except ImportError:  # pragma: no cover - depends on the environment
     _FAST = False
 
+#: Which code computes CRCs here, for logs and benchmarks.
+IMPLEMENTATION = "google-crc32c (C)" if _FAST else "numpy"
+
 _POLY = 0x82F63B78  # reflected Castagnoli polynomial
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF

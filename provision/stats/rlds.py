@@ -267,7 +267,8 @@ def _rows(field: StepField, value: Any, where: str) -> np.ndarray:
             f"{where}: '{field.key}' has {flat.size} values, not a multiple of its "
             f"{size} dims per step (features.json does not match the data)"
         )
-    return flat.reshape(-1, size)
+    # a copy: a view would keep the whole record (images and all) alive until the end
+    return flat.reshape(-1, size).copy()
 
 
 def _listing(missing: str, fields: dict[str, StepField]) -> str:
