@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.checks import box_checks
-from provision.agent.state import RunDir
+from provision.agent.redact import Redactor
+from provision.agent.state import RunDir, read_secrets
 from provision.errors import StepFailed
 from provision.steps.base import StepContext, read_json, write_json_atomic
 from provision.steps.registry import get_kind
@@ -74,6 +75,9 @@ def exec_step(run: RunDir, step_id: str) -> int:
         float(os.environ["BOOTSTRAP_DEADLINE"]) if "BOOTSTRAP_DEADLINE" in os.environ else None
     )
     ctx = make_context(run, step, secrets, deadline)
+    # Reasons and warnings may quote a line holding any secret of the run (a job's log read by
+    # a watcher): they pass the same redactor as the log.
+    redact = Redactor(read_secrets(run).values())
     started = time.time()
     try:
         kind.run(ctx)
@@ -83,14 +87,24 @@ def exec_step(run: RunDir, step_id: str) -> int:
             raise StepFailed(after)
     except StepFailed as exc:
         ctx.log(f"FAILED: {exc.reason}")
-        write_json_atomic(result_path, {"reason": exc.reason, "hint": exc.hint})
+        hint = redact(exc.hint) if exc.hint else exc.hint
+        write_json_atomic(result_path, {"reason": redact(exc.reason), "hint": hint})
         return EXIT_FAILED
     except Exception as exc:  # a crash is an error of the kind, not a failure of the work
         traceback.print_exc(file=sys.stdout)
-        write_json_atomic(result_path, {"reason": f"crashed: {type(exc).__name__}: {exc}"})
+        reason = redact(f"crashed: {type(exc).__name__}: {exc}")
+        write_json_atomic(result_path, {"reason": reason})
         return EXIT_ERROR
+    finally:
+        _redact_warnings(run.step_dir(step_id) / "_warnings.json", redact)
     write_json_atomic(result_path, {"reason": f"ran in {time.time() - started:.1f}s"})
     return 0
+
+
+def _redact_warnings(path: Path, redact: Redactor) -> None:
+    warnings = read_json(path, None)
+    if isinstance(warnings, list) and redact:
+        write_json_atomic(path, [redact(str(w)) for w in warnings])
 
 
 def _post_checks(step: dict[str, Any], ctx: StepContext) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 MASK = "***"
 #: Values shorter than this are not redacted: masking "1" or "yes" would shred every log.
 MIN_SECRET_LEN = 6
+_URLSAFE = str.maketrans("+/", "-_")
 
 
 def _forms(value: str) -> set[str]:
@@ -24,13 +25,14 @@ def _forms(value: str) -> set[str]:
         base64.b64encode(raw).decode(),
         base64.urlsafe_b64encode(raw).decode(),
     }
-    # base64 of the value embedded in a longer blob (e.g. "user:token" in Basic auth) shifts
-    # the alignment; the unpadded core of each alignment still appears verbatim.
-    for shift in (1, 2):
+    # The value inside a longer base64 blob (e.g. "user:token" in Basic auth) starts at one of
+    # three alignments, and the bytes around it change the 4-character groups it shares with
+    # them: only the groups encoding the value's bytes alone appear verbatim, at every offset.
+    for shift in (0, 1, 2):
         blob = base64.b64encode(b"\0" * shift + raw).decode()
-        core = blob[4 * ((shift + 2) // 3) : -4 if len(blob) > 8 else None]
-        if len(core) >= MIN_SECRET_LEN:
-            forms.add(core)
+        core = blob[4 * ((shift + 2) // 3) : 4 * ((shift + len(raw)) // 3)]
+        forms.add(core)
+        forms.add(core.translate(_URLSAFE))
     return {f.rstrip("=") for f in forms if len(f.rstrip("=")) >= MIN_SECRET_LEN}
 
 

@@ -130,7 +130,11 @@ class Runner:
             rec["gen"] = int(rec.get("gen", 0)) + 1
             rec["upstream"] = self.gens(step_id)
             rec["ended"] = rec.get("ended") or time.time()
-        rec.update(status="done", reason=reason, fingerprint=self.steps[step_id]["fingerprint"])
+        rec.update(
+            status="done",
+            reason=self.redact(reason),
+            fingerprint=self.steps[step_id]["fingerprint"],
+        )
         rec.pop("hint", None)
 
     def mark_skipped(self) -> None:
@@ -229,7 +233,7 @@ class Runner:
             ended=None,
             rc=None,
             duration_s=None,
-            reason=why,
+            reason=self.redact(why),
             warnings=[],
         )
         rec.pop("hint", None)
@@ -335,7 +339,7 @@ class Runner:
             rc=rc,
             ended=now,
             duration_s=round(now - float(rec.get("started") or now), 3),
-            warnings=warnings if isinstance(warnings, list) else [],
+            warnings=[self.redact(str(w)) for w in warnings] if isinstance(warnings, list) else [],
             fingerprint=step["fingerprint"],
         )
         rec.pop("pid", None)
@@ -344,12 +348,19 @@ class Runner:
             if rec.get("forced") != "only":
                 rec["gen"] = int(rec.get("gen", 0)) + 1
                 self.executed.add(step_id)
-            rec.update(status="done", upstream=self.gens(step_id), reason=result.get("reason"))
+            reason = result.get("reason")
+            rec.update(
+                status="done",
+                upstream=self.gens(step_id),
+                reason=self.redact(reason) if reason else reason,
+            )
             rec.pop("forced", None)
             sorter.done(step_id)
         else:
-            reason = launched.cancelled or result.get("reason") or f"exited {rc}"
-            rec.update(reason=reason, hint=result.get("hint") or self.diagnose(step_id))
+            # A kind's reason may quote the command's last output line: redact like the log.
+            reason = self.redact(launched.cancelled or result.get("reason") or f"exited {rc}")
+            hint = result.get("hint") or self.diagnose(step_id)
+            rec.update(reason=reason, hint=self.redact(hint) if hint else hint)
             if int(rec.get("attempts", 1)) <= int(step.get("retries") or 0):
                 save_state(self.run, self.state)
                 self.launch(step_id, f"retry after: {reason}")
