@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from provision.stats import samples
@@ -142,3 +143,14 @@ def test_data_that_disagrees_with_the_metadata(tmp_path: Path) -> None:
 def test_an_empty_selection_has_no_samples(v21: Path) -> None:
     with pytest.raises(DatasetError, match="no samples: 0 episodes"):
         stats_command(str(v21), episodes=[])
+
+
+def test_v3_episode_without_rows_is_named(tmp_path: Path) -> None:
+    sample = replace(SEED004, version="v3.0", episodes=5, frames=50, image_bytes=0)
+    root = samples.write_lerobot(tmp_path / "v3", sample)
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    keep = [i for i, e in enumerate(table.column("episode_index").to_pylist()) if e != 3]
+    pq.write_table(table.take(keep), data)
+    with pytest.raises(DatasetError, match=r"episode 3 is in \S+/meta but has no rows in"):
+        stats_command(str(root))

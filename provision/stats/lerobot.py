@@ -148,10 +148,14 @@ class LeRobotReader:
                 raise DatasetError(f"cannot read {path}: {exc}") from None
 
         rows = 0
+        seen: set[int] = set()
         with ThreadPoolExecutor(_READERS) as pool:
             for done, table in enumerate(pool.map(read, files), 1):
                 path = files[done - 1]
                 for index, arrays in self._split_table(path, table, dims, wanted):
+                    if index in seen:
+                        raise DatasetError(f"{path}: episode {index} appears twice in the data")
+                    seen.add(index)
                     rows += len(next(iter(arrays.values())))
                     yield index, arrays
                 if progress:
@@ -162,6 +166,14 @@ class LeRobotReader:
                         unit="rows",
                         message=path.name,
                     )
+        absent_episodes = sorted(wanted - seen)
+        if absent_episodes:
+            raise DatasetError(
+                f"episode {absent_episodes[0]} is in {self.root}/meta but has no rows in "
+                f"{self.index[absent_episodes[0]][0]}"
+                + (f" ({len(absent_episodes)} such episodes)" if len(absent_episodes) > 1 else ""),
+                "the data and meta/ disagree: copy the dataset again",
+            )
 
     def _split_table(
         self, path: Path, table: pa.Table, dims: dict[str, int], wanted: set[int]

@@ -180,6 +180,7 @@ class RldsReader:
                 steps += len(next(iter(arrays.values()))) if arrays else 0
                 yield index, arrays
                 index += 1
+            del records  # before the next shard is read: one shard in memory at a time
             if progress:
                 progress(
                     files_done=number + 1,
