@@ -4,9 +4,12 @@ sshd box against stand-ins (tests/openpi_standin.py) with real git, uv, rclone, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +32,12 @@ from openpi_standin import (
 )
 from project import Project
 
+from provision.errors import StepFailed
 from provision.formats.safetensors import read_header
 from provision.inventory import Host, Inventory, load_inventory
 from provision.playbook import load_playbook, resolve, select
+from provision.steps import wait_log
+from provision.steps.base import StepContext
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = REPO / "playbooks" / "openpi-waypoint.yaml"
@@ -179,6 +185,41 @@ def test_templates_render_secrets_as_placeholders_and_omit_empty_wandb_settings(
     assert "WANDB_TAGS" not in env and "WANDB_NOTES='it'\\''s mine'" in env
     assert "wandb_enabled: false" in other["ae-config"]["params"]["_content"]
     assert "View run at" not in json.dumps(other["train-ae-started"]["params"]["markers"])
+
+
+TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
+
+
+def _wait_for_markers(tmp_path: Path, mode: str, wandb: str, *args: str) -> None:
+    """Run the playbook's wait step for `mode` over what the trainer prints with `wandb`."""
+    log = tmp_path / f"{mode}.log"
+    with log.open("w") as out:
+        subprocess.run(
+            [sys.executable, str(TRAINER), "--mode", mode, "--wandb", wandb, "--steps", "3",
+             "--step-sleep", "0", "--startup-sleep", "0", *args],
+            cwd=tmp_path,
+            env={**os.environ, "WANDB_API_KEY": WANDB_KEY},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )  # fmt: skip
+    params = dict(_plan(wandb_mode=wandb)[f"train-{mode}-started"]["params"], log=str(log))
+    ctx = StepContext(
+        step_id="wait", params=params, run_dir=tmp_path / "run", deadline=time.time() + 20
+    )
+    wait_log.KIND.run(ctx)
+
+
+@pytest.mark.parametrize("mode", ["ae", "vlm"])
+@pytest.mark.parametrize("wandb", ["online", "offline", "disabled"])
+def test_training_markers_match_the_real_log_lines(tmp_path: Path, mode: str, wandb: str) -> None:
+    _wait_for_markers(tmp_path, mode, wandb)
+    _wait_for_markers(tmp_path, mode, wandb, "--resume")
+
+
+def test_training_markers_fail_on_a_wrong_first_loss(tmp_path: Path) -> None:
+    with pytest.raises(StepFailed, match="loss=nan"):
+        _wait_for_markers(tmp_path, "ae", "online", "--fail", "nan")
 
 
 def test_example_inventory_loads() -> None:
