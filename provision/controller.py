@@ -37,6 +37,9 @@ except OSError:
     have=""
 if h["len"]:
     d=i.read(h["len"])
+    import hashlib
+    if hashlib.sha256(d).hexdigest()!=h["sha"]:
+        sys.stdout.write("BOOTSTRAP_CUT_AGENT %d %d\n"%(len(d),h["len"]));sys.exit(5)
     if have!=h["sha"] and h["ephemeral"]:
         import tempfile;f=tempfile.NamedTemporaryFile(suffix=".pyz");f.write(d);f.flush();p=f.name
     elif have!=h["sha"]:
@@ -50,6 +53,7 @@ sys.exit(main(h["argv"]))
 """
 _NEED_AGENT = b"BOOTSTRAP_NEED_AGENT"
 _OLD_PYTHON = b"BOOTSTRAP_OLD_PYTHON"
+_CUT_AGENT = b"BOOTSTRAP_CUT_AGENT"
 _AGENT = '"${BOOTSTRAP_AGENT_DIR:-$HOME/.bootstrap}/agent.pyz"'
 
 
@@ -116,6 +120,9 @@ def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
     if out.startswith(_OLD_PYTHON):
         version = out.split()[1].decode() if len(out.split()) > 1 else "?"
         return TargetError(f"{box.name}: python3 on the box is {version}; bootstrap needs >= 3.9")
+    if out.startswith(_CUT_AGENT):
+        # The prelude installs nothing it cannot verify: a dropped link leaves the old agent.
+        return TargetError(f"{box.name}: the agent upload was cut short; run the command again")
     if re.search(r"python3?: (command )?not found|No such file", err):
         return TargetError(
             f"{box.name}: no python3 on the box (install python3, or set the host var box_python)"
@@ -159,8 +166,10 @@ def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str
         assert proc.stdout is not None
         first = True
         need_agent = False
+        head = b""  # the prelude's own message, if it refused to start the agent
         try:
             for raw in iter(proc.stdout.readline, b""):
+                head = raw if first else head
                 if first and raw.startswith(_NEED_AGENT):
                     need_agent = True
                     break
@@ -177,7 +186,7 @@ def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str
             ship = True
             continue
         if proc.returncode != 0:
-            raise _agent_failed(box, b"", stderr)
+            raise _agent_failed(box, head, stderr)
         if ship:
             _remember(box, agent)
         return

@@ -11,6 +11,7 @@ runner kills what is left of them and runs them again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import graphlib
 import os
@@ -40,6 +41,7 @@ from provision.agent.state import (
     RunDir,
     forget_secrets,
     load_state,
+    make_reserve,
     read_secrets,
     record,
     save_state,
@@ -64,6 +66,8 @@ class Launched:
     kill_at: float | None = None
     cancelled: str = ""
     threads: list[threading.Thread] = field(default_factory=list)
+    #: The last lines of output, kept in memory: the log file may not take them (disk full).
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
 
 
 class Runner:
@@ -156,16 +160,26 @@ class Runner:
             "started": time.time(),
         }
         self.mark_skipped()
-        save_state(self.run, self.state)
+        make_reserve(self.run)
+        self.save()
         try:
             while self.schedule():
                 pass
         finally:
             self.stop_all("runner stopping")
             self.state["runner"].update(status="idle", ended=time.time(), pid=None)
-            save_state(self.run, self.state)
+            self.save()
             forget_secrets(self.run)
         return all(self.status(s) == "done" for s in self.selected)
+
+    def save(self) -> None:
+        """Write the state. A disk too full even after the reserve was spent must not stop the
+        runner: the state stays in memory, and the next write that succeeds catches up."""
+        try:
+            save_state(self.run, self.state)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                print(f"runner: could not write the state: {exc}", file=sys.stderr, flush=True)
 
     def schedule(self) -> bool:
         """One pass over the DAG; returns True when a rerun request means starting over."""
@@ -217,7 +231,7 @@ class Runner:
                     sorter.done(step_id)
                     settled = True
         if settled:
-            save_state(self.run, self.state)
+            self.save()
         return settled
 
     def launch(self, step_id: str, why: str) -> None:
@@ -248,7 +262,7 @@ class Runner:
             env["BOOTSTRAP_DEADLINE"] = repr(deadline)
         argv = [self.python_for(step), str(pyz_path()), "exec", "--run", self.run.name, step_id]
         mode = "ab" if rec["attempts"] > 1 else "wb"
-        with open(log_path, mode) as log:
+        with contextlib.suppress(OSError), open(log_path, mode) as log:  # disk full: run anyway
             log.write(f"=== {step_id}: attempt {rec['attempts']} ({why}) ===\n".encode())
         proc = subprocess.Popen(
             argv,
@@ -262,7 +276,9 @@ class Runner:
         self.tokens += 1
         launched = Launched(proc, self.tokens, deadline)
         rec["pid"] = proc.pid
-        pump = threading.Thread(target=self._pump, args=(proc, log_path), daemon=True)
+        pump = threading.Thread(
+            target=self._pump, args=(proc, log_path, launched.tail), daemon=True
+        )
         waiter = threading.Thread(
             target=self._wait_child, args=(step_id, launched, pump), daemon=True
         )
@@ -270,7 +286,7 @@ class Runner:
         self.procs[step_id] = launched
         pump.start()
         waiter.start()
-        save_state(self.run, self.state)
+        self.save()
 
     def python_for(self, step: dict[str, Any]) -> str:
         """The interpreter for a step: the box's python3, or the agent venv's for library kinds."""
@@ -281,14 +297,30 @@ class Runner:
             )
         return sys.executable
 
-    def _pump(self, proc: subprocess.Popen[bytes], log_path: Any) -> None:
-        """Copy a child's output into its log, line by line, through the redactor."""
+    def _pump(
+        self, proc: subprocess.Popen[bytes], log_path: Any, tail: collections.deque[str]
+    ) -> None:
+        """Copy a child's output into its log and `tail`, line by line, through the redactor.
+
+        When the log cannot be written (disk full) the pipe is still drained, or the step
+        would block on it; `tail` keeps the last lines for the diagnosis.
+        """
         assert proc.stdout is not None
-        with open(log_path, "ab") as log:
-            for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode("utf-8", "replace")
-                log.write(self.redact(line).encode())
-                log.flush()
+        log: Any = None
+        with contextlib.suppress(OSError):
+            log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed below, or on error
+        for raw in iter(proc.stdout.readline, b""):
+            line = self.redact(raw.decode("utf-8", "replace"))
+            tail.append(line)
+            if log is None:
+                continue
+            try:
+                log.write(line.encode())
+            except OSError:
+                log.close()
+                log = None
+        if log is not None:
+            log.close()
 
     def _wait_child(self, step_id: str, launched: Launched, pump: threading.Thread) -> None:
         rc = launched.proc.wait()
@@ -359,25 +391,25 @@ class Runner:
         else:
             # A kind's reason may quote the command's last output line: redact like the log.
             reason = self.redact(launched.cancelled or result.get("reason") or f"exited {rc}")
-            hint = result.get("hint") or self.diagnose(step_id)
+            hint = result.get("hint") or self.diagnose(step_id, launched.tail)
             rec.update(reason=reason, hint=self.redact(hint) if hint else hint)
             if int(rec.get("attempts", 1)) <= int(step.get("retries") or 0):
-                save_state(self.run, self.state)
+                self.save()
                 self.launch(step_id, f"retry after: {reason}")
                 return
             rec["status"] = "error" if rc == EXIT_ERROR and not launched.cancelled else "failed"
             self.final.add(step_id)
             sorter.done(step_id)
-        save_state(self.run, self.state)
+        self.save()
 
-    def diagnose(self, step_id: str) -> str | None:
-        """A known-issue hint for a failed step's log tail, when the catalog knows it."""
-        try:
-            from provision.monitor import catalog
-        except ImportError:
-            return None
-        tail = tail_text(self.run.log(step_id), 64 * 1024)
-        return catalog.hint_for(tail) if hasattr(catalog, "hint_for") else None
+    def diagnose(self, step_id: str, tail: collections.deque[str]) -> str | None:
+        """A known-issue hint for a failed step's last output, when the catalog knows it.
+
+        The output kept in memory is read first: it is there even when the disk was too full
+        for the log to take it (then the failure is often the full disk itself)."""
+        from provision.monitor.catalog import hint_for
+
+        return hint_for("".join(tail) or tail_text(self.run.log(step_id), 64 * 1024))
 
     def enforce_timeouts(self) -> None:
         """SIGTERM steps past their deadline; SIGKILL them after the grace period."""
@@ -429,7 +461,7 @@ class Runner:
                 self.reset(request["reset"], bool(request.get("only")))
                 changed = True
         if changed:
-            save_state(self.run, self.state)
+            self.save()
         return changed
 
     def reset(self, step_id: str, only: bool) -> None:

@@ -2,23 +2,28 @@
 
 `~/.bootstrap/runs/<name>/` holds `plan.json` (from the controller), `state.json` (written only
 by the runner or, while no runner holds the lock, by `agent up`), `secrets.json` (0600, removed
-when the run ends), `lock`, `logs/<step>.log` and `steps/<step>/` (each kind's markers, progress
-and warnings). Every write is atomic: temp file, fsync, rename.
+when the run ends), `lock`, `reserve` (disk space set aside for the state), `logs/<step>.log`
+and `steps/<step>/` (each kind's markers, progress and warnings). Every write is atomic: temp
+file, fsync, rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from provision.steps.base import read_json, write_json_atomic
+from provision.steps.base import read_json
 
 #: Every status a step can have. `error`: it could not run (crash, missing interpreter), as
 #: opposed to `failed`: it ran and failed. `blocked`: an upstream step failed or errored.
+#: Disk space the runner keeps aside for writing the state once the disk is full.
+RESERVE_BYTES = 256 * 1024
 STATUSES = ("pending", "running", "done", "failed", "error", "blocked", "skipped")
 BAD = ("failed", "error", "blocked")
 
@@ -56,6 +61,10 @@ class RunDir:
         return self.path / "requests"
 
     @property
+    def reserve(self) -> Path:
+        return self.path / "reserve"
+
+    @property
     def runner_log(self) -> Path:
         return self.path / "runner.log"
 
@@ -79,9 +88,57 @@ def load_state(run: RunDir) -> dict[str, Any]:
 
 
 def save_state(run: RunDir, state: dict[str, Any]) -> None:
-    """Write the state atomically."""
+    """Write the state atomically; on a full disk, spend the run's reserve and try once more.
+
+    Raises OSError when the state cannot be written even then (the old state stays intact).
+    """
     state["updated"] = time.time()
-    write_json_atomic(run.state, state)
+    try:
+        _write_atomic(run.state, state)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or not release_reserve(run):
+            raise
+        _write_atomic(run.state, state)
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    """Temp file, fsync, rename; a failed write removes its temp file (it may hold the space
+    the next attempt needs)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def make_reserve(run: RunDir) -> None:
+    """Set aside RESERVE_BYTES of disk for the state, so a step that fills the disk can still
+    be recorded as failed (best effort: nothing happens when the disk is already full)."""
+    if run.reserve.exists():
+        return
+    try:
+        with open(run.reserve, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            run.reserve.unlink()
+
+
+def release_reserve(run: RunDir) -> bool:
+    """Free the reserve; True when there was one."""
+    try:
+        run.reserve.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def record(state: dict[str, Any], step_id: str) -> dict[str, Any]:
@@ -98,8 +155,6 @@ def write_secrets(run: RunDir, secrets: dict[str, str]) -> None:
     tmp = run.secrets.with_name(".secrets.json.tmp")
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        import json
-
         json.dump(secrets, fh)
         fh.flush()
         os.fsync(fh.fileno())

@@ -1,0 +1,406 @@
+"""Faults injected for real over sshd boxes: nothing lost, nothing done twice, state intact.
+
+- the controller killed (its whole process group, as when a laptop dies) before the agent is
+  shipped, in the middle of shipping it, right after the runner started, and while following;
+- the runner killed with SIGKILL in every state of a step, repeatedly, and in a tight loop that
+  lands kills in the middle of state writes;
+- the box unreachable: sshd stopped, and a link silently blackholed (network namespace + veth);
+- the disk full under a step, and under the agent's own state;
+- a step ignoring SIGTERM at its timeout; two controllers racing on one box.
+
+Steps count their executions by appending to marker files (`count-NAME`), so "exactly once"
+is checked on the box's own disk, not on what bootstrap reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from boxes import Box
+from project import Project, count
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    """Poll until `predicate()` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runners(box: Box, run: str) -> list[int]:
+    """Pids of the box's runner processes for `run`."""
+    return [pid for pid, cmd in box.processes() if f" run --run {run}" in cmd]
+
+
+def state(box: Box, run: str) -> dict[str, Any]:
+    """The run's state file, which must always parse (atomic writes)."""
+    path = box.home / ".bootstrap" / "runs" / run / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {"steps": {}}
+
+
+def statuses(box: Box, run: str) -> dict[str, str]:
+    return {k: v["status"] for k, v in state(box, run)["steps"].items()}
+
+
+def start_cli(project: Project, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `bootstrap ARGS` in its own process group (so it can be killed like a laptop)."""
+    project.write_inventory()
+    return subprocess.Popen(
+        [sys.executable, "-m", "provision.cli", *args],
+        cwd=project.root,
+        env=env or project.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+CHAIN = """
+name: chain
+steps:
+  - id: a
+    kind: shell
+    run: echo x >> ~/count-a; sleep 1
+  - id: b
+    kind: shell
+    needs: [a]
+    run: echo x >> ~/count-b; sleep 2
+  - id: c
+    kind: shell
+    needs: [b]
+    run: echo x >> ~/count-c
+"""
+
+# ------------------------------------------------------------------ the controller killed
+
+#: An `ssh` first on the controller's PATH: logs each call, may wait before connecting, and
+#: passes stdin to the real ssh in 8 KiB chunks with a pause after each (a slow uplink), logging
+#: how many bytes went through, so a test can kill the controller mid-ship.
+SLOW_SSH = """\
+#!{python}
+import os, subprocess, sys, time
+log = os.environ["BT_SSH_LOG"]
+def note(text):
+    with open(log, "a") as fh:
+        fh.write(text + "\\n")
+note("call")
+time.sleep(float(os.environ.get("BT_SSH_DELAY", "0")))
+proc = subprocess.Popen(["{ssh}", *sys.argv[1:]], stdin=subprocess.PIPE)
+sent = 0
+try:
+    while True:
+        chunk = os.read(0, 8192)
+        if not chunk:
+            break
+        proc.stdin.write(chunk)
+        proc.stdin.flush()
+        sent += len(chunk)
+        note(f"sent {{sent}}")
+        time.sleep(float(os.environ.get("BT_SSH_TRICKLE", "0")))
+    proc.stdin.close()
+except BrokenPipeError:
+    pass
+sys.exit(proc.wait())
+"""
+
+
+def _slow_ssh_env(project: Project, tmp_path: Path, delay: float, trickle: float) -> dict:
+    bindir = tmp_path / "slowbin"
+    bindir.mkdir(exist_ok=True)
+    wrapper = bindir / "ssh"
+    wrapper.write_text(SLOW_SSH.format(python=sys.executable, ssh=shutil.which("ssh")))
+    wrapper.chmod(0o755)
+    log = tmp_path / "ssh.log"
+    log.write_text("")
+    return dict(
+        project.env,
+        PATH=f"{bindir}{os.pathsep}{project.env['PATH']}",
+        BT_SSH_LOG=str(log),
+        BT_SSH_DELAY=str(delay),
+        BT_SSH_TRICKLE=str(trickle),
+    )
+
+
+def _bytes_sent(tmp_path: Path) -> int:
+    sent = [
+        int(ln.split()[1])
+        for ln in (tmp_path / "ssh.log").read_text().split("\n")
+        if ln.startswith("sent")
+    ]
+    return max(sent, default=0)
+
+
+KILL_POINTS: dict[str, Callable[[Box, Path], bool]] = {
+    # The wrapper was called but holds the connection back: nothing reached the box.
+    "before-ship": lambda box, tmp: "call" in (tmp / "ssh.log").read_text(),
+    # A third of the agent zipapp has gone through.
+    "mid-ship": lambda box, tmp: _bytes_sent(tmp) >= 64 * 1024,
+    "after-start": lambda box, tmp: bool(runners(box, "chain")),
+    "while-following": lambda box, tmp: count(box, "b") == 1,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_controller_killed_at_any_point_runs_each_step_exactly_once(
+    project: Project, box: Box, tmp_path: Path, point: str
+) -> None:
+    project.playbook(CHAIN)
+    slow = point in ("before-ship", "mid-ship")
+    env = _slow_ssh_env(project, tmp_path, delay=3 if point == "before-ship" else 0,
+                        trickle=0.15 if slow else 0)  # fmt: skip
+    proc = start_cli(project, "up", "box1", "-p", "playbooks/test.yaml", env=env)
+    try:
+        wait_for(lambda: KILL_POINTS[point](box, tmp_path), what=point)
+    finally:
+        kill_group(proc)
+    if point == "mid-ship":
+        assert _bytes_sent(tmp_path) < 150 * 1024, "the kill came after the agent was shipped"
+    # Whatever was started finishes on its own; nothing is started twice.
+    wait_for(lambda: not runners(box, "chain"), what="the runner to finish")
+    again = project.up("box1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [count(box, n) for n in "abc"] == [1, 1, 1]
+    snap = project.status("box1")
+    assert snap["runner"] == "idle"
+    assert {s["id"]: s["status"] for s in snap["steps"]} == {"a": "done", "b": "done", "c": "done"}
+    assert {s["id"]: s["attempts"] for s in snap["steps"]} == {"a": 1, "b": 1, "c": 1}
+
+
+# ------------------------------------------------------------------ the runner killed
+
+STAGES = """
+name: stages
+steps:
+  - id: s1
+    kind: shell
+    run: echo x >> ~/count-s1; sleep 0.6; echo x >> ~/end-s1
+  - id: s2
+    kind: shell
+    needs: [s1]
+    run: echo x >> ~/count-s2; sleep 0.6; echo x >> ~/end-s2
+  - id: s3
+    kind: shell
+    needs: [s1]
+    run: echo x >> ~/count-s3; sleep 0.6; echo x >> ~/end-s3
+  - id: s4
+    kind: shell
+    needs: [s2, s3]
+    run: echo x >> ~/count-s4; sleep 0.6; echo x >> ~/end-s4
+"""
+STAGE_IDS = ("s1", "s2", "s3", "s4")
+
+
+def _ends(box: Box, step: str) -> int:
+    path = box.home / f"end-{step}"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_runner_sigkill_in_every_step_state_never_loses_or_fakes_work(
+    project: Project, box: Box
+) -> None:
+    project.playbook(STAGES)
+    rng = random.Random(5)
+    # When to kill: as soon as the runner exists (steps pending), once a step started (running),
+    # right as one ended (its exit not yet recorded, or just recorded), and at random.
+    triggers: list[tuple[str, Callable[[], bool]]] = [
+        ("pending", lambda: True),
+        ("running", lambda: any(count(box, s) > _ends(box, s) for s in STAGE_IDS)),
+        ("ended", lambda: sum(_ends(box, s) for s in STAGE_IDS) > ends_before),
+        ("random", lambda: time.monotonic() > random_at),
+    ] * 3
+    done_before: dict[str, int] = {}
+    kills = 0
+    for name, trigger in triggers:
+        if all(v == "done" for v in statuses(box, "stages").values()) and statuses(box, "stages"):
+            break
+        ends_before = sum(_ends(box, s) for s in STAGE_IDS)
+        random_at = time.monotonic() + rng.uniform(0.2, 1.5)
+        assert project.up("box1", extra=["--detach"]).returncode == 0
+        pids = runners(box, "stages")
+        if not pids:
+            continue  # all found done without a runner
+        with contextlib.suppress(AssertionError):
+            wait_for(trigger, timeout=5, what=name)
+        os.kill(pids[0], signal.SIGKILL)
+        kills += 1
+        wait_for(lambda pid=pids[0]: pid not in runners(box, "stages"), what="the runner to die")
+        recorded = statuses(box, "stages")  # parses: the state is never half-written
+        for step, status in recorded.items():
+            if status == "done":
+                # Marked done only after it finished; and never redone once done.
+                assert _ends(box, step) >= 1, (name, step, recorded)
+                done_before.setdefault(step, count(box, step))
+        for step, runs in done_before.items():
+            assert count(box, step) == runs, f"{step} ran again after it was done ({name})"
+    assert kills >= 4
+    final = project.up("box1")
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert all(s["status"] == "done" for s in project.status("box1")["steps"])
+    for step in STAGE_IDS:
+        assert _ends(box, step) >= 1
+        assert count(box, step) == done_before.get(step, count(box, step))
+    assert not runners(box, "stages")
+
+
+def _many_steps(n: int) -> str:
+    steps = "".join(
+        f"  - {{id: t{i:02d}, kind: shell, run: 'echo x >> ~/hammer-t{i:02d}'"
+        + (f", needs: [t{i - 8:02d}]" if i >= 8 else "")
+        + "}\n"
+        for i in range(n)
+    )
+    return f"name: hammer\nmax_parallel: 8\nsteps:\n{steps}"
+
+
+def test_kills_during_state_writes_never_leave_a_half_written_state(
+    project: Project, box: Box
+) -> None:
+    n = 32
+    project.playbook(_many_steps(n))
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: runners(box, "hammer"), what="the first runner")
+    rng = random.Random(7)
+    run_dir = box.home / ".bootstrap" / "runs" / "hammer"
+    start = "cd; setsid python3 ~/.bootstrap/agent.pyz run --run hammer </dev/null >/dev/null 2>&1 & echo $!"
+    parsed = 0
+    for _ in range(40):
+        for pid in runners(box, "hammer"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        text = (run_dir / "state.json").read_text()
+        data = json.loads(text)  # a torn write would fail here
+        parsed += 1
+        for step, rec in data["steps"].items():
+            if rec["status"] == "done":
+                assert (box.home / f"hammer-{step}").exists(), step
+        pid = int(box.ssh(start).stdout)
+        time.sleep(rng.uniform(0.0, 0.25))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert parsed == 40
+    wait_for(lambda: not runners(box, "hammer"), what="the last runner to die")
+    result = project.up("box1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(s["status"] == "done" for s in project.status("box1", "test.yaml")["steps"])
+    assert not list(run_dir.glob(".state.json.*.tmp")), "torn writes leave no temp files behind"
+
+
+def test_prelude_installs_no_agent_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provision.bundle import build_agent
+    from provision.controller import _PRELUDE
+
+    monkeypatch.setenv("BOOTSTRAP_CONFIG_DIR", str(tmp_path / "controller"))
+    agent = build_agent()
+    header = {"sha": agent.sha256, "len": len(agent.data), "argv": ["status"], "ephemeral": False}
+    cut = json.dumps(header).encode() + b"\n" + agent.data[:50000]
+    env = dict(os.environ, BOOTSTRAP_AGENT_DIR=str(tmp_path / "box"))
+    result = subprocess.run(
+        [sys.executable, "-c", _PRELUDE], input=cut, capture_output=True, env=env, timeout=30
+    )
+    assert result.returncode == 5 and result.stdout.startswith(b"BOOTSTRAP_CUT_AGENT 50000")
+    assert not (tmp_path / "box").exists()
+
+
+# ------------------------------------------------------------------ the disk full
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (its former content copied in), unmounted after."""
+    keep = path.with_name(path.name + ".before")
+    shutil.copytree(path, keep, symlinks=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        shutil.copytree(keep, path, symlinks=True, dirs_exist_ok=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+        shutil.rmtree(keep)
+
+
+FILL = """
+name: full
+steps:
+  - id: fill
+    kind: shell
+    run: echo x >> {counts}/count-fill; sleep 1; dd if=/dev/zero of={target} bs=64k
+  - id: after-fill
+    kind: shell
+    needs: [fill]
+    run: echo x >> {counts}/count-after
+  - id: other
+    kind: shell
+    run: echo x >> {counts}/count-other
+"""
+
+
+def test_disk_full_in_a_data_dir_fails_the_step_with_a_hint(project: Project, box: Box) -> None:
+    (box.home / "data").mkdir()
+    project.playbook(FILL.format(counts=box.home, target="~/data/big"))
+    with small_disk(box.home / "data"):
+        result = project.up("box1")
+        assert result.returncode == 1, result.stdout + result.stderr
+        steps = project.steps("box1")
+    assert steps["fill"]["status"] == "failed"
+    assert "disk is full" in steps["fill"]["hint"], steps["fill"]
+    assert any("No space left on device" in ln for ln in steps["fill"]["log_tail"])
+    assert steps["after-fill"]["status"] == "blocked" and steps["other"]["status"] == "done"
+    assert "hint: " in result.stdout and "disk is full" in result.stdout
+
+
+def test_disk_full_under_the_agent_state_keeps_state_and_logs_readable(
+    project: Project, box: Box, tmp_path: Path
+) -> None:
+    counts = tmp_path / "counts"  # not on the disk that fills up
+    counts.mkdir()
+    project.playbook(FILL.format(counts=counts, target="~/fill"))
+    # The whole HOME (agent, state, logs) is a 2 MB disk that the step fills up.
+    with small_disk(box.home, "2m"):
+        result = project.up("box1")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert not runners(box, "full")
+        steps = project.steps("box1")
+        assert steps["fill"]["status"] == "failed", steps["fill"]
+        assert "disk is full" in (steps["fill"]["hint"] or ""), steps["fill"]
+        assert steps["other"]["status"] == "done", steps["other"]
+        assert steps["after-fill"]["status"] == "blocked", steps["after-fill"]
+        logs = project.cli("logs", "box1", "fill", "-p", "playbooks/test.yaml")
+        assert logs.returncode == 0 and "=== fill: attempt 1" in logs.stdout
+        # Space freed: the next up reruns what failed and nothing else.
+        (box.home / "fill").unlink()
+        project.playbook(FILL.format(counts=counts, target="~/fill count=1"))
+        again = project.up("box1")
+        assert again.returncode == 0, again.stdout + again.stderr
+    runs = [(counts / f"count-{n}").read_text().count("x") for n in ("fill", "after", "other")]
+    assert runs == [2, 1, 1]
