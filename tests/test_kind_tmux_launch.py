@@ -120,9 +120,9 @@ def trainer_environ(ctx: StepContext) -> list[bytes]:
 
 
 def wait_for(predicate, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.time() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
 
 
@@ -151,14 +151,14 @@ KIND.run(ctx)
 KIND.verify(ctx)
 """
     raw = {"session": "train", "socket": socket, "cwd": str(job_dir), "command": command}
-    started = time.time()
+    started = time.monotonic()
     subprocess.run(
         [sys.executable, "-c", launcher, json.dumps(raw), str(tmp_path / "run")],
         cwd=REPO,
         check=True,
         timeout=60,
     )
-    launch_s = time.time() - started
+    launch_s = time.monotonic() - started
     ctx = make_ctx(tmp_path, socket, command)
     check = KIND.check(ctx)
     assert check.done and "running in tmux session train" in check.reason
@@ -345,11 +345,21 @@ def test_failed_job_keeps_its_pane_and_is_not_done(
     assert err.value.reason == "job exited with status 3: boom"
     assert "exited with status 3" in KIND.check(ctx).reason
     pane = ["display-message", "-p", "-t", "=train:", "#{session_name} #{pane_dead_status}"]
-    wait_for(lambda: tmux(socket, *pane).stdout.split() == ["train", "3"])
+    shown: list[object] = []
+
+    def pane_dead() -> bool:
+        shown.append(tmux(socket, *pane))
+        return shown[-1].stdout.split() == ["train", "3"]
+
+    try:
+        wait_for(pane_dead)
+    except AssertionError:
+        raise AssertionError(f"{shown[-1]} {tmux(socket, 'ls')}") from None
 
 
 def test_oom_failure_carries_the_catalog_hint(tmp_path: Path, socket: str, job_dir: Path) -> None:
-    ctx = make_ctx(tmp_path, socket, f"python3 {AE} --fail oom --wandb offline")
+    command = f"{FAKE_TORCHRUN} --nproc_per_node=2 {AE} --fail oom --wandb offline"
+    ctx = make_ctx(tmp_path, socket, command)
     KIND.run(ctx)
     wait_for(lambda: (ctx.workdir / "job.status").exists())
     with pytest.raises(StepFailed) as err:
@@ -357,6 +367,7 @@ def test_oom_failure_carries_the_catalog_hint(tmp_path: Path, socket: str, job_d
     assert err.value.reason.startswith("job exited with status 1: torch.OutOfMemoryError")
     assert "expandable_segments:True" in (err.value.hint or "")
     assert "CUDA out of memory" in ctx.out.getvalue()  # the log tail, for the step's log
+    assert "ChildFailedError" in ctx.out.getvalue()
 
 
 def test_missing_cwd_fails_clearly(tmp_path: Path, socket: str) -> None:

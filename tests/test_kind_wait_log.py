@@ -162,10 +162,10 @@ def test_timeout_says_what_was_seen_and_what_is_missing(tmp_path: Path, writer) 
     cut = next(i for i, line in enumerate(lines) if line.startswith("Model:"))
     log = tmp_path / "train.log"
     writer(log, lines[:cut], 0.01)
-    started = time.time()
+    started = time.monotonic()
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, log, timeout=3))
-    assert time.time() - started < 6
+    assert time.monotonic() - started < 6
     reason = err.value.reason
     assert reason.startswith("timed out after")
     assert "waiting for marker 5 `Model: 3617\\.8M total` (and 1 after it)" in reason
@@ -285,14 +285,17 @@ def test_carriage_returns_end_lines(tmp_path: Path) -> None:
 )
 def test_bad_markers_are_rejected_at_validation(markers: list, message: str) -> None:
     with pytest.raises(ParamError) as err:
-        validate_params(KIND, {"log": "x.log", "markers": markers})
+        validate_params(KIND, {"log": "/x.log", "markers": markers})
     assert err.value.key == "markers" and message in str(err.value)
 
 
-def test_bad_fail_on_and_ignore_issues_are_rejected() -> None:
+def test_bad_log_fail_on_and_ignore_issues_are_rejected() -> None:
     with pytest.raises(ParamError) as err:
-        validate_params(KIND, {"log": "x", "markers": ["a"], "fail_on": ["("]})
+        validate_params(KIND, {"log": "logs/x.log", "markers": ["a"]})
+    assert err.value.key == "log"
+    with pytest.raises(ParamError) as err:
+        validate_params(KIND, {"log": "~/x", "markers": ["a"], "fail_on": ["("]})
     assert err.value.key == "fail_on"
     with pytest.raises(ParamError) as err:
-        validate_params(KIND, {"log": "x", "markers": ["a"], "ignore_issues": ["no-such-issue"]})
+        validate_params(KIND, {"log": "/x", "markers": ["a"], "ignore_issues": ["no-such-issue"]})
     assert err.value.key == "ignore_issues"

@@ -43,11 +43,20 @@ def tail_lines(path: Path, count: int = 30, max_bytes: int = 65536) -> list[str]
     return [line for line in lines if line.strip()][-count:]
 
 
-def diagnose(text: str, ignore: Collection[str] = ()) -> str | None:
-    """The known-issues catalog's diagnosis and fix for the earliest issue in `text` (skipping
-    the issue ids in `ignore`), as one hint; None when nothing matches or no catalog ships."""
+def diagnose(text: str, ignore: Collection[str] = ()) -> catalog.Match | None:
+    """The known-issues catalog's earliest issue in `text` (skipping the issue ids in `ignore`):
+    its `.hint` is the diagnosis and fix, its `.line` the line that showed it. None when nothing
+    matches or no catalog ships."""
     try:
         found = catalog.default_catalog().match(text)
     except ConfigError:
         return None
-    return next((m.hint for m in found if m.id not in ignore), None)
+    return next((m for m in found if m.id not in ignore), None)
+
+
+def last_message(lines: list[str]) -> str:
+    """The last line that says something (not a `=====` rule, not our own exit line)."""
+    for line in reversed(lines):
+        if re.search(r"[A-Za-z]", line) and not EXITED_RE.match(line):
+            return line.strip()
+    return ""

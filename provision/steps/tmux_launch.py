@@ -269,8 +269,8 @@ def launch_script(
         lines.append(f"export CUDA_VISIBLE_DEVICES={q(gpus_value(gpus) or '')}")
     lines += [
         "finish() {",
-        f'  printf "%s %s\\n" "$1" {launch} > {tmp} && mv -f {tmp} {status}',
         f'  printf {q(_joblog.EXITED_FORMAT + nl)} {launch} "$1" >> {q(str(log))}',
+        f'  printf "%s %s\\n" "$1" {launch} > {tmp} && mv -f {tmp} {status}',
         '  exit "$1"',
         "}",
         f"cd {q(str(cwd))} 2>> {q(str(log))} || finish 1",
@@ -415,17 +415,19 @@ def _new_session(
 
 def _wait_started(workdir: Path, launch: str, server: Any, session: str, log: Path) -> int:
     """Wait for the script to write its pid file; return the pid. Fails if the job ended first."""
-    deadline = time.time() + _START_TIMEOUT_S
+    deadline = time.monotonic() + _START_TIMEOUT_S
     pid_file = workdir / PID_FILE
-    while time.time() < deadline:
+    while time.monotonic() < deadline:
         fields = _read_fields(pid_file)
         if fields and fields[1:] == [launch] and fields[0].isdigit():
             return int(fields[0])
         rc = _exit_status(workdir, launch)
         if rc is not None:
-            lines = _joblog.tail_lines(log, 5)
-            last = f": {lines[-1]}" if lines else ""
-            raise StepFailed(f"the launch script exited with status {rc} before the job{last}")
+            last = _joblog.last_message(_joblog.tail_lines(log, 5))
+            raise StepFailed(
+                f"the launch script exited with status {rc} before the job"
+                + (f": {last}" if last else "")
+            )
         time.sleep(0.05)
     screen = ""
     with contextlib.suppress(Exception):
@@ -456,8 +458,8 @@ def _stop_session(server: Any, session: str, ctx: StepContext) -> None:
             for pgid in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, sig)
-        deadline = time.time() + _STOP_GRACE_S
-        while time.time() < deadline and any(_group_alive(g) for g in groups):
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
             time.sleep(0.1)
         groups = {g for g in groups if _group_alive(g)}
         if not groups:
@@ -503,9 +505,9 @@ def _job_failed(reason: str, log: Path, ctx: StepContext) -> StepFailed:
         ctx.log(f"last lines of {log}:")
         for line in lines:
             ctx.log(f"  {line}")
-    hint = _joblog.diagnose("\n".join(lines))
-    last = next((x for x in reversed(lines) if not _joblog.EXITED_RE.match(x)), "")
-    return StepFailed(reason + (f": {last}" if last else ""), hint)
+    found = _joblog.diagnose("\n".join(lines))
+    shown = found.line if found is not None else _joblog.last_message(lines)
+    return StepFailed(reason + (f": {shown}" if shown else ""), found.hint if found else None)
 
 
 KIND = TmuxLaunch()

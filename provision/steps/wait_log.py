@@ -187,7 +187,7 @@ class WaitLog(Kind):
     name = "wait_log"
     summary = "wait until a log shows the expected lines, in order"
     params = (
-        Param("log", "path", "the log file to watch", required=True),
+        Param("log", "path", "the log file to watch (absolute or ~/...)", required=True),
         Param("markers", "list", "expected lines in order (regex, or mapping)", required=True),
         Param(
             "fail_on", "list", "regexes that fail the step when seen first", default=[], items="str"
@@ -196,6 +196,8 @@ class WaitLog(Kind):
     )
 
     def validate(self, params: dict[str, Any]) -> None:
+        if not params["log"].startswith(("/", "~")):
+            raise ParamError("'log' must be an absolute path or start with ~", "log")
         parse_markers(params["markers"])
         for pattern in params["fail_on"]:
             try:
@@ -240,14 +242,14 @@ class WaitLog(Kind):
         watch.ignore = ctx.params["ignore_issues"]
         if ctx.deadline is None:
             ctx.deadline = time.time() + DEFAULT_TIMEOUT_S
-        started = time.time()
+        started = time.monotonic()
         watch.report(ctx)
         try:
             ctx.wait_until(lambda: watch.poll(ctx), f"markers in {log}")
         except StepFailed as exc:
             if watch.failed:
                 raise
-            reason = watch.timeout_reason(time.time() - started)
+            reason = watch.timeout_reason(time.monotonic() - started)
             raise StepFailed(reason, watch.timeout_hint()) from exc
         finally:
             watch.close()
@@ -427,10 +429,11 @@ class _Watch:
                 )
 
     def _check_failure(self, line: str) -> None:
-        hint = _joblog.diagnose(line, self.ignore)
-        if hint is not None:
+        found = _joblog.diagnose(line, self.ignore)
+        if found is not None:
             self._fail(
-                f"known failure in {self.log} before {self._waiting()}: {line.strip()}", hint
+                f"known failure in {self.log} before {self._waiting()}: {line.strip()}",
+                found.hint,
             )
         for regex in self.fail_res:
             if regex.search(line):
