@@ -1,0 +1,121 @@
+"""playbooks/openpi-lerobot.yaml end to end over a test sshd box with one stand-in 24 GB GPU:
+openpi from a bare git repo, offline wheels, seed 004's LeRobot dataset on a local rclone remote,
+pi0.5 base from a GCS emulator, and openpi's train.py stand-in (tests/openpi_lerobot_standin.py).
+Every step done, the norm stats as openpi reads them, a second `up` does nothing, and relaunching
+the training over a saved checkpoint resumes it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import gcs_emulator
+import pytest
+import uv as uv_package
+from boxes import Box
+from openpi_lerobot_standin import REPO_ID, build_repo, build_wheels, write_drive
+from project import Project
+
+REPO = Path(__file__).resolve().parent.parent
+PLAYBOOK = str(REPO / "playbooks" / "openpi-lerobot.yaml")
+FAKES = Path(__file__).resolve().parent / "fakes"
+WANDB_KEY = "wandb_v1_" + "L" * 77
+STEPS = {
+    "agent-venv", "preflight", "base-packages", "no-auto-tmux", "clone", "uv-sync", "pi05-config",
+    "register-config", "rclone-config", "dataset", "norm-stats", "ckpt", "config-check",
+    "wandb-netrc", "train-env", "train", "train-started",
+}  # fmt: skip
+
+
+def _up(project: Project, *args: str) -> dict[str, dict]:
+    result = project.cli(*args, "-p", PLAYBOOK, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = project.cli("status", "box1", "-p", PLAYBOOK, "--json")
+    assert status.returncode == 0, status.stderr
+    snap = json.loads(status.stdout.strip().splitlines()[0])
+    assert snap["runner"] == "idle", snap
+    return {s["id"]: s for s in snap["steps"]}
+
+
+@pytest.mark.slow
+def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> None:
+    home = box.home
+    repo = home / "workspace" / "openpi"
+    srv = tmp_path / "srv"
+    wheels = build_wheels(home / "wheels", repo / "src")
+    uv = uv_package.find_uv_bin()
+    origin = build_repo(srv, wheels, uv)
+    drive = write_drive(srv / "drive")
+    # What a GPU box's image sets up: nvidia-smi on PATH (one 24 GB RTX 4090), uv installed.
+    (home / ".bashrc").write_text(f'export PATH="{FAKES}:$PATH" FAKE_NVIDIA_SMI=small\n')
+    (home / ".bootstrap" / "bin").mkdir(parents=True)
+    (home / ".bootstrap" / "bin" / "uv").symlink_to(uv)
+    project.root.mkdir(parents=True)
+    project.secrets = {"WANDB_API_KEY": {"value": WANDB_KEY}}
+
+    with gcs_emulator.in_process() as (_, endpoint):
+        gcs_emulator.upload(endpoint, "openpi-assets", gcs_emulator.pi05_like(4096, 256))
+        project.host_vars = {
+            "agent_base_python": sys.executable,
+            "agent_system_site_packages": True,
+            "repo": str(repo),
+            "data": str(home / "workspace" / "data"),
+            "models": str(home / "workspace" / "models"),
+            "openpi_repo_url": str(origin),
+            "uv_find_links": [str(wheels)],
+            "uv_offline": True,
+            "rclone_remote_type": "local",
+            "dataset_remote_path": str(drive),
+            "rclone_retries": 1,
+            "gcs_endpoint": endpoint,
+            "apt_packages": ["git", "tmux"],
+            "disk_gb": 1,
+            "ram_gb": 1,
+            "num_workers": 1,
+            "checkpoint_gb": 0.1,
+            "wandb_mode": "offline",
+        }
+        first = _up(project, "up", "box1")
+        assert set(first) == STEPS
+        assert {s["status"] for s in first.values()} == {"done"}, first
+
+        second = _up(project, "up", "box1")
+        assert {k: s["started"] for k, s in second.items()} == {
+            k: s["started"] for k, s in first.items()
+        }
+        plan = project.cli("plan", "box1", "-p", PLAYBOOK, "--json")
+        assert plan.returncode == 0, plan.stderr
+        reasons = {s["id"]: s for s in json.loads(plan.stdout)["steps"]}
+        assert not any(s["run"] for s in reasons.values()), reasons
+
+    # The norm stats where openpi reads them, keyed `actions`, from the 31 training episodes.
+    stats_file = repo / "assets" / "pi05_custom" / REPO_ID / "norm_stats.json"
+    stats = json.loads(stats_file.read_text())["norm_stats"]
+    assert set(stats) == {"state", "actions"}
+    for entry in stats.values():
+        assert set(entry) == {"mean", "std", "q01", "q99"} and len(entry["q99"]) == 5
+    warnings = " ".join(first["norm-stats"]["warnings"])
+    assert "dims 0, 1 are constant" in warnings  # the seed's two constant dims surface
+    # The config as rendered and registered; the training got the playbook's environment.
+    assert "_bootstrap_configs" in (repo / "src/openpi/training/config.py").read_text()
+    env = json.loads((repo / "logs" / "jax_env.json").read_text())
+    assert env["argv"] == ["pi05_custom", "--exp_name", "my_experiment"]
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
+    assert env["HF_LEROBOT_HOME"] == str(home / "workspace" / "data" / "lerobot")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["WANDB_MODE"] == "offline" and env["key"]
+    assert env["venv"] == str(repo / ".venv") and env["batch_size"] == 32
+    assert env["action_sequence_keys"] == ["action"]
+    assert env["repack"]["actions"] == "action"
+    log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
+    assert "Step 0: grad_norm=" in log
+
+    # openpi saved step 1000; a relaunch resumes from it (the checkpoint dir decides --resume).
+    (repo / "checkpoints" / "pi05_custom" / "my_experiment" / "1000").mkdir()
+    rerun = project.cli("rerun", "box1", "train", "-p", PLAYBOOK, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    env = json.loads((repo / "logs" / "jax_env.json").read_text())
+    assert env["argv"][-1] == "--resume"
+    log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
+    assert "Restoring checkpoint from step 1000" in log and "Step 1000: grad_norm=" in log
