@@ -1,9 +1,10 @@
 """Stand-ins for what `playbooks/openpi-lerobot.yaml` fetches, small enough for a test.
 
 - `build_wheels`: a wheel directory for an offline uv resolve shaped like openpi's JAX stack:
-  jax 0.5.3, numpy 1.26.4 (`asarray` only), lerobot (wants av >= 14), av 13.1.0 as a wheel and av 14.0.0 as an sdist that cannot
-  build (the seed's ffmpeg 7 trap, fixed by the playbook's override), and `openpi-src`, whose `.pth`
-  puts the checkout's `src/` on the venv's path as uv's editable install of openpi does.
+  jax 0.5.3, numpy 1.26.4 (`asarray` only), lerobot (wants av >= 14), av 13.1.0 as a wheel and
+  av 14.0.0 as an sdist that cannot build (the seed's ffmpeg 7 trap, fixed by the playbook's
+  override), and `openpi-src`, whose `.pth` puts the checkout's `src/` on the venv's path as
+  uv's editable install of openpi does.
 - `build_repo`: openpi as a bare git repository on `main`: pyproject and uv.lock, and under
   `src/openpi/` the modules the rendered pi05_custom config and the playbook's checks import,
   with openpi's names and signatures (dataclasses reject unknown fields, as the real ones do):
