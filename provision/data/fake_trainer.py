@@ -60,6 +60,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="/workspace/data")
     parser.add_argument("--require-venv", action="store_true")
     parser.add_argument("--hold", action="store_true", help="stay alive after the last step")
+    # torch.distributed.launch (torchrun's predecessor) passes the local rank as an argument.
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode is None:
         args.mode = "jax" if args.config_name else "ae"
