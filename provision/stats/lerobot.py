@@ -142,8 +142,8 @@ class LeRobotReader:
         read_columns = [*columns, "episode_index"]
 
         def read(path: Path) -> pa.Table:
-            try:
-                return pq.read_table(path, columns=read_columns)
+            try:  # ParquetFile.read: a fraction of read_table's per-file overhead
+                return pq.ParquetFile(path).read(columns=read_columns, use_threads=False)
             except (OSError, pa.ArrowException) as exc:
                 raise DatasetError(f"cannot read {path}: {exc}") from None
 
