@@ -9,7 +9,8 @@ user can cause raises `DatasetError` (a `ConfigError`) with one line and, often,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,46 +58,26 @@ def stats_command(
     if kind == "rlds":
         if split_file is not None or episodes is not None:
             raise ConfigError("split_file and episodes apply to LeRobot datasets only")
-        reader: Any = RldsReader(root, split)
-        keys = {
-            "action": reader.resolve(action_key or RLDS_DEFAULTS["action"][0]),
-            "state": reader.resolve(state_key or RLDS_DEFAULTS["state"][0]),
-        }
-        where, source, name = reader.version_dir, f"split '{split}'", reader.name
-        stream = reader.episodes(list(dict.fromkeys(keys.values())), progress)
-        inputs = reader.input_files()
-        warnings = []
+        source = _open_rlds(root, split, action_key, state_key, progress)
     else:
-        reader = LeRobotReader(root)
-        keys = {
-            "action": reader.resolve(action_key, LEROBOT_DEFAULTS["action"]),
-            "state": reader.resolve(state_key, LEROBOT_DEFAULTS["state"]),
-        }
-        chosen, source = reader.select(
-            split, Path(split_file).expanduser() if split_file else None, episodes
-        )
-        warnings = _split_warnings(root, split_file, episodes, source, len(chosen))
-        where, name = root, reader.name
-        stream = reader.episodes(list(dict.fromkeys(keys.values())), chosen, progress)
-        inputs = reader.input_files(chosen)
-        if split_file:
-            inputs.append(Path(split_file).expanduser())
-    _check_dims(reader.numeric_fields(), keys, expect, schema)
-    result = compute.compute(compute.gather(stream, keys, action_horizon))
+        source = _open_lerobot(root, split, split_file, episodes, action_key, state_key, progress)
+    _check_dims(source.fields, source.keys, expect, schema)
+    result = compute.compute(compute.gather(source.episodes, source.keys, action_horizon))
     _check_counts(result, expect_samples, expect_episodes)
+    name = dataset_name or source.name
     doc = formats.render(
         schema,
         result.stats,
-        dataset_name=dataset_name or name,
+        dataset_name=name,
         num_samples=result.num_steps,
         num_episodes=result.num_episodes,
     )
     if output:
         jsonfile.write_atomic(Path(output).expanduser(), doc)
     return {
-        "path": str(where),
+        "path": str(source.where),
         "format": kind,
-        "dataset": dataset_name or name,
+        "dataset": name,
         "schema": schema,
         "output": str(Path(output).expanduser()) if output else None,
         "keys": result.keys,
@@ -104,12 +85,77 @@ def stats_command(
         "num_samples": result.num_steps,
         "num_episodes": result.num_episodes,
         "empty_episodes": result.empty_episodes,
-        "episodes_from": source,
-        "warnings": warnings + result.warnings,
+        "episodes_from": source.selection,
+        "warnings": source.warnings + result.warnings,
         "seconds": round(time.monotonic() - started, 3),
-        "inputs": [str(p) for p in inputs],
+        "inputs": [str(p) for p in source.inputs],
         "document": doc,
     }
+
+
+@dataclass
+class _Source:
+    """An opened dataset: chosen keys, the episode stream, and what to report about it."""
+
+    name: str
+    where: Path
+    fields: dict[str, int]
+    keys: dict[str, str]
+    episodes: Iterator[tuple[int, dict[str, Any]]]
+    inputs: list[Path]
+    selection: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _open_rlds(
+    root: Path,
+    split: str,
+    action_key: str | None,
+    state_key: str | None,
+    progress: Callable[..., None] | None,
+) -> _Source:
+    reader = RldsReader(root, split)
+    keys = {
+        "action": reader.resolve(action_key or RLDS_DEFAULTS["action"][0]),
+        "state": reader.resolve(state_key or RLDS_DEFAULTS["state"][0]),
+    }
+    return _Source(
+        name=reader.name,
+        where=reader.version_dir,
+        fields=reader.numeric_fields(),
+        keys=keys,
+        episodes=reader.episodes(list(dict.fromkeys(keys.values())), progress),
+        inputs=reader.input_files(),
+        selection=f"split '{split}'",
+    )
+
+
+def _open_lerobot(
+    root: Path,
+    split: str,
+    split_file: str | None,
+    episodes: Sequence[int] | None,
+    action_key: str | None,
+    state_key: str | None,
+    progress: Callable[..., None] | None,
+) -> _Source:
+    reader = LeRobotReader(root)
+    keys = {
+        "action": reader.resolve(action_key, LEROBOT_DEFAULTS["action"]),
+        "state": reader.resolve(state_key, LEROBOT_DEFAULTS["state"]),
+    }
+    split_path = Path(split_file).expanduser() if split_file else None
+    chosen, selection = reader.select(split, split_path, episodes)
+    return _Source(
+        name=reader.name,
+        where=root,
+        fields=reader.numeric_fields(),
+        keys=keys,
+        episodes=reader.episodes(list(dict.fromkeys(keys.values())), chosen, progress),
+        inputs=reader.input_files(chosen) + ([split_path] if split_path else []),
+        selection=selection,
+        warnings=_split_warnings(root, split_file, episodes, selection, len(chosen)),
+    )
 
 
 def describe_result(result: Mapping[str, Any]) -> list[str]:
