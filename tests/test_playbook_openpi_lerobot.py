@@ -87,10 +87,20 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
         plan = project.cli("plan", "box1", "-p", PLAYBOOK, "--json")
         assert plan.returncode == 0, plan.stderr
         reasons = {s["id"]: s for s in json.loads(plan.stdout)["steps"]}
-        assert not any(s["run"] for s in reasons.values()), reasons
+        assert not [(k, s["reason"]) for k, s in reasons.items() if s["run"]]
+
+        # Lost norm stats: recomputed, checked again, and the training relaunched (its
+        # checkpoint dir exists, so with --resume, which openpi drops while it holds no step).
+        stats_file = repo / "assets" / "pi05_custom" / REPO_ID / "norm_stats.json"
+        stats_file.unlink()
+        third = _up(project, "up", "box1")
+        changed = {k for k in STEPS if third[k]["started"] != first[k]["started"]}
+        assert changed == {"norm-stats", "config-check", "train", "train-started"}
+        log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
+        assert "does not contain any checkpoints. Aborting resume." in log
 
     # The norm stats where openpi reads them, keyed `actions`, from the 31 training episodes.
-    stats_file = repo / "assets" / "pi05_custom" / REPO_ID / "norm_stats.json"
+
     stats = json.loads(stats_file.read_text())["norm_stats"]
     assert set(stats) == {"state", "actions"}
     for entry in stats.values():
@@ -100,7 +110,7 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
     # The config as rendered and registered; the training got the playbook's environment.
     assert "_bootstrap_configs" in (repo / "src/openpi/training/config.py").read_text()
     env = json.loads((repo / "logs" / "jax_env.json").read_text())
-    assert env["argv"] == ["pi05_custom", "--exp_name", "my_experiment"]
+    assert env["argv"] == ["pi05_custom", "--exp_name", "my_experiment", "--resume"]
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
     assert env["HF_LEROBOT_HOME"] == str(home / "workspace" / "data" / "lerobot")
