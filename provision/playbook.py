@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.nativetypes
 
 from provision import dag
 from provision.errors import ConfigError
@@ -48,6 +47,8 @@ TOP_KEYS = ("name", "description", "vars", "steps", "max_parallel")
 _ID = re.compile(r"^[a-z0-9_-]+$")
 _SECRET_REF = re.compile(re.escape(SECRET_MARK).replace(r"\{\}", r"([A-Za-z0-9_]+)"))
 AGENT_VENV_ID = "agent-venv"
+#: Steps with this tag run only when asked for by tag (like Ansible's `never`).
+NEVER_TAG = "never"
 
 
 @dataclass
@@ -172,16 +173,8 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
     needs = _str_list(raw, "needs", err)
     tags = _str_list(raw, "tags", err)
     _str_list(raw, "secrets", err)
-    for key in ("timeout", "estimate"):
-        value = raw.get(key)
-        if value is not None and (not _is_number(value) or value <= 0):
-            raise err(f"'{key}' must be a positive number of seconds", key)
-    retries = raw.get("retries", 0)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise err("'retries' must be a non-negative integer", "retries")
-    poll = raw.get("poll")
-    if poll is not None and (not _is_number(poll) or not 1 <= poll <= MAX_POLL_S):
-        raise err(f"'poll' must be between 1 and {MAX_POLL_S:.0f} seconds", "poll")
+    # A number may also be a `{{ var }}`: it is checked again once rendered (`_numbers`).
+    _numbers({k: raw.get(k) for k in NUMBER_KEYS if not _templated(raw.get(k))}, err)
     env = raw.get("env")
     if env is not None and (
         not isinstance(env, dict)
@@ -192,6 +185,30 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise err(f"'{key}' must be a string", key)
     return Step(step_id, kind_name, raw, raw.line, needs, tags)
+
+
+NUMBER_KEYS = ("timeout", "estimate", "retries", "poll")
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and "{{" in value
+
+
+def _numbers(values: dict[str, Any], err: Any) -> dict[str, Any]:
+    """Check timeout/estimate (seconds > 0), retries (int >= 0), poll (1..30 s)."""
+    for key in ("timeout", "estimate"):
+        value = values.get(key)
+        if value is not None and (not _is_number(value) or value <= 0):
+            raise err(f"'{key}' must be a positive number of seconds", key)
+    retries = values.get("retries")
+    if retries is not None and (
+        not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
+    ):
+        raise err("'retries' must be a non-negative integer", "retries")
+    poll = values.get("poll")
+    if poll is not None and (not _is_number(poll) or not 1 <= poll <= MAX_POLL_S):
+        raise err(f"'poll' must be between 1 and {MAX_POLL_S:.0f} seconds", "poll")
+    return values
 
 
 def _is_number(value: Any) -> bool:
@@ -309,7 +326,6 @@ class _NoSecrets:
 
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-_NATIVE = jinja2.nativetypes.NativeEnvironment(undefined=jinja2.StrictUndefined)
 _SINGLE_EXPR = re.compile(r"^\s*\{\{[^{}]*\}\}\s*$")
 
 
@@ -319,7 +335,10 @@ def _render(text: str, context: dict[str, Any], src: str, step: Step | None) -> 
         return text
     try:
         if _SINGLE_EXPR.match(text):
-            value = _NATIVE.from_string(text).render(context)
+            # The expression's own value: a var "3.10" stays the string "3.10", an int stays
+            # an int (a native render would literal_eval its text and give the float 3.1).
+            expression = text.strip()[2:-2]
+            value = _ENV.compile_expression(expression, undefined_to_none=False)(context)
             if isinstance(value, jinja2.Undefined):
                 str(value)  # raises UndefinedError with the variable's name
             return value
@@ -340,7 +359,12 @@ def _render_tree(value: Any, context: dict[str, Any], src: str, step: Step | Non
     if isinstance(value, list):
         return [_render_tree(v, context, src, step) for v in value]
     if isinstance(value, dict):
-        return {k: _render_tree(v, context, src, step) for k, v in value.items()}
+        return {
+            _render(k, context, src, step) if isinstance(k, str) else k: _render_tree(
+                v, context, src, step
+            )
+            for k, v in value.items()
+        }
     return value
 
 
@@ -410,6 +434,13 @@ def _resolve_step(
     common = {
         k: _render_tree(step.raw.get(k), context, src, step) for k in ("creates", "done_when")
     }
+    numbers = _numbers(
+        {k: _render_tree(step.raw.get(k), context, src, step) for k in NUMBER_KEYS},
+        lambda message, key: ConfigError(
+            message, file=src, line=step.raw.line_of(key), step=step.id
+        ),
+    )
+    numbers["retries"] = numbers["retries"] or 0
     env = {
         k: str(v) for k, v in _render_tree(step.raw.get("env") or {}, context, src, step).items()
     }
@@ -433,13 +464,10 @@ def _resolve_step(
         "needs": list(step.needs),
         "creates": common["creates"],
         "done_when": common["done_when"],
-        "timeout": step.raw.get("timeout"),
-        "retries": step.raw.get("retries", 0),
-        "poll": step.raw.get("poll"),
+        **numbers,
         "env": env,
         "secrets": secrets,
         "tags": list(step.tags),
-        "estimate": step.raw.get("estimate"),
         "line": step.line,
     }
     resolved["fingerprint"] = fingerprint(resolved)
@@ -453,9 +481,13 @@ def fingerprint(step: dict[str, Any]) -> str:
 
 
 def select(book: Playbook, tags: list[str] | None) -> set[str]:
-    """Selected step ids: all, or the tagged ones and everything they need."""
+    """Selected step ids: the tagged ones and everything they need.
+
+    Without tags: every step except those tagged `never` (on-demand steps such as a final
+    `wandb sync`), unless a selected step needs them.
+    """
     if not tags:
-        return {s.id for s in book.steps}
+        return dag.upstream(book.needs, [s.id for s in book.steps if NEVER_TAG not in s.tags])
     known = {t for s in book.steps for t in s.tags}
     unknown = [t for t in tags if t not in known]
     if unknown:

@@ -442,3 +442,37 @@ def test_graph_formats(project: Project) -> None:
     assert "a ==> b" in mermaid.stdout and "a --> c" in mermaid.stdout
     dot = project.cli("graph", "-p", "playbooks/test.yaml", "--format", "dot")
     assert dot.stdout.startswith('digraph "g"')
+
+
+def test_vars_keep_their_types_and_never_tagged_steps_wait_to_be_asked(
+    project: Project, box: Box
+) -> None:
+    project.playbook(
+        """
+        name: typed
+        vars: {version: "3.10", seconds: 30, dir: "~/typed"}
+        steps:
+          - id: write
+            kind: shell
+            timeout: "{{ seconds }}"
+            env: {VERSION: "{{ version }}"}
+            run: mkdir -p {{ dir }}; echo "$VERSION" > {{ dir }}/version
+          - id: on-demand
+            kind: shell
+            tags: [never, sync]
+            needs: [write]
+            run: echo x >> ~/count-sync
+        """
+    )
+    assert project.up("box1").returncode == 0
+    assert (box.home / "typed/version").read_text().strip() == "3.10"
+    steps = project.steps("box1")
+    assert steps["on-demand"]["status"] == "skipped" and count(box, "sync") == 0
+    assert project.up("box1", extra=["--tags", "sync"]).returncode == 0
+    assert count(box, "sync") == 1
+    project.playbook(
+        'name: typed\nvars: {t: "soon"}\nsteps:\n  - {id: a, kind: shell, run: x, timeout: "{{ t }}"}\n'
+    )
+    from project import one_line_error
+
+    assert "'timeout' must be a positive number" in one_line_error(project.up("box1"))
