@@ -99,6 +99,21 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
         log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
         assert "does not contain any checkpoints. Aborting resume." in log
 
+        # A changed training var: the config is rendered, registered (once), checked, relaunched.
+        project.host_vars["batch_size"] = 16
+        fourth = _up(project, "up", "box1")
+        changed = {k for k in STEPS if fourth[k]["started"] != third[k]["started"]}
+        assert changed == {
+            "pi05-config",
+            "register-config",
+            "config-check",
+            "train",
+            "train-started",
+        }
+        config_py = (repo / "src/openpi/training/config.py").read_text()
+        assert config_py.count("_bootstrap_configs.get_configs()") == 1
+        assert json.loads((repo / "logs" / "jax_env.json").read_text())["batch_size"] == 16
+
     # The norm stats where openpi reads them, keyed `actions`, from the 31 training episodes.
 
     stats = json.loads(stats_file.read_text())["norm_stats"]
@@ -108,14 +123,13 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
     warnings = " ".join(first["norm-stats"]["warnings"])
     assert "dims 0, 1 are constant" in warnings  # the seed's two constant dims surface
     # The config as rendered and registered; the training got the playbook's environment.
-    assert "_bootstrap_configs" in (repo / "src/openpi/training/config.py").read_text()
     env = json.loads((repo / "logs" / "jax_env.json").read_text())
     assert env["argv"] == ["pi05_custom", "--exp_name", "my_experiment", "--resume"]
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
     assert env["HF_LEROBOT_HOME"] == str(home / "workspace" / "data" / "lerobot")
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["WANDB_MODE"] == "offline" and env["key"]
-    assert env["venv"] == str(repo / ".venv") and env["batch_size"] == 32
+    assert env["venv"] == str(repo / ".venv")
     assert env["action_sequence_keys"] == ["action"]
     assert env["repack"]["actions"] == "action"
     log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
