@@ -368,7 +368,8 @@ def _graph(playbook: Path | None, fmt: str) -> int:
     from provision.playbook import load_playbook
 
     book = load_playbook(_playbook_path(playbook))
-    needs = book.needs
+    ids = {s.id for s in book.steps}
+    needs = {k: [n for n in v if n in ids] for k, v in book.needs.items()}
     estimate = {s.id: float(s.raw.get("estimate") or 0) for s in book.steps}
     path, total = dag.critical_path(needs, estimate)
     on_path = set(path)
@@ -378,7 +379,7 @@ def _graph(playbook: Path | None, fmt: str) -> int:
         for s in book.steps:
             label = f"{s.id}" + (f" ({estimate[s.id]:.0f}s)" if estimate[s.id] else "")
             lines.append(f'  {s.id.replace("-", "_")}["{label}"]')
-            for n in s.needs:
+            for n in needs[s.id]:
                 arrow = "==>" if n in on_path and s.id in on_path else "-->"
                 lines.append(f"  {n.replace('-', '_')} {arrow} {s.id.replace('-', '_')}")
     elif fmt == "dot":
@@ -387,12 +388,12 @@ def _graph(playbook: Path | None, fmt: str) -> int:
         for s in book.steps:
             style = " style=bold color=red" if s.id in on_path else ""
             lines.append(f'  "{s.id}" [label="{s.id}\\n{s.kind}"{style}];')
-            for n in s.needs:
+            for n in needs[s.id]:
                 lines.append(f'  "{n}" -> "{s.id}";')
         lines.append("}")
     else:
         children = dag.dependents(needs)
-        roots = [s.id for s in book.steps if not s.needs]
+        roots = [s.id for s in book.steps if not needs[s.id]]
         kinds = {s.id: s.kind for s in book.steps}
 
         def walk(node: str, prefix: str, last: bool, seen: set[str]) -> None:

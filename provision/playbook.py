@@ -240,7 +240,7 @@ def _check_graph(steps: list[Step], src: str) -> None:
         seen[step.id] = step
     for step in steps:
         for need in step.needs:
-            if need not in seen:
+            if need not in seen and need != AGENT_VENV_ID:
                 close = difflib.get_close_matches(need, list(seen), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(
@@ -507,10 +507,13 @@ def _agent_venv(
     requirements: set[str] = set()
     for step in steps:
         kind = get_kind(step["kind"])
-        if kind is not None and kind.pip and step["id"] in selected:
+        wants = AGENT_VENV_ID in step["needs"] or (kind is not None and kind.pip)
+        if wants and step["id"] in selected:
             users.append(step)
-            requirements.update(kind.pip)
+            requirements.update(kind.pip if kind is not None else ())
     if not users or context.get("agent_python"):
+        for step in steps:  # an explicit need of the venv is met by the given interpreter
+            step["needs"] = [n for n in step["needs"] if n != AGENT_VENV_ID]
         return None
     local = host.connection == "local"
     params = {
@@ -536,5 +539,6 @@ def _agent_venv(
     }
     step["fingerprint"] = fingerprint(step)
     for user in users:
-        user["needs"] = [AGENT_VENV_ID, *user["needs"]]
+        if AGENT_VENV_ID not in user["needs"]:
+            user["needs"] = [AGENT_VENV_ID, *user["needs"]]
     return step

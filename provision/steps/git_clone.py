@@ -214,7 +214,10 @@ def _clone(ctx: StepContext, git: _Git, dest: Path) -> None:
     if ctx.params["depth"]:
         args += ["--depth", str(ctx.params["depth"])]
     ctx.progress(message="cloning")
-    git.run(*args, "--", ctx.params["repo"], str(dest))
+    repo = ctx.params["repo"]
+    if repo.startswith("~"):
+        repo = os.path.expanduser(repo)  # a path on the box; git itself does not expand ~
+    git.run(*args, "--", repo, str(dest))
 
 
 def _update(ctx: StepContext, git: _Git, dest: Path) -> None:
