@@ -167,7 +167,7 @@ class TmuxLaunch(Kind):
         log.parent.mkdir(parents=True, exist_ok=True)
         launch = uuid.uuid4().hex[:12]
         with _client_environ(ctx):
-            if isinstance(previous, dict) and _still_ours(previous, session, p["socket"]):
+            if isinstance(previous, dict) and _runs_elsewhere(previous, session, p["socket"]):
                 # Renamed or moved since the last launch: that job must not keep the GPUs.
                 old = libtmux.Server(**_socket_kwargs(previous.get("socket")))
                 _stop_session(old, previous["session"], ctx)
@@ -322,7 +322,7 @@ def tmux_attach_command(session: str | None = None, socket: str | None = None) -
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _still_ours(previous: dict[str, Any], session: str, socket: str | None) -> bool:
+def _runs_elsewhere(previous: dict[str, Any], session: str, socket: str | None) -> bool:
     """Whether the previous launch ran elsewhere (another name or server) and still runs."""
     where = (previous["session"], previous.get("socket"))
     if where == (session, socket):
@@ -442,34 +442,38 @@ def _wait_started(workdir: Path, launch: str, server: Any, session: str, log: Pa
 
 
 def _stop_session(server: Any, session: str, ctx: StepContext) -> None:
-    """Kill a session named `session` and wait for its processes to exit (TERM, then KILL)."""
+    """Kill a session named `session` and wait for its processes to exit (TERM, then KILL).
+
+    tmux starts each pane's process in a new Unix session, so the pane's pid is the session id
+    of everything the job started, job-controlled process groups of an interactive shell
+    included. Dead panes (remain-on-exit) are skipped: their pid may belong to someone else now.
+    """
     if not server.has_session(session):
         return
-    listed = server.cmd("list-panes", "-s", "-t", f"={session}", "-F", "#{pane_pid}")
-    groups = set()
-    for line in listed.stdout:
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            groups.add(os.getpgid(int(line)))
-    groups.discard(os.getpgrp())
+    listed = server.cmd("list-panes", "-s", "-t", f"={session}", "-F", "#{pane_dead} #{pane_pid}")
+    sids = {int(pid) for dead, _, pid in (x.partition(" ") for x in listed.stdout) if dead == "0"}
+    sids.discard(os.getsid(0))  # never the session this process runs in
     ctx.log(f"killing the existing tmux session {session}")
     server.cmd("kill-session", "-t", f"={session}")
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            for pgid in groups:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, sig)
+        for pid in _session_members(sids) if sig is not None else ():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + _STOP_GRACE_S
-        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+        while time.monotonic() < deadline and _session_members(sids):
             time.sleep(0.1)
-        groups = {g for g in groups if _group_alive(g)}
-        if not groups:
+        left = _session_members(sids)
+        if not left:
             return
-        ctx.log(f"processes of the old session still run in groups {sorted(groups)}")
+        ctx.log(f"processes of the old session still run: {left}")
     raise StepFailed(f"the old job of tmux session {session} does not exit", "kill it by hand")
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether process group `pgid` has a member that is not a zombie."""
+def _session_members(sids: Collection[int]) -> list[int]:
+    """Pids of the live (not zombie) processes whose Unix session is one of `sids`."""
+    if not sids:
+        return []
+    members = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -478,9 +482,9 @@ def _group_alive(pgid: int) -> bool:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[3]) in sids and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
 
 
 def _read_fields(path: Path) -> list[str]:
