@@ -237,9 +237,13 @@ class WaitLog(Kind):
     def run(self, ctx: StepContext) -> None:
         log = ctx.path(ctx.params["log"])
         (ctx.workdir / SUCCESS_FILE).unlink(missing_ok=True)
-        watch = _Watch(log, parse_markers(ctx.params["markers"]), ctx.workdir)
-        watch.fail_res = [re.compile(p) for p in ctx.params["fail_on"]]
-        watch.ignore = ctx.params["ignore_issues"]
+        watch = _Watch(
+            log,
+            parse_markers(ctx.params["markers"]),
+            ctx.workdir,
+            fail_res=[re.compile(p) for p in ctx.params["fail_on"]],
+            ignore=ctx.params["ignore_issues"],
+        )
         if ctx.deadline is None:
             ctx.deadline = time.time() + DEFAULT_TIMEOUT_S
         started = time.monotonic()
