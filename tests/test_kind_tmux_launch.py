@@ -299,7 +299,10 @@ def test_venv_without_torchrun_fails_before_launching(
 
 
 def test_system_torchrun_trap_is_diagnosed(tmp_path: Path, socket: str, job_dir: Path) -> None:
-    path = f"{FAKE_TORCHRUN.parent}:{os.environ['PATH']}"
+    system = tmp_path / "system-bin"  # python3 here is no venv's, whatever runs pytest
+    system.mkdir()
+    (system / "python3").symlink_to(Path(sys.base_prefix) / "bin" / "python3")
+    path = f"{system}:{FAKE_TORCHRUN.parent}:{os.environ['PATH']}"
     ctx = make_ctx(
         tmp_path, socket, f"torchrun --nproc_per_node=2 {AE} --require-venv", env={"PATH": path}
     )
