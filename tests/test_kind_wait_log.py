@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,7 +63,7 @@ def trainer_output(tmp_path: Path, *args: str, env: dict[str, str] | None = None
 
 
 @pytest.fixture
-def writer() -> Iterator[callable]:
+def writer() -> Iterator[Callable[..., None]]:
     """`write(path, lines, delay)`: append lines to a file from a thread, one per `delay` s."""
     threads: list[threading.Thread] = []
 
