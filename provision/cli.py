@@ -644,9 +644,8 @@ def diagnose(
 
 
 def _attach(target: str, session: str | None, playbook: Path | None, inventory: Path | None) -> int:
-    import shlex
-
     from provision import controller
+    from provision.steps.tmux_launch import tmux_attach_command
 
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
@@ -654,12 +653,7 @@ def _attach(target: str, session: str | None, playbook: Path | None, inventory: 
     if session is None:
         step = _launch_steps(loaded.plans(None, {})[host.name], None)
         session, socket = step["params"]["session"], step["params"].get("socket")
-    tmux = "tmux"
-    if socket:
-        tmux += f" {'-S' if '/' in socket else '-L'} {shlex.quote(socket)}"
-    return controller.interactive(
-        controller.connect(host), f"{tmux} attach -t {shlex.quote(session)}"
-    )
+    return controller.interactive(controller.connect(host), tmux_attach_command(session, socket))
 
 
 @app.command()
