@@ -3,13 +3,20 @@
 Built deterministically (sorted entries, fixed timestamps) so its hash only changes when the
 code does; cached on the controller keyed by the sources' sizes and mtimes. The box keeps the
 hash beside the zipapp, so the agent is shipped only when it differs.
+
+Beside each module goes its bytecode for the controller's interpreter: zipimport never caches
+what it compiles, so without it every agent process on the box (one per step, one per command)
+compiles every module it imports again. A box python with another bytecode version (magic
+number) skips these files and compiles the sources, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
+import marshal
 import os
 import zipfile
 from dataclasses import dataclass
@@ -64,7 +71,7 @@ def _catalog_json(path: Path) -> bytes:
 def build_agent() -> Agent:
     """Build (or reuse from the cache) the agent zipapp."""
     sources = _sources()
-    key = hashlib.sha256()
+    key = hashlib.sha256(importlib.util.MAGIC_NUMBER)
     for path in sources:
         st = path.stat()
         key.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -80,7 +87,10 @@ def build_agent() -> Agent:
             if path.name == "known_issues.yaml":
                 _add(zf, "provision/known_issues.json", _catalog_json(path))
             else:
-                _add(zf, rel, path.read_bytes())
+                source = path.read_bytes()
+                _add(zf, rel, source)
+                if path.suffix == ".py":
+                    _add(zf, rel + "c", _bytecode(source, rel))
     data = buffer.getvalue()
     cache.parent.mkdir(parents=True, exist_ok=True)
     for old in cache.parent.glob("*.pyz"):
@@ -89,6 +99,19 @@ def build_agent() -> Agent:
     tmp.write_bytes(data)
     os.replace(tmp, cache)
     return Agent(data, hashlib.sha256(data).hexdigest())
+
+
+def _bytecode(source: bytes, name: str) -> bytes:
+    """A PEP 552 unchecked hash-based .pyc: the source travels in the same zip, so it cannot
+    go stale, and zipimport loads it without comparing timestamps."""
+    code = compile(source, name, "exec", dont_inherit=True)
+    flags = (0b01).to_bytes(4, "little")  # hash-based, unchecked
+    return (
+        importlib.util.MAGIC_NUMBER
+        + flags
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
 
 
 def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
