@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,18 +71,29 @@ def run_done_when(command: str, ctx: StepContext) -> int:
     cwd = ctx.path(ctx.params.get("cwd") or "~") if isinstance(ctx.params, dict) else None
     if cwd is not None and not cwd.is_dir():
         cwd = None
+    proc = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=cwd,
+        env=ctx.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # wait(timeout) polls with sleeps growing to 50 ms, which a no-op `up` pays per done_when;
+    # a timer that kills lets the blocking wait() return the moment the command exits.
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(DONE_WHEN_TIMEOUT_S, kill)
+    timer.start()
     try:
-        return subprocess.run(
-            ["bash", "-c", command],
-            cwd=cwd,
-            env=ctx.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=DONE_WHEN_TIMEOUT_S,
-        ).returncode
-    except subprocess.TimeoutExpired:
-        return 124
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    return 124 if timed_out.is_set() else rc
 
 
 def decide(
