@@ -43,8 +43,8 @@ if h["len"]:
     if have!=h["sha"] and h["ephemeral"]:
         import tempfile;f=tempfile.NamedTemporaryFile(suffix=".pyz");f.write(d);f.flush();p=f.name
     elif have!=h["sha"]:
-        os.makedirs(r,exist_ok=True);open(p+".tmp","wb").write(d);os.replace(p+".tmp",p)
-        open(s+".tmp","w").write(h["sha"]);os.replace(s+".tmp",s)
+        t=".%d.tmp"%os.getpid();os.makedirs(r,exist_ok=True)
+        open(p+t,"wb").write(d);os.replace(p+t,p);open(s+t,"w").write(h["sha"]);os.replace(s+t,s)
 elif have!=h["sha"] or not os.path.exists(p):
     sys.stdout.write("BOOTSTRAP_NEED_AGENT\n");sys.stdout.flush();sys.exit(3)
 sys.path.insert(0,p)
@@ -123,7 +123,8 @@ def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
     if out.startswith(_CUT_AGENT):
         # The prelude installs nothing it cannot verify: a dropped link leaves the old agent.
         return TargetError(f"{box.name}: the agent upload was cut short; run the command again")
-    if re.search(r"python3?: (command )?not found|No such file", err):
+    # The shell's own words (bash, dash), not any traceback's FileNotFoundError.
+    if re.search(r"python[\d.]*: (command not found|not found|No such file or directory)", err):
         return TargetError(
             f"{box.name}: no python3 on the box (install python3, or set the host var box_python)"
         )
@@ -167,6 +168,7 @@ def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str
         first = True
         need_agent = False
         head = b""  # the prelude's own message, if it refused to start the agent
+        ended = False
         try:
             for raw in iter(proc.stdout.readline, b""):
                 head = raw if first else head
@@ -176,8 +178,11 @@ def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str
                 first = False
                 if raw.startswith(b"{"):
                     yield json.loads(raw)
+            ended = True
         finally:
-            if proc.poll() is None and not need_agent:
+            # At EOF ssh is about to exit with the remote status: wait for it. Terminating it
+            # then would turn a finished command into ssh's 255, read as a dropped connection.
+            if not (ended or need_agent) and proc.poll() is None:
                 proc.terminate()
             proc.wait()
         stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""

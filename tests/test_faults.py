@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 from boxes import Box
-from project import Project, count
+from project import Project, count, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -404,3 +405,313 @@ def test_disk_full_under_the_agent_state_keeps_state_and_logs_readable(
         assert again.returncode == 0, again.stdout + again.stderr
     runs = [(counts / f"count-{n}").read_text().count("x") for n in ("fill", "after", "other")]
     assert runs == [2, 1, 1]
+
+
+# ------------------------------------------------------------------ the box unreachable
+
+LONG = """
+name: away
+steps:
+  - id: first
+    kind: shell
+    run: echo x >> ~/count-first
+  - id: long
+    kind: shell
+    needs: [first]
+    run: echo x >> ~/count-long; sleep {seconds}
+  - id: last
+    kind: shell
+    needs: [long]
+    run: echo x >> ~/count-last
+"""
+
+
+def _timed(fn: Callable[[], subprocess.CompletedProcess]) -> tuple[str, float]:
+    start = time.monotonic()
+    line = one_line_error(fn())
+    return line, time.monotonic() - start
+
+
+def _all_done_on_box(box: Box, run: str) -> bool:
+    recorded = state(box, run)
+    return (
+        bool(recorded["steps"])
+        and recorded.get("runner", {}).get("status") == "idle"
+        and all(rec["status"] == "done" for rec in recorded["steps"].values())
+    )
+
+
+def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
+    project: Project, box: Box
+) -> None:
+    project.playbook(LONG.format(seconds=4))
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: count(box, "long") == 1, what="the long step")
+    box.stop()
+    args = ("-p", "playbooks/test.yaml")
+    line, took = _timed(lambda: project.cli("status", "box1", *args))
+    assert "unreachable" in line and "box1" in line and took < 10, (line, took)
+    line, took = _timed(lambda: project.cli("up", "box1", *args))
+    assert "unreachable" in line and took < 10, (line, took)
+    cut_at = time.time()
+    wait_for(lambda: _all_done_on_box(box, "away"), what="the run to end meanwhile")
+    box.start()
+    snap = project.status("box1")
+    assert snap["runner"] == "idle"
+    steps = {s["id"]: s for s in snap["steps"]}
+    assert [steps[s]["status"] for s in ("first", "long", "last")] == ["done"] * 3
+    assert steps["last"]["ended"] > cut_at, "status shows what ran while the box was away"
+    assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]
+
+
+class Link:
+    """A controller in its own network namespace, reaching a box over a veth pair that can be
+    cut silently: the box side goes down while the namespace keeps a permanent neighbour
+    entry, so packets vanish with no error (no ARP failure, no reset)."""
+
+    _numbers = iter(range(1, 60))
+
+    def __init__(self, box: Box) -> None:
+        n = next(self._numbers)
+        tag = f"{os.getpid() % 10000}x{n}"
+        self.ns, self.outer, self.inner = f"btns{tag}", f"bt{tag}a", f"bt{tag}b"
+        net = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
+        self.box_addr, self.ns_addr = f"{net}.{4 * n + 1}", f"{net}.{4 * n + 2}"
+        self.box = box
+
+    def _ip(self, *args: str, ns: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.ns] if ns else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
+
+    def __enter__(self) -> Link:
+        self._ip("netns", "add", self.ns)
+        self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        self._ip("link", "set", self.inner, "netns", self.ns)
+        self._ip("addr", "add", f"{self.box_addr}/30", "dev", self.outer)
+        self._ip("link", "set", self.outer, "up")
+        self._ip("addr", "add", f"{self.ns_addr}/30", "dev", self.inner, ns=True)
+        self._ip("link", "set", self.inner, "up", ns=True)
+        self._ip("link", "set", "lo", "up", ns=True)
+        mac = Path(f"/sys/class/net/{self.outer}/address").read_text().strip()
+        self._ip("neigh", "replace", self.box_addr, "lladdr", mac, "dev", self.inner,
+                 "nud", "permanent", ns=True)  # fmt: skip
+        # The box's sshd listens on the link's address too.
+        config = self.box.root / "sshd_config"
+        config.write_text(config.read_text() + f"ListenAddress {self.box_addr}:{self.box.port}\n")
+        self.box.stop()
+        self.box.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+    def cut(self) -> None:
+        self._ip("link", "set", self.outer, "down")
+
+    def restore(self) -> None:
+        self._ip("link", "set", self.outer, "up")
+
+    def inventory(self, path: Path) -> Path:
+        entry = dict(self.box.inventory_entry(), host=self.box_addr)
+        path.write_text(json.dumps({"hosts": {"box1": entry}}))
+        return path
+
+    def cli_argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, sys.executable, "-m", "provision.cli", *args]
+
+
+def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(
+    project: Project, box: Box, tmp_path: Path
+) -> None:
+    project.playbook(LONG.format(seconds=8))
+    with Link(box) as link:
+        inventory = link.inventory(tmp_path / "linked.yaml")
+        args = ("-p", "playbooks/test.yaml", "-i", str(inventory))
+
+        def cli(*words: str, timeout: float = 60) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                link.cli_argv(*words, *args), cwd=project.root, env=project.env,
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+
+        # `up` attached, following the run, when the link goes silent.
+        follower = subprocess.Popen(
+            link.cli_argv("up", "box1", *args), cwd=project.root, env=project.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: count(box, "long") == 1, what="the long step")
+            link.cut()
+            cut_at = time.monotonic()
+            out, err = follower.communicate(timeout=30)
+        finally:
+            follower.kill()
+        took = time.monotonic() - cut_at
+        assert follower.returncode == 2 and "unreachable" in err, (out, err)
+        assert took < 12, took
+
+        for command in ("status", "up"):
+            line, took = _timed(lambda command=command: cli(command, "box1"))
+            assert "unreachable" in line and took < 10, (command, line, took)
+
+        wait_for(lambda: _all_done_on_box(box, "away"), what="the run to end meanwhile")
+        link.restore()
+        status = cli("status", "box1", "--json")
+        assert status.returncode == 0, status.stderr
+        steps = {s["id"]: s for s in json.loads(status.stdout)["steps"]}
+        assert [steps[s]["status"] for s in ("first", "long", "last")] == ["done"] * 3
+    assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]
+
+
+# ------------------------------------------------------------------ stubborn steps, races
+
+STUBBORN = """
+name: stubborn
+steps:
+  - id: deaf
+    kind: shell
+    timeout: 2
+    run: |
+      trap '' TERM
+      (trap '' TERM; exec -a bt-deaf-child sleep 300) &
+      (trap '' TERM; exec -a bt-deaf-orphan sleep 300) & disown
+      exec -a bt-deaf-main sleep 300
+  - id: after
+    kind: shell
+    needs: [deaf]
+    run: echo x >> ~/count-after
+  - id: beside
+    kind: shell
+    run: echo x >> ~/count-beside
+"""
+
+
+def test_step_ignoring_sigterm_is_killed_with_its_group_and_leaves_no_orphans(
+    project: Project, box: Box
+) -> None:
+    project.playbook(STUBBORN)
+    start = time.monotonic()
+    result = project.up("box1")
+    took = time.monotonic() - start
+    assert result.returncode == 1, result.stdout + result.stderr
+    # Timeout 2 s, then SIGTERM, ignored, then SIGKILL after the runner's grace period (5 s).
+    assert took < 2 + 5 + 8, took
+    steps = project.steps("box1")
+    assert steps["deaf"]["status"] == "failed" and "timed out after 2s" in steps["deaf"]["reason"]
+    assert steps["after"]["status"] == "blocked" and steps["beside"]["status"] == "done"
+    left = [cmd for _, cmd in box.processes() if "bt-deaf" in cmd]
+    assert left == [], left
+    assert not runners(box, "stubborn")
+
+
+RACE = """
+name: race
+steps:
+  - id: a
+    kind: shell
+    run: {guard}
+  - id: b
+    kind: shell
+    needs: [a]
+    run: {guard}
+  - id: c
+    kind: shell
+    needs: [b]
+    run: {guard}
+"""
+#: Counts each run, and records a violation when the step is already running elsewhere: the
+#: flock is held by the step's processes and released however they end (even by SIGKILL).
+GUARD = (
+    "exec 9>~/lock-$BOOTSTRAP_STEP; flock -n 9 || echo $BOOTSTRAP_STEP >> ~/overlap; "
+    "echo x >> ~/count-$BOOTSTRAP_STEP; sleep 1"
+)
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+class RunnerSampler:
+    """Samples the box's runner processes while two controllers race."""
+
+    def __init__(self, box: Box) -> None:
+        self.box = box
+        self.most = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop:
+            found = runners(self.box, "race")
+            # A runner forking a step shows up twice until the child execs: count the parent.
+            found = [pid for pid in found if _parent(pid) not in found]
+            self.most = max(self.most, len(found))
+            time.sleep(0.01)
+
+    def __enter__(self) -> RunnerSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop = True
+        self.thread.join()
+
+
+def _race(project: Project, *commands: list[str]) -> list[subprocess.CompletedProcess]:
+    procs = [start_cli(project, *cmd, "-p", "playbooks/test.yaml") for cmd in commands]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def test_two_controllers_racing_up_run_one_runner_and_each_step_once(
+    project: Project, box: Box
+) -> None:
+    project.playbook(RACE.format(guard=GUARD))
+    with RunnerSampler(box) as sampler:
+        results = _race(project, ["up", "box1"], ["up", "box1"])
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    assert sampler.most == 1
+    assert [count(box, s) for s in "abc"] == [1, 1, 1]
+    assert not (box.home / "overlap").exists()
+
+
+def test_up_racing_rerun_never_runs_a_step_twice_at_once_and_loses_no_request(
+    project: Project, box: Box
+) -> None:
+    project.playbook(RACE.format(guard=GUARD))
+    assert project.up("box1").returncode == 0
+    for _ in range(3):
+        before = [count(box, s) for s in "abc"]
+        with RunnerSampler(box) as sampler:
+            results = _race(project, ["up", "box1"], ["rerun", "box1", "b"])
+        assert [r.returncode for r in results] == [0, 0], results
+        assert sampler.most <= 1
+        # The rerun happened exactly once, whatever the order: a and its runs are untouched.
+        assert [count(box, s) for s in "abc"] == [before[0], before[1] + 1, before[2] + 1]
+    assert not (box.home / "overlap").exists()
+    assert all(s["status"] == "done" for s in project.status("box1")["steps"])
+
+
+def test_rerun_arriving_as_the_runner_ends_is_not_lost(project: Project, box: Box) -> None:
+    project.playbook(RACE.format(guard=GUARD))
+    assert project.up("box1").returncode == 0
+    for delay in (0.0, 0.3, 0.6, 0.9, 1.2):
+        before = count(box, "c")
+        first = start_cli(project, "rerun", "box1", "c", "-p", "playbooks/test.yaml")
+        # The second rerun lands while the first one's runner is running c or finishing.
+        wait_for(lambda before=before: count(box, "c") > before, what="the first rerun")
+        time.sleep(delay)
+        second = project.cli("rerun", "box1", "c", "-p", "playbooks/test.yaml")
+        first.communicate(timeout=60)
+        assert first.returncode == 0 and second.returncode == 0, second.stderr
+        wait_for(lambda: not runners(box, "race"), what="the runner to end")
+        assert count(box, "c") == before + 2, delay
+    assert not (box.home / "overlap").exists()

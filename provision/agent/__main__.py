@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from provision.agent import report
@@ -28,6 +29,7 @@ from provision.agent.state import (
     RunDir,
     RunLock,
     forget_secrets,
+    load_state,
     runner_active,
     save_state,
     write_secrets,
@@ -63,21 +65,60 @@ def cmd_up(args: argparse.Namespace) -> int:
     if secrets:
         write_secrets(run, secrets)
     reset = payload.get("reset")
+    request = None
     if reset:
-        request = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
-        write_json_atomic(run.requests / f"{time.time_ns()}.json", request)
-    lock = RunLock(run)
-    started = False
-    if lock.acquire():
-        try:
-            started = _start_unless_done(run, lock)
-        finally:
-            lock.release()
+        request = run.requests / f"{time.time_ns()}.json"
+        data = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
+        write_json_atomic(request, data)
+    started = _start_or_attach(run, request)
     if args.detach:
         report.emit("final" if not started else "snapshot", report.snapshot(run))
         return 0
     report.follow(run)
     return 0
+
+
+#: How long `up` keeps trying to hand its rerun request to a runner (see `_start_or_attach`).
+REQUEST_WAIT_S = 60.0
+#: How long a plain `up` retries a lock held for a moment (a status probe, another `up`).
+LOCK_RETRY_S = 1.0
+
+
+def _start_or_attach(run: RunDir, request: Path | None) -> bool:
+    """Start a runner unless one is running; True when this call started one.
+
+    The lock can be busy without a runner that will act: a status probe holds it shared for a
+    moment, another `up` holds it while it decides, a runner holds it while it exits after its
+    last look at the requests. So a rerun request is waited on until a runner took it (its
+    file is gone) or the lock is ours; a plain `up` attaches to a live runner, and otherwise
+    retries the lock for a moment.
+    """
+    lock = RunLock(run)
+    start = time.time()
+    while True:
+        if lock.acquire():
+            try:
+                return _start_unless_done(run, lock)
+            finally:
+                lock.release()
+        waited = time.time() - start
+        if request is not None and (not request.exists() or waited > REQUEST_WAIT_S):
+            return False
+        if request is None and (_runner_alive(run) or waited > LOCK_RETRY_S):
+            return False
+        time.sleep(0.05)
+
+
+def _runner_alive(run: RunDir) -> bool:
+    """Whether the state names a running runner whose process exists."""
+    runner = load_state(run).get("runner") or {}
+    if runner.get("status") != "running" or not runner.get("pid"):
+        return False
+    try:
+        os.kill(int(runner["pid"]), 0)
+    except OSError:
+        return False
+    return True
 
 
 def _start_unless_done(run: RunDir, lock: RunLock) -> bool:

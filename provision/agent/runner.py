@@ -453,7 +453,8 @@ class Runner:
         except FileNotFoundError:
             return False
         changed = False
-        for name in names:
+        # `.NAME.PID.tmp` is a request still being written: taking it would break its rename.
+        for name in (n for n in names if not n.startswith(".")):
             path = self.run.requests / name
             request = read_json(path, {})
             path.unlink(missing_ok=True)

@@ -152,7 +152,7 @@ def record(state: dict[str, Any], step_id: str) -> dict[str, Any]:
 
 def write_secrets(run: RunDir, secrets: dict[str, str]) -> None:
     """Store secret values for the runner, readable by the box user only."""
-    tmp = run.secrets.with_name(".secrets.json.tmp")
+    tmp = run.secrets.with_name(f".secrets.json.{os.getpid()}.tmp")  # two `up`s may race
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(secrets, fh)

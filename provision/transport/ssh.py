@@ -128,8 +128,10 @@ def connection_error(host: Host, stderr: str) -> TargetError:
     for fragment in _UNREACHABLE:
         if fragment in stderr:
             return TargetError(f"{host.name}: unreachable ({host.address}): {fragment.lower()}")
-    last = text[-200:] if text else "ssh failed"
-    return TargetError(f"{host.name}: ssh to {host.address} failed: {last}")
+    if not text:
+        # ssh reports a dead link ("Timeout, server not responding") below LogLevel=ERROR.
+        return TargetError(f"{host.name}: unreachable ({host.address}): the connection was lost")
+    return TargetError(f"{host.name}: ssh to {host.address} failed: {text[-200:]}")
 
 
 def _forget_arg(host: Host) -> str:
