@@ -254,9 +254,7 @@ def test_killing_the_controller_does_not_stop_the_run(project: Project, box: Box
     assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]
 
 
-RESUMABLE = SLOW.replace(
-    "sleep 3;", 'test "$(wc -l < ~/count-long)" -ge 2 || sleep 60;'
-)
+RESUMABLE = SLOW.replace("sleep 3;", 'test "$(wc -l < ~/count-long)" -ge 2 || sleep 60;')
 
 
 def test_runner_killed_mid_step_resumes_without_redoing_finished_steps(

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,13 +17,11 @@ from typing import Any
 
 import gcs_emulator
 import pytest
-import yaml
 
 from provision.errors import StepFailed
 from provision.steps.base import ParamError, StepContext, read_json, validate_params
 from provision.steps.gcs_download import KIND
 
-COMMON_KEYS = {"id", "kind", "needs", "creates", "done_when", "timeout", "retries", "poll", "env"}
 BIG = 9 * (1 << 20)  # over 8 MiB, and over `chunked_above_mib: 4`: fetched in ranges
 PARAMS = "pi05_base/params/"
 
@@ -340,15 +336,3 @@ def test_bad_params_name_their_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ParamError) as err:
         validate_params(KIND, raw)
     assert err.value.key == key
-
-
-def test_docstring_example_validates() -> None:
-    doc = importlib.import_module("provision.steps.gcs_download").__doc__ or ""
-    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
-    (step,) = yaml.safe_load(block)
-    assert step["kind"] == "gcs_download"
-    params = validate_params(KIND, {k: v for k, v in step.items() if k not in COMMON_KEYS})
-    assert KIND.describe(params) == (
-        "download gs://openpi-assets/checkpoints/pi05_base -> /workspace/models/pi05_base_jax"
-        " (16 workers)"
-    )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
 
 import pytest
-import yaml
 from gpu_fake import fake_env, use_fake_gpus
 
 from provision.errors import StepFailed
@@ -173,14 +171,3 @@ def test_bad_params(params: dict, key: str) -> None:
     with pytest.raises(ParamError) as err:
         validate_params(KIND, params)
     assert err.value.key == key
-
-
-def test_docstring_example_validates() -> None:
-    doc = importlib.import_module("provision.steps.preflight").__doc__ or ""
-    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
-    (step,) = yaml.safe_load(block)
-    params = validate_params(KIND, {k: v for k, v in step.items() if k not in ("id", "kind")})
-    assert KIND.describe(params) == (
-        "check the box has 2 GPU(s) >= 90 GB, 60 GB on /workspace, "
-        "3 checkpoints in /workspace/openpi/checkpoints, 8 workers"
-    )

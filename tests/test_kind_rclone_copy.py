@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from provision.errors import StepFailed
 from provision.steps.base import ParamError, StepContext, read_json, validate_params
@@ -26,7 +24,6 @@ pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "rclone"], capture_output=True).returncode != 0,
     reason="rclone is not installed (apt-get install -y rclone)",
 )
-COMMON_KEYS = {"id", "kind", "needs", "creates", "done_when", "timeout", "retries", "poll", "env"}
 
 
 def make_tree(root: Path, files: dict[str, int]) -> None:
@@ -316,15 +313,3 @@ def test_bad_params_name_their_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ParamError) as err:
         validate_params(KIND, raw)
     assert err.value.key == key
-
-
-def test_docstring_example_validates() -> None:
-    doc = importlib.import_module("provision.steps.rclone_copy").__doc__ or ""
-    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
-    (step,) = yaml.safe_load(block)
-    assert step["kind"] == "rclone_copy"
-    params = validate_params(KIND, {k: v for k, v in step.items() if k not in COMMON_KEYS})
-    assert KIND.describe(params) == (
-        "rclone copy gg1:dissert_ntu/libero/libero_object_no_noops/ -> "
-        "/workspace/data/libero/libero_object_no_noops (8 transfers)"
-    )

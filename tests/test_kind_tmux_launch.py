@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -17,12 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from provision.errors import StepFailed
 from provision.steps import tmux_launch
 from provision.steps.base import ParamError, StepContext, validate_params
-from provision.steps.registry import get_kind
 from provision.steps.tmux_launch import KIND
 from provision.steps.wait_log import KIND as WAIT_LOG
 
@@ -30,10 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
 FAKE_TORCHRUN = REPO / "tests" / "fakes" / "torchrun"
 AE = f"{TRAINER} --mode ae --config configs/ae.yaml --startup-sleep 0"
-COMMON_KEYS = {
-    "id", "kind", "needs", "creates", "done_when", "timeout", "retries", "poll", "env",
-    "secrets", "tags", "estimate",
-}  # fmt: skip
 
 
 @pytest.fixture
@@ -466,18 +458,6 @@ def test_attach_command() -> None:
         "tmux -u -S '/tmp/x y/sock' attach-session -t =s"
     )
     assert tmux_launch.tmux_attach_command("s", "work") == "tmux -u -L work attach-session -t =s"
-
-
-@pytest.mark.parametrize("name", ["tmux_launch", "wait_log"])
-def test_docstring_example_validates(name: str) -> None:
-    kind = get_kind(name)
-    assert kind is not None
-    doc = importlib.import_module(f"provision.steps.{name}").__doc__ or ""
-    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
-    (step,) = yaml.safe_load(block)
-    assert step["kind"] == name
-    params = validate_params(kind, {k: v for k, v in step.items() if k not in COMMON_KEYS})
-    assert kind.describe(params)
 
 
 E2E_PLAYBOOK = """

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from boxes import Box
 from project import Project
 
@@ -21,20 +18,6 @@ from provision.stats import samples
 from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.dataset_stats import KIND
 
-COMMON_KEYS = {
-    "id",
-    "kind",
-    "needs",
-    "creates",
-    "done_when",
-    "timeout",
-    "retries",
-    "poll",
-    "env",
-    "secrets",
-    "tags",
-    "estimate",
-}
 WP = {"episodes": 12, "steps": 240, "shards": 4, "image_bytes": 32}
 
 
@@ -50,16 +33,6 @@ def _ctx(tmp_path: Path, **params: Any) -> StepContext:
 @pytest.fixture
 def wp(tmp_path: Path) -> Path:
     return Path(samples.write_preset(tmp_path / "wp", "libero_wp", WP)["path"])
-
-
-def test_docstring_example_validates() -> None:
-    doc = importlib.import_module("provision.steps.dataset_stats").__doc__ or ""
-    (block,) = re.findall(r"```yaml\n(.*?)```", doc, re.S)
-    steps = yaml.safe_load(block)
-    assert [s["id"] for s in steps] == ["stats-ae", "stats-vlm", "norm-stats"]
-    for step in steps:
-        params = validate_params(KIND, {k: v for k, v in step.items() if k not in COMMON_KEYS})
-        assert KIND.describe(params).startswith("statistics of ")
 
 
 @pytest.mark.parametrize(

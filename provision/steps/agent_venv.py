@@ -6,7 +6,7 @@ host var `agent_python` to use an existing interpreter instead, or `agent_base_p
 `agent_system_site_packages: true`) to build the venv on an interpreter that already has them.
 
 ```yaml
-- id: agent-venv
+- id: libs-venv   # (the implicit step is called agent-venv)
   kind: agent_venv
   requirements: [google-cloud-storage, rclone-python]
 ```
