@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import hashlib
 import json
 import os
 import subprocess
@@ -348,6 +349,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """sha256 of a file's bytes (read in 1 MiB blocks), or None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def read_json(path: Path, default: Any) -> Any:

@@ -58,7 +58,6 @@ Example (RUNBOOK A stats-ae and stats-vlm; B's openpi norm stats from the traini
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -74,6 +73,7 @@ from provision.steps.base import (
     Param,
     ParamError,
     StepContext,
+    file_sha256,
     read_json,
     write_json_atomic,
 )
@@ -170,7 +170,7 @@ class DatasetStats(Kind):
         marker = read_json(ctx.workdir / _MARKER, None)
         if not isinstance(marker, dict) or marker.get("output") != str(output):
             return Check(False, f"{output} was not computed by this step")
-        if _sha256(output) != marker.get("output_sha256"):
+        if file_sha256(output) != marker.get("output_sha256"):
             return Check(False, f"{output} changed since it was computed")
         changed = _changed_inputs(marker.get("inputs", {}))
         if changed:
@@ -219,7 +219,7 @@ class DatasetStats(Kind):
             ctx.workdir / _MARKER,
             {
                 "output": str(output),
-                "output_sha256": _sha256(output),
+                "output_sha256": file_sha256(output),
                 "inputs": _fingerprint(result["inputs"]),
                 "num_samples": result["num_samples"],
                 "num_episodes": result["num_episodes"],
@@ -250,19 +250,8 @@ class DatasetStats(Kind):
             problems.append(f"dataset name '{summary.dataset_name}', expected {p['dataset_name']}")
         if problems:
             raise StepFailed(f"{output}: {'; '.join(problems)}")
-        if _sha256(output) != marker.get("output_sha256"):
+        if file_sha256(output) != marker.get("output_sha256"):
             raise StepFailed(f"{output} is not the file this step wrote")
-
-
-def _sha256(path: os.PathLike[str]) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def _fingerprint(paths: list[str]) -> dict[str, list[int]]:

@@ -27,7 +27,6 @@ Example (RUNBOOK A, patch):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ from provision.steps.base import (
     Param,
     ParamError,
     StepContext,
+    file_sha256,
     read_json,
     write_json_atomic,
 )
@@ -95,7 +95,7 @@ class PatchTree(Kind):
         except StepFailed as exc:
             return Check(False, exc.reason)
         files = source_files(src)
-        differ = [rel for rel in files if _digest(src / rel) != _digest(target / rel)]
+        differ = [rel for rel in files if file_sha256(src / rel) != file_sha256(target / rel)]
         if differ:
             return Check(
                 False, f"{len(differ)} of {len(files)} files differ in {target}: {differ[0]}"
@@ -192,17 +192,6 @@ def replace_file(src: Path, dest: Path) -> bool:
         tmp.unlink(missing_ok=True)
         raise
     return was_linked
-
-
-def _digest(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 KIND = PatchTree()

@@ -46,6 +46,7 @@ from provision.steps.base import (
     ParamError,
     ResolveTools,
     StepContext,
+    file_sha256,
     read_json,
     write_json_atomic,
 )
@@ -112,7 +113,7 @@ class Template(Kind):
         want = _wanted_digest(ctx)
         if want is None:
             return Check(False, f"{dest} not written by this step yet")
-        if _file_digest(dest) != want:
+        if file_sha256(dest) != want:
             return Check(False, f"{dest} differs from the rendered content")
         return Check(True, f"{dest} has the rendered content, mode {mode:04o}")
 
@@ -203,17 +204,6 @@ def _mode(params: dict[str, Any]) -> int:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_digest(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 KIND = Template()
