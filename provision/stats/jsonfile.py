@@ -24,17 +24,20 @@ def load(path: Path, *, allow_list: bool = False) -> Any:
     return data
 
 
-def write_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
+def write_atomic(
+    path: Path, data: Any, *, indent: int | None = 2, sort_keys: bool = False, newline: bool = True
+) -> None:
     """Write `data` as JSON via a temp file, fsync and rename: readers never see half a file.
 
-    Keys keep their insertion order (the statistics files list mean, std, q01, q99, ...).
+    Keys keep their insertion order (the statistics files list mean, std, q01, q99, ...) unless
+    `sort_keys`; `newline=False` leaves out the final newline (TFDS writes none).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=indent)
-            fh.write("\n")
+            json.dump(data, fh, indent=indent, sort_keys=sort_keys)
+            fh.write("\n" if newline else "")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
