@@ -18,6 +18,7 @@ import io
 import json
 import marshal
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,8 @@ def build_agent() -> Agent:
     cache.parent.mkdir(parents=True, exist_ok=True)
     for old in cache.parent.glob("*.pyz"):
         old.unlink(missing_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    # Unique per process and thread: the boxes of a fleet build it at once on a fresh cache.
+    tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, cache)
     return Agent(data, hashlib.sha256(data).hexdigest())

@@ -47,6 +47,14 @@ TagsOpt = Annotated[
 VarsOpt = Annotated[
     list[str] | None, typer.Option("--var", "-e", help="extra var NAME=VALUE (highest precedence)")
 ]
+AuthWaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--auth-wait",
+        min=0,
+        help="seconds to keep retrying a refused ssh key (a new vast.ai box installs it late)",
+    ),
+]
 KeyOpt = Annotated[
     bool,
     typer.Option("--accept-new-host-key", help="forget a changed host key and trust the new one"),
@@ -128,9 +136,13 @@ def _redactor(values: list[str]) -> Any:
 
 
 def _each_box(
-    hosts: list[Any], work: Any, accept_new: bool = False
+    hosts: list[Any], work: Any, accept_new: bool = False, auth_wait: float = 0.0
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run `work(box)` for every host in parallel; returns results and one-line errors."""
+    """Run `work(box)` for every host in parallel; returns results and one-line errors.
+
+    Each box is on its own: whatever goes wrong with one is reported for it, and the others
+    carry on (a bug hit by one box included, rather than dropping it from the summary).
+    """
     from provision.controller import connect
 
     results: dict[str, Any] = {}
@@ -138,9 +150,11 @@ def _each_box(
 
     def one(host: Any) -> None:
         try:
-            results[host.name] = work(connect(host, accept_new))
+            results[host.name] = work(connect(host, accept_new, auth_wait))
         except ProvisionError as exc:
             errors[host.name] = str(exc)
+        except Exception as exc:
+            errors[host.name] = f"{host.name}: internal error: {type(exc).__name__}: {exc}"
 
     threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
     for t in threads:
@@ -169,6 +183,7 @@ def _run_up(
     variables: list[str] | None,
     detach: bool,
     accept_new: bool,
+    auth_wait: float,
     reset: dict[str, Any] | None = None,
 ) -> int:
     from provision import console, controller
@@ -191,6 +206,7 @@ def _run_up(
                 on_snapshot=view.update,
             ),
             accept_new,
+            auth_wait,
         )
     if detach:
         for host in finals:
@@ -226,15 +242,17 @@ def up(
         bool, typer.Option("--detach", "-d", help="start and return at once")
     ] = False,
     accept_new_host_key: KeyOpt = False,
+    auth_wait: AuthWaitOpt = 60.0,
 ) -> None:
     """Run the playbook on the targets (on the box: closing the laptop does not stop it)."""
-    _guard(_run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key)
+    _guard(_run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait)
 
 
 @app.command()
 def rerun(
-    target: Annotated[str, typer.Argument(help="host")],
-    step: Annotated[str, typer.Argument(help="step id")],
+    targets_and_step: Annotated[
+        list[str], typer.Argument(metavar="TARGET... STEP", help="hosts or groups, then a step id")
+    ],
     only: Annotated[
         bool, typer.Option("--only", help="rerun just STEP, not what depends on it")
     ] = False,
@@ -244,10 +262,17 @@ def rerun(
     var: VarsOpt = None,
     detach: Annotated[bool, typer.Option("--detach", "-d")] = False,
     accept_new_host_key: KeyOpt = False,
+    auth_wait: AuthWaitOpt = 60.0,
 ) -> None:
-    """Mark STEP (and everything downstream) pending and run again."""
+    """Mark STEP (and everything downstream) pending on each target and run again."""
+    if len(targets_and_step) < 2:
+        fail("rerun needs a target and a step: bootstrap rerun TARGET... STEP")
+    *targets, step = targets_and_step
     reset = {"step": step, "only": only}
-    _guard(_run_up, [target], playbook, inventory, tags, var, detach, accept_new_host_key, reset)
+    _guard(
+        _run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait,
+        reset,
+    )  # fmt: skip
 
 
 def _status(
@@ -258,6 +283,7 @@ def _status(
     watch: bool,
     interval: float,
     lines: int,
+    auth_wait: float,
 ) -> int:
     import time
 
@@ -267,7 +293,9 @@ def _status(
     run = loaded.book.name if playbook is not None else None
     out = console.Out()
     while True:
-        snaps, errors = _each_box(loaded.hosts, lambda box: controller.status(box, run, lines))
+        snaps, errors = _each_box(
+            loaded.hosts, lambda box: controller.status(box, run, lines), auth_wait=auth_wait
+        )
         ordered = [snaps[h.name] for h in loaded.hosts if h.name in snaps]
         if as_json:
             for snap in ordered:
@@ -294,9 +322,10 @@ def status(
         float, typer.Option("--interval", min=1, max=30, help="seconds between refreshes")
     ] = 2.0,
     lines: Annotated[int, typer.Option("--lines", "-n", help="log lines per step")] = 10,
+    auth_wait: AuthWaitOpt = 0.0,
 ) -> None:
     """Show every step of the run on the targets (one SSH round trip each)."""
-    _guard(_status, targets, playbook, inventory, as_json, watch, interval, lines)
+    _guard(_status, targets, playbook, inventory, as_json, watch, interval, lines, auth_wait)
 
 
 def _logs(

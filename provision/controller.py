@@ -69,15 +69,16 @@ class Box:
         return self.host.name
 
 
-def connect(host: Host, accept_new_host_key: bool = False) -> Box:
-    """The Box for a host (no connection is made yet)."""
+def connect(host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.0) -> Box:
+    """The Box for a host (no connection is made yet); `auth_wait`: seconds to keep retrying
+    a refused key (a new vast.ai box installs it a little after it answers)."""
     if host.connection == "local":
         from provision.transport.local import LocalTransport
 
         return Box(host, LocalTransport(host.name))
     from provision.transport.ssh import SSHTransport
 
-    return Box(host, SSHTransport(host, accept_new_host_key))
+    return Box(host, SSHTransport(host, accept_new_host_key, auth_wait))
 
 
 # ------------------------------------------------------------------------------ agent shipping

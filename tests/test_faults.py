@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from boxes import Box
+from netlink import Link
 from project import Project, count, one_line_error
 
 pytestmark = pytest.mark.slow
@@ -462,63 +463,6 @@ def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
     assert [steps[s]["status"] for s in ("first", "long", "last")] == ["done"] * 3
     assert steps["last"]["ended"] > cut_at, "status shows what ran while the box was away"
     assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]
-
-
-class Link:
-    """A controller in its own network namespace, reaching a box over a veth pair that can be
-    cut silently: the box side goes down while the namespace keeps a permanent neighbour
-    entry, so packets vanish with no error (no ARP failure, no reset)."""
-
-    _numbers = iter(range(1, 60))
-
-    def __init__(self, box: Box) -> None:
-        n = next(self._numbers)
-        tag = f"{os.getpid() % 10000}x{n}"
-        self.ns, self.outer, self.inner = f"btns{tag}", f"bt{tag}a", f"bt{tag}b"
-        net = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
-        self.box_addr, self.ns_addr = f"{net}.{4 * n + 1}", f"{net}.{4 * n + 2}"
-        self.box = box
-
-    def _ip(self, *args: str, ns: bool = False) -> None:
-        prefix = ["ip", "netns", "exec", self.ns] if ns else []
-        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
-
-    def __enter__(self) -> Link:
-        self._ip("netns", "add", self.ns)
-        self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
-        self._ip("link", "set", self.inner, "netns", self.ns)
-        self._ip("addr", "add", f"{self.box_addr}/30", "dev", self.outer)
-        self._ip("link", "set", self.outer, "up")
-        self._ip("addr", "add", f"{self.ns_addr}/30", "dev", self.inner, ns=True)
-        self._ip("link", "set", self.inner, "up", ns=True)
-        self._ip("link", "set", "lo", "up", ns=True)
-        mac = Path(f"/sys/class/net/{self.outer}/address").read_text().strip()
-        self._ip("neigh", "replace", self.box_addr, "lladdr", mac, "dev", self.inner,
-                 "nud", "permanent", ns=True)  # fmt: skip
-        # The box's sshd listens on the link's address too.
-        config = self.box.root / "sshd_config"
-        config.write_text(config.read_text() + f"ListenAddress {self.box_addr}:{self.box.port}\n")
-        self.box.stop()
-        self.box.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-
-    def cut(self) -> None:
-        self._ip("link", "set", self.outer, "down")
-
-    def restore(self) -> None:
-        self._ip("link", "set", self.outer, "up")
-
-    def inventory(self, path: Path) -> Path:
-        entry = dict(self.box.inventory_entry(), host=self.box_addr)
-        path.write_text(json.dumps({"hosts": {"box1": entry}}))
-        return path
-
-    def cli_argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, sys.executable, "-m", "provision.cli", *args]
 
 
 def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(

@@ -6,13 +6,19 @@
 - ControlMaster keeps one connection per box for 60 s, so follow-up commands cost one channel
   open instead of a handshake.
 - BatchMode: never a password prompt; the user's ~/.ssh/config (aliases, IdentityFile,
-  ProxyJump) still applies.
+  ProxyJump) still applies, and messages name the address and keys ssh really used (`ssh -G`).
+- An authentication failure is retried with backoff for `auth_wait` seconds (a new vast.ai box
+  installs the user's key a little after it accepts connections), then explained.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import subprocess
+import time
+from dataclasses import dataclass
 
 from provision.errors import HostKeyError, TargetError
 from provision.home import control_dir, known_hosts
@@ -35,12 +41,28 @@ _UNREACHABLE = (
 )
 
 
+#: Options for every ssh bootstrap runs (the jump host's included).
+_OPTIONS = (
+    "-o", "BatchMode=yes",
+    "-o", "StrictHostKeyChecking=accept-new",
+    "-o", "ConnectTimeout=5",
+    "-o", "ServerAliveInterval=2",
+    "-o", "ServerAliveCountMax=3",
+    "-o", "LogLevel=ERROR",
+)  # fmt: skip
+
+
 class SSHTransport:
     """A box reached over SSH."""
 
-    def __init__(self, host: Host, accept_new_host_key: bool = False) -> None:
+    def __init__(
+        self, host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.0
+    ) -> None:
         self.host = host
         self.name = host.name
+        self.auth_wait = auth_wait
+        self._authenticated = False
+        self._proxy: list[str] | None = None
         if accept_new_host_key:
             forget_host_key(host)
 
@@ -48,17 +70,15 @@ class SSHTransport:
         h = self.host
         argv = [
             "ssh",
-            "-o", "BatchMode=yes",
+            *_OPTIONS,
             "-o", f"UserKnownHostsFile={known_hosts()}",
-            "-o", "StrictHostKeyChecking=accept-new",
-            "-o", "ConnectTimeout=5",
-            "-o", "ServerAliveInterval=2",
-            "-o", "ServerAliveCountMax=3",
             "-o", "ControlMaster=auto",
             "-o", f"ControlPath={control_dir()}/%C",
             "-o", "ControlPersist=60",
-            "-o", "LogLevel=ERROR",
         ]  # fmt: skip
+        if self._proxy is None:
+            self._proxy = _proxy_command(effective(h).jump)
+        argv += self._proxy
         argv.append("-t" if tty else "-T")
         if h.port:
             argv += ["-p", str(h.port)]
@@ -71,20 +91,30 @@ class SSHTransport:
         return argv
 
     def run(self, command: str, stdin: bytes = b"", timeout: float = 60) -> Result:
-        try:
-            proc = subprocess.run(
-                [*self.base_argv(), command], input=stdin, capture_output=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            raise TargetError(
-                f"{self.name}: unreachable (no answer within {timeout:.0f}s)"
-            ) from None
-        stderr = proc.stderr.decode("utf-8", "replace")
-        if proc.returncode == 255:
-            raise connection_error(self.host, stderr)
-        return Result(proc.returncode, proc.stdout, stderr)
+        start = time.monotonic()
+        delay = 1.0
+        while True:
+            try:
+                proc = subprocess.run(
+                    [*self.base_argv(), command], input=stdin, capture_output=True, timeout=timeout
+                )
+            except subprocess.TimeoutExpired:
+                raise TargetError(
+                    f"{self.name}: unreachable (no answer within {timeout:.0f}s)"
+                ) from None
+            stderr = proc.stderr.decode("utf-8", "replace")
+            if proc.returncode != 255:
+                self._authenticated = True
+                return Result(proc.returncode, proc.stdout, stderr)
+            waited = time.monotonic() - start
+            if not _auth_failed(stderr) or waited >= self.auth_wait:
+                raise connection_error(self.host, stderr, waited if self.auth_wait else None)
+            time.sleep(min(delay, self.auth_wait - waited))
+            delay = min(delay * 2, 10.0)
 
     def stream(self, command: str, stdin: bytes = b"") -> subprocess.Popen[bytes]:
+        if self.auth_wait and not self._authenticated:
+            self.run("true", timeout=30)  # waits out a key still being installed
         proc = subprocess.Popen(
             [*self.base_argv(), command],
             stdin=subprocess.PIPE,
@@ -107,23 +137,29 @@ class SSHTransport:
         return [*self.base_argv(tty=True), command]
 
 
-def connection_error(host: Host, stderr: str) -> TargetError:
-    """The one-line error for an ssh failure (exit 255)."""
+def _auth_failed(stderr: str) -> bool:
+    return "Permission denied" in stderr
+
+
+def connection_error(host: Host, stderr: str, waited: float | None = None) -> TargetError:
+    """The one-line error for an ssh failure (exit 255); `waited`: seconds auth was retried."""
     text = " ".join(stderr.split())
     if (
         "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr
         or "Host key verification failed" in stderr
     ):
+        real = effective(host)
         return HostKeyError(
             f"{host.name}: the host key of {host.address} changed since it was first trusted "
-            f"(vast.ai reuses addresses). If the box was replaced, run: bootstrap forget {_forget_arg(host)} "
-            "(or pass --accept-new-host-key)"
+            f"(vast.ai reuses addresses). If the box was replaced, run: bootstrap forget "
+            f"{real.address}:{real.port} (or pass --accept-new-host-key)"
         )
-    if "Permission denied" in stderr:
-        key = host.key or "your default ssh keys"
+    if _auth_failed(stderr):
+        tried = f" (tried for {waited:.0f}s)" if waited is not None else ""
         return TargetError(
-            f"{host.name}: authentication failed for {host.address} with {key} "
-            "(a new vast.ai box may still be installing your key: retry in a minute)"
+            f"{host.name}: authentication failed for {host.address} with {_keys(host)}{tried}; "
+            "a new vast.ai box may still be installing your key: retry in a minute, or give "
+            "`up --auth-wait SECONDS`"
         )
     for fragment in _UNREACHABLE:
         if fragment in stderr:
@@ -134,13 +170,70 @@ def connection_error(host: Host, stderr: str) -> TargetError:
     return TargetError(f"{host.name}: ssh to {host.address} failed: {text[-200:]}")
 
 
-def _forget_arg(host: Host) -> str:
-    return f"{host.host}:{host.port}" if host.port else str(host.host)
+@dataclass(frozen=True)
+class Effective:
+    """What ssh really uses for a host after ~/.ssh/config."""
+
+    address: str  # the name its key is trusted under (HostKeyAlias, else HostName)
+    port: int
+    keys: list[str]  # IdentityFile entries, expanded
+    jump: str  # ProxyJump, '' when none
+
+
+def _proxy_command(jump: str) -> list[str]:
+    """ssh applies command-line options to the destination only, never to a ProxyJump host
+    (which would then be checked against ~/.ssh/known_hosts, interactively): reach the jump
+    host through a ProxyCommand that carries bootstrap's options, its TOFU included."""
+    if not jump or jump == "none":
+        return []
+    *earlier, last = jump.split(",")
+    inner = ["ssh", *_OPTIONS, "-o", f"UserKnownHostsFile={known_hosts()}", "-W", "[%h]:%p"]
+    if earlier:
+        inner += ["-J", ",".join(earlier)]
+    inner.append(last if last.startswith("ssh://") else f"ssh://{last}")
+    return ["-o", "ProxyCommand=" + " ".join(shlex.quote(word) for word in inner)]
+
+
+def effective(host: Host) -> Effective:
+    """Address, port, identity files and jump host ssh really uses for `host`, after
+    ~/.ssh/config (`ssh -G`: an alias's HostName, Port, IdentityFile, ProxyJump)."""
+    argv = ["ssh", "-G"]
+    if host.port:
+        argv += ["-p", str(host.port)]
+    if host.user:
+        argv += ["-l", host.user]
+    if host.key:
+        argv += ["-i", host.key]
+    argv += [*host.ssh_options, host.host or host.name]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    config: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        config.setdefault(key, []).append(value)
+    address = config.get("hostkeyalias") or config.get("hostname") or [host.host or host.name]
+    port = int((config.get("port") or [host.port or 22])[0])
+    keys = list(dict.fromkeys(os.path.expanduser(k) for k in config.get("identityfile", [])))
+    return Effective(address[0], port, keys, (config.get("proxyjump") or [""])[0])
+
+
+def _keys(host: Host) -> str:
+    """The keys an authentication attempt offered, for the error message."""
+    if host.key:
+        return host.key
+    keys = [k for k in effective(host).keys if not k.endswith(("_sk", "_xmss", "_dsa"))]
+    existing = [k for k in keys if os.path.exists(k)]
+    if existing:
+        return ", ".join(existing)
+    return f"no key ({', '.join(keys) or '~/.ssh/id_*'}: none exists)"
 
 
 def forget_host_key(host: Host) -> bool:
     """Remove a host's key from bootstrap's known_hosts; True when one was removed."""
-    entry = f"[{host.host}]:{host.port}" if host.port and host.port != 22 else str(host.host)
+    real = effective(host)
+    entry = f"[{real.address}]:{real.port}" if real.port != 22 else real.address
     path = known_hosts()
     if not path.exists():
         return False
