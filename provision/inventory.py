@@ -198,7 +198,9 @@ def resolve_targets(targets: list[str], inv: Inventory) -> list[Host]:
         for host in _resolve_one(target.strip(), inv):
             out.setdefault(host.name, host)
     hosts = list(out.values())
-    _assign_ranks(hosts)
+    named = [t.strip() for t in targets if t.strip() in inv.groups]
+    for host in hosts:
+        _assign_rank(host, _nodes_of(host, named, inv) or hosts)
     return hosts
 
 
@@ -277,12 +279,25 @@ def _in_ssh_config(alias: str) -> bool:
     return False
 
 
-def _assign_ranks(hosts: list[Host]) -> None:
-    """Multi-node vars: each host gets node_rank/nnodes; the first is the rendezvous master."""
-    master = hosts[0]
-    master_addr = master.vars.get("private_addr") or master.host or "127.0.0.1"
-    for rank, host in enumerate(hosts):
-        host.vars.setdefault("node_rank", rank)
-        host.vars.setdefault("nnodes", len(hosts))
-        host.vars.setdefault("master_addr", master_addr)
-        host.vars.setdefault("master_port", 29500)
+def _nodes_of(host: Host, named: list[str], inv: Inventory) -> list[Host]:
+    """The nodes of the multi-node job `host` belongs to: the group named on the command line
+    that holds it, else the one group holding it. Then `up box2` alone gives box2 the same rank
+    as `up fleet` did, and does not relaunch its training as a one-node job. [] when neither
+    (a host of several groups, none named, or no group): the targets named together count."""
+    holding = [g for g in named if host.name in inv.groups[g]]
+    if not holding:
+        holding = [g for g, members in inv.groups.items() if host.name in members]
+        if len(holding) != 1:
+            return []
+    return [inv.hosts[m] for m in inv.groups[holding[0]]]
+
+
+def _assign_rank(host: Host, nodes: list[Host]) -> None:
+    """Multi-node vars: node_rank/nnodes among `nodes`; the first is the rendezvous master."""
+    master = nodes[0]
+    host.vars.setdefault("node_rank", [n.name for n in nodes].index(host.name))
+    host.vars.setdefault("nnodes", len(nodes))
+    host.vars.setdefault(
+        "master_addr", master.vars.get("private_addr") or master.host or "127.0.0.1"
+    )
+    host.vars.setdefault("master_port", 29500)
