@@ -645,7 +645,14 @@ def test_up_racing_rerun_never_runs_a_step_twice_at_once_and_loses_no_request(
 
 
 def test_rerun_arriving_as_the_runner_ends_is_not_lost(project: Project, box: Box) -> None:
-    project.playbook(RACE.format(guard=GUARD))
+    # c needs a secret: a runner started for the late rerun must still be given it.
+    project.secrets = {"TOKEN": {"value": "late-rerun-secret"}}
+    racing = RACE.format(guard=GUARD).replace(
+        "    needs: [b]\n    run: ",
+        '    needs: [b]\n    secrets: [TOKEN]\n    run: test -n "$TOKEN"; ',
+    )
+    assert "secrets: [TOKEN]" in racing
+    project.playbook(racing)
     assert project.up("box1").returncode == 0
     for delay in (0.0, 0.3, 0.6, 0.9, 1.2):
         before = count(box, "c")
@@ -655,7 +662,9 @@ def test_rerun_arriving_as_the_runner_ends_is_not_lost(project: Project, box: Bo
         time.sleep(delay)
         second = project.cli("rerun", "box1", "c", "-p", "playbooks/test.yaml")
         first.communicate(timeout=60)
-        assert first.returncode == 0 and second.returncode == 0, second.stderr
+        assert first.returncode == 0 and second.returncode == 0, second.stdout + second.stderr
         wait_for(lambda: not runners(box, "race"), what="the runner to end")
         assert count(box, "c") == before + 2, delay
+        assert statuses(box, "race")["c"] == "done"
+        assert not (box.home / ".bootstrap/runs/race/secrets.json").exists()
     assert not (box.home / "overlap").exists()

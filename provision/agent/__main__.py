@@ -61,16 +61,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     run = RunDir(plan["name"])
     run.make()
     _store_plan(run, plan)
-    secrets = payload.get("secrets") or {}
-    if secrets:
-        write_secrets(run, secrets)
     reset = payload.get("reset")
     request = None
     if reset:
         request = run.requests / f"{time.time_ns()}.json"
         data = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
         write_json_atomic(request, data)
-    started = _start_or_attach(run, request)
+    started = _start_or_attach(run, request, payload.get("secrets") or {})
     if args.detach:
         report.emit("final" if not started else "snapshot", report.snapshot(run))
         return 0
@@ -84,8 +81,11 @@ REQUEST_WAIT_S = 60.0
 LOCK_RETRY_S = 1.0
 
 
-def _start_or_attach(run: RunDir, request: Path | None) -> bool:
+def _start_or_attach(run: RunDir, request: Path | None, secrets: dict[str, str]) -> bool:
     """Start a runner unless one is running; True when this call started one.
+
+    The secrets file is written only with the lock held: a runner ending meanwhile removes it,
+    and a running one has its values already.
 
     The lock can be busy without a runner that will act: a status probe holds it shared for a
     moment, another `up` holds it while it decides, a runner holds it while it exits after its
@@ -98,6 +98,8 @@ def _start_or_attach(run: RunDir, request: Path | None) -> bool:
     while True:
         if lock.acquire():
             try:
+                if secrets:
+                    write_secrets(run, secrets)
                 return _start_unless_done(run, lock)
             finally:
                 lock.release()
@@ -182,9 +184,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         step = runner.steps[step_id]
         kind = get_kind(step["kind"])
         describe = kind.describe(step.get("params") or {}) if kind else step["kind"]
-        out.append(
-            {"id": step_id, "run": not decision.done, "reason": decision.reason, "does": describe}
-        )
+        reason, does = runner.redact(decision.reason), runner.redact(describe)
+        out.append({"id": step_id, "run": not decision.done, "reason": reason, "does": does})
     skipped = [s["id"] for s in plan["steps"] if not s.get("selected", True)]
     print(json.dumps({"steps": out, "skipped": skipped}))
     return 0
