@@ -170,6 +170,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    # The runner's SIGTERM (timeout, rerun) reaches the step's whole process group. Outlive it,
+    # so the step's own processes get the grace period to stop and are waited for; whatever
+    # ignores it is SIGKILLed with the group when the grace ends. (A Python handler, unlike
+    # SIG_IGN, is not inherited: the step's commands keep the default disposition.)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     return exec_step(RunDir(args.run), args.step)
 
 
