@@ -133,9 +133,14 @@ def versions() -> dict[str, str]:
     """Exact versions of everything measured."""
     from importlib.metadata import version
 
+    import provision
+
+    commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).stdout.strip()
+    dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "provision"]).stdout.strip()
     out = {
+        "bootstrap": f"{provision.__version__} ({commit}{', provision/ modified' if dirty else ''})",
         "python (controller)": sys.version.split()[0],
-        "bootstrap": version("bootstrap") if _installed("bootstrap") else "source",
+        "typer (controller)": version("typer"),
         "OpenSSH": run(["ssh", "-V"]).stderr.strip(),
         "box python3": run(["/usr/bin/python3", "--version"]).stdout.strip(),
     }
@@ -144,16 +149,6 @@ def versions() -> dict[str, str]:
     for name in ("ansible-core", "pyinfra", "paramiko", "gevent"):
         out[name] = pinned.get(name, "?")
     return out
-
-
-def _installed(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(dist)
-    except PackageNotFoundError:
-        return False
-    return True
 
 
 def bootstrap_argv() -> list[str]:

@@ -31,6 +31,16 @@ class Setup:
     bootstrap: tools.Bootstrap
     ansible: tools.Ansible
     pyinfra: tools.Pyinfra
+    #: bootstrap again with a directory prepended to PYTHONPATH (another typer, say), timed
+    #: beside the rest: what a change of the controller's dependencies would buy.
+    alt: tools.Bootstrap | None = None
+
+    def variants(self, label: str) -> dict[str, tools.Bootstrap]:
+        """The bootstrap contenders: as installed, and the PYTHONPATH variant if any."""
+        out = {label: self.bootstrap}
+        if self.alt is not None:
+            out[f"{label}, PYTHONPATH={Path(self.alt.env['PYTHONPATH']).name}"] = self.alt
+        return out
 
     @property
     def master(self) -> tuple[str, ...]:
@@ -38,13 +48,18 @@ class Setup:
         return tools.master_options(self.work / "floor-cm")
 
 
-def prepare(work: Path, boxes: list[Box], venv_bin: Path) -> Setup:
+def prepare(
+    work: Path, boxes: list[Box], venv_bin: Path, alt_pythonpath: Path | None = None
+) -> Setup:
     """Write the bootstrap project, Ansible project and pyinfra deploy for `boxes` under
     `work` (inventories name the boxes b1, b2, ...; group `fleet` is all of them)."""
     env = harness.controller_env(work)
     playbook = runbook.bootstrap_project(work / "bootstrap", boxes)
     config = runbook.ansible_project(work / "ansible", boxes)
     inventory, deploy = runbook.pyinfra_project(work / "pyinfra", boxes)
+    alt = None
+    if alt_pythonpath is not None:
+        alt = tools.Bootstrap(work / "bootstrap", dict(env, PYTHONPATH=str(alt_pythonpath)))
     return Setup(
         work,
         boxes,
@@ -52,15 +67,23 @@ def prepare(work: Path, boxes: list[Box], venv_bin: Path) -> Setup:
         tools.Bootstrap(work / "bootstrap", env),
         tools.Ansible(venv_bin, config, env),
         tools.Pyinfra(venv_bin, inventory, deploy, env),
+        alt,
     )
 
 
 def converge(setup: Setup) -> None:
-    """First run of every tool on every box (untimed), then prove the floor's checks hold."""
-    setup.bootstrap.up("fleet", setup.playbook, noop=False)()
+    """First run of every tool on every box (untimed); the floor's checks must then hold."""
+    result = harness.check(
+        setup.bootstrap.cli("up", "fleet", "-p", str(setup.playbook)), "bootstrap up fleet"
+    )
+    checks = tools.floor(setup.boxes, _floor_checks)
+    try:
+        checks()
+    except harness.ToolFailed as exc:
+        raise harness.ToolFailed(f"{exc}\n`bootstrap up fleet` said:\n{result.stdout}") from None
     setup.ansible.play(noop=False)()
     setup.pyinfra.deploy(noop=False)()
-    tools.floor(setup.boxes, _floor_checks)()
+    checks()
 
 
 def _floor_checks(box: Box) -> str:
@@ -71,9 +94,13 @@ def measure_noop(setup: Setup, runs: int) -> None:
     """Measure 1: no-op rerun on one box."""
     box = setup.boxes[0]
     bs = setup.bootstrap
+    warm = {
+        label: b.up(box.name, setup.playbook, noop=True)
+        for label, b in setup.variants("bootstrap up (warm ssh master)").items()
+    }
     samples = paired(
         {
-            "bootstrap up (warm ssh master)": bs.up(box.name, setup.playbook, noop=True),
+            **warm,
             "bootstrap up (cold: no ssh master)": (
                 bs.cold,
                 bs.up(box.name, setup.playbook, noop=True),
@@ -105,9 +132,10 @@ def measure_fleet(setup: Setup, runs: int) -> None:
     floor = f"floor: {n} ssh in parallel"
     samples = paired(
         {
-            f"bootstrap up fleet ({n} boxes)": setup.bootstrap.up(
-                "fleet", setup.playbook, noop=True
-            ),
+            **{
+                label: b.up("fleet", setup.playbook, noop=True)
+                for label, b in setup.variants(f"bootstrap up fleet ({n} boxes)").items()
+            },
             f"Ansible (forks {n})": setup.ansible.play(noop=True),
             "pyinfra (defaults)": setup.pyinfra.deploy(noop=True),
             floor: tools.floor(setup.boxes, _floor_checks),
@@ -175,10 +203,9 @@ def measure_first_converge(setup: Setup, runs: int) -> None:
 def measure_status(setup: Setup, runs: int) -> None:
     """Measure 5: reading a run's state: `bootstrap status` vs `ssh box cat state.json`."""
     box = setup.boxes[0]
-    bs = setup.bootstrap
     cat = f"cat ~/.bootstrap/runs/{runbook.RUN_NAME}/state.json"
 
-    def status(*extra: str) -> Callable[[], None]:
+    def status(bs: tools.Bootstrap, *extra: str) -> Callable[[], None]:
         def action() -> None:
             harness.check(bs.cli("status", box.name, "-p", str(setup.playbook), *extra), "status")
 
@@ -187,8 +214,8 @@ def measure_status(setup: Setup, runs: int) -> None:
     floor = "floor: ssh box cat state.json"
     samples = paired(
         {
-            "bootstrap status": status(),
-            "bootstrap status --json": status("--json"),
+            **{label: status(b) for label, b in setup.variants("bootstrap status").items()},
+            "bootstrap status --json": status(setup.bootstrap, "--json"),
             floor: tools.floor([box], lambda b: cat),
             f"{floor}, warm ControlMaster": tools.floor([box], lambda b: cat, *setup.master),
         },
@@ -210,11 +237,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--boxes", type=int, default=16)
+    parser.add_argument(
+        "--compare-pythonpath",
+        type=Path,
+        help="also time bootstrap with this directory first on PYTHONPATH (e.g. another typer)",
+    )
     args = parser.parse_args()
     venv_bin = harness.ensure_venv()
     with harness.workspace() as work:
         with harness.fleet(work, args.boxes) as boxes:
-            setup = prepare(work / "fleet", boxes, venv_bin)
+            setup = prepare(work / "fleet", boxes, venv_bin, args.compare_pythonpath)
             converge(setup)
             measure_noop(setup, args.runs)
             measure_fleet(setup, args.runs)

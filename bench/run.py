@@ -12,7 +12,9 @@ never into the project's environment. Measures (names for --only):
   memory     7. peak RSS of the controller following --boxes boxes
   converge   3. first converge of the runbook
   critical   4. critical-path efficiency (openpi-shaped sleeps, ~30 s) + the runner's peak RSS
-  gcs        6. checkpoint download: gcs_download vs one sequential stream (bench/gcs.py)
+  gcs        6. checkpoint download: gcs_download vs one sequential stream (bench/gcs.py),
+             on the stock emulator (one request at a time), a threaded one, and a threaded
+             one pacing each stream at 100 MB/s
 
 Every timing is a median of --runs paired, interleaved runs after a warm-up, min–max shown.
 Exits 1 only when a tool failed to run (or a no-op was not one); a missed goal is reported.
@@ -82,6 +84,12 @@ def main() -> int:
     parser.add_argument("--boxes", type=int, default=16, help="boxes for fleet and memory")
     parser.add_argument("--gcs-mb", type=int, default=1000, help="checkpoint size for gcs")
     parser.add_argument("--only", nargs="+", choices=MEASURES, default=list(MEASURES))
+    parser.add_argument(
+        "--compare-pythonpath",
+        type=Path,
+        help="also time bootstrap (noop, fleet, status) with this directory first on PYTHONPATH,"
+        " e.g. `pip install --no-deps --target DIR typer==0.28.0`",
+    )
     args = parser.parse_args()
     selected = set(args.only)
     venv_bin = harness.ensure_venv()
@@ -107,7 +115,7 @@ def main() -> int:
     with harness.workspace() as work:
         if selected & {"noop", "fleet", "status", "memory"}:
             with harness.fleet(work, args.boxes) as boxes:
-                setup = noop.prepare(work / "fleet", boxes, venv_bin)
+                setup = noop.prepare(work / "fleet", boxes, venv_bin, args.compare_pythonpath)
                 attempt("noop", lambda: noop.converge(setup))
                 attempt("noop", lambda: noop.measure_noop(setup, args.runs))
                 attempt("fleet", lambda: noop.measure_fleet(setup, args.runs))
@@ -122,7 +130,11 @@ def main() -> int:
                 attempt("critical", lambda: print_runner_memory(work, boxes[0], args.runs))
     if (harness.BENCH / "gcs.py").exists():
         gcs_args = ["--total-mb", str(args.gcs_mb), "--objects", "20", "--runs", str(args.runs)]
-        attempt("gcs", lambda: run_script("gcs.py", *gcs_args))
+        # The stock emulator serves one request at a time; a threaded one is closer to GCS,
+        # and pacing each response as one GCS stream (~100 MB/s) shows what parallel streams buy.
+        servers = (["single"], ["threaded"], ["threaded", "--stream-mb-s", "100"])
+        for server in servers:
+            attempt("gcs", lambda s=server: run_script("gcs.py", *gcs_args, "--server", *s))
     elif "gcs" in selected:
         print("\n== gcs: bench/gcs.py is missing, skipped")
     if failures:

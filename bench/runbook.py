@@ -346,7 +346,7 @@ def floor_script(root: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
 
     q = shlex.quote
-    lines = ["set -e"]
+    lines = ["set -e", """trap 'echo "check failed: $BASH_COMMAND" >&2' ERR"""]
     lines += [f"test -d {q(f'{root}/{sub}')}" for sub in DIRS]
     lines.append(f"echo {digest(VERSION_TEXT)}' {root}/app/VERSION' | sha256sum --check --status")
     lines.append(f"grep -qxF {q(f'export BENCH_HOME={root}')} {q(f'{root}/app/profile')}")
@@ -359,5 +359,5 @@ def floor_script(root: str) -> str:
             f"echo {digest(render(name, root))}' {root}/{dest}' | sha256sum --check --status"
         )
     lines.append(f'test "$(readlink {q(f"{root}/current")})" = {q(f"{root}/app")}')
-    assert len(lines) == 16  # set -e + 15 checks
+    assert len(lines) == 17  # set -e, trap, 15 checks
     return "\n".join(lines) + "\n"

@@ -137,14 +137,14 @@ def _pyinfra_changed(stdout: str) -> bool:
 
 def floor(boxes: list[Box], script: Callable[[Box], str], *options: str) -> Callable[[], None]:
     """One plain `ssh` per box running `script(box)` in one bash, all boxes in parallel."""
-    argvs = [[*b.ssh_argv(*options), script(b)] for b in boxes]
+    argvs = {b.name: [*b.ssh_argv(*options), script(b)] for b in boxes}
 
-    def one(argv: list[str]) -> None:
-        check(run(argv, timeout=120), "floor ssh")
+    def one(name: str) -> None:
+        check(run(argvs[name], timeout=120), f"floor ssh to {name}")
 
     def action() -> None:
         if len(argvs) == 1:
-            one(argvs[0])
+            one(next(iter(argvs)))
             return
         with ThreadPoolExecutor(len(argvs)) as pool:
             list(pool.map(one, argvs))
