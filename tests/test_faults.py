@@ -676,3 +676,19 @@ def test_rerun_arriving_as_the_runner_ends_is_not_lost(project: Project, box: Bo
         assert statuses(box, "race")["c"] == "done"
         assert not (box.home / ".bootstrap/runs/race/secrets.json").exists()
     assert not (box.home / "overlap").exists()
+
+
+def test_temp_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    from provision.agent.state import RunDir, remove_stale_temps
+
+    run = RunDir("r", root=tmp_path)
+    run.make()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now
+    dead = [run.path / f".state.json.{gone.pid}.tmp", run.requests / f".1.json.{gone.pid}.tmp"]
+    live = run.path / f".plan.json.{os.getpid()}.tmp"
+    for path in [*dead, live, run.path / "state.json"]:
+        path.write_text("{")
+    remove_stale_temps(run)
+    assert [p.exists() for p in dead] == [False, False]
+    assert live.exists() and (run.path / "state.json").exists()

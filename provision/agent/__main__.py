@@ -30,6 +30,7 @@ from provision.agent.state import (
     RunLock,
     forget_secrets,
     load_state,
+    remove_stale_temps,
     runner_active,
     save_state,
     write_secrets,
@@ -128,6 +129,7 @@ def _start_unless_done(run: RunDir, lock: RunLock) -> bool:
 
     Returns True when a runner was started (it inherits the lock; ours is then released).
     """
+    remove_stale_temps(run)
     runner = Runner(run)
     runner.apply_requests()
     decisions = runner.evaluate()

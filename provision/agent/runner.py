@@ -44,6 +44,7 @@ from provision.agent.state import (
     make_reserve,
     read_secrets,
     record,
+    remove_stale_temps,
     save_state,
 )
 from provision.steps.base import read_json
@@ -160,6 +161,7 @@ class Runner:
             "started": time.time(),
         }
         self.mark_skipped()
+        remove_stale_temps(self.run)
         make_reserve(self.run)
         self.save()
         try:

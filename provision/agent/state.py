@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from provision.steps.base import read_json
 #: opposed to `failed`: it ran and failed. `blocked`: an upstream step failed or errored.
 #: Disk space the runner keeps aside for writing the state once the disk is full.
 RESERVE_BYTES = 256 * 1024
+#: A temp file of an atomic write: `.NAME.PID.tmp`.
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")
 STATUSES = ("pending", "running", "done", "failed", "error", "blocked", "skipped")
 BAD = ("failed", "error", "blocked")
 
@@ -115,6 +118,31 @@ def _write_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def remove_stale_temps(run: RunDir) -> None:
+    """Remove the temp files of writers killed mid-write (`.NAME.PID.tmp` whose PID is gone):
+    the renames keep every file whole, but each kill would leave one behind."""
+    for directory in (run.path, run.requests):
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            match = _TEMP.match(name)
+            if match and not _alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    (directory / name).unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
 
 
 def make_reserve(run: RunDir) -> None:
