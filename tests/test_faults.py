@@ -479,6 +479,14 @@ def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(
                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
             )  # fmt: skip
 
+        # A ControlMaster from `up --detach` still rides the link when it goes silent.
+        assert cli("up", "box1", "--detach").returncode == 0
+        wait_for(lambda: count(box, "first") == 1, what="the first step")
+        link.cut()
+        line, took = _timed(lambda: cli("status", "box1"))
+        assert "unreachable" in line and took < 10, ("status over a live master", line, took)
+        link.restore()
+
         # `up` attached, following the run, when the link goes silent.
         follower = subprocess.Popen(
             link.cli_argv("up", "box1", *args), cwd=project.root, env=project.env,
