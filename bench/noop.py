@@ -59,7 +59,8 @@ def prepare(
     inventory, deploy = runbook.pyinfra_project(work / "pyinfra", boxes)
     alt = None
     if alt_pythonpath is not None:
-        alt = tools.Bootstrap(work / "bootstrap", dict(env, PYTHONPATH=str(alt_pythonpath)))
+        alt_env = dict(env, PYTHONPATH=str(alt_pythonpath.resolve()))
+        alt = tools.Bootstrap(work / "bootstrap", alt_env)
     return Setup(
         work,
         boxes,
