@@ -204,19 +204,19 @@ name: stages
 steps:
   - id: s1
     kind: shell
-    run: echo x >> ~/count-s1; sleep 0.6; echo x >> ~/end-s1
+    run: echo x >> ~/count-s1; sleep 1.2; echo x >> ~/end-s1
   - id: s2
     kind: shell
     needs: [s1]
-    run: echo x >> ~/count-s2; sleep 0.6; echo x >> ~/end-s2
+    run: echo x >> ~/count-s2; sleep 1.2; echo x >> ~/end-s2
   - id: s3
     kind: shell
     needs: [s1]
-    run: echo x >> ~/count-s3; sleep 0.6; echo x >> ~/end-s3
+    run: echo x >> ~/count-s3; sleep 1.2; echo x >> ~/end-s3
   - id: s4
     kind: shell
     needs: [s2, s3]
-    run: echo x >> ~/count-s4; sleep 0.6; echo x >> ~/end-s4
+    run: echo x >> ~/count-s4; sleep 1.2; echo x >> ~/end-s4
 """
 STAGE_IDS = ("s1", "s2", "s3", "s4")
 
