@@ -116,3 +116,22 @@ def test_kinds_lists_and_describes(controller_env: dict[str, str]) -> None:
     one = run_cli(["kinds", "shell"], env=controller_env)
     assert one.returncode == 0 and "example:" in one.stdout and "kind: shell" in one.stdout
     assert "no kind" in one_line_error(run_cli(["kinds", "nope"], env=controller_env))
+
+
+def test_attach_opens_the_session_over_ssh_with_a_terminal(project: Project, box: Box) -> None:
+    """`attach` runs `tmux attach` on the box through `ssh -t` (a pty comes from `script`)."""
+    project.playbook("name: a\nsteps:\n  - {id: x, kind: shell, run: 'true'}\n")
+    project.write_inventory()
+    box.ssh("tmux new-session -d -s other 'sleep 60'")
+    cli = f"{sys.executable} -m provision.cli attach box1 nosuch -p playbooks/test.yaml"
+    result = subprocess.run(
+        ["script", "-qec", cli, "/dev/null"],
+        cwd=project.root,
+        env=project.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # tmux ran on the box, in a terminal, and answered about the session it was asked for.
+    assert "can't find session" in result.stdout + result.stderr, result
+    assert result.returncode != 0
