@@ -98,8 +98,8 @@ def main() -> int:
         print(f"  {name:<20} {version}")
     failures: list[str] = []
 
-    def attempt(name: str, action: Callable[[], object]) -> None:
-        if name not in selected:
+    def attempt(name: str, action: Callable[[], object], always: bool = False) -> None:
+        if name not in selected and not always:
             return
         try:
             action()
@@ -116,7 +116,7 @@ def main() -> int:
         if selected & {"noop", "fleet", "status", "memory"}:
             with harness.fleet(work, args.boxes) as boxes:
                 setup = noop.prepare(work / "fleet", boxes, venv_bin, args.compare_pythonpath)
-                attempt("noop", lambda: noop.converge(setup))
+                attempt("fleet set-up", lambda: noop.converge(setup), always=True)
                 attempt("noop", lambda: noop.measure_noop(setup, args.runs))
                 attempt("fleet", lambda: noop.measure_fleet(setup, args.runs))
                 attempt("status", lambda: noop.measure_status(setup, args.runs))

@@ -246,7 +246,8 @@ def ansible_project(path: Path, boxes: list[Box]) -> Path:
         f"local_tmp = {path / 'tmp'}\n"
         "[ssh_connection]\n"
         "pipelining = True\n"
-        "ssh_args = -F /dev/null -o ControlMaster=auto -o ControlPersist=60s"
+        # Masters outlive a whole bench round (a 16-box Ansible run takes about a minute).
+        "ssh_args = -F /dev/null -o ControlMaster=auto -o ControlPersist=10m"
         " -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o IdentitiesOnly=yes"
         " -o LogLevel=ERROR\n"
         f"control_path_dir = {path / 'cp'}\n"
