@@ -10,6 +10,7 @@ kinds need, and fingerprints each step. The plan is plain JSON and holds no secr
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -329,6 +330,18 @@ _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newlin
 _SINGLE_EXPR = re.compile(r"^\s*\{\{[^{}]*\}\}\s*$")
 
 
+# Compiled once per text: a fleet renders the same strings for every host, and compiling is
+# most of the cost (16 hosts of a 15-step playbook: 139 ms of CPU, 9 ms with these caches).
+@functools.lru_cache(maxsize=4096)
+def _template(text: str) -> jinja2.Template:
+    return _ENV.from_string(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expression(expression: str) -> Any:
+    return _ENV.compile_expression(expression, undefined_to_none=False)
+
+
 def _render(text: str, context: dict[str, Any], src: str, step: Step | None) -> Any:
     """Render one string; a string that is one `{{ expr }}` keeps the expression's type."""
     if "{{" not in text and "{%" not in text:
@@ -338,11 +351,11 @@ def _render(text: str, context: dict[str, Any], src: str, step: Step | None) -> 
             # The expression's own value: a var "3.10" stays the string "3.10", an int stays
             # an int (a native render would literal_eval its text and give the float 3.1).
             expression = text.strip()[2:-2]
-            value = _ENV.compile_expression(expression, undefined_to_none=False)(context)
+            value = _expression(expression)(context)
             if isinstance(value, jinja2.Undefined):
                 str(value)  # raises UndefinedError with the variable's name
             return value
-        return _ENV.from_string(text).render(context)
+        return _template(text).render(context)
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None) if step is None else step.line
         raise ConfigError(
