@@ -11,7 +11,7 @@ import time
 
 import pytest
 from boxes import Box
-from project import Project, count
+from project import Project, count, wait_for
 
 TWO_TRACKS = """
 name: tracks
@@ -225,15 +225,6 @@ steps:
 """
 
 
-def _wait_for(predicate, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached")
-
-
 def test_killing_the_controller_does_not_stop_the_run(project: Project, box: Box) -> None:
     project.playbook(SLOW)
     project.write_inventory()
@@ -244,11 +235,11 @@ def test_killing_the_controller_does_not_stop_the_run(project: Project, box: Box
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(lambda: count(box, "long") == 1)
+    wait_for(lambda: count(box, "long") == 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    _wait_for(lambda: count(box, "last") == 1)
-    _wait_for(lambda: project.status("box1")["runner"] == "idle")
+    wait_for(lambda: count(box, "last") == 1)
+    wait_for(lambda: project.status("box1")["runner"] == "idle")
     assert all(s["status"] == "done" for s in project.status("box1")["steps"])
     assert project.up("box1").returncode == 0
     assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]
@@ -264,11 +255,11 @@ def test_runner_killed_mid_step_resumes_without_redoing_finished_steps(
     # what is left of it and run it again (quickly, the second time).
     project.playbook(RESUMABLE)
     assert project.up("box1", extra=["--detach"]).returncode == 0
-    _wait_for(lambda: count(box, "long") == 1)
+    wait_for(lambda: count(box, "long") == 1)
     runner = [p for p, cmd in box.processes() if " run --run slow" in cmd]
     assert runner, box.processes()
     os.kill(runner[0], signal.SIGKILL)
-    _wait_for(lambda: project.status("box1")["runner"] == "dead")
+    wait_for(lambda: project.status("box1")["runner"] == "dead")
     result = project.up("box1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert [count(box, n) for n in ("first", "long", "last")] == [1, 2, 1]
@@ -279,7 +270,7 @@ def test_runner_killed_mid_step_resumes_without_redoing_finished_steps(
 def test_second_up_attaches_to_the_running_runner(project: Project, box: Box) -> None:
     project.playbook(SLOW)
     assert project.up("box1", extra=["--detach"]).returncode == 0
-    _wait_for(lambda: count(box, "long") == 1)
+    wait_for(lambda: count(box, "long") == 1)
     attached = project.up("box1")
     assert attached.returncode == 0
     assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]

@@ -31,23 +31,12 @@ from typing import Any
 import pytest
 from boxes import Box
 from netlink import Link
-from project import Project, count, one_line_error
+from project import Project, count, one_line_error, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    """Poll until `predicate()` is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def runners(box: Box, run: str) -> list[int]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from project import wait_for
 
 from provision.errors import StepFailed
 from provision.steps import tmux_launch
@@ -111,13 +112,6 @@ def trainer_environ(ctx: StepContext) -> list[bytes]:
     raise AssertionError("no trainer process under the launch script")
 
 
-def wait_for(predicate, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def wait_markers(tmp_path: Path, log: Path, markers: list, timeout: float = 15) -> StepContext:
     ctx = StepContext(
         step_id="wait",
@@ -210,7 +204,7 @@ def test_stale_job_control_groups_are_stopped_too(
         "train",
         "bash -c 'set -m; trap \"\" HUP; sleep 300 & wait'",
     )
-    wait_for(lambda: len(_sleepers(socket)) == 1)
+    wait_for(lambda: len(_sleepers(socket)) == 1, timeout=15)
     (sleeper,) = _sleepers(socket)
     assert os.getpgid(sleeper) != os.getsid(sleeper)
     ctx = make_ctx(tmp_path, socket, "sleep 300")
@@ -304,7 +298,7 @@ def test_system_torchrun_trap_is_diagnosed(tmp_path: Path, socket: str, job_dir:
         wait_markers(tmp_path, log, ["WaypointAEDataset"])
     assert "No module named 'safetensors'" in err.value.reason
     assert ".venv/bin/torchrun" in (err.value.hint or "")
-    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    wait_for(lambda: (ctx.workdir / "job.status").exists(), timeout=15)
     assert KIND.check(ctx).reason.startswith("job exited with status 1")
 
 
@@ -360,7 +354,7 @@ def test_env_file_is_private_while_it_exists(tmp_path: Path) -> None:
 def test_quick_job_finishing_with_zero_is_done(tmp_path: Path, socket: str, job_dir: Path) -> None:
     ctx = make_ctx(tmp_path, socket, "echo all good")
     KIND.run(ctx)
-    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    wait_for(lambda: (ctx.workdir / "job.status").exists(), timeout=15)
     KIND.verify(ctx)
     check = KIND.check(ctx)
     assert check.done and "finished with status 0" in check.reason
@@ -373,16 +367,16 @@ def test_failed_job_keeps_its_pane_and_is_not_done(
 ) -> None:
     ctx = make_ctx(tmp_path, socket, "echo boom; exit 3", remain_on_exit=True)
     KIND.run(ctx)
-    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    wait_for(lambda: (ctx.workdir / "job.status").exists(), timeout=15)
     with pytest.raises(StepFailed) as err:
         KIND.verify(ctx)
     assert err.value.reason == "job exited with status 3: boom"
     assert "exited with status 3" in KIND.check(ctx).reason
     # The pane stays, dead (tmux does not always know its exit status: the status file does).
     pane = ["display-message", "-p", "-t", "=train:", "#{session_name} #{pane_dead}"]
-    wait_for(lambda: tmux(socket, *pane).stdout.split() == ["train", "1"])
+    wait_for(lambda: tmux(socket, *pane).stdout.split() == ["train", "1"], timeout=15)
     KIND.run(ctx)  # a dead pane is no process to wait for
-    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    wait_for(lambda: (ctx.workdir / "job.status").exists(), timeout=15)
     assert "exited with status 3" in KIND.check(ctx).reason
 
 
@@ -390,7 +384,7 @@ def test_oom_failure_carries_the_catalog_hint(tmp_path: Path, socket: str, job_d
     command = f"{FAKE_TORCHRUN} --nproc_per_node=2 {AE} --fail oom --wandb offline"
     ctx = make_ctx(tmp_path, socket, command)
     KIND.run(ctx)
-    wait_for(lambda: (ctx.workdir / "job.status").exists())
+    wait_for(lambda: (ctx.workdir / "job.status").exists(), timeout=15)
     with pytest.raises(StepFailed) as err:
         KIND.verify(ctx)
     assert err.value.reason.startswith("job exited with status 1: torch.OutOfMemoryError")

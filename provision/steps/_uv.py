@@ -56,15 +56,15 @@ def uv_env(ctx: StepContext) -> dict[str, str]:
     return env
 
 
-def index_args(params: dict[str, Any]) -> list[str]:
-    """uv options for `find_links`, `index_url` and `offline`."""
+def index_args(params: dict[str, Any], offline_flag: str = "--offline") -> list[str]:
+    """Options for `find_links`, `index_url` and `offline` (uv's; pip's with `--no-index`)."""
     args: list[str] = []
     for link in params["find_links"]:
         args += ["--find-links", os.path.expanduser(link)]
     if params["index_url"]:
         args += ["--index-url", params["index_url"]]
     if params["offline"]:
-        args.append("--offline")
+        args.append(offline_flag)
     return args
 
 
@@ -109,7 +109,7 @@ def install_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "uv", "--no-deps", "--only-binary=:all:"]
         cmd += ["--progress-bar", "off"]
-        cmd += ["--dest", tmp, *_pip_index_args(params)]
+        cmd += ["--dest", tmp, *index_args(params, "--no-index")]
         ctx.log(f"uv not found; downloading its wheel: {' '.join(cmd)}")
         if ctx.sh(cmd, check=False) != 0:
             raise StepFailed(
@@ -123,17 +123,6 @@ def install_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
     uv = dest / "uv"
     ctx.log(f"installed uv at {uv}")
     return uv
-
-
-def _pip_index_args(params: dict[str, Any]) -> list[str]:
-    args: list[str] = []
-    for link in params["find_links"]:
-        args += ["--find-links", os.path.expanduser(link)]
-    if params["index_url"]:
-        args += ["--index-url", params["index_url"]]
-    if params["offline"]:
-        args.append("--no-index")
-    return args
 
 
 def _extract_binaries(wheel: Path, dest: Path) -> None:
