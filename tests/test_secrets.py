@@ -12,7 +12,9 @@ import base64
 import contextlib
 import json
 import re
+import shlex
 import stat
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -287,3 +289,119 @@ def test_canary_secret_appears_nowhere(project: Project, box: Box, tmp_path: Pat
     for path in config.rglob("*"):
         if path.is_file() and path.suffix != ".pyz":
             assert _leaks(path.read_text(errors="replace"), canaries) == [], path
+
+
+# --------------------------------------------------------------------------- escaped forms
+
+#: Shaped like the token `rclone authorize "drive"` prints; the access token holds `<>&"\`,
+#: which Go's encoding/json (rclone) escapes as \u003c \u003e \u0026 \" \\.
+DRIVE_TOKEN = {
+    "access_token": 'ya29.a0AfB_by<Cnry>&"x\\ACCESS-9f2k',
+    "token_type": "Bearer",
+    "refresh_token": "1//0gCnryREFRESH-Lq7wz_p3",
+    "expiry": "2026-12-02T18:06:41.123456789Z",
+}
+SHELL_SECRET = "Cnry p@ss$w0rd'x!y&z"  # every kind of character printf %q escapes
+
+
+def _escaped_leaks(text: str, values: Iterable[str]) -> list[str]:
+    """Escaped forms of `values` found in `text`, computed without the redactor: JSON (Python,
+    and Go's HTML-safe escaping as rclone prints), JSON inside JSON, bash's printf %q."""
+    found = []
+    for value in values:
+        once = json.dumps(value)[1:-1]
+        go = once.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        quoted = subprocess.run(
+            ["bash", "-c", 'printf %q "$0"', value], capture_output=True, text=True, check=True
+        ).stdout
+        for form in {value, once, go, json.dumps(once)[1:-1], json.dumps(go)[1:-1], quoted}:
+            if form in text:
+                found.append(form)
+    return found
+
+
+def _token_fields() -> list[str]:
+    return [DRIVE_TOKEN["access_token"], DRIVE_TOKEN["refresh_token"]]
+
+
+def test_json_escaped_and_shell_quoted_forms_are_masked() -> None:
+    redact = Redactor([SHELL_SECRET, json.dumps(DRIVE_TOKEN)])
+    token = json.dumps(DRIVE_TOKEN)
+    printed = [
+        json.dumps({"password": SHELL_SECRET}),
+        json.dumps({"conf": json.dumps({"password": SHELL_SECRET})}),
+        json.dumps(DRIVE_TOKEN, indent=2),
+        json.dumps({"gdrive": {"token": token, "type": "drive"}}, indent=4),
+        json.dumps({"outer": json.dumps({"token": token})}),
+        repr(SHELL_SECRET),
+        shlex.quote(SHELL_SECRET),
+        subprocess.run(
+            ["bash", "-c", 'printf %q "$0"', SHELL_SECRET], capture_output=True, text=True
+        ).stdout,
+    ]
+    for text in printed:
+        out = redact(text)
+        assert MASK in out, text
+        assert _escaped_leaks(out, [SHELL_SECRET, *_token_fields()]) == [], (text, out)
+    # Fields too short to be secrets stay readable; so does everything that is not a secret.
+    assert '"token_type": "Bearer"' in redact(json.dumps(DRIVE_TOKEN, indent=2))
+    assert redact('{"a": "b\\"c", "path": "C:\\\\x"}') == '{"a": "b\\"c", "path": "C:\\\\x"}'
+
+
+def test_a_json_secret_that_is_not_an_object_is_one_value() -> None:
+    redact = Redactor(["{not json at all}"])
+    assert redact("x {not json at all} y") == f"x {MASK} y"
+
+
+ESCAPE_PLAYBOOK = """
+name: escapes
+steps:
+  - id: print
+    kind: shell
+    secrets: [SHELL_SECRET, RCLONE_DRIVE_TOKEN]
+    run: |
+      printf 'quoted: %q\\n' "$SHELL_SECRET"
+      python3 -c 'import json, os; print("json:", json.dumps({"p": os.environ["SHELL_SECRET"]}))'
+      python3 -c 'import json, os; print(json.dumps(json.loads(os.environ["RCLONE_DRIVE_TOKEN"]), indent=2))'
+      python3 -c 'import json, os; print(json.dumps({"doc": os.environ["RCLONE_DRIVE_TOKEN"]}))'
+      mkdir -p ~/rc
+      printf '[gdrive]\\ntype = drive\\ntoken = %s\\n' "$RCLONE_DRIVE_TOKEN" > ~/rc/rclone.conf
+      rclone --config ~/rc/rclone.conf config dump
+      echo "fail: $(printf %q "$SHELL_SECRET")" >&2
+      exit 1
+"""
+
+
+@pytest.mark.slow
+def test_escaped_secret_forms_appear_nowhere(project: Project, box: Box, tmp_path: Path) -> None:
+    token_file = tmp_path / "drive-token.json"
+    token_file.write_text(json.dumps(DRIVE_TOKEN) + "\n")
+    project.env["BT_SHELL_SECRET"] = SHELL_SECRET
+    project.secrets = {
+        "SHELL_SECRET": {"env": "BT_SHELL_SECRET"},
+        "RCLONE_DRIVE_TOKEN": {"file": str(token_file)},
+    }
+    project.playbook(ESCAPE_PLAYBOOK)
+    secrets = [SHELL_SECRET, *_token_fields()]
+    up = project.up("box1")
+    assert up.returncode == 1, up.stdout + up.stderr
+    run_dir = box.home / ".bootstrap" / "runs" / "escapes"
+    log = (run_dir / "logs" / "print.log").read_text()
+    # The step printed every form (masked), and rclone really dumped the config.
+    assert log.count(MASK) >= 9 and '"type": "drive"' in log and "Bearer" in log, log
+    outputs = [up.stdout, up.stderr]
+    args = ["-p", "playbooks/test.yaml"]
+    for command in (
+        ["logs", "box1", "print", *args, "-n", "200"],
+        ["status", "box1", *args, "--json", "-n", "200"],
+        ["status", "box1", *args, "-n", "50"],
+        ["up", "box1", *args],
+    ):
+        result = project.cli(*command)
+        assert "Traceback" not in result.stderr, result.stderr
+        outputs += [result.stdout, result.stderr]
+    assert _escaped_leaks("\n".join(outputs), secrets) == []
+    assert MASK in outputs[2], "logs shows the masked lines"
+    for path in (box.home / ".bootstrap").rglob("*"):
+        if path.is_file() and path.suffix != ".pyz":
+            assert _escaped_leaks(path.read_text(errors="replace"), secrets) == [], path
