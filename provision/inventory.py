@@ -160,12 +160,21 @@ def _host(name: str, spec: Any, src: str, line: int) -> Host:
     if connection == "ssh" and not spec.get("host"):
         raise ConfigError(f"host '{name}' needs 'host' (or connection: local)", file=src, line=line)
     for key in ("host", "user", "key"):
+        where = spec.line_of(key) if isinstance(spec, LineMap) else line
         # YAML reads `user: 1000` or `host: 1.5` as numbers; ssh's argv needs strings.
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ConfigError(
                 f"host '{name}': {key} must be a string, got {type(spec[key]).__name__}",
                 file=src,
-                line=spec.line_of(key) if isinstance(spec, LineMap) else line,
+                line=where,
+            )
+        # ssh would read `-oProxyCommand=...` as an option and run it on this machine.
+        if isinstance(spec.get(key), str) and _option_like(spec[key]):
+            raise ConfigError(
+                f"host '{name}': {key} must not start with '-' (ssh would read it as an "
+                f"option): {spec[key]!r}",
+                file=src,
+                line=where,
             )
     port = spec.get("port")
     bad_port = isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
@@ -187,6 +196,11 @@ def _host(name: str, spec: Any, src: str, line: int) -> Host:
         ssh_options=[str(o) for o in options],
         vars=dict(host_vars),
     )
+
+
+def _option_like(value: str) -> bool:
+    """Whether a value would be read as an option where ssh expects a name (or is blank)."""
+    return value.lstrip().startswith("-") or not value.strip()
 
 
 def resolve_targets(targets: list[str], inv: Inventory) -> list[Host]:
@@ -216,6 +230,8 @@ def _resolve_one(target: str, inv: Inventory) -> list[Host]:
     match = re.match(r"^(?:([^@\s]+)@)?([A-Za-z0-9_.-]+|\[[0-9a-fA-F:]+\])(?::(\d+))?$", target)
     if match and ("@" in target or ":" in target or "." in target or _in_ssh_config(target)):
         user, host, port = match.groups()
+        if _option_like(host) or (user is not None and _option_like(user)):
+            raise TargetError(f"bad target '{target}': a user or host must not start with '-'")
         return [
             Host(name=target, host=host.strip("[]"), port=int(port) if port else None, user=user)
         ]

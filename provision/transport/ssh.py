@@ -88,7 +88,8 @@ class SSHTransport:
         if h.key:
             argv += ["-i", h.key, "-o", "IdentitiesOnly=yes"]
         argv += h.ssh_options
-        argv.append(h.host or h.name)
+        # `--`: whatever the destination holds, ssh never reads it as an option.
+        argv += ["--", h.host or h.name]
         return argv
 
     def run(self, command: str, stdin: bytes = b"", timeout: float = 60) -> Result:
@@ -191,7 +192,7 @@ def _proxy_command(jump: str) -> list[str]:
     inner = ["ssh", *_OPTIONS, "-o", f"UserKnownHostsFile={known_hosts()}", "-W", "[%h]:%p"]
     if earlier:
         inner += ["-J", ",".join(earlier)]
-    inner.append(last if last.startswith("ssh://") else f"ssh://{last}")
+    inner += ["--", last if last.startswith("ssh://") else f"ssh://{last}"]
     return ["-o", "ProxyCommand=" + " ".join(shlex.quote(word) for word in inner)]
 
 
@@ -205,7 +206,7 @@ def effective(host: Host) -> Effective:
         argv += ["-l", host.user]
     if host.key:
         argv += ["-i", host.key]
-    argv += [*host.ssh_options, host.host or host.name]
+    argv += [*host.ssh_options, "--", host.host or host.name]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
