@@ -431,6 +431,15 @@ def resolve(
     }
 
 
+def _param_line(raw: LineMap, key: str) -> int:
+    """Line of a param key; a dotted key (`checkpoints.keep`) is looked up in nested mappings."""
+    head, _, rest = key.partition(".")
+    inner = raw.get(head)
+    if rest and isinstance(inner, LineMap) and rest.split(".")[0] in inner:
+        return _param_line(inner, rest)
+    return raw.line_of(head)
+
+
 def _resolve_step(
     book: Playbook, step: Step, context: dict[str, Any], src: str, inv: Inventory
 ) -> dict[str, Any]:
@@ -441,7 +450,7 @@ def _resolve_step(
     try:
         params = validate_params(kind, params)
     except ParamError as exc:
-        line = step.raw.line_of(exc.key) if exc.key else step.line
+        line = _param_line(step.raw, exc.key) if exc.key else step.line
         raise ConfigError(str(exc), file=src, line=line, step=step.id) from None
     params = kind.resolve(params, _Tools(book, context, step))
     common = {

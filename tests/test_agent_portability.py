@@ -24,6 +24,8 @@ BOX_SIDE = [
     *sorted((PACKAGE / "steps").glob("*.py")),
     *sorted((PACKAGE / "monitor").glob("*.py")),
     *sorted((PACKAGE / "formats").glob("*.py")),
+    *sorted((PACKAGE / "checkpoints").glob("*.py")),
+    *sorted((PACKAGE / "watch").glob("*.py")),
     PACKAGE / "errors.py",
     PACKAGE / "dag.py",
     PACKAGE / "__init__.py",

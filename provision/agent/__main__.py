@@ -7,6 +7,7 @@
 - `plan`: the same payload; says what `up` would do and why, writing nothing.
 - `run`: the runner itself (started by `up`, detached, without a pty).
 - `exec`: one step (started by the runner).
+- `guard`: the detached guard of a launched job (started by `tmux_launch`).
 - `status`, `logs`: read-only reports.
 """
 
@@ -62,6 +63,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     run = RunDir(plan["name"])
     run.make()
     _store_plan(run, plan)
+    # A job's guard killed (kill -9, a reboot of the box) comes back with the next `up`.
+    from provision.watch.guard import revive_all
+
+    revive_all(run.path)
     reset = payload.get("reset")
     request = None
     if reset:
@@ -254,6 +259,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guard(args: argparse.Namespace) -> int:
+    """The detached guard of one launched job (started by `tmux_launch`)."""
+    from provision.watch.guard import main
+
+    return main(args.dir)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent")
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,6 +293,9 @@ def parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_logs)
     sub.add_parser("check").set_defaults(func=cmd_check)
     sub.add_parser("monitor").set_defaults(func=cmd_monitor)
+    gd = sub.add_parser("guard")
+    gd.add_argument("dir")
+    gd.set_defaults(func=cmd_guard)
     ac = sub.add_parser("active")
     ac.add_argument("--run")
     ac.set_defaults(func=cmd_active)

@@ -21,6 +21,18 @@ continues from `--start-step`. `--require-venv` fails like the real script run b
 interpreter (`ModuleNotFoundError: No module named 'safetensors'`). `--hold` keeps the process
 alive after the last step, like a long run. Standard library only.
 
+Checkpoints (`--save-dir DIR --save-interval N`) are written and resumed the way the fork's
+scripts/train_waypoint.py does at 2a67705 (lines 75-106; the same at 7de21c7, except that
+7de21c7 comments out the `optimizer.pt` save at line 86 and still loads it at line 103, so its
+`--resume` fails): after step N-1 the global step becomes N, and every N % interval == 0 writes
+`DIR/tmp_N/` (model.safetensors, optimizer.pt, then metadata.pt with the global step), removes
+an old `DIR/N`, and renames `tmp_N` to `N`. `--resume` takes the highest all-digit subdirectory
+of DIR whatever it holds (`load_latest_checkpoint`), reads model, optimizer and metadata (a
+missing one is the fork's FileNotFoundError), and continues at its global step. wandb's run id
+goes to `DIR/wandb_run_id.txt` and is reused on resume (`init_wandb`, lines 128-150). torch
+pickles are JSON here: there is no torch. `--ckpt-bytes` sizes model.safetensors, written in
+`--ckpt-chunks` pieces `--ckpt-sleep` seconds apart, so a test can kill it mid-write.
+
     python fake_trainer.py --mode ae --config configs/waypoint_ae_libero.yaml --steps 5
 """
 
@@ -28,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 import uuid
@@ -60,6 +74,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="/workspace/data")
     parser.add_argument("--require-venv", action="store_true")
     parser.add_argument("--hold", action="store_true", help="stay alive after the last step")
+    parser.add_argument("--save-dir", help="checkpoint directory (the fork's save_dir)")
+    parser.add_argument("--save-interval", type=int, default=1000)
+    parser.add_argument("--ckpt-bytes", type=int, default=4096, help="size of model.safetensors")
+    parser.add_argument("--ckpt-chunks", type=int, default=1)
+    parser.add_argument("--ckpt-sleep", type=float, default=0.0, help="pause between chunks")
     # torch.distributed.launch (torchrun's predecessor) passes the local rank as an argument.
     parser.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -237,6 +256,59 @@ def _step_line(args: argparse.Namespace, step: int, loss: float, rng: random.Ran
     return f"[{tag}] step={step}/{args.total} loss={loss:.4f}"
 
 
+def _save_checkpoint(args: argparse.Namespace, step: int) -> None:
+    """`save_checkpoint` of the fork (see the module doc): tmp_N, then renamed to N."""
+    save_dir = Path(args.save_dir)
+    final_dir, tmp_dir = save_dir / str(step), save_dir / f"tmp_{step}"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(step)
+    chunks = max(1, args.ckpt_chunks)
+    with open(tmp_dir / "model.safetensors", "wb") as fh:
+        for i in range(chunks):
+            size = args.ckpt_bytes // chunks + (args.ckpt_bytes % chunks if i == chunks - 1 else 0)
+            fh.write(rng.randbytes(size))
+            fh.flush()
+            time.sleep(args.ckpt_sleep)
+    (tmp_dir / "optimizer.pt").write_text(json.dumps({"state": {}, "step": step}))
+    meta = {"global_step": step, "timestamp": time.time()}
+    (tmp_dir / "metadata.pt").write_text(json.dumps(meta))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp_dir.rename(final_dir)
+    _say(f"Saved checkpoint step {step} -> {final_dir}")
+
+
+def _load_latest_checkpoint(save_dir: Path, script: str) -> int:
+    """`load_latest_checkpoint` of the fork: the highest all-digit directory, read whole."""
+    steps = [int(d.name) for d in save_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    if not steps:
+        return 0
+    ckpt = save_dir / str(max(steps))
+    for name in ("model.safetensors", "optimizer.pt", "metadata.pt"):
+        if not (ckpt / name).is_file():
+            _traceback(
+                script,
+                [(248, "train_ae", "global_step = load_latest_checkpoint(...)")],
+                f"FileNotFoundError: [Errno 2] No such file or directory: '{ckpt / name}'",
+            )
+            sys.exit(1)
+    step = int(json.loads((ckpt / "metadata.pt").read_text())["global_step"])
+    _say(f"Resumed from step {step}")
+    return step
+
+
+def _wandb_run_id(save_dir: Path, resuming: bool) -> None:
+    """`init_wandb`'s run id file: reused when resuming, else a new run writes it."""
+    path = save_dir / "wandb_run_id.txt"
+    if resuming and path.exists():
+        _say(f"wandb: Resuming run {path.read_text().strip()}", sys.stderr)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(uuid.uuid4().hex[:8])
+
+
 def main(argv: list[str]) -> None:
     args = _parse(argv)
     script = os.path.abspath(sys.argv[0])
@@ -255,8 +327,12 @@ def main(argv: list[str]) -> None:
             time.sleep(3600)
         return
     rng = random.Random(0)
+    if args.save_dir and args.resume:
+        args.start_step = _load_latest_checkpoint(Path(args.save_dir), script)
     _startup(args, script)
-    for step in range(args.start_step, args.start_step + args.steps):
+    if args.save_dir and args.wandb != "disabled":
+        _wandb_run_id(Path(args.save_dir), args.resume)
+    for step in range(args.start_step, min(args.start_step + args.steps, args.total)):
         if args.fail == "oom" and step >= args.fail_at:
             _fail_oom(script, args.mode)
         loss = _loss(args.mode, step, rng)
@@ -264,6 +340,8 @@ def main(argv: list[str]) -> None:
             loss = float("nan")
         _say(_step_line(args, step, loss, rng))
         time.sleep(args.step_sleep)
+        if args.save_dir and (step + 1) % args.save_interval == 0:
+            _save_checkpoint(args, step + 1)
     while args.hold:
         time.sleep(3600)
 

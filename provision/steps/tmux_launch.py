@@ -17,6 +17,13 @@ Example:
   resume_args: --resume
   env: {PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}
   secrets: [WANDB_API_KEY]
+  checkpoints:
+    dir: checkpoints/waypoint_ae_libero
+    step: '(\\d+)'
+    complete: metadata.pt
+    keep: 2
+    remote: "gg1:runs/waypoint_ae"
+    carry: [checkpoints/waypoint_ae_libero/wandb_run_id.txt]
 ```
 
 Nothing is ever typed into tmux (seed 003 §14.5: `send-keys` glued an `export` to the training
@@ -40,6 +47,10 @@ once the script runs the command; the job keeps running, and later `wait_log` st
 
 Done while the session is alive with this step's launch id, or when the job has finished with
 status 0. `tmux_attach_command` gives the remote command that `bootstrap attach` runs.
+`checkpoints:` (provision/checkpoints/spec.py) starts a guard beside the job
+(provision/watch/guard.py): a detached, niced process that uploads each complete checkpoint to
+`remote`, verifies it, records it in the remote's manifest and only then lets `keep` delete it.
+
 `socket:` selects a tmux server other than the box user's default one (a path for `tmux -S`, a
 name for `tmux -L`).
 """
@@ -58,6 +69,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from provision.checkpoints.spec import parse_checkpoints
 from provision.errors import StepFailed
 from provision.steps import _joblog
 from provision.steps.base import (
@@ -69,6 +81,7 @@ from provision.steps.base import (
     read_json,
     write_json_atomic,
 )
+from provision.watch import guard
 
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _GPUS_RE = re.compile(r"^[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*$")
@@ -112,6 +125,12 @@ class TmuxLaunch(Kind):
         Param("resume_args", "str", "appended to the command when launching again, e.g. --resume"),
         Param("remain_on_exit", "bool", "keep the pane after the job ends", default=False),
         Param("socket", "str", "tmux server: a socket path (-S) or name (-L); default: tmux's"),
+        Param(
+            "checkpoints",
+            "dict",
+            "the job's checkpoints: dir, step, complete, keep, remote, restore, carry, bwlimit "
+            "(provision/checkpoints/spec.py)",
+        ),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
@@ -124,6 +143,8 @@ class TmuxLaunch(Kind):
             raise ParamError("'gpus' must be an index, a list of indexes or '0,1'", "gpus")
         if params["socket"] is not None and not params["socket"].strip():
             raise ParamError("'socket' is empty", "socket")
+        if params["checkpoints"] is not None:
+            parse_checkpoints(params["checkpoints"])
 
     def describe(self, params: dict[str, Any]) -> str:
         first = params["command"].strip().splitlines()[0]
@@ -190,6 +211,11 @@ class TmuxLaunch(Kind):
             finally:
                 env_file.unlink(missing_ok=True)
         ctx.log(f"launched `{command}` in tmux session {session} (pid {pid}), output in {log}")
+        if p["checkpoints"] is not None:
+            spec = parse_checkpoints(p["checkpoints"])
+            config = {**record, "cwd": str(cwd), "checkpoints": spec.to_dict()}
+            guard_pid = guard.start(ctx.workdir, config, _job_env(ctx))
+            ctx.log(f"guard {guard_pid} keeps the checkpoints (log {ctx.workdir / guard.LOG_FILE})")
         ctx.log(f"watch it: {tmux_attach_command(session, p['socket'])}")
 
     def verify(self, ctx: StepContext) -> None:

@@ -1,0 +1,250 @@
+"""The remote a job's checkpoints go to, driven through the rclone binary.
+
+Layout under the remote path `R` (an rclone `remote:path`, or `gs://bucket/prefix`, which is
+rclone's GCS backend on the fly):
+
+- `R/<name>/...`: the checkpoint's files, as on the box;
+- `R/.bootstrap/carry/<name>/<path>`: the files that travel with it (`carry:`, relative to cwd);
+- `R/.bootstrap/manifest/<name>.json`: written only once every file of the checkpoint and of its
+  carry is on the remote with the size (and hash, where the remote has one) of the box's copy.
+  A checkpoint without an entry is partial, whatever its files say.
+
+Every rclone call runs niced (`nice -n 19`, `ionice -c 3` where the box has it), with
+`--bwlimit` when the spec sets one, so the training's data loader keeps the disk and the CPU.
+Credentials stay in the rclone config or in `RCLONE_CONFIG_*` variables of the environment;
+nothing here puts one in argv. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.checkpoints.spec import CheckpointSpec, gs_bucket_path
+
+META_DIR = ".bootstrap"
+MANIFEST_DIR = f"{META_DIR}/manifest"
+CARRY_DIR = f"{META_DIR}/carry"
+#: Where bootstrap installs tools for the box user (rclone_copy installs rclone there).
+LOCAL_BIN = "~/.bootstrap/bin"
+#: Seconds a listing, a manifest read or a manifest write may take.
+_QUICK_TIMEOUT_S = 300
+
+
+class RemoteError(Exception):
+    """An rclone call failed; the message is rclone's own last error line."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file as the remote lists it."""
+
+    size: int
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def matches(self, other: RemoteFile) -> bool:
+        """Same size, and the same value for every hash both sides know."""
+        if self.size != other.size:
+            return False
+        common = set(self.hashes) & set(other.hashes)
+        return all(self.hashes[h].lower() == other.hashes[h].lower() for h in common)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "hashes": dict(self.hashes)}
+
+
+def rclone_path(remote: str, env: dict[str, str]) -> str:
+    """The rclone path for a `remote:` value; gs:// becomes an on-the-fly GCS remote.
+
+    On GCS the credentials are the box's application-default ones (`env_auth`), or the service
+    account file `GOOGLE_APPLICATION_CREDENTIALS` names; `STORAGE_EMULATOR_HOST` (the variable
+    google-cloud-storage honours) points it at an emulator, anonymously.
+    """
+    gs = gs_bucket_path(remote)
+    if gs is None:
+        return remote
+    bucket, prefix = gs
+    emulator = env.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        url = emulator if "://" in emulator else f"http://{emulator}"
+        options = f"anonymous=true,endpoint='{url}'"
+    elif env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        options = f"service_account_file='{env['GOOGLE_APPLICATION_CREDENTIALS']}'"
+    else:
+        options = "env_auth=true"
+    return f":gcs,{options},bucket_policy_only=true:{bucket}/{prefix}".rstrip("/")
+
+
+def find_rclone(env: dict[str, str]) -> str | None:
+    """The rclone binary on this box: on PATH, or where bootstrap installs it."""
+    found = shutil.which("rclone", path=env.get("PATH", os.defpath))
+    if found:
+        return found
+    local = Path(os.path.expanduser(LOCAL_BIN)) / "rclone"
+    return str(local) if os.access(local, os.X_OK) else None
+
+
+def nice_prefix() -> list[str]:
+    """Lowest CPU and disk priority for what the uploader starts."""
+    prefix = ["nice", "-n", "19"] if shutil.which("nice") else []
+    if shutil.which("ionice"):
+        prefix += ["ionice", "-c", "3"]
+    return prefix
+
+
+class Remote:
+    """One checkpoint remote (see the module doc)."""
+
+    def __init__(self, spec: CheckpointSpec, env: dict[str, str], rclone: str | None = None):
+        assert spec.remote is not None
+        self.url = spec.remote
+        self.spec = spec
+        self.env = dict(env)
+        self.root = rclone_path(spec.remote, self.env)
+        self.rclone = rclone or find_rclone(self.env)
+        self._config = os.path.expanduser(spec.rclone_config) if spec.rclone_config else None
+
+    def path(self, rel: str) -> str:
+        """The rclone path of `rel` under the remote root."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    # -- transfers ------------------------------------------------------------------------
+
+    def upload_dir(self, local: Path, name: str) -> None:
+        """Make the remote's `name` hold exactly `local`'s files (`rclone sync`): files already
+        there with the same size and time are not sent again, stray ones are removed."""
+        self._run(["sync", str(local), self.path(name), *self._transfer_flags()], timeout=None)
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        """Copy one file to `rel` under the root."""
+        self._run(["copyto", str(local), self.path(rel), *self._transfer_flags()], timeout=None)
+
+    def download_dir(self, name: str, dest: Path) -> None:
+        """Copy a checkpoint directory from the remote into `dest`."""
+        self._run(["copy", self.path(name), str(dest), *self._transfer_flags()], timeout=None)
+
+    def download_file(self, rel: str, dest: Path) -> None:
+        """Copy one file from `rel` under the root to `dest`."""
+        self._run(["copyto", self.path(rel), str(dest), *self._transfer_flags()], timeout=None)
+
+    def check_against(self, local: Path, name: str, download: bool = False) -> None:
+        """`rclone check`: every file of `local` on the remote under `name`, same size and hash.
+
+        With `download`, the remote side is the source (after a restore's download).
+        """
+        pair = [self.path(name), str(local)] if download else [str(local), self.path(name)]
+        self._run(["check", *pair, "--one-way"], timeout=None)
+
+    # -- listings and the manifest --------------------------------------------------------
+
+    def listing(self, rel: str) -> dict[str, RemoteFile]:
+        """Every file under `rel` as {relative path: RemoteFile}; empty when `rel` is absent."""
+        try:
+            out = self._run(["lsjson", "-R", "--files-only", "--hash", self.path(rel)])
+        except RemoteError as exc:
+            if "directory not found" in str(exc).lower():
+                return {}
+            raise
+        return {
+            item["Path"]: RemoteFile(int(item["Size"]), dict(item.get("Hashes") or {}))
+            for item in json.loads(out or "[]")
+        }
+
+    def names(self) -> list[str]:
+        """Names of the top-level directories (checkpoints, whole or partial) on the remote."""
+        try:
+            out = self._run(["lsjson", "--dirs-only", self.root])
+        except RemoteError as exc:
+            if "directory not found" in str(exc).lower():
+                return []
+            raise
+        return [i["Name"] for i in json.loads(out or "[]") if i["Name"] != META_DIR]
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """The manifest: {checkpoint name: entry}; an unreadable entry counts as absent."""
+        try:
+            out = self._run(["cat", self.path(MANIFEST_DIR), "--include", "*.json"])
+        except RemoteError as exc:
+            if "directory not found" in str(exc).lower():
+                return {}
+            raise
+        found = {}
+        for line in out.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # an entry torn by a kill: its checkpoint is verified again
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                found[entry["name"]] = entry
+        return found
+
+    def write_entry(self, entry: dict[str, Any]) -> None:
+        """Record a verified checkpoint (one JSON line, so `entries` reads all in one call)."""
+        text = json.dumps(entry, sort_keys=True) + "\n"
+        self._run(["rcat", self.path(f"{MANIFEST_DIR}/{entry['name']}.json")], stdin=text)
+
+    def probe_write(self) -> None:
+        """Write and delete a small object: raises RemoteError when the remote rejects writes."""
+        rel = f"{META_DIR}/write-probe-{os.getpid()}"
+        self._run(["rcat", self.path(rel)], stdin="bootstrap write probe\n")
+        self._run(["deletefile", self.path(rel)])
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _transfer_flags(self) -> list[str]:
+        flags = ["--transfers", str(self.spec.transfers)]
+        if self.spec.bwlimit:
+            flags += ["--bwlimit", self.spec.bwlimit]
+        return flags
+
+    def _run(
+        self, args: list[str], *, stdin: str | None = None, timeout: float | None = _QUICK_TIMEOUT_S
+    ) -> str:
+        if self.rclone is None:
+            raise RemoteError(
+                "rclone is not installed on the box (a `rclone_copy` step installs it)"
+            )
+        argv = [*nice_prefix(), self.rclone, *args, "--retries", "2", "--low-level-retries", "3"]
+        if self._config:
+            argv += ["--config", self._config]
+        feed: dict[str, Any] = (
+            {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+        )
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, env=self.env, **feed
+            )
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"rclone {args[0]} took longer than {timeout:.0f}s") from None
+        except OSError as exc:
+            raise RemoteError(f"rclone could not start: {exc}") from None
+        if done.returncode != 0:
+            raise RemoteError(
+                _last_error(done.stderr) or f"rclone {args[0]} exited {done.returncode}"
+            )
+        return done.stdout
+
+
+def _last_error(stderr: str) -> str:
+    """rclone's most telling error line (its final `Failed to ...`, else the last ERROR)."""
+    lines = [
+        ln.strip() for ln in stderr.splitlines() if ln.strip() and "NOTICE: Config file" not in ln
+    ]
+    for marker in ("Failed to", "ERROR", "error"):
+        for line in reversed(lines):
+            if marker in line:
+                return _strip_stamp(line)
+    return _strip_stamp(lines[-1]) if lines else ""
+
+
+def _strip_stamp(line: str) -> str:
+    """`2026/12/02 18:08:04 ERROR : x` → `ERROR : x`."""
+    parts = line.split(" ", 2)
+    if len(parts) == 3 and parts[0].count("/") == 2 and parts[1].count(":") == 2:
+        return parts[2]
+    return line

@@ -1,0 +1,191 @@
+"""Upload each complete checkpoint, verify it, record it in the remote's manifest, then prune.
+
+One `sync()` pass, oldest step first, for every complete checkpoint the manifest lacks:
+
+1. `rclone sync` the directory (files already on the remote with the same size and time are
+   skipped, so a pass killed halfway resumes without sending a finished file twice), then the
+   `carry:` files to `.bootstrap/carry/<name>/`;
+2. verify: `rclone check --one-way` (size, and hash where the remote has one), then the remote's
+   listing must hold exactly the box's files with their sizes;
+3. write the manifest entry (the remote's sizes and hashes): from here on it is restorable;
+4. `keep`: delete the oldest complete checkpoints beyond `keep`, but only those the manifest
+   holds (with a remote), never the newest, never an incomplete one.
+
+What the pass saw goes to `checkpoints.json` in the step's directory, which `status`, the
+watcher and `bootstrap checkpoints` read. Standard library only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.checkpoints import local
+from provision.checkpoints.remote import CARRY_DIR, Remote, RemoteError, RemoteFile
+from provision.checkpoints.spec import CheckpointSpec
+from provision.steps.base import read_json, write_json_atomic
+
+STATUS_FILE = "checkpoints.json"
+
+
+@dataclass
+class SyncReport:
+    """What one pass did."""
+
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class Uploader:
+    """Keeps a job's checkpoints on its remote (see the module doc)."""
+
+    def __init__(
+        self,
+        spec: CheckpointSpec,
+        cwd: Path,
+        workdir: Path,
+        remote: Remote | None,
+        log: Callable[[str], None],
+        launch: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.cwd = cwd
+        self.directory = cwd / spec.dir
+        self.workdir = workdir
+        self.remote = remote
+        self.log = log
+        self.launch = launch
+        self._verified: set[str] | None = None
+
+    @property
+    def status_path(self) -> Path:
+        return self.workdir / STATUS_FILE
+
+    def sync(self) -> SyncReport:
+        """One pass: upload and verify what is new, then prune; never raises for the remote."""
+        report = SyncReport()
+        found = local.complete(self.directory, self.spec)
+        try:
+            verified = self._verified_names()
+            for ckpt in found:
+                if self.remote is not None and ckpt.name not in verified:
+                    self._upload(ckpt)
+                    verified.add(ckpt.name)
+                    report.uploaded.append(ckpt.name)
+        except (RemoteError, OSError) as exc:
+            report.error = str(exc)
+            self.log(f"checkpoint upload failed: {exc}")
+        verified = self._verified or set()
+        report.deleted = self._prune(found, verified)
+        report.pending = (
+            [c.name for c in local.complete(self.directory, self.spec) if c.name not in verified]
+            if self.remote is not None
+            else []
+        )
+        self._record(report, verified)
+        return report
+
+    def _verified_names(self) -> set[str]:
+        """Names the manifest holds (read from the remote once, then kept up to date here)."""
+        if self._verified is None:
+            self._verified = set(self.remote.entries()) if self.remote is not None else set()
+        return self._verified
+
+    def _upload(self, ckpt: local.LocalCheckpoint) -> None:
+        assert self.remote is not None
+        started = time.time()
+        self.log(f"uploading checkpoint {ckpt.name} to {self.remote.url}")
+        self.remote.upload_dir(ckpt.path, ckpt.name)
+        carried = {}
+        for rel in self.spec.carry:
+            source = self.cwd / rel
+            if source.is_file():
+                self.remote.upload_file(source, f"{CARRY_DIR}/{ckpt.name}/{rel}")
+                carried[rel] = source.stat().st_size
+        files = self._verify(ckpt, carried)
+        size = sum(f.size for f in files["files"].values())
+        entry = {
+            "name": ckpt.name,
+            "step": ckpt.step,
+            "files": {k: v.to_dict() for k, v in sorted(files["files"].items())},
+            "carry": {k: v.to_dict() for k, v in sorted(files["carry"].items())},
+            "bytes": size,
+            "verified": time.time(),
+            "box": socket.gethostname(),
+            "launch": self.launch,
+        }
+        self.remote.write_entry(entry)
+        seconds = time.time() - started
+        self.log(f"checkpoint {ckpt.name} uploaded and verified ({size} bytes in {seconds:.1f}s)")
+
+    def _verify(
+        self, ckpt: local.LocalCheckpoint, carried: dict[str, int]
+    ) -> dict[str, dict[str, RemoteFile]]:
+        """The remote's files of `ckpt` and its carry, once they match the box's exactly."""
+        assert self.remote is not None
+        self.remote.check_against(ckpt.path, ckpt.name)
+        mine = local.files(ckpt.path)
+        theirs = self.remote.listing(ckpt.name)
+        _same_sizes(ckpt.name, mine, theirs)
+        theirs = {k: theirs[k] for k in mine}
+        carry = self.remote.listing(f"{CARRY_DIR}/{ckpt.name}")
+        carry = {k: v for k, v in carry.items() if k in carried}
+        _same_sizes(f"the carry of {ckpt.name}", carried, carry)
+        return {"files": theirs, "carry": carry}
+
+    def _prune(self, found: list[local.LocalCheckpoint], verified: set[str]) -> list[str]:
+        if self.spec.keep is None or len(found) <= self.spec.keep:
+            return []
+        deleted = []
+        for ckpt in found[: -self.spec.keep]:
+            if self.remote is not None and ckpt.name not in verified:
+                continue  # not on the remote yet: the box's copy is the only one
+            shutil.rmtree(ckpt.path, ignore_errors=True)
+            deleted.append(ckpt.name)
+            self.log(f"deleted local checkpoint {ckpt.name} (keep: {self.spec.keep})")
+        return deleted
+
+    def _record(self, report: SyncReport, verified: set[str]) -> None:
+        old = read_json(self.status_path, {})
+        old = old if isinstance(old, dict) else {}
+        now = time.time()
+        failing = old.get("failing")
+        if report.error:
+            since = failing.get("since", now) if isinstance(failing, dict) else now
+            attempts = (failing.get("attempts", 0) if isinstance(failing, dict) else 0) + 1
+            failing = {"since": since, "error": report.error, "attempts": attempts}
+        else:
+            failing = None
+        status: dict[str, Any] = {
+            "remote": self.remote.url if self.remote is not None else None,
+            "verified": sorted(verified, key=lambda n: self.spec.step_of(n) or 0),
+            "pending": report.pending,
+            "deleted": sorted(set(old.get("deleted") or []) | set(report.deleted)),
+            "failing": failing,
+            "checked": now,
+            "last_upload": now if report.uploaded else old.get("last_upload"),
+        }
+        write_json_atomic(self.status_path, status)
+
+
+def read_status(workdir: Path) -> dict[str, Any]:
+    """The uploader's last pass as `checkpoints.json` holds it ({} before the first)."""
+    status = read_json(workdir / STATUS_FILE, {})
+    return status if isinstance(status, dict) else {}
+
+
+def _same_sizes(what: str, mine: dict[str, int], theirs: dict[str, RemoteFile]) -> None:
+    missing = sorted(set(mine) - set(theirs))
+    wrong = sorted(k for k in mine if k in theirs and theirs[k].size != mine[k])
+    if missing or wrong:
+        detail = ", ".join(
+            [*(f"{k} missing" for k in missing), *(f"{k} size differs" for k in wrong)]
+        )
+        raise RemoteError(f"{what} on the remote does not match the box: {detail}")

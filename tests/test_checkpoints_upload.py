@@ -1,0 +1,295 @@
+"""Checkpoints leave the box: the `checkpoints:` block, the uploader and the guard.
+
+Real rclone (a `type = local` remote, `rclone serve` read-only), the real GCS emulator and the
+stand-in trainer writing checkpoints as openpi's fork does (provision/data/fake_trainer.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from ckpt_remotes import manifest, rclone_config, serve, train, trainer_command
+from gcs_emulator import EmulatorProcess, client
+from project import one_line_error, wait_for
+
+from provision.checkpoints import local
+from provision.checkpoints.remote import Remote
+from provision.checkpoints.spec import CheckpointSpec, parse_checkpoints
+from provision.checkpoints.upload import Uploader, read_status
+from provision.steps.base import ParamError, StepContext, validate_params
+from provision.steps.tmux_launch import KIND as TMUX_LAUNCH
+from provision.watch import guard
+
+FORK = {"dir": "ck", "step": r"(\d+)", "complete": "metadata.pt"}
+
+
+def make(tmp_path: Path, **extra: object) -> tuple[CheckpointSpec, dict[str, str], Path]:
+    """A spec with a local rclone remote `store:` rooted at tmp_path/remote."""
+    conf = rclone_config(tmp_path / "rclone.conf", store={"type": "local"})
+    raw = {**FORK, "remote": f"store:{tmp_path / 'remote'}", "rclone_config": str(conf)}
+    raw.update(extra)
+    return parse_checkpoints(raw), dict(os.environ), tmp_path / "remote"
+
+
+def uploader(spec: CheckpointSpec, env: dict[str, str], cwd: Path, lines: list[str]) -> Uploader:
+    work = cwd / "step"
+    work.mkdir(exist_ok=True)
+    remote = Remote(spec, env) if spec.remote else None
+    return Uploader(spec, cwd, work, remote, lines.append)
+
+
+# ---- the block, at load ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({"dir": "ck", "step": "(\\d+"}, "checkpoints.step", "not a valid regex"),
+        ({"dir": "ck", "step": "\\d+"}, "checkpoints.step", "needs a group"),
+        ({"dir": "ck", "keep": 0}, "checkpoints.keep", ">= 1"),
+        (
+            {"dir": "ck", "remote": "s3://b/x"},
+            "checkpoints.remote",
+            "unknown remote scheme 's3://'",
+        ),
+        ({"dir": "ck", "remote": "just/a/path"}, "checkpoints.remote", "neither an rclone remote"),
+        ({"dir": "ck", "restore": True}, "checkpoints.restore", "needs a 'remote'"),
+        ({"dir": "/abs"}, "checkpoints.dir", "inside cwd"),
+        ({"dir": "ck", "kep": 2}, "checkpoints.kep", "unknown key 'kep'"),
+        ({"dir": "ck", "bwlimit": "fast"}, "checkpoints.bwlimit", "--bwlimit"),
+    ],
+)
+def test_bad_blocks_are_refused(raw: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ParamError) as err:
+        parse_checkpoints(raw)
+    assert err.value.key == key
+    assert fragment in str(err.value)
+
+
+def test_bad_block_in_a_playbook_is_one_line_with_file_line_and_step(
+    tmp_path: Path, controller_env: dict[str, str]
+) -> None:
+    book = tmp_path / "pb.yaml"
+    book.write_text(
+        textwrap.dedent(
+            """\
+            name: t
+            steps:
+              - id: train
+                kind: tmux_launch
+                session: s
+                command: python3 train.py
+                checkpoints:
+                  dir: ck
+                  step: '(\\d+'
+                  keep: 2
+            """
+        )
+    )
+    for bad, line in (("step: '(\\d+'", 9), ("keep: 0", 10), ("remote: s3://b/p", 10)):
+        text = book.read_text().replace("step: '(\\d+'", "step: '(\\d+)'")
+        text = text.replace("keep: 2", bad) if "step" not in bad else book.read_text()
+        (tmp_path / "bad.yaml").write_text(text)
+        result = subprocess.run(
+            ["bootstrap", "plan", "local", "-p", str(tmp_path / "bad.yaml")],
+            env=controller_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        error = one_line_error(result)
+        assert f"bad.yaml:{line}: step 'train':" in error, error
+
+
+def test_step_regex_matches_whole_names_so_tmp_dirs_are_not_checkpoints(tmp_path: Path) -> None:
+    spec = parse_checkpoints({"dir": "ck", "step": r"(\d+)$"})
+    assert spec.step_of("tmp_50") is None
+    assert spec.step_of("50") == 50
+
+
+# ---- the uploader ----------------------------------------------------------------------------
+
+
+def test_complete_checkpoints_are_uploaded_verified_recorded_then_pruned(tmp_path: Path) -> None:
+    spec, env, root = make(tmp_path, keep=1, carry=["ck/wandb_run_id.txt"])
+    train(tmp_path, 30, 10)
+    # A checkpoint being written: the fork's tmp_N (marker and all) and an N without its marker.
+    (tmp_path / "ck" / "tmp_40").mkdir()
+    (tmp_path / "ck" / "tmp_40" / "metadata.pt").write_text("{}")
+    (tmp_path / "ck" / "35").mkdir()
+    (tmp_path / "ck" / "35" / "model.safetensors").write_bytes(b"half")
+    lines: list[str] = []
+    report = uploader(spec, env, tmp_path, lines).sync()
+    assert report.error is None, lines
+    assert report.uploaded == ["10", "20", "30"]
+    entries = manifest(root)
+    assert sorted(entries) == ["10", "20", "30"]
+    assert sorted(p.name for p in root.iterdir()) == [".bootstrap", "10", "20", "30"]
+    for name, entry in entries.items():
+        assert set(entry["files"]) == {"metadata.pt", "model.safetensors", "optimizer.pt"}
+        size = (root / name / "model.safetensors").stat().st_size
+        assert entry["files"]["model.safetensors"]["size"] == size == 4096
+        assert entry["files"]["model.safetensors"]["hashes"]["md5"]
+        assert entry["carry"]["ck/wandb_run_id.txt"]["size"] == 8
+    carried = root / ".bootstrap" / "carry" / "30" / "ck" / "wandb_run_id.txt"
+    assert carried.read_text() == (tmp_path / "ck" / "wandb_run_id.txt").read_text()
+    # keep: 1 leaves the newest complete one, and the ones being written.
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "30", "35", "tmp_40", "wandb_run_id.txt"
+    ]  # fmt: skip
+    assert report.deleted == ["10", "20"]
+
+
+def test_a_second_pass_sends_nothing(tmp_path: Path) -> None:
+    spec, env, root = make(tmp_path)
+    train(tmp_path, 20, 10)
+    up = uploader(spec, env, tmp_path, [])
+    assert up.sync().uploaded == ["10", "20"]
+    stamps = {p: p.stat().st_ctime_ns for p in root.rglob("*") if p.is_file()}
+    fresh = uploader(spec, env, tmp_path, [])  # a new process: knows only the manifest
+    assert fresh.sync().uploaded == []
+    assert {p: p.stat().st_ctime_ns for p in root.rglob("*") if p.is_file()} == stamps
+
+
+def test_nothing_is_deleted_before_it_is_on_the_remote(tmp_path: Path) -> None:
+    spec, env, _root = make(tmp_path, keep=1, remote="nosuch:runs")
+    train(tmp_path, 30, 10)
+    report = uploader(spec, env, tmp_path, []).sync()
+    assert report.error
+    assert [c.name for c in local.complete(tmp_path / "ck", spec)] == ["10", "20", "30"]
+    assert report.pending == ["10", "20", "30"]
+
+
+def test_keep_without_a_remote_rotates(tmp_path: Path) -> None:
+    spec = parse_checkpoints({**FORK, "keep": 2})
+    train(tmp_path, 40, 10)
+    report = uploader(spec, {}, tmp_path, []).sync()
+    assert report.deleted == ["10", "20"]
+
+
+def test_a_remote_that_rejects_writes_is_reported_and_loses_nothing(tmp_path: Path) -> None:
+    (tmp_path / "served").mkdir()
+    with serve("webdav", tmp_path / "served", "--read-only") as url:
+        conf = rclone_config(tmp_path / "rclone.conf", ro={"type": "webdav", "url": url})
+        spec = parse_checkpoints(
+            {**FORK, "keep": 1, "remote": "ro:runs", "rclone_config": str(conf)}
+        )
+        train(tmp_path, 20, 10)
+        up = uploader(spec, dict(os.environ), tmp_path, [])
+        first, second = up.sync(), up.sync()
+    assert first.error and second.error
+    status = read_status(tmp_path / "step")
+    assert status["failing"]["attempts"] == 2
+    assert status["pending"] == ["10", "20"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["10", "20", "wandb_run_id.txt"]
+    assert list((tmp_path / "served").iterdir()) == []
+
+
+def test_gs_remote_on_the_emulator(tmp_path: Path) -> None:
+    emulator = EmulatorProcess()
+    try:
+        client(emulator.endpoint).create_bucket("ckpts")
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator.endpoint}
+        spec = parse_checkpoints({**FORK, "keep": 1, "remote": "gs://ckpts/runs/ae"})
+        train(tmp_path, 20, 10)
+        report = uploader(spec, env, tmp_path, []).sync()
+        assert report.error is None
+        names = sorted(b.name for b in client(emulator.endpoint).list_blobs("ckpts"))
+        assert "runs/ae/20/model.safetensors" in names
+        assert "runs/ae/.bootstrap/manifest/20.json" in names
+        assert sorted(Remote(spec, env).entries()) == ["10", "20"]
+    finally:
+        emulator.stop()
+
+
+# ---- the guard -------------------------------------------------------------------------------
+
+
+def _guard_config(tmp_path: Path, spec: CheckpointSpec, launch: str = "abc123") -> dict:
+    return {"launch_id": launch, "cwd": str(tmp_path), "checkpoints": spec.to_dict()}
+
+
+def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
+    spec, env, root = make(tmp_path, bwlimit="2M", poll=1)
+    train(tmp_path, 20, 10, "--ckpt-bytes", str(3 << 20))
+    work = tmp_path / "step"
+    work.mkdir()
+    pid = guard.start(work, _guard_config(tmp_path, spec), env)
+    wait_for(lambda: manifest(root).keys() == {"10"}, timeout=60, what="checkpoint 10 uploaded")
+    wait_for(lambda: (root / "20").exists(), timeout=30, what="checkpoint 20 begun")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: guard.guard_pid(work) is None, timeout=10, what="the guard dead")
+    assert "20" not in manifest(root)  # partial on the remote: not recorded
+    stamps = {p: p.stat().st_ctime_ns for p in (root / "10").rglob("*")}
+    assert guard.revive(work) is not None
+    wait_for(lambda: manifest(root).keys() == {"10", "20"}, timeout=60, what="20 after revive")
+    assert {p: p.stat().st_ctime_ns for p in (root / "10").rglob("*")} == stamps
+    assert "uploading checkpoint 10" not in (work / guard.LOG_FILE).read_text().split("follows")[-1]
+    (work / "job.status").write_text("0 abc123\n")
+    wait_for(lambda: guard.guard_pid(work) is None, timeout=30, what="guard ends after the job")
+    assert not (work / guard.ENV_FILE).exists()
+
+
+def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> None:
+    spec, env, root = make(tmp_path, poll=1)
+    work = tmp_path / "step"
+    work.mkdir()
+    script = (
+        "import sys; sys.path.insert(0, %r); from pathlib import Path;"
+        "from provision.watch import guard; import json;"
+        "print(guard.start(Path(%r), json.loads(%r), {}))"
+    )
+    code = script % (
+        str(Path(guard.__file__).parents[2]),
+        str(work),
+        json.dumps(_guard_config(tmp_path, spec)),
+    )
+    starter = subprocess.Popen(
+        ["python3", "-c", code], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    out, _ = starter.communicate(timeout=30)
+    pid = int(out.split()[-1])
+    with pytest.raises(ProcessLookupError):
+        os.killpg(starter.pid, signal.SIGKILL)  # the starter's group is gone with it
+    assert os.getpgid(pid) != starter.pid
+    assert guard.guard_pid(work) == pid
+    train(tmp_path, 10, 10)
+    wait_for(lambda: "10" in manifest(root), timeout=30, what="upload by the detached guard")
+    guard.stop(work)
+    assert guard.guard_pid(work) is None
+
+
+def test_tmux_launch_starts_a_guard_that_outlives_the_session(tmp_path: Path) -> None:
+    spec, env, root = make(tmp_path, poll=1, keep=1)
+    folder = Path(tempfile.mkdtemp(prefix="tmx", dir="/tmp"))
+    socket = str(folder / "tmux")
+    try:
+        command = trainer_command("ck", 10, 1000, "--step-sleep", "0.05")
+        params = {"session": "train", "socket": socket, "cwd": str(tmp_path), "command": command,
+                  "checkpoints": spec.to_dict() | {"carry": []}}  # fmt: skip
+        ctx = StepContext(
+            step_id="train",
+            params=validate_params(TMUX_LAUNCH, params),
+            run_dir=tmp_path / "run",
+            env=env,
+            out=io.StringIO(),
+        )
+        TMUX_LAUNCH.run(ctx)
+        wait_for(lambda: len(manifest(root)) >= 2, timeout=60, what="two checkpoints uploaded")
+        pid = guard.guard_pid(ctx.workdir)
+        assert pid is not None
+        subprocess.run(["tmux", "-S", socket, "kill-server"], check=True)
+        wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=60, what="guard ends")
+        on_box = [c.name for c in local.complete(tmp_path / "ck", spec)]
+        assert on_box and set(on_box) <= set(manifest(root))  # the last one went up too
+        log = (ctx.workdir / guard.LOG_FILE).read_text()
+        assert "job is gone" in log
+    finally:
+        subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
