@@ -645,6 +645,57 @@ def monitor(
     _guard(_monitor, target, playbook, inventory, step, batch_size, as_json, watch, interval)
 
 
+def _checkpoints(
+    target: str,
+    step_id: str | None,
+    playbook: Path | None,
+    inventory: Path | None,
+    only: int | None,
+    as_json: bool,
+) -> int:
+    from provision import controller
+    from provision.checkpoints.listing import render_report
+
+    loaded = Loaded(playbook, inventory, [target])
+    host = loaded.hosts[0]
+    plan = loaded.plans(None, {})[host.name]
+    launches = [s for s in plan["steps"] if s["kind"] == "tmux_launch"]
+    launches = [s for s in launches if (s.get("params") or {}).get("checkpoints")]
+    if step_id is not None:
+        launches = [s for s in launches if s["id"] == step_id]
+    if not launches:
+        which = f"step '{step_id}'" if step_id else "no tmux_launch step"
+        raise ProvisionError(f"{loaded.playbook_path}: {which} declares checkpoints")
+    step = launches[0]
+    env = {**step["env"], **{n: loaded.inventory.secret(n) for n in step.get("secrets", [])}}
+    report = controller.checkpoints(controller.connect(host), plan["name"], step, env)
+    if as_json:
+        print(json.dumps(dict(report, host=host.name, step=step["id"])))
+    else:
+        print(f"{host.name} · {step['id']}")
+        print(render_report(report, only))
+    failing = (report.get("uploader") or {}).get("failing")
+    return 1 if failing or report.get("remote_error") else 0
+
+
+@app.command()
+def checkpoints(
+    target: Annotated[str, typer.Argument(help="host")],
+    step: Annotated[
+        str | None,
+        typer.Argument(help="the tmux_launch step (default: the first with checkpoints)"),
+    ] = None,
+    playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
+    only: Annotated[
+        int | None, typer.Option("--at", help="only the checkpoint of this step")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A job's checkpoints on the box and on its remote: uploaded, partial, verified, broken."""
+    _guard(_checkpoints, target, step, playbook, inventory, only, as_json)
+
+
 def _diagnose(source: str, as_json: bool) -> int:
     from provision.monitor.diagnose import diagnose_command, render_diagnosis
 

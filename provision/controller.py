@@ -301,6 +301,15 @@ def monitor(
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 
 
+def checkpoints(
+    box: Box, run: str | None, step: dict[str, Any], env: dict[str, str]
+) -> dict[str, Any]:
+    """A tmux_launch step's checkpoints on the box and on its remote (see checkpoints/listing)."""
+    payload = {"run": run, "step": step, "env": env}
+    result = agent_run(box, ["checkpoints"], json.dumps(payload).encode(), timeout=300)
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
 def interactive(box: Box, command: str) -> int:
     """Run a command on the box attached to this terminal (e.g. `tmux attach`)."""
     return subprocess.call(box.transport.interactive_argv(command))

@@ -8,7 +8,7 @@
 - `run`: the runner itself (started by `up`, detached, without a pty).
 - `exec`: one step (started by the runner).
 - `guard`: the detached guard of a launched job (started by `tmux_launch`).
-- `status`, `logs`: read-only reports.
+- `status`, `logs`, `checkpoints`: read-only reports.
 """
 
 from __future__ import annotations
@@ -266,6 +266,34 @@ def cmd_guard(args: argparse.Namespace) -> int:
     return main(args.dir)
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    """A tmux_launch step's checkpoints on the box and on its remote, as JSON."""
+    from provision.checkpoints.listing import checkpoint_report
+    from provision.checkpoints.spec import parse_checkpoints
+    from provision.watch.guard import ENV_FILE, guard_pid
+
+    payload = _read_params()
+    run = _run_for(payload.get("run"))
+    step = payload["step"]
+    params = step.get("params") or {}
+    spec = parse_checkpoints(params["checkpoints"])
+    workdir = run.step_dir(step["id"]) if run is not None else Path(os.devnull)
+    # The guard's copy of the job's environment has what the job reached the remote with.
+    env = {**read_json_dict(workdir / ENV_FILE), **os.environ}
+    cwd = Path(os.path.expanduser(params.get("cwd") or "~"))
+    report_data = checkpoint_report(spec, cwd, env, workdir, guard_pid(workdir))
+    print(json.dumps(report_data))
+    return 0
+
+
+def read_json_dict(path: Path) -> dict[str, str]:
+    """A JSON object file as a dict of strings ({} when missing or not an object)."""
+    from provision.steps.base import read_json
+
+    data = read_json(path, {})
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent")
     sub = p.add_subparsers(dest="command", required=True)
@@ -293,6 +321,7 @@ def parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_logs)
     sub.add_parser("check").set_defaults(func=cmd_check)
     sub.add_parser("monitor").set_defaults(func=cmd_monitor)
+    sub.add_parser("checkpoints").set_defaults(func=cmd_checkpoints)
     gd = sub.add_parser("guard")
     gd.add_argument("dir")
     gd.set_defaults(func=cmd_guard)

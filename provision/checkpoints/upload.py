@@ -62,7 +62,7 @@ class Uploader:
         self.remote = remote
         self.log = log
         self.launch = launch
-        self._verified: set[str] | None = None
+        self._entries: dict[str, dict[str, Any]] | None = None
 
     @property
     def status_path(self) -> Path:
@@ -73,30 +73,39 @@ class Uploader:
         report = SyncReport()
         found = local.complete(self.directory, self.spec)
         try:
-            verified = self._verified_names()
             for ckpt in found:
-                if self.remote is not None and ckpt.name not in verified:
+                if self.remote is not None and not self._on_remote(ckpt):
                     self._upload(ckpt)
-                    verified.add(ckpt.name)
                     report.uploaded.append(ckpt.name)
         except (RemoteError, OSError) as exc:
             report.error = str(exc)
             self.log(f"checkpoint upload failed: {exc}")
-        verified = self._verified or set()
-        report.deleted = self._prune(found, verified)
-        report.pending = (
-            [c.name for c in local.complete(self.directory, self.spec) if c.name not in verified]
-            if self.remote is not None
-            else []
-        )
-        self._record(report, verified)
+        safe = {c.name for c in found if self.remote is None or self._on_remote(c)}
+        report.deleted = self._prune(found, safe)
+        if self.remote is not None:
+            left = local.complete(self.directory, self.spec)
+            report.pending = [c.name for c in left if not self._on_remote(c)]
+        self._record(report)
         return report
 
-    def _verified_names(self) -> set[str]:
-        """Names the manifest holds (read from the remote once, then kept up to date here)."""
-        if self._verified is None:
-            self._verified = set(self.remote.entries()) if self.remote is not None else set()
-        return self._verified
+    def _on_remote(self, ckpt: local.LocalCheckpoint) -> bool:
+        """Whether the manifest records this very checkpoint (same files, same sizes).
+
+        An entry of the same name with other files (another run that reached the same step)
+        does not count: the box's checkpoint is uploaded over it.
+        """
+        if self._entries is None:
+            if self.remote is None:
+                return False
+            try:
+                self._entries = self.remote.entries()
+            except RemoteError:
+                return False
+        entry = self._entries.get(ckpt.name)
+        if entry is None:
+            return False
+        recorded = {k: int(v.get("size", -1)) for k, v in (entry.get("files") or {}).items()}
+        return recorded == local.files(ckpt.path)
 
     def _upload(self, ckpt: local.LocalCheckpoint) -> None:
         assert self.remote is not None
@@ -122,6 +131,8 @@ class Uploader:
             "launch": self.launch,
         }
         self.remote.write_entry(entry)
+        if self._entries is not None:
+            self._entries[ckpt.name] = entry
         seconds = time.time() - started
         self.log(f"checkpoint {ckpt.name} uploaded and verified ({size} bytes in {seconds:.1f}s)")
 
@@ -140,19 +151,19 @@ class Uploader:
         _same_sizes(f"the carry of {ckpt.name}", carried, carry)
         return {"files": theirs, "carry": carry}
 
-    def _prune(self, found: list[local.LocalCheckpoint], verified: set[str]) -> list[str]:
+    def _prune(self, found: list[local.LocalCheckpoint], safe: set[str]) -> list[str]:
         if self.spec.keep is None or len(found) <= self.spec.keep:
             return []
         deleted = []
         for ckpt in found[: -self.spec.keep]:
-            if self.remote is not None and ckpt.name not in verified:
+            if ckpt.name not in safe:
                 continue  # not on the remote yet: the box's copy is the only one
             shutil.rmtree(ckpt.path, ignore_errors=True)
             deleted.append(ckpt.name)
             self.log(f"deleted local checkpoint {ckpt.name} (keep: {self.spec.keep})")
         return deleted
 
-    def _record(self, report: SyncReport, verified: set[str]) -> None:
+    def _record(self, report: SyncReport) -> None:
         old = read_json(self.status_path, {})
         old = old if isinstance(old, dict) else {}
         now = time.time()
@@ -165,7 +176,7 @@ class Uploader:
             failing = None
         status: dict[str, Any] = {
             "remote": self.remote.url if self.remote is not None else None,
-            "verified": sorted(verified, key=lambda n: self.spec.step_of(n) or 0),
+            "verified": sorted(self._entries or {}, key=lambda n: self.spec.step_of(n) or 0),
             "pending": report.pending,
             "deleted": sorted(set(old.get("deleted") or []) | set(report.deleted)),
             "failing": failing,

@@ -39,7 +39,9 @@ command). `run` writes a launch script into the step's directory and the session
   system torchrun runs the wrong interpreter: `ModuleNotFoundError: No module named
   'safetensors'`);
 - `gpus:` sets CUDA_VISIBLE_DEVICES; `resume_args` are appended when the step launches again
-  after an earlier launch (a `rerun`, a changed param), e.g. openpi's `--resume`.
+  after an earlier launch (a `rerun`, a changed param), e.g. openpi's `--resume`, and when
+  `checkpoints: {restore: true}` brought the remote's newest verified checkpoint onto a box
+  that had none (provision/checkpoints/restore.py).
 
 `run` first kills a session of the same name (the seed's `tmux kill-session` before each try) and
 waits for its processes to exit, so a relaunch never races the old job for GPU memory. It returns
@@ -69,6 +71,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from provision.checkpoints import restore
 from provision.checkpoints.spec import parse_checkpoints
 from provision.errors import StepFailed
 from provision.steps import _joblog
@@ -181,7 +184,9 @@ class TmuxLaunch(Kind):
         if venv is not None:
             command = resolve_venv_command(command, venv)
         previous = read_json(ctx.workdir / LAUNCH_FILE, None)
-        resumed = isinstance(previous, dict) and bool(p["resume_args"])
+        spec = parse_checkpoints(p["checkpoints"]) if p["checkpoints"] is not None else None
+        restored = restore.before_launch(spec, cwd, ctx.env, ctx.log) if spec else None
+        resumed = (isinstance(previous, dict) or restored is not None) and bool(p["resume_args"])
         if resumed:
             command = f"{command} {p['resume_args']}"
         log = _under(cwd, ctx.path(p["log"] or f"logs/{session}.log"))
@@ -203,6 +208,7 @@ class TmuxLaunch(Kind):
             )
             record = {"launch_id": launch, "session": session, "socket": p["socket"]}
             record.update(log=str(log), command=command, resumed=resumed, started=time.time())
+            record["restored"] = restored.name if restored is not None else None
             write_json_atomic(ctx.workdir / LAUNCH_FILE, record)
             env_file = _write_env_file(ctx.workdir / ENV_FILE, _job_env(ctx))
             try:
@@ -211,8 +217,7 @@ class TmuxLaunch(Kind):
             finally:
                 env_file.unlink(missing_ok=True)
         ctx.log(f"launched `{command}` in tmux session {session} (pid {pid}), output in {log}")
-        if p["checkpoints"] is not None:
-            spec = parse_checkpoints(p["checkpoints"])
+        if spec is not None:
             config = {**record, "cwd": str(cwd), "checkpoints": spec.to_dict()}
             guard_pid = guard.start(ctx.workdir, config, _job_env(ctx))
             ctx.log(f"guard {guard_pid} keeps the checkpoints (log {ctx.workdir / guard.LOG_FILE})")
