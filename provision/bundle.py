@@ -51,7 +51,7 @@ class Agent:
 def _sources() -> list[Path]:
     files = []
     for root, dirs, names in os.walk(PACKAGE):
-        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "transport"))
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "transport", "rent"))
         for name in sorted(names):
             path = Path(root) / name
             rel = path.relative_to(PACKAGE)

@@ -59,6 +59,32 @@ KeyOpt = Annotated[
     bool,
     typer.Option("--accept-new-host-key", help="forget a changed host key and trust the new one"),
 ]
+# Renting on vast.ai (`rent`, `up --rent`).
+CountOpt = Annotated[int, typer.Option("--count", "-n", min=1, help="boxes to rent")]
+MaxPriceOpt = Annotated[
+    float | None, typer.Option("--max-price", help="highest $/h per box (disk included)")
+]
+InterruptibleOpt = Annotated[
+    bool, typer.Option("--interruptible", help="rent interruptible (spot) boxes; needs --bid")
+]
+BidOpt = Annotated[float | None, typer.Option("--bid", help="bid $/h per box (interruptible)")]
+DiskOpt = Annotated[float, typer.Option("--disk", min=1, help="disk GB per box")]
+ImageOpt = Annotated[
+    str | None, typer.Option("--image", help="docker image [default: vastai/base-image]")
+]
+LabelOpt = Annotated[
+    str | None, typer.Option("--label", help="target name (NAME-1.. with --count) [vast-ID]")
+]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--budget", help="stop renting once $ spent (all boxes rented here) would pass it"
+    ),
+]
+SshKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--key", help="private ssh key whose .pub is attached [~/.ssh/id_ed25519]"),
+]
 
 
 def _version(value: bool) -> None:
@@ -114,6 +140,7 @@ class Loaded:
         if inventory is not None and not inventory.exists():
             raise ProvisionError(f"{inventory}: no such inventory file")
         self.inventory = load_inventory(inv_path)
+        _add_rented(self.inventory)
         self.playbook_path = _playbook_path(playbook)
         if not self.playbook_path.exists():
             raise ProvisionError(f"{self.playbook_path}: no such playbook file")
@@ -127,6 +154,15 @@ class Loaded:
             h.name: resolve(self.book, self.inventory, h, tags=tags, extra_vars=extra)
             for h in self.hosts
         }
+
+
+def _add_rented(inventory: Any) -> None:
+    """Boxes rented by `bootstrap rent` are targets by name (an inventory host wins)."""
+    from provision.inventory import Host
+    from provision.rent.store import rented
+
+    for name, box in rented().items():
+        inventory.hosts.setdefault(name, Host(name=name, **box.host_entry()))
 
 
 def _redactor(values: list[str]) -> Any:
@@ -224,7 +260,7 @@ def _guard(fn: Any, *args: Any, **kwargs: Any) -> NoReturn:
     try:
         code = fn(*args, **kwargs)
     except ProvisionError as exc:
-        fail(exc)
+        fail(exc, exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("\ndetached: the run goes on on the box; see `bootstrap status TARGET`\n")
         raise typer.Exit(130) from None
@@ -233,7 +269,10 @@ def _guard(fn: Any, *args: Any, **kwargs: Any) -> NoReturn:
 
 @app.command()
 def up(
-    targets: TargetsArg,
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(help="host, group, local, user@host[:port], or a pasted ssh command"),
+    ] = None,
     playbook: PlaybookOpt = None,
     inventory: InventoryOpt = None,
     tags: TagsOpt = None,
@@ -243,8 +282,38 @@ def up(
     ] = False,
     accept_new_host_key: KeyOpt = False,
     auth_wait: AuthWaitOpt = 60.0,
+    rent: Annotated[
+        str | None,
+        typer.Option("--rent", help="rent box(es) on vast.ai matching this query, then run there"),
+    ] = None,
+    count: CountOpt = 1,
+    max_price: MaxPriceOpt = None,
+    interruptible: InterruptibleOpt = False,
+    bid: BidOpt = None,
+    disk: DiskOpt = 50.0,
+    image: ImageOpt = None,
+    label: LabelOpt = None,
+    budget: BudgetOpt = None,
+    key: SshKeyOpt = None,
 ) -> None:
     """Run the playbook on the targets (on the box: closing the laptop does not stop it)."""
+    if rent is None and not targets:
+        fail("up needs a target (or --rent QUERY to rent one on vast.ai)")
+    if rent is not None:
+        options = dict(count=count, max_price=max_price, interruptible=interruptible, bid=bid,
+                       disk_gb=disk, image=image, label=label, budget=budget, key=key)  # fmt: skip
+        _guard(
+            _rent_up,
+            rent,
+            options,
+            targets or [],
+            playbook,
+            inventory,
+            tags,
+            var,
+            detach,
+            auth_wait,
+        )
     _guard(_run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait)
 
 
@@ -803,6 +872,172 @@ def sample_data(
 ) -> None:
     """Write a generated dataset in the runbook's on-disk layout (for trying things out)."""
     _guard(_sample_data, output, preset, episodes, steps)
+
+
+# ------------------------------------------------------------------------------ vast.ai
+
+
+def _vast(inventory: Path | None) -> Any:
+    """The vast.ai account, its key from the inventory secret, the environment or vast's file."""
+    from provision.inventory import load_inventory
+    from provision.rent.vast import Vast, api_key
+
+    if inventory is not None and not inventory.exists():
+        raise ProvisionError(f"{inventory}: no such inventory file")
+    inv = load_inventory(inventory if inventory is not None else DEFAULT_INVENTORY)
+    key, _source = api_key(inv.secret)
+    return Vast(key)
+
+
+def _default_key(key: Path | None) -> Path:
+    if key is not None:
+        return key.expanduser()
+    for name in ("id_ed25519", "id_rsa", "id_ecdsa"):
+        path = Path.home() / ".ssh" / name
+        if path.is_file():
+            return path
+    return Path.home() / ".ssh" / "id_ed25519"
+
+
+def _rent_request(query: str, options: dict[str, Any], playbook: str | None = None) -> Any:
+    from provision.rent.renter import DEFAULT_IMAGE, Request
+
+    fields = {k: v for k, v in options.items() if k not in ("key", "image", "speed_urls")}
+    extra = {"speed_urls": tuple(options["speed_urls"])} if options.get("speed_urls") else {}
+    return Request(
+        query=query, key=_default_key(options.get("key")), image=options.get("image") or DEFAULT_IMAGE,
+        playbook=playbook, **fields, **extra,
+    )  # fmt: skip
+
+
+def _rent(query: str, options: dict[str, Any], inventory: Path | None) -> int:
+    from provision.rent.renter import rent as rent_boxes
+
+    boxes = rent_boxes(_vast(inventory), _rent_request(query, options), _say)
+    for box in boxes:
+        print(f"{box.name}\t{box.user}@{box.host}:{box.port}\tinstance {box.id}\t${box.dph:.3f}/h")
+    return 0
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _rent_up(
+    query: str,
+    options: dict[str, Any],
+    targets: list[str],
+    playbook: Path | None,
+    inventory: Path | None,
+    tags: list[str] | None,
+    variables: list[str] | None,
+    detach: bool,
+    auth_wait: float,
+) -> int:
+    from provision.rent.renter import rent as rent_boxes
+
+    book = str(_playbook_path(playbook))
+    Loaded(playbook, inventory, None)  # a bad playbook or inventory fails before renting
+    boxes = rent_boxes(_vast(inventory), _rent_request(query, options, book), _say)
+    names = [b.name for b in boxes]
+    _say(f"rented {', '.join(names)}; running {book}")
+    return _run_up(
+        [*targets, *names], playbook, inventory, tags, variables, detach, False, auth_wait
+    )
+
+
+@app.command("rent")
+def rent_command(
+    query: Annotated[
+        str, typer.Argument(help="vast.ai offer filters, e.g. 'gpu_name=RTX_4090 num_gpus>=2'")
+    ],
+    count: CountOpt = 1,
+    max_price: MaxPriceOpt = None,
+    interruptible: InterruptibleOpt = False,
+    bid: BidOpt = None,
+    disk: DiskOpt = 50.0,
+    image: ImageOpt = None,
+    label: LabelOpt = None,
+    budget: BudgetOpt = None,
+    key: SshKeyOpt = None,
+    order: Annotated[str, typer.Option("--order", help="sort offers, vastai style")] = "dph_total",
+    ssh_timeout: Annotated[
+        float, typer.Option("--ssh-timeout", min=1, help="seconds for a box to answer SSH")
+    ] = 600.0,
+    speed_url: Annotated[
+        list[str] | None,
+        typer.Option("--speed-url", help="URL the download probe reads [pypi.org, GCS]"),
+    ] = None,
+    min_speed: Annotated[
+        float, typer.Option("--min-speed", min=0, help="lowest download Mbit/s")
+    ] = 50.0,
+    inventory: InventoryOpt = None,
+) -> None:
+    """Rent vast.ai box(es): best offers, SSH, a fitness check; a bad box is swapped."""
+    options = dict(
+        count=count, max_price=max_price, interruptible=interruptible, bid=bid, disk_gb=disk,
+        image=image, label=label, budget=budget, key=key, order=order, ssh_timeout=ssh_timeout,
+        speed_urls=speed_url, min_speed_mbps=min_speed,
+    )  # fmt: skip
+    _guard(_rent, query, options, inventory)
+
+
+def _instances(inventory: Path | None, as_json: bool, key: Path | None) -> int:
+    from provision.monitor.render import duration
+    from provision.rent.manage import listing, stopped_warning
+
+    items = listing(_vast(inventory), _default_key(key))
+    if as_json:
+        for item in items:
+            print(json.dumps(item.to_dict()))
+    else:
+        print(
+            f"{'name':<16} {'id':>9} {'state':<17} {'$/h':>7} {'uptime':>11} {'cost':>8}  gpus / run"
+        )
+        for item in items:
+            d = item.to_dict()
+            run = d["playbook"] or ("-" if item.here else "(rented elsewhere)")
+            print(
+                f"{d['name']:<16} {d['id']:>9} {d['state']:<17} {d['dph']:>7.3f} "
+                f"{duration(d['uptime_s']):>11} {d['cost']:>8.2f}  {d['gpu']} / {run}"
+            )
+    for item in items:
+        warning = stopped_warning(item)
+        if warning:
+            _say(f"warning: {warning}")
+    return 0
+
+
+@app.command()
+def instances(
+    inventory: InventoryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per instance")] = False,
+    key: SshKeyOpt = None,
+) -> None:
+    """bootstrap's vast.ai instances (from the API: also those rented elsewhere), cost so far."""
+    _guard(_instances, inventory, as_json, key)
+
+
+def _down(target: str, force: bool, inventory: Path | None) -> int:
+    from provision.rent.manage import down as take_down
+
+    _rented, messages = take_down(_vast(inventory), target, force)
+    for message in messages:
+        print(message)
+    return 0
+
+
+@app.command()
+def down(
+    target: Annotated[str, typer.Argument(help="a rented box's name")],
+    force: Annotated[
+        bool, typer.Option("--force", help="destroy even if its run is not finished")
+    ] = False,
+    inventory: InventoryOpt = None,
+) -> None:
+    """Destroy a rented box once its run is finished (its checkpoints safe); billing stops."""
+    _guard(_down, target, force, inventory)
 
 
 if __name__ == "__main__":

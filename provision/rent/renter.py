@@ -1,0 +1,274 @@
+"""The rent loop: search, create, wait for SSH, check fitness; a bad box is swapped.
+
+For each box wanted, the offers are tried cheapest first (or by `--order`). An instance is
+created with bootstrap's label (`bootstrap:NAME`, which is how `bootstrap instances` finds it
+from any machine), the user's public key attached, and `~/.no_auto_tmux` made by its on-start
+script (vast.ai images otherwise put every SSH login inside tmux). Then:
+
+- its status is polled: created -> loading -> running. One that turns `exited`, `offline` or
+  `unknown` never comes back (openapi.yaml, "Poll trap"): destroyed, the next offer tried;
+- once running, SSH is tried until it answers with our key (a key arrives late on vast.ai);
+  no answer within `ssh_timeout`: destroyed, its machine remembered as bad;
+- the fitness check (fitness.py) runs; a box that fails it is destroyed, its machine
+  remembered as bad, and the next offer rented.
+
+Billing starts at create, so every instance goes into the ledger then and leaves it when
+destroyed; `--budget` counts it all and stops renting before a box would pass the cap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.errors import ProvisionError, TargetError
+from provision.rent import fitness, store
+from provision.rent.vast import Instance, Offer, Vast, VastError, parse_query
+
+LABEL_PREFIX = "bootstrap:"
+DEFAULT_IMAGE = "vastai/base-image:@vastai-automatic-tag"  # the spec's default (createInstance)
+ONSTART = "touch ~/.no_auto_tmux"
+DEAD_STATES = ("exited", "offline", "unknown")
+
+
+class RentError(ProvisionError):
+    """Nothing (or not enough) could be rented: no fitting offer, all failed, or the budget."""
+
+    exit_code = 1
+
+
+@dataclass
+class Request:
+    """What `bootstrap rent` was asked for."""
+
+    query: str
+    key: Path
+    count: int = 1
+    max_price: float | None = None
+    interruptible: bool = False
+    bid: float | None = None
+    disk_gb: float = 50.0
+    image: str = DEFAULT_IMAGE
+    label: str | None = None
+    budget: float | None = None
+    order: str = "dph_total"
+    tries: int = 6
+    ssh_timeout: float = 600.0
+    speed_urls: tuple[str, ...] = field(default_factory=fitness.default_speed_urls)
+    min_speed_ratio: float = 0.2
+    min_speed_mbps: float = 50.0
+    playbook: str | None = None
+    filters: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def validate(self) -> None:
+        """Bad option combinations, before any call is made."""
+        if self.interruptible and self.bid is None:
+            raise ProvisionError(
+                "--interruptible needs --bid $/h (without a bid vast.ai rents on demand)"
+            )
+        if self.bid is not None and not self.interruptible:
+            raise ProvisionError("--bid is for interruptible boxes: add --interruptible")
+        if self.count < 1:
+            raise ProvisionError("--count must be at least 1")
+        if not self.key.is_file() or not Path(f"{self.key}.pub").is_file():
+            raise ProvisionError(
+                f"{self.key}: no such ssh key (with {self.key}.pub beside it); use --key"
+            )
+        self.filters = parse_query(self.query)
+        if self.max_price is not None:
+            self.filters["dph_total"] = {"lte": self.max_price}
+
+
+Say = Callable[[str], None]
+
+
+def offer_lines(offers: list[Offer], limit: int = 5) -> list[str]:
+    """The best few offers as aligned text lines."""
+    lines = [
+        f"{'offer':>10} {'machine':>8} {'gpus':<28} {'$/h':>7} {'reliab':>6} {'down':>10} {'cuda':>5}  where"
+    ]
+    for o in offers[:limit]:
+        gpus = f"{o.num_gpus}× {o.gpu_name} {o.gpu_ram_gb:.0f}GB"
+        price = o.min_bid if o.interruptible and o.min_bid is not None else o.dph
+        lines.append(
+            f"{o.id:>10} {o.machine_id:>8} {gpus:<28} {price:>7.3f} {o.reliability:>6.3f} "
+            f"{o.inet_down:>5.0f} Mb/s {o.cuda:>5}  {o.location}"
+        )
+    return lines
+
+
+def rent(vast: Vast, req: Request, say: Say) -> list[store.Rented]:
+    """Rent `req.count` boxes that pass the fitness check; returns them (already stored)."""
+    req.validate()
+    vast.whoami()  # a refused key fails here, before anything is searched or created
+    bad = store.bad_machines()
+    offers = vast.search(
+        req.filters, interruptible=req.interruptible, disk_gb=req.disk_gb, order=req.order,
+        exclude_machines=set(bad),
+    )  # fmt: skip
+    if not offers:
+        raise RentError(
+            f"no offer matches '{req.query}'"
+            + (f" (skipping {len(bad)} bad machines)" if bad else "")
+        )
+    say(f"{len(offers)} offers for '{req.query}'; the best:")
+    for line in offer_lines(offers):
+        say("  " + line)
+    boxes: list[store.Rented] = []
+    tried = 0
+    for offer in offers:
+        if len(boxes) == req.count:
+            break
+        if tried == req.tries:
+            break
+        if offer.machine_id in store.bad_machines() or any(
+            b.machine_id == offer.machine_id for b in boxes
+        ):
+            continue
+        _check_budget(req, offer)
+        tried += 1
+        name = _name(req, len(boxes))
+        box = _try_offer(vast, req, offer, name, say)
+        if box is not None:
+            boxes.append(box)
+    if len(boxes) < req.count:
+        got = ", ".join(b.name for b in boxes) or "none"
+        raise RentError(
+            f"rented {len(boxes)} of {req.count} boxes (kept: {got}) after trying {tried} offers"
+        )
+    return boxes
+
+
+def _name(req: Request, index: int) -> str | None:
+    if req.label is None:
+        return None
+    return req.label if req.count == 1 else f"{req.label}-{index + 1}"
+
+
+def _check_budget(req: Request, offer: Offer) -> None:
+    if req.budget is None:
+        return
+    spent = store.spent()
+    price = req.bid if req.bid is not None else offer.dph
+    if spent + price > req.budget:
+        raise RentError(
+            f"budget: ${spent:.2f} spent of ${req.budget:.2f}; another box at ${price:.3f}/h would "
+            "pass it within the hour: not renting"
+        )
+
+
+def _try_offer(
+    vast: Vast, req: Request, offer: Offer, name: str | None, say: Say
+) -> store.Rented | None:
+    """Rent one offer; None (destroyed, machine remembered if it is to blame) when it fails."""
+    price = f"bid ${req.bid:.3f}/h" if req.bid is not None else f"${offer.dph:.3f}/h"
+    say(
+        f"renting offer {offer.id} (machine {offer.machine_id}, {offer.num_gpus}× {offer.gpu_name}, {price})"
+    )
+    label = LABEL_PREFIX + (name or "")
+    instance_id = vast.create(
+        offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART, bid=req.bid
+    )
+    name = name or f"vast-{instance_id}"
+    store.open_ledger(instance_id, name, req.bid if req.bid is not None else offer.dph)
+    try:
+        if label == LABEL_PREFIX:
+            vast.label(instance_id, LABEL_PREFIX + name)
+        vast.attach_key(instance_id, Path(f"{req.key}.pub").read_text().strip())
+        instance, failure = _wait_running(vast, instance_id, req, say)
+        if instance is not None and instance.is_bid != req.interruptible:
+            # vast-cli#403: a create that silently rented the other kind. Not the machine's fault.
+            _destroy(vast, instance_id)
+            kind = "interruptible" if req.interruptible else "on-demand"
+            raise VastError(f"instance {instance_id} was not rented {kind} as asked: destroyed it")
+        if instance is None:
+            _give_up(vast, instance_id, offer, failure, say)
+            return None
+        rented = store.Rented(
+            name=name, id=instance_id, label=LABEL_PREFIX + name, machine_id=offer.machine_id,
+            host=str(instance.ssh_host), port=int(instance.ssh_port or 22), user=instance.ssh_user,
+            key=str(req.key), dph=instance.dph or offer.dph, is_bid=instance.is_bid,
+            query=req.query, gpu=f"{offer.num_gpus}× {offer.gpu_name}", playbook=req.playbook,
+        )  # fmt: skip
+        failure = _reach_and_check(rented, offer, req, say)
+        if failure:
+            _give_up(vast, instance_id, offer, failure, say)
+            return None
+    except BaseException:
+        _destroy(vast, instance_id)  # never leave a half-rented box billing
+        raise
+    store.add(rented)
+    say(f"{name}: instance {instance_id} ready at {rented.user}@{rented.host}:{rented.port}")
+    return rented
+
+
+def _wait_running(
+    vast: Vast, instance_id: int, req: Request, say: Say
+) -> tuple[Instance | None, str]:
+    """Poll until running with an SSH address: (instance, ""), or (None, why) when it ends dead
+    or does not get there within `ssh_timeout`."""
+    deadline = time.monotonic() + req.ssh_timeout
+    delay, last = 0.5, ""
+    while time.monotonic() < deadline:
+        instance = vast.show(instance_id)
+        if instance is None:
+            return None, "the instance vanished (destroyed by vast.ai)"
+        if instance.status != last:
+            say(f"  instance {instance_id}: {instance.status}")
+            last = instance.status
+        if instance.status in DEAD_STATES:
+            return None, f"the instance went {instance.status} before SSH answered"
+        if instance.status == "running" and instance.ssh_host and instance.ssh_port:
+            return instance, ""
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 5.0)
+    return None, f"not running within {req.ssh_timeout:.0f}s (last status: {last or 'none'})"
+
+
+def _reach_and_check(rented: store.Rented, offer: Offer, req: Request, say: Say) -> str:
+    """SSH until it answers (within what is left of `ssh_timeout`), then the fitness check;
+    '' when the box is fit, else why not."""
+    from provision import controller
+    from provision.inventory import Host
+
+    host = Host(name=rented.name, **rented.host_entry())
+    start = time.monotonic()
+    box = controller.connect(host, accept_new_host_key=True)
+    delay = 1.0
+    while True:
+        # Refused, reset, or our key not installed yet: all normal in a new box's first minutes.
+        try:
+            box.transport.run("test -e ~/.no_auto_tmux || touch ~/.no_auto_tmux", timeout=30)
+            break
+        except TargetError as exc:
+            left = req.ssh_timeout - (time.monotonic() - start)
+            if left <= 0:
+                return f"SSH did not answer within {req.ssh_timeout:.0f}s: {exc}"
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.5, 10.0)
+    say(f"  {rented.name}: SSH answered after {time.monotonic() - start:.0f}s; checking fitness")
+    try:
+        verdict = fitness.check(
+            box, offer, req.disk_gb, speed_urls=req.speed_urls,
+            min_ratio=req.min_speed_ratio, min_mbps=req.min_speed_mbps,
+        )  # fmt: skip
+    except TargetError as exc:
+        return f"the fitness check could not run: {exc}"
+    for row in verdict.rows:
+        mark = "ok  " if row["ok"] else "FAIL"
+        say(f"    {mark} {row['check']}: {row['value']} (need {row['expected']})")
+    return "" if verdict.ok else f"unfit: {verdict.reason()}"
+
+
+def _give_up(vast: Vast, instance_id: int, offer: Offer, why: str, say: Say) -> None:
+    _destroy(vast, instance_id)
+    store.mark_bad(offer.machine_id, why, offer.gpu_name)
+    say(f"  destroyed instance {instance_id}: {why}; machine {offer.machine_id} marked bad")
+
+
+def _destroy(vast: Vast, instance_id: int) -> None:
+    vast.destroy(instance_id)
+    store.close_ledger(instance_id)

@@ -1,0 +1,308 @@
+"""`bootstrap rent`, `up --rent`, `instances`, `down` against the fake vast.ai API.
+
+The fake (tests/fake_vast.py) validates every request and response against Vast's pinned
+OpenAPI spec and is driven by the real `vastai==1.9.1` client inside the CLI; its instances are
+sshd boxes. Each test ends with no violation of the spec and nothing left billing unless it
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from boxes import run_cli
+from fake_vast import FakeVast, spec_path
+
+from provision.rent import fitness
+
+pytestmark = pytest.mark.slow
+
+PLAYBOOK = """\
+name: smoke-rent
+steps:
+  - id: hello
+    kind: shell
+    run: echo hello from $(hostname) > ~/hello.txt
+    creates: ~/hello.txt
+  - id: gpus
+    kind: preflight
+    min_gpus: 2
+    tools: [python3]
+    base_ram_gb: 0
+    needs: [hello]
+  - id: checkpoint
+    kind: shell
+    run: mkdir -p ~/ckpt && echo weights > ~/ckpt/step_100
+    creates: ~/ckpt/step_100
+    needs: [gpus]
+"""
+
+
+@pytest.fixture(scope="session")
+def vast_spec() -> Path:
+    path = spec_path()
+    if path is None:
+        pytest.skip(
+            "Vast's openapi.yaml (vast-ai/docs@c624622) is not at shared/vast/openapi.yaml "
+            "or $VAST_OPENAPI_SPEC; see tests/fake_vast.py"
+        )
+    return path
+
+
+@pytest.fixture
+def fake(tmp_path: Path, vast_spec: Path) -> Iterator[FakeVast]:
+    with FakeVast(tmp_path / "vast", vast_spec) as server:
+        yield server
+    assert server.violations == []
+
+
+@pytest.fixture
+def env(controller_env: dict[str, str], fake: FakeVast, tmp_path: Path) -> dict[str, str]:
+    """The controller's environment: the fake's URL and key, a HOME with no vast key file."""
+    home = tmp_path / "controller-home"
+    home.mkdir()
+    return dict(
+        controller_env, VAST_URL=fake.url, VAST_API_KEY=fake.api_key, HOME=str(home),
+        BOOTSTRAP_SPEED_URLS=f"{fake.url}/blob",  # never the real pypi.org and GCS from here
+    )  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    (root / "playbooks").mkdir(parents=True)
+    (root / "playbooks" / "smoke-rent.yaml").write_text(PLAYBOOK)
+    return root
+
+
+def cli(project: Path, env: dict[str, str], *args: str, timeout: float = 180) -> Any:
+    return run_cli(list(args), env=env, cwd=project, timeout=timeout)
+
+
+def rent_args(fake: FakeVast, key: Path, *extra: str) -> list[str]:
+    return ["--key", str(key), "--disk", "2", "--ssh-timeout", "20", *extra]
+
+
+def store(env: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (Path(env["BOOTSTRAP_CONFIG_DIR"]) / "instances.json").read_text()
+    )
+    return data
+
+
+def one_line_error(result: Any) -> str:
+    """The one `error:` line, last on stderr (progress lines may come before it)."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    return str(errors[0])
+
+
+def test_up_rent_runs_the_playbook_then_down_from_another_controller(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path, tmp_path: Path
+) -> None:
+    fake.add_offer(101, 11, gpu_name="RTX PRO 6000 WS", dph_total=0.95)
+    fake.add_offer(102, 12, gpu_name="RTX 4090", dph_total=0.4)  # filtered out by the query
+    result = cli(
+        project, env, "up", "--rent", "gpu_name=RTX_PRO_6000_WS num_gpus>=2 reliability>0.99",
+        "-p", "playbooks/smoke-rent.yaml", "--label", "t1", "--key", str(client_key), "--disk", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (instance,) = fake.live()
+    assert instance.offer.row["id"] == 101 and instance.label == "bootstrap:t1"
+    assert instance.price is None  # on demand, as asked
+    assert instance.box is not None and (instance.box.home / ".no_auto_tmux").exists()
+    assert Path(f"{client_key}.pub").read_text().strip() in instance.keys
+    assert "ok   gpu health" in result.stderr and "FAIL" not in result.stderr
+    assert (instance.box.home / "ckpt" / "step_100").exists()
+    assert store(env)["instances"]["t1"]["playbook"].endswith("smoke-rent.yaml")
+
+    up = cli(project, env, "up", "t1", "-p", "playbooks/smoke-rent.yaml")
+    assert up.returncode == 0, up.stdout + up.stderr
+    logs = cli(project, env, "logs", "t1", "hello")
+    assert logs.returncode == 0, logs.stderr
+
+    # Another controller (its own config dir) finds it by label through the API.
+    other = dict(env, BOOTSTRAP_CONFIG_DIR=str(tmp_path / "other-controller"))
+    listed = cli(project, other, "instances", "--json", "--key", str(client_key))
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert row["name"] == "t1" and row["state"] == "running" and row["id"] == instance.id
+    assert row["dph"] == pytest.approx(0.95) and row["cost"] > 0
+    status = cli(project, other, "status", "t1", "--json")
+    assert status.returncode == 0, status.stderr
+    down = cli(project, other, "down", "t1")
+    assert down.returncode == 0, down.stderr
+    assert fake.live() == []
+    assert cli(project, env, "instances").stdout.count("\n") == 1  # the header alone
+
+
+def test_err_gpu_and_silent_box_destroyed_and_never_rented_again(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path
+) -> None:
+    fake.add_offer(
+        201, 21, behaviour="healthy", nvidia="err", gpu_name="RTX PRO 6000 WS", dph_total=0.3
+    )
+    fake.add_offer(202, 22, behaviour="no_ssh", dph_total=0.4)
+    fake.add_offer(203, 23, behaviour="exits", dph_total=0.45)
+    fake.add_offer(204, 24, gpu_name="RTX PRO 6000 WS", dph_total=0.5)
+    args = rent_args(fake, client_key)
+    args[args.index("--ssh-timeout") + 1] = "4"
+    result = cli(project, env, "rent", "num_gpus=2", "--label", "good", *args)
+    assert result.returncode == 0, result.stderr
+    assert [i.offer.row["id"] for i in fake.live()] == [204]
+    created = [i.offer.row["id"] for i in fake.instances.values()]
+    assert created == [201, 202, 203, 204]
+    bad = store(env)["bad_machines"]
+    assert set(bad) == {"21", "22", "23"}
+    assert "ERR!" in bad["21"]["reason"]
+    assert "SSH did not answer" in bad["22"]["reason"]
+    assert "exited" in bad["23"]["reason"]
+
+    # The same offers come back on the market: the bad machines are not rented again.
+    fake.add_offer(205, 25, gpu_name="RTX PRO 6000 WS", dph_total=0.6)
+    before = len(fake.instances)
+    again = cli(project, env, "rent", "num_gpus=2", "--label", "second", *args)
+    assert again.returncode == 0, again.stderr
+    assert [i.offer.row["id"] for i in list(fake.instances.values())[before:]] == [205]
+    searches = fake.calls("POST", "/api/v0/bundles")
+    assert searches[-1]["machine_id"] == {"notin": [21, 22, 23]}
+
+    # No run on it yet: down refuses (nothing proves its checkpoints are safe), --force does it.
+    refused = cli(project, env, "down", "second")
+    assert refused.returncode == 2
+    assert "not destroying" in one_line_error(refused)
+    assert cli(project, env, "down", "second", "--force").returncode == 0
+    assert cli(project, env, "down", "good", "--force").returncode == 0
+    assert fake.live() == []
+
+
+def test_budget_bid_and_bad_options_rent_nothing(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path
+) -> None:
+    fake.add_offer(301, 31, behaviour="exits", dph_total=0.62, min_bid=0.2)
+    args = rent_args(fake, client_key)
+    capped = cli(project, env, "rent", "num_gpus=2", "--budget", "0.5", *args)
+    assert capped.returncode == 1 and "budget" in one_line_error(capped)
+    no_bid = cli(project, env, "rent", "num_gpus=2", "--interruptible", *args)
+    assert no_bid.returncode == 2 and "--bid" in one_line_error(no_bid)
+    unknown = cli(project, env, "rent", "gpu_nam=RTX_4090", *args)
+    assert unknown.returncode == 2 and "unknown field 'gpu_nam'" in one_line_error(unknown)
+    assert fake.calls("PUT", "/api/v0/asks") == []
+
+    # An interruptible rent sends its bid (without one vast.ai rents on demand: vast-cli#403).
+    spot = cli(project, env, "rent", "num_gpus=2", "--interruptible", "--bid", "0.25", *args)
+    assert spot.returncode == 1, spot.stderr  # the only offer's box exits while loading
+    assert fake.calls("POST", "/api/v0/bundles")[-1]["type"] == "bid"
+    (body,) = fake.calls("PUT", "/api/v0/asks")
+    assert body["price"] == 0.25
+    assert fake.live() == []
+    # What that box cost counts against the budget from now on.
+    assert store(env)["ledger"][0]["dph"] == 0.25 and store(env)["ledger"][0]["ended"]
+
+
+def test_wrong_api_key_is_one_line_and_never_printed(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path
+) -> None:
+    fake.add_offer(401, 41)
+    wrong = "wrong-key-abcdef123456"
+    result = cli(
+        project, dict(env, VAST_API_KEY=wrong), "rent", "num_gpus=2", *rent_args(fake, client_key)
+    )
+    assert result.returncode == 2
+    assert "refused the API key" in one_line_error(result)
+    assert wrong not in result.stdout + result.stderr
+    assert fake.calls("PUT", "/api/v0/asks") == [] and fake.calls("POST", "/api/v0/bundles") == []
+
+    # The key may live in the inventory instead (a secret) or in vast's own key file.
+    (project / "inventory.yaml").write_text("secrets:\n  VAST_API_KEY: {env: MY_VAST_KEY}\n")
+    listed = cli(project, dict(env, VAST_API_KEY=wrong, MY_VAST_KEY=fake.api_key), "instances")
+    assert listed.returncode == 0, listed.stderr
+    (project / "inventory.yaml").unlink()
+    key_file = Path(env["HOME"]) / ".config" / "vastai" / "vast_api_key"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text(fake.api_key + "\n")
+    no_env = {k: v for k, v in env.items() if k != "VAST_API_KEY"}
+    assert cli(project, no_env, "instances").returncode == 0
+
+
+def test_api_down_says_so_and_rents_nothing(
+    controller_env: dict[str, str], project: Path, client_key: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(controller_env, VAST_URL=f"http://127.0.0.1:{port}", VAST_API_KEY="k" * 20)
+    result = run_cli(["rent", "num_gpus=2", "--key", str(client_key)], env=env, cwd=project)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "cannot reach the vast.ai API" in line and "nothing was rented" in line
+    assert not (Path(env["BOOTSTRAP_CONFIG_DIR"]) / "instances.json").exists()
+
+
+def test_rate_limit_is_waited_out(
+    fake: FakeVast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provision.rent.vast import Vast, VastError, parse_query
+
+    fake.add_offer(501, 51, behaviour="exits")
+    fake.rate_limited = 4  # more than vastai's own 3 tries
+    vast = Vast(fake.api_key, url=fake.url, backoff=(0.1, 0.1))
+    (offer,) = vast.search(parse_query("num_gpus=2"))
+    instance_id = vast.create(
+        offer, image="img", disk_gb=2, label="bootstrap:x", onstart="", bid=None
+    )
+    assert fake.rate_limited == 0 and instance_id in fake.instances
+    vast.destroy(instance_id)
+    (spot,) = vast.search(parse_query("num_gpus=2"), interruptible=True)
+    with pytest.raises(VastError, match="a bid is needed"):
+        vast.create(spot, image="img", disk_gb=2, label="bootstrap:x", onstart="", bid=None)
+
+
+def test_download_speed_rows() -> None:
+    rows = fitness.speed_rows(
+        [
+            {
+                "url": "https://pypi.org/simple/torch/",
+                "bytes": 200_000_000,
+                "seconds": 4.0,
+                "error": "",
+            },
+            {
+                "url": "https://storage.googleapis.com/x",
+                "bytes": 2_000_000,
+                "seconds": 4.0,
+                "error": "",
+            },
+            {
+                "url": "https://storage.googleapis.com/y",
+                "bytes": 0,
+                "seconds": 10.0,
+                "error": "URLError: timed out",
+            },
+        ],
+        listed_mbps=800,
+        min_ratio=0.2,
+        min_mbps=50,
+    )
+    assert [r["ok"] for r in rows] == [True, False, False]
+    assert rows[0]["check"] == "download pypi.org" and rows[1]["value"].startswith("4 Mbit/s")
+    assert rows[1]["expected"] == ">= 160 Mbit/s (listed 800)"
+
+
+@pytest.mark.parametrize(
+    ("listed", "smi", "ok"),
+    [("RTX 4090", "NVIDIA GeForce RTX 4090", True), ("H100 SXM", "NVIDIA H100 80GB HBM3", True),
+     ("RTX PRO 6000 WS", "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", True),
+     ("RTX 4090", "NVIDIA GeForce RTX 3090", False)],
+)  # fmt: skip
+def test_gpu_pattern(listed: str, smi: str, ok: bool) -> None:
+    import re
+
+    assert bool(re.search(fitness.gpu_pattern(listed), smi)) is ok
