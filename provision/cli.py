@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from provision import __version__
-from provision.errors import ProvisionError
+from provision.errors import ProvisionError, TargetError
 
 app = typer.Typer(
     add_completion=False,
@@ -80,6 +80,9 @@ BudgetOpt = Annotated[
     typer.Option(
         "--budget", help="stop renting once $ spent (all boxes rented here) would pass it"
     ),
+]
+CheckEveryOpt = Annotated[
+    float, typer.Option("--check-every", min=1, help="seconds between keep-alive checks")
 ]
 SshKeyOpt = Annotated[
     Path | None,
@@ -295,25 +298,27 @@ def up(
     label: LabelOpt = None,
     budget: BudgetOpt = None,
     key: SshKeyOpt = None,
+    keep_alive: Annotated[
+        bool,
+        typer.Option(
+            "--keep-alive", help="with --rent: replace a rented box stopped or offline, rerun there"
+        ),
+    ] = False,
+    check_every: CheckEveryOpt = 60.0,
 ) -> None:
     """Run the playbook on the targets (on the box: closing the laptop does not stop it)."""
     if rent is None and not targets:
         fail("up needs a target (or --rent QUERY to rent one on vast.ai)")
+    if keep_alive and rent is None:
+        fail("--keep-alive is for rented boxes: add --rent QUERY (or use monitor TARGET --watch)")
     if rent is not None:
         options = dict(count=count, max_price=max_price, interruptible=interruptible, bid=bid,
                        disk_gb=disk, image=image, label=label, budget=budget, key=key)  # fmt: skip
+        watch = check_every if keep_alive else None
         _guard(
-            _rent_up,
-            rent,
-            options,
-            targets or [],
-            playbook,
-            inventory,
-            tags,
-            var,
-            detach,
-            auth_wait,
-        )
+            _rent_up, rent, options, targets or [], playbook, inventory, tags, var, detach,
+            auth_wait, watch,
+        )  # fmt: skip
     _guard(_run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait)
 
 
@@ -683,8 +688,15 @@ def _monitor(
         raise ProvisionError(f"{loaded.playbook_path}: alert_thresholds: {exc}") from None
     batch = batch_size or context_vars.get("global_batch_size")
     box = controller.connect(host)
+    keep = _keeper(target, loaded.playbook_path, inventory) if watch else None
     while True:
-        snap = controller.monitor(box, _training_log(step), batch, thresholds, step["env"])
+        try:
+            snap = controller.monitor(box, _training_log(step), batch, thresholds, step["env"])
+        except TargetError:
+            if keep is None or not keep():
+                raise
+            box = controller.connect(Loaded(playbook, inventory, [target]).hosts[0])
+            continue
         if as_json:
             print(json.dumps(dict(snap, host=host.name, step=step["id"])), flush=True)
         else:
@@ -693,6 +705,26 @@ def _monitor(
         if not watch:
             return 1 if snap.get("alerts") else 0
         time.sleep(interval)
+        if keep is not None and keep():
+            box = controller.connect(Loaded(playbook, inventory, [target]).hosts[0])
+
+
+def _keeper(target: str, playbook: Path, inventory: Path | None) -> Any:
+    """For a rented target: a check that replaces its box when lost (stopped, offline) and
+    runs the playbook on the new one, True then; None for any other target."""
+    from provision.rent import keepalive, store
+
+    if target not in store.rented():
+        return None
+    vast = _vast(inventory)
+
+    def keep() -> bool:
+        if keepalive.check(vast, target, _say) is None:
+            return False
+        _run_up([target], playbook, inventory, None, None, False, False, 60.0)
+        return True
+
+    return keep
 
 
 @app.command()
@@ -934,6 +966,7 @@ def _rent_up(
     variables: list[str] | None,
     detach: bool,
     auth_wait: float,
+    keep_alive: float | None = None,
 ) -> int:
     from provision.rent.renter import rent as rent_boxes
 
@@ -942,9 +975,35 @@ def _rent_up(
     boxes = rent_boxes(_vast(inventory), _rent_request(query, options, book), _say)
     names = [b.name for b in boxes]
     _say(f"rented {', '.join(names)}; running {book}")
-    return _run_up(
+    code = _run_up(
         [*targets, *names], playbook, inventory, tags, variables, detach, False, auth_wait
     )
+    if keep_alive is None:
+        return code
+    return _keep_alive(names, playbook, inventory, tags, variables, auth_wait, keep_alive)
+
+
+def _keep_alive(
+    names: list[str],
+    playbook: Path | None,
+    inventory: Path | None,
+    tags: list[str] | None,
+    variables: list[str] | None,
+    auth_wait: float,
+    every: float,
+) -> int:
+    """Until interrupted: replace each rented box that is lost and run the playbook there."""
+    import time
+
+    from provision.rent import keepalive
+
+    vast = _vast(inventory)
+    _say(f"keeping {', '.join(names)} alive: checking every {every:g}s (Ctrl-C stops watching)")
+    while True:
+        for name in names:
+            if keepalive.check(vast, name, _say) is not None:
+                _run_up([name], playbook, inventory, tags, variables, False, False, auth_wait)
+        time.sleep(every)
 
 
 @app.command("rent")
@@ -1019,25 +1078,62 @@ def instances(
     _guard(_instances, inventory, as_json, key)
 
 
-def _down(target: str, force: bool, inventory: Path | None) -> int:
-    from provision.rent.manage import down as take_down
+def _down(target: str, force: bool, playbook: Path | None, inventory: Path | None) -> int:
+    from provision.rent import manage, store
 
-    _rented, messages = take_down(_vast(inventory), target, force)
+    rented = store.rented().get(target)
+    book = playbook or (Path(rented.playbook) if rented and rented.playbook else None)
+
+    def unsafe(box: Any) -> str:
+        if book is None or not book.exists():
+            return manage.run_finished(box)
+        why = _checkpoints_unsafe(target, book, inventory)
+        return manage.run_finished(box) if why is None else why
+
+    _rented, messages = manage.down(_vast(inventory), target, force, unsafe)
     for message in messages:
         print(message)
     return 0
+
+
+def _checkpoints_unsafe(target: str, playbook: Path, inventory: Path | None) -> str | None:
+    """Why the checkpoints of `target`'s run are not all verified on their remote ('' when
+    they are; None when its playbook declares none: then its run must be finished)."""
+    from provision import controller
+    from provision.rent.manage import checkpoints_unsafe
+
+    loaded = Loaded(playbook, inventory, [target])
+    host = loaded.hosts[0]
+    plan = loaded.plans(None, {})[host.name]
+    box = controller.connect(host)
+    launches = [
+        s for s in plan["steps"] if s["kind"] == "tmux_launch" and s["params"].get("checkpoints")
+    ]
+    if not launches:
+        return None
+    for step in launches:
+        env = {**step["env"], **{n: loaded.inventory.secret(n) for n in step.get("secrets", [])}}
+        try:
+            why = checkpoints_unsafe(controller.checkpoints(box, plan["name"], step, env))
+        except ProvisionError as exc:
+            why = f"cannot read its checkpoints: {exc}"
+        if why:
+            return f"step '{step['id']}': {why}"
+    return ""
 
 
 @app.command()
 def down(
     target: Annotated[str, typer.Argument(help="a rented box's name")],
     force: Annotated[
-        bool, typer.Option("--force", help="destroy even if its run is not finished")
+        bool, typer.Option("--force", help="destroy even if its work is not known to be safe")
     ] = False,
+    playbook: PlaybookOpt = None,
     inventory: InventoryOpt = None,
 ) -> None:
-    """Destroy a rented box once its run is finished (its checkpoints safe); billing stops."""
-    _guard(_down, target, force, inventory)
+    """Destroy a rented box once its checkpoints are verified on the remote (or, with none
+    declared, its run finished); billing stops."""
+    _guard(_down, target, force, playbook, inventory)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ says otherwise.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,3 +307,96 @@ def test_gpu_pattern(listed: str, smi: str, ok: bool) -> None:
     import re
 
     assert bool(re.search(fitness.gpu_pattern(listed), smi)) is ok
+
+
+CKPT_PLAYBOOK = """\
+name: ckpt-rent
+steps:
+  - id: train
+    kind: tmux_launch
+    session: train
+    command: >-
+      {python} {trainer} --mode ae --steps 100000 --total 100000 --step-sleep 0.08
+      --startup-sleep 0 --wandb offline --save-dir ck --save-interval 10
+      --ckpt-bytes 200000 --ckpt-chunks 4 --ckpt-sleep 0.1
+    log: train.log
+    resume_args: --resume
+    env: {{RCLONE_CONFIG_STORE_TYPE: local}}
+    checkpoints:
+      dir: ck
+      complete: metadata.pt
+      keep: 2
+      remote: "store:{remote}"
+      restore: true
+      poll: 1
+"""
+
+
+def test_interruptible_outbid_is_replaced_and_resumes_from_the_remote(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from ckpt_remotes import TRAINER
+    from project import wait_for
+
+    remote = tmp_path / "remote"
+    book = project / "playbooks" / "ckpt-rent.yaml"
+    book.write_text(CKPT_PLAYBOOK.format(python=sys.executable, trainer=TRAINER, remote=remote))
+    for offer_id, machine in ((601, 61), (602, 62)):
+        fake.add_offer(offer_id, machine, gpu_name="RTX PRO 6000 WS", min_bid=0.2, dph_total=0.8)
+    argv = [
+        sys.executable, "-m", "provision.cli", "up", "--rent", "num_gpus=2", "--interruptible",
+        "--bid", "0.3", "--label", "job", "--keep-alive", "--check-every", "1",
+        "-p", "playbooks/ckpt-rent.yaml", "--var", f"agent_python={sys.executable}",
+        "--key", str(client_key), "--disk", "2",
+    ]  # fmt: skip
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        up = subprocess.Popen(argv, env=env, cwd=project, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        manifest = remote / ".bootstrap" / "manifest"
+        wait_for(lambda: len(list(manifest.glob("*.json"))) >= 2, timeout=120, what="2 uploads")
+        (first,) = fake.live()
+        fake.outbid(first.id)
+        second: list[Any] = []
+
+        def resumed() -> bool:
+            others = [i for i in fake.live() if i.id != first.id and i.box is not None]
+            second[:] = others
+            train_log = others[0].box.home / "train.log" if others else None
+            return bool(
+                train_log and train_log.exists() and "Resumed from step" in train_log.read_text()
+            )
+
+        wait_for(resumed, timeout=120, what="the replacement resuming")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- bootstrap up:\n{log.read_text()}") from None
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=30)
+    output = log.read_text()
+    assert "was stopped (outbid)" in output and "replaced by instance" in output, output
+    (new,) = second
+    assert fake.instances[first.id].ended  # the lost one destroyed: its disk no longer bills
+    assert new.price == 0.3 and new.label == "bootstrap:job" and new.offer.row["id"] == 602
+    assert store(env)["instances"]["job"]["id"] == new.id
+    newest = max(int(p.stem) for p in manifest.glob("*.json") if p.stem.isdigit())
+    assert newest >= 10
+
+    # Training stopped there, every complete checkpoint uploaded: `down` lets it go.
+    trainer = [pid for pid, cmd in new.box.processes() if "fake_trainer" in cmd]
+    for pid in trainer:
+        os.kill(pid, signal.SIGKILL)
+
+    def safe() -> bool:
+        report = cli(project, env, "checkpoints", "job", "-p", "playbooks/ckpt-rent.yaml", "--json")
+        rows = json.loads(report.stdout)["local"] if report.returncode == 0 else [{"state": "?"}]
+        return all(r["state"] != "complete" for r in rows)
+
+    wait_for(safe, timeout=60, what="every complete checkpoint uploaded")
+    down = cli(project, env, "down", "job")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert fake.live() == []

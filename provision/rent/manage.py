@@ -2,14 +2,17 @@
 
 `listing` asks the API (not this machine's store) for every instance whose label starts with
 `bootstrap:`, so it also finds what another machine rented; those found are adopted as targets
-here (with this controller's key). `down` destroys an instance only once its run is finished on
-the box (every step done, the runner idle: its checkpoints were uploaded and verified by the
-playbook's own steps), unless forced; an instance that is only stopped still bills its disk.
+here (with this controller's key). `down` destroys an instance only once its work is safe,
+unless forced: when its playbook declares checkpoints (a tmux_launch step's `checkpoints:`),
+every complete checkpoint on the box must be uploaded and verified on the remote
+(`checkpoints_unsafe`, on `bootstrap checkpoints`' report); otherwise its run must be finished
+(`run_finished`). An instance that is only stopped still bills its disk.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +104,26 @@ def run_finished(rented: store.Rented) -> str:
     return ""
 
 
-def down(vast: Vast, name: str, force: bool) -> tuple[store.Rented, list[str]]:
-    """Destroy the rented box `name` (refused while its run is unfinished, unless `force`);
-    returns it and the warnings to print."""
+def checkpoints_unsafe(report: dict[str, Any]) -> str:
+    """'' when every complete checkpoint on the box is verified on the remote (the
+    `bootstrap checkpoints` report of one step), else what is not."""
+    if not report.get("remote"):
+        return "its checkpoints have no remote: they exist only on the box"
+    if report.get("remote_error"):
+        return f"its checkpoint remote cannot be read: {report['remote_error']}"
+    pending = [r["name"] for r in report["local"] if r["state"] == "complete"]
+    if pending:
+        return f"checkpoints not yet verified on {report['remote']}: {', '.join(pending)}"
+    if not any(c["state"] == "verified" for c in report.get("remote_checkpoints") or []):
+        return f"no verified checkpoint on {report['remote']} yet"
+    return ""
+
+
+def down(
+    vast: Vast, name: str, force: bool, unsafe: Callable[[store.Rented], str] | None = None
+) -> tuple[store.Rented, list[str]]:
+    """Destroy the rented box `name`, refused while `unsafe(box)` says why its work is not
+    safe (default: `run_finished`) unless `force`; returns it and the lines to print."""
     rented = store.rented().get(name)
     if rented is None:
         known = ", ".join(sorted(store.rented())) or "none (see `bootstrap instances`)"
@@ -115,7 +135,7 @@ def down(vast: Vast, name: str, force: bool) -> tuple[store.Rented, list[str]]:
         store.forget(name)
         return rented, [f"{name}: instance {rented.id} was already gone; forgotten here"]
     if not force:
-        why = run_finished(rented)
+        why = (unsafe or run_finished)(rented)
         if why:
             raise ProvisionError(
                 f"{name}: not destroying instance {rented.id}: {why}; its checkpoints may not be "

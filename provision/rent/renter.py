@@ -63,6 +63,15 @@ class Request:
     playbook: str | None = None
     filters: dict[str, Any] = field(default_factory=dict, init=False)
 
+    def like_this(self) -> dict[str, Any]:
+        """The fields that rent another box like this one (JSON: kept in the store)."""
+        keep = ("query", "max_price", "interruptible", "bid", "disk_gb", "image", "budget",
+                "order", "tries", "ssh_timeout", "min_speed_ratio", "min_speed_mbps")  # fmt: skip
+        return {k: getattr(self, k) for k in keep} | {
+            "key": str(self.key),
+            "speed_urls": list(self.speed_urls),
+        }
+
     def validate(self) -> None:
         """Bad option combinations, before any call is made."""
         if self.interruptible and self.bid is None:
@@ -192,6 +201,7 @@ def _try_offer(
             host=str(instance.ssh_host), port=int(instance.ssh_port or 22), user=instance.ssh_user,
             key=str(req.key), dph=instance.dph or offer.dph, is_bid=instance.is_bid,
             query=req.query, gpu=f"{offer.num_gpus}× {offer.gpu_name}", playbook=req.playbook,
+            request=req.like_this(),
         )  # fmt: skip
         failure = _reach_and_check(rented, offer, req, say)
         if failure:

@@ -48,6 +48,8 @@ class Rented:
     gpu: str = ""
     playbook: str | None = None
     started: float = field(default_factory=time.time)
+    # How it was rented (renter.Request's fields), so a replacement is rented alike.
+    request: dict[str, Any] = field(default_factory=dict)
 
     def host_entry(self) -> dict[str, Any]:
         """The inventory-host fields of this box."""

@@ -1,0 +1,61 @@
+"""Unattended: a rented box that is stopped (an interruptible one outbid) or goes offline is
+replaced by one rented with the same query, and the caller runs the same playbook there.
+
+The playbook's own checkpoints (a tmux_launch step's `checkpoints:` with `restore: true`) make
+the new box resume from the newest checkpoint verified on the remote; nothing here copies data.
+The replacement takes over the target name (so `status NAME` follows it); the lost instance is
+destroyed once the replacement is rented, not before: renting can fail (no offer, the budget),
+and a stopped interruptible may still come back when its bid wins again. `--budget` is the one
+that was given at the first rent, counted over every box rented here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from provision.errors import ProvisionError
+from provision.rent import store
+from provision.rent.renter import DEAD_STATES, Request, Say, rent
+from provision.rent.vast import Instance, Vast
+
+
+def lost(instance: Instance | None) -> str:
+    """Why this instance no longer runs the job ('' while it does)."""
+    if instance is None:
+        return "is gone from the account"
+    if instance.raw.get("cur_state") == "stopped":
+        return "was stopped (outbid)" if instance.intended == "running" else "was stopped"
+    if instance.status in DEAD_STATES:
+        return f"went {instance.status}"
+    return ""
+
+
+def replace(vast: Vast, name: str, say: Say) -> store.Rented:
+    """Rent a box like `name`'s under the same name, then destroy the lost one."""
+    old = store.rented()[name]
+    if not old.request:
+        raise ProvisionError(
+            f"{name}: rented by another controller: its query is not known here, so no "
+            "replacement is rented (run `monitor --watch` where it was rented)"
+        )
+    fields = {k: v for k, v in old.request.items() if k not in ("key", "speed_urls")}
+    request = Request(
+        **fields, key=Path(old.request["key"]), speed_urls=tuple(old.request["speed_urls"]),
+        label=name, count=1, playbook=old.playbook,
+    )  # fmt: skip
+    (new,) = rent(vast, request, say)
+    vast.destroy(old.id)
+    store.close_ledger(old.id)
+    return new
+
+
+def check(vast: Vast, name: str, say: Say) -> store.Rented | None:
+    """The replacement when `name`'s instance is lost, else None."""
+    old = store.rented()[name]
+    why = lost(vast.show(old.id))
+    if not why:
+        return None
+    say(f"{name}: instance {old.id} {why}: renting a replacement ('{old.query}')")
+    new = replace(vast, name, say)
+    say(f"{name}: replaced by instance {new.id} at {new.host}:{new.port}, ${new.dph:.3f}/h")
+    return new
