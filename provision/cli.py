@@ -498,24 +498,25 @@ def _graph(playbook: Path | None, fmt: str) -> int:
         children = dag.dependents(needs)
         roots = [s.id for s in book.steps if not needs[s.id]]
         kinds = {s.id: s.kind for s in book.steps}
+        position = {s.id: i for i, s in enumerate(book.steps)}
 
-        def walk(node: str, prefix: str, last: bool, seen: set[str]) -> None:
+        lines.append(f"{book.name}")
+        seen: set[str] = set()
+        # Depth first with a stack, not recursion: a 1,000-step chain is 1,000 levels deep.
+        stack = [(root, "", i == len(roots) - 1) for i, root in enumerate(roots)][::-1]
+        while stack:
+            node, prefix, last = stack.pop()
             mark = "*" if node in on_path else " "
             est = f" ~{estimate[node]:.0f}s" if estimate[node] else ""
             branch = "└─ " if last else "├─ "
             again = " (see above)" if node in seen else ""
             lines.append(f"{prefix}{branch}{mark}{node} [{kinds[node]}]{est}{again}")
             if node in seen:
-                return
+                continue
             seen.add(node)
-            kids = [k for k in (s.id for s in book.steps) if k in children.get(node, set())]
-            for i, kid in enumerate(kids):
-                walk(kid, prefix + ("   " if last else "│  "), i == len(kids) - 1, seen)
-
-        lines.append(f"{book.name}")
-        seen: set[str] = set()
-        for i, root in enumerate(roots):
-            walk(root, "", i == len(roots) - 1, seen)
+            kids = sorted(children.get(node, ()), key=position.__getitem__)
+            inner = prefix + ("   " if last else "│  ")
+            stack += [(kid, inner, i == len(kids) - 1) for i, kid in enumerate(kids)][::-1]
     if fmt == "tree" or total:
         lines.append(
             f"critical path ({total:.0f}s): {' -> '.join(path)}"
@@ -576,21 +577,35 @@ def kinds(name: Annotated[str | None, typer.Argument(help="a kind to describe")]
     _guard(_kinds, name)
 
 
-def _forget(target: str) -> int:
+def _forget(target: str, inventory: Path | None) -> int:
+    from provision.inventory import load_inventory, resolve_targets
     from provision.transport.ssh import forget_host_key, parse_forget_target
 
-    host = parse_forget_target(target)
-    removed = forget_host_key(host)
-    print(f"{'forgot' if removed else 'no key stored for'} {target}")
+    if inventory is not None and not inventory.exists():
+        raise ProvisionError(f"{inventory}: no such inventory file")
+    inv = load_inventory(inventory if inventory is not None else DEFAULT_INVENTORY)
+    named = target in inv.hosts or target in inv.groups
+    # An inventory name: its key is stored under the host and port it names.
+    hosts = (
+        [h for h in resolve_targets([target], inv) if h.connection == "ssh"]
+        if named
+        else [parse_forget_target(target)]
+    )
+    for host in hosts:
+        label = f"{host.name} ({host.address})" if named else target
+        print(f"{'forgot' if forget_host_key(host) else 'no key stored for'} {label}")
     return 0
 
 
 @app.command()
 def forget(
-    target: Annotated[str, typer.Argument(help="HOST[:PORT] whose trusted key to forget")],
+    target: Annotated[
+        str, typer.Argument(help="HOST[:PORT], or an inventory host or group, to forget")
+    ],
+    inventory: InventoryOpt = None,
 ) -> None:
     """Forget a host's trusted key (after vast.ai gave its address to a new box)."""
-    _guard(_forget, target)
+    _guard(_forget, target, inventory)
 
 
 def _launch_steps(plan: dict[str, Any], step_id: str | None) -> dict[str, Any]:

@@ -50,6 +50,13 @@ class Out:
     def line(self, text: str, style: str | None = None) -> None:
         self.console.print(escape(self.redact(text)), style=style)
 
+    def cut(self, text: str, style: str | None = None) -> None:
+        """One line cut to the terminal's width (a log line in a summary of many steps)."""
+        self.console.print(
+            escape(self.redact(text)), style=style, no_wrap=True, overflow="ellipsis",
+            soft_wrap=False, crop=True,
+        )  # fmt: skip
+
     def error(self, text: str) -> None:
         self.err.print(f"[bold red]error:[/] {escape(self.redact(text))}")
 
@@ -112,13 +119,16 @@ def status_table(snap: dict[str, Any], redact: Callable[[str], str]) -> Table:
     """One box's steps as a table."""
     runner = snap.get("runner", "?")
     title = f"{snap.get('host')} · {snap.get('run')} · runner {runner}"
-    table = Table(title=escape(title), title_justify="left", expand=False, show_edge=False)
-    table.add_column("step")
-    table.add_column("status")
-    table.add_column("tries", justify="right")
-    table.add_column("time", justify="right")
-    table.add_column("detail", overflow="ellipsis", no_wrap=True, max_width=80)
-    for step in snap.get("steps", []):
+    # The detail (a log line, a reason) takes the width the other columns leave and is cut
+    # with an ellipsis: a long log line never squeezes the step's id and status away.
+    table = Table(title=escape(title), title_justify="left", expand=True, show_edge=False)
+    table.add_column("step", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("detail", overflow="ellipsis", no_wrap=True, ratio=1)
+    steps = snap.get("steps", [])
+    for step in steps:
         status = step["status"]
         table.add_row(
             escape(step["id"]),
@@ -216,7 +226,7 @@ def print_status(out: Out, snaps: list[dict[str, Any]], verbose_tail: int = 0) -
                 out.line(f"  hint for {step['id']}: {step['hint']}", style="yellow")
             if verbose_tail and step["status"] in ("failed", "error", "running"):
                 for line in (step.get("log_tail") or [])[-verbose_tail:]:
-                    out.line(f"  {step['id']} | {line}", style="dim")
+                    out.cut(f"  {step['id']} | {line}", style="dim")
 
 
 def print_plan(out: Out, host: str, result: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from provision.agent import report
 from provision.bundle import Agent, build_agent
 from provision.errors import ProvisionError, TargetError
 from provision.home import config_dir
@@ -102,9 +103,13 @@ def _remember(box: Box, agent: Agent) -> None:
     path.write_text(agent.sha256 + "\n")
 
 
+def _python(box: Box) -> str:
+    """The box's interpreter for the agent, shell-quoted (the host var `box_python`)."""
+    return shlex.quote(str(box.host.vars.get("box_python", "python3")))
+
+
 def _command(box: Box) -> str:
-    python = box.host.vars.get("box_python", "python3")
-    return f"{shlex.quote(str(python))} -c {shlex.quote(_PRELUDE)}"
+    return f"{_python(box)} -c {shlex.quote(_PRELUDE)}"
 
 
 def _stdin(agent: Agent, argv: list[str], payload: bytes, ship: bool, ephemeral: bool) -> bytes:
@@ -220,8 +225,15 @@ def up(
     payload = json.dumps({"plan": plan, "secrets": secrets, "reset": reset}).encode()
     argv = ["up", "--detach"] if detach else ["up"]
     final: dict[str, Any] | None = None
+    current: dict[str, Any] = {}
     for event in agent_stream(box, argv, payload):
-        snap = dict(event, host=box.name)
+        # The box sends a snapshot, then only what changes (a 2,000-step run: kilobytes per
+        # change, not the whole run each time).
+        if event.get("event") == "changes" and current:
+            current = report.apply_changes(current, event)
+        else:
+            current = event
+        snap = dict(current, host=box.name, event=event.get("event"))
         if on_snapshot is not None:
             on_snapshot(box.name, snap)
         if event.get("event") == "final" or detach:
@@ -233,7 +245,7 @@ def up(
 
 def status(box: Box, run: str | None, lines: int = 10) -> dict[str, Any]:
     """The run's status on the box, in one round trip."""
-    command = f"python3 {_AGENT} status -n {int(lines)}" + (
+    command = f"{_python(box)} {_AGENT} status -n {int(lines)}" + (
         f" --run {shlex.quote(run)}" if run else ""
     )
     result = box.transport.run(command, b"", timeout=30)
@@ -258,7 +270,7 @@ def plan(box: Box, plan: dict[str, Any], secrets: dict[str, str]) -> dict[str, A
 
 def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> int:
     """Print (or follow) a step's log; returns the remote exit code."""
-    command = f"python3 {_AGENT} logs {shlex.quote(step)} -n {int(lines)}"
+    command = f"{_python(box)} {_AGENT} logs {shlex.quote(step)} -n {int(lines)}"
     command += (f" --run {shlex.quote(run)}" if run else "") + (" -f" if follow else "")
     proc = box.transport.stream(command)
     assert proc.stdout is not None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from provision import dag
 from provision.errors import ConfigError
@@ -46,6 +47,9 @@ COMMON_KEYS = (
 )
 TOP_KEYS = ("name", "description", "vars", "steps", "max_parallel")
 _ID = re.compile(r"^[a-z0-9_-]+$")
+#: Step ids and the playbook's name name files and directories on the box (`logs/ID.log`,
+#: `.ID.json.PID.tmp`): well under the 255 bytes a file name may have.
+MAX_ID_LEN = 100
 _SECRET_REF = re.compile(re.escape(SECRET_MARK).replace(r"\{\}", r"([A-Za-z0-9_]+)"))
 AGENT_VENV_ID = "agent-venv"
 #: Steps with this tag run only when asked for by tag (like Ansible's `never`).
@@ -106,6 +110,13 @@ def load_playbook(path: Path) -> Playbook:
             file=src,
             line=data.line_of("name"),
         )
+    if len(name) > MAX_ID_LEN:
+        raise ConfigError(
+            f"'name' is {len(name)} characters; at most {MAX_ID_LEN} (it names the run's "
+            "directory on the box)",
+            file=src,
+            line=data.line_of("name"),
+        )
     pvars = data.get("vars") or {}
     if not isinstance(pvars, dict):
         raise ConfigError("'vars' must be a mapping", file=src, line=data.line_of("vars"))
@@ -144,6 +155,13 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
     if not isinstance(step_id, str) or not _ID.match(step_id):
         raise ConfigError(
             f"step id must match [a-z0-9_-]+, got {step_id!r}", file=src, line=raw.line_of("id")
+        )
+    if len(step_id) > MAX_ID_LEN:
+        raise ConfigError(
+            f"step id is {len(step_id)} characters ({step_id[:20]}...); at most {MAX_ID_LEN} "
+            "(it names the step's log and files on the box)",
+            file=src,
+            line=raw.line_of("id"),
         )
     if step_id == AGENT_VENV_ID:
         # The implicit venv step has this id; a user step with it would replace that step.
@@ -384,21 +402,53 @@ def _render_tree(value: Any, context: dict[str, Any], src: str, step: Step | Non
 def host_context(
     book: Playbook, inv: Inventory, host: Host, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """Variables for one host: playbook vars < inventory vars < host vars < command line."""
+    """Variables for one host: playbook vars < inventory vars < host vars < command line.
+
+    Vars may refer to other vars: each is rendered once, after the vars it names, so a value
+    that holds `{{` once rendered (`{% raw %}`) keeps it. Command-line values (`-e`) are
+    literals, never rendered: `-e 'msg={{5}}'` is the text `{{5}}`.
+    """
+    src = str(book.path)
     merged: dict[str, Any] = {}
-    for layer in (book.vars, inv.vars, host.vars, extra):
+    for layer in (book.vars, inv.vars, host.vars):
         merged.update(layer)
-    merged.update(host=host.name, playbook=book.name)
-    # Vars may refer to other vars; render until stable (bounded, so a cycle cannot loop).
-    context = dict(merged)
-    context["secrets"] = _NoSecrets()
-    for _ in range(5):
-        rendered = {k: _render_tree(v, context, str(book.path), None) for k, v in merged.items()}
-        if rendered == merged:
-            break
-        merged = rendered
-        context.update(merged)
+    literal = {**extra, "host": host.name, "playbook": book.name}
+    for name in literal:
+        merged.pop(name, None)
+    context: dict[str, Any] = {**literal, "secrets": _NoSecrets()}
+    for name in _var_order(merged, src):
+        context[name] = _render_tree(merged[name], context, src, None)
     return context
+
+
+def _var_order(variables: dict[str, Any], src: str) -> list[str]:
+    """Var names, each after the vars its value refers to; ConfigError on a cycle."""
+    needs = {name: sorted(_names_in(value) & variables.keys()) for name, value in variables.items()}
+    try:
+        return dag.topo_order(needs)
+    except dag.CycleFound as exc:
+        raise ConfigError(
+            f"vars refer to each other in a cycle: {' -> '.join(exc.cycle)}", file=src
+        ) from None
+
+
+def _names_in(value: Any) -> set[str]:
+    """The variable names jinja2 expressions in `value` (strings, lists, dict keys) use."""
+    if isinstance(value, str):
+        return set(_referenced(value)) if "{{" in value or "{%" in value else set()
+    if isinstance(value, list):
+        return set().union(*(_names_in(v) for v in value))
+    if isinstance(value, dict):
+        return set().union(*(_names_in(k) | _names_in(v) for k, v in value.items()))
+    return set()
+
+
+@functools.lru_cache(maxsize=4096)
+def _referenced(text: str) -> frozenset[str]:
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(text)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset()  # rendering it reports the error, with its line
 
 
 def resolve(

@@ -111,6 +111,7 @@ class Redactor:
     """Replace every known form of every secret value with `***`."""
 
     def __init__(self, values: Iterable[str]) -> None:
+        values = list(values)
         forms: set[str] = set()
         escaped: set[str] = set()
         for value in values:

@@ -11,7 +11,6 @@ runner kills what is left of them and runs them again.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import graphlib
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provision import dag
-from provision.agent import checks
+from provision.agent import checks, output
 from provision.agent.execute import (
     EXIT_ERROR,
     clear_reports,
@@ -67,8 +66,8 @@ class Launched:
     kill_at: float | None = None
     cancelled: str = ""
     threads: list[threading.Thread] = field(default_factory=list)
-    #: The last lines of output, kept in memory: the log file may not take them (disk full).
-    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
+    #: The last output, kept in memory: the log file may not take it (disk full).
+    tail: output.Tail = field(default_factory=output.Tail)
 
 
 class Runner:
@@ -299,30 +298,10 @@ class Runner:
             )
         return sys.executable
 
-    def _pump(
-        self, proc: subprocess.Popen[bytes], log_path: Any, tail: collections.deque[str]
-    ) -> None:
-        """Copy a child's output into its log and `tail`, line by line, through the redactor.
-
-        When the log cannot be written (disk full) the pipe is still drained, or the step
-        would block on it; `tail` keeps the last lines for the diagnosis.
-        """
+    def _pump(self, proc: subprocess.Popen[bytes], log_path: Any, tail: output.Tail) -> None:
+        """Copy a child's output into its log and `tail`, through the redactor."""
         assert proc.stdout is not None
-        log: Any = None
-        with contextlib.suppress(OSError):
-            log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed below, or on error
-        for raw in iter(proc.stdout.readline, b""):
-            line = self.redact(raw.decode("utf-8", "replace"))
-            tail.append(line)
-            if log is None:
-                continue
-            try:
-                log.write(line.encode())
-            except OSError:
-                log.close()
-                log = None
-        if log is not None:
-            log.close()
+        output.pump(proc.stdout, log_path, self.redact, tail)
 
     def _wait_child(self, step_id: str, launched: Launched, pump: threading.Thread) -> None:
         rc = launched.proc.wait()
@@ -404,14 +383,14 @@ class Runner:
             sorter.done(step_id)
         self.save()
 
-    def diagnose(self, step_id: str, tail: collections.deque[str]) -> str | None:
+    def diagnose(self, step_id: str, tail: output.Tail) -> str | None:
         """A known-issue hint for a failed step's last output, when the catalog knows it.
 
         The output kept in memory is read first: it is there even when the disk was too full
         for the log to take it (then the failure is often the full disk itself)."""
         from provision.monitor.catalog import hint_for
 
-        return hint_for("".join(tail) or tail_text(self.run.log(step_id), 64 * 1024))
+        return hint_for(tail.text() or tail_text(self.run.log(step_id), 64 * 1024))
 
     def enforce_timeouts(self) -> None:
         """SIGTERM steps past their deadline; SIGKILL them after the grace period."""

@@ -19,7 +19,7 @@ Lifecycle of one step on the box:
 
 from __future__ import annotations
 
-import collections
+import codecs
 import difflib
 import hashlib
 import json
@@ -45,6 +45,10 @@ PARAM_TYPES = ("str", "path", "int", "float", "bool", "list", "dict", "any")
 
 #: No polling interval anywhere may exceed this many seconds (DESIGN.md).
 MAX_POLL_S = 30.0
+#: `StepContext.sh` reads its command's output this many bytes at a time...
+SH_CHUNK = 64 * 1024
+#: ...and keeps this many characters of its end, for the last line in an error.
+SH_TAIL_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ class StepContext:
         """
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         shown = cmd if isinstance(cmd, str) else " ".join(cmd)
-        tail: collections.deque[str] = collections.deque(maxlen=15)
+        tail = ""  # the end of the output, for the error message (bounded: lines may be huge)
         stream = self.out or sys.stdout
         proc = subprocess.Popen(
             argv,
@@ -257,14 +261,18 @@ class StepContext:
             proc.stdin.write(input.encode())
             proc.stdin.close()
         assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            stream.write(line)
+        # Pass output on as it comes, not a line at a time: a progress bar redrawn with `\r`
+        # shows while it runs, and a 10 MB line is never held whole.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for raw in iter(lambda: proc.stdout.read1(SH_CHUNK), b""):  # type: ignore[union-attr]
+            text = decoder.decode(raw)
+            stream.write(text)
             stream.flush()
-            tail.append(line.rstrip())
+            tail = (tail + text)[-SH_TAIL_CHARS:]
         rc = proc.wait()
         if rc != 0 and check:
-            last = next((t for t in reversed(tail) if t.strip()), "")
+            lines = tail.replace("\r", "\n").splitlines()
+            last = next((t.strip() for t in reversed(lines) if t.strip()), "")
             raise StepFailed(f"`{shown}` exited {rc}" + (f": {last}" if last else ""))
         return rc
 
