@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,8 @@ def test_up_rent_runs_the_playbook_then_down_from_another_controller(
     assert instance.box is not None and (instance.box.home / ".no_auto_tmux").exists()
     assert Path(f"{client_key}.pub").read_text().strip() in instance.keys
     assert "ok   gpu health" in result.stderr and "FAIL" not in result.stderr
+    checked = re.search(r"fitness checked in ([\d.]+)s", result.stderr)
+    assert checked and float(checked.group(1)) < 60  # within the box's first minute
     assert (instance.box.home / "ckpt" / "step_100").exists()
     assert store(env)["instances"]["t1"]["playbook"].endswith("smoke-rent.yaml")
 
@@ -168,19 +171,21 @@ def test_err_gpu_and_silent_box_destroyed_and_never_rented_again(
 
     # The same offers come back on the market: the bad machines are not rented again.
     fake.add_offer(205, 25, gpu_name="RTX PRO 6000 WS", dph_total=0.6)
+    fake.add_offer(206, 26, gpu_name="RTX PRO 6000 WS", dph_total=0.7)
     before = len(fake.instances)
-    again = cli(project, env, "rent", "num_gpus=2", "--label", "second", *args)
+    again = cli(project, env, "rent", "num_gpus=2", "--label", "second", "--count", "2", *args)
     assert again.returncode == 0, again.stderr
-    assert [i.offer.row["id"] for i in list(fake.instances.values())[before:]] == [205]
+    assert [i.offer.row["id"] for i in list(fake.instances.values())[before:]] == [205, 206]
     searches = fake.calls("POST", "/api/v0/bundles")
     assert searches[-1]["machine_id"] == {"notin": [21, 22, 23]}
+    assert [line.split("\t")[0] for line in again.stdout.splitlines()] == ["second-1", "second-2"]
 
     # No run on it yet: down refuses (nothing proves its checkpoints are safe), --force does it.
-    refused = cli(project, env, "down", "second")
+    refused = cli(project, env, "down", "second-1")
     assert refused.returncode == 2
     assert "not destroying" in one_line_error(refused)
-    assert cli(project, env, "down", "second", "--force").returncode == 0
-    assert cli(project, env, "down", "good", "--force").returncode == 0
+    for name in ("second-1", "second-2", "good"):
+        assert cli(project, env, "down", name, "--force").returncode == 0
     assert fake.live() == []
 
 
@@ -400,3 +405,79 @@ def test_interruptible_outbid_is_replaced_and_resumes_from_the_remote(
     down = cli(project, env, "down", "job")
     assert down.returncode == 0, down.stdout + down.stderr
     assert fake.live() == []
+
+
+LAUNCH_PLAYBOOK = """\
+name: launch-rent
+steps:
+  - id: train
+    kind: tmux_launch
+    session: train
+    command: "echo step 1 loss 0.5; sleep 600"
+    log: train.log
+"""
+
+
+def test_monitor_watch_replaces_a_box_gone_offline(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from project import wait_for
+
+    (project / "playbooks" / "launch-rent.yaml").write_text(LAUNCH_PLAYBOOK)
+    for offer_id, machine in ((701, 71), (702, 72)):
+        fake.add_offer(offer_id, machine, gpu_name="RTX PRO 6000 WS")
+    book = ["-p", "playbooks/launch-rent.yaml", "--var", f"agent_python={sys.executable}"]
+    first_up = cli(project, env, "up", "--rent", "num_gpus=2", "--label", "w", "--key",
+                   str(client_key), "--disk", "2", *book)  # fmt: skip
+    assert first_up.returncode == 0, first_up.stdout + first_up.stderr
+    (first,) = fake.live()
+    log = tmp_path / "monitor.log"
+    argv = [sys.executable, "-m", "provision.cli", "monitor", "w", "--watch", "--interval", "1",
+            "-p", "playbooks/launch-rent.yaml"]  # fmt: skip
+    with log.open("w") as out:
+        watcher = subprocess.Popen(argv, env=env, cwd=project, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        fake.offline(first.id)
+
+        def relaunched() -> bool:
+            others = [i for i in fake.live() if i.id != first.id and i.box is not None]
+            train = others[0].box.home / "train.log" if others else None
+            return bool(train and train.exists() and "loss 0.5" in train.read_text())
+
+        wait_for(relaunched, timeout=120, what="the job relaunched on a replacement")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- monitor:\n{log.read_text()}") from None
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(timeout=30)
+    assert "went offline: renting a replacement" in log.read_text()
+    assert fake.instances[first.id].ended
+    assert cli(project, env, "down", "w", "--force").returncode == 0
+    assert fake.live() == []
+
+
+def test_lost_states() -> None:
+    from provision.rent.keepalive import lost
+    from provision.rent.vast import _instance
+
+    def row(**over: Any) -> dict[str, Any]:
+        base = {
+            "id": 1,
+            "actual_status": "running",
+            "cur_state": "running",
+            "intended_status": "running",
+        }
+        return {**base, **over}
+
+    assert lost(_instance(row())) == ""
+    assert lost(_instance(row(actual_status="loading"))) == ""
+    assert lost(_instance(row(actual_status="offline"))) == "went offline"
+    assert (
+        lost(_instance(row(actual_status="exited", cur_state="stopped"))) == "was stopped (outbid)"
+    )
+    assert lost(_instance(row(cur_state="stopped", intended_status="stopped"))) == "was stopped"
+    assert lost(None) == "is gone from the account"

@@ -260,6 +260,7 @@ def _reach_and_check(rented: store.Rented, offer: Offer, req: Request, say: Say)
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, 10.0)
     say(f"  {rented.name}: SSH answered after {time.monotonic() - start:.0f}s; checking fitness")
+    checked = time.monotonic()
     try:
         verdict = fitness.check(
             box, offer, req.disk_gb, speed_urls=req.speed_urls,
@@ -270,6 +271,7 @@ def _reach_and_check(rented: store.Rented, offer: Offer, req: Request, say: Say)
     for row in verdict.rows:
         mark = "ok  " if row["ok"] else "FAIL"
         say(f"    {mark} {row['check']}: {row['value']} (need {row['expected']})")
+    say(f"  {rented.name}: fitness checked in {time.monotonic() - checked:.1f}s")
     return "" if verdict.ok else f"unfit: {verdict.reason()}"
 
 

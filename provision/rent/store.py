@@ -79,6 +79,7 @@ def load() -> dict[str, Any]:
 
 
 def _read(target: Path) -> dict[str, Any]:
+    data: dict[str, Any]
     try:
         data = json.loads(target.read_text())
     except FileNotFoundError:
@@ -133,9 +134,10 @@ def close_ledger(instance_id: int) -> None:
 def spent(now: float | None = None) -> float:
     """$ spent on every instance in the ledger, destroyed ones included."""
     now = time.time() if now is None else now
-    return sum(
-        e["dph"] * max(0.0, ((e["ended"] or now) - e["started"])) / 3600 for e in load()["ledger"]
-    )
+    total = 0.0
+    for e in load()["ledger"]:
+        total += float(e["dph"]) * max(0.0, (e["ended"] or now) - e["started"]) / 3600
+    return total
 
 
 def mark_bad(machine_id: int, reason: str, gpu: str = "") -> None:
