@@ -221,12 +221,22 @@ def print_status(out: Out, snaps: list[dict[str, Any]], verbose_tail: int = 0) -
     """`bootstrap status` output."""
     for snap in snaps:
         out.console.print(status_table(snap, out.redact))
+        for lease in snap.get("gpu_leases") or []:
+            out.line(f"  {_lease_line(lease)}", style="cyan")
         for step in snap.get("steps", []):
             if step.get("hint"):
                 out.line(f"  hint for {step['id']}: {step['hint']}", style="yellow")
             if verbose_tail and step["status"] in ("failed", "error", "running"):
                 for line in (step.get("log_tail") or [])[-verbose_tail:]:
                     out.cut(f"  {step['id']} | {line}", style="dim")
+
+
+def _lease_line(data: dict[str, Any]) -> str:
+    """`GPUs 0,1: tmux session ae (playbook P, step S, since T, pid N)` of one GPU lease."""
+    from provision.agent.gpus import Lease, gpus_text
+
+    lease = Lease.from_dict(data)
+    return f"{gpus_text(lease.gpus)}: {lease.describe()}" if lease else str(data)
 
 
 def print_plan(out: Out, host: str, result: dict[str, Any]) -> None:

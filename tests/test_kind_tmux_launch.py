@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from project import wait_for
 
+from provision.agent.gpus import GpuLeases, session_members
 from provision.errors import StepFailed
 from provision.steps import tmux_launch
 from provision.steps.base import ParamError, StepContext, validate_params
@@ -37,6 +39,14 @@ def socket() -> Iterator[str]:
     yield path
     subprocess.run(["tmux", "-S", path, "kill-server"], capture_output=True, check=False)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def agent_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own agent directory: GPU leases are box-wide, so never the real one."""
+    path = tmp_path / "agent"
+    monkeypatch.setenv("BOOTSTRAP_AGENT_DIR", str(path))
+    return path
 
 
 @pytest.fixture
@@ -551,3 +561,220 @@ def test_up_launches_then_noop_then_rerun_restarts(project, box) -> None:  # typ
     for path in [log, *(box.home / ".bootstrap").rglob("*")]:
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+# --- one training per GPU set (provision/agent/gpus.py) -------------------------------------
+
+
+def launch_in(
+    agent_dir: Path, socket: str, job_dir: Path, playbook: str, session: str, command: str, **params
+) -> StepContext:
+    """A tmux_launch context in run `playbook` of the agent dir (its plan names the playbook)."""
+    run_dir = agent_dir / "runs" / playbook
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps({"playbook": playbook, "steps": []}))
+    raw = {"session": session, "socket": socket, "cwd": str(job_dir), "command": command, **params}
+    return StepContext(
+        step_id=f"train-{session}",
+        params=validate_params(KIND, raw),
+        run_dir=run_dir,
+        out=io.StringIO(),
+    )
+
+
+def sessions(socket: str) -> set[str]:
+    return set(tmux(socket, "list-sessions", "-F", "#{session_name}").stdout.split())
+
+
+def test_a_held_gpu_refuses_the_second_job_naming_the_first(
+    agent_dir: Path, socket: str, job_dir: Path
+) -> None:
+    first = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300", gpus="0,1")
+    KIND.run(first)
+    second = launch_in(agent_dir, socket, job_dir, "lerobot", "lora", "sleep 300", gpus=1)
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as err:
+        KIND.run(second)
+    assert time.monotonic() - started < 5  # at once, not after a timeout
+    reason, hint = err.value.reason, err.value.hint or ""
+    assert reason.startswith("GPU 1 is held by tmux session ae (playbook waypoint, step train-ae, ")
+    assert f"pid {job_pid(first)}" in reason and " UTC" in reason
+    assert "kill-session -t =ae" in hint and f"-S {socket}" in hint and "gpus:" in hint
+    assert sessions(socket) == {"ae"}  # nothing of the second job started
+    assert not (second.workdir / "launch.json").exists()
+    assert alive(job_pid(first))  # and the first job was not touched
+
+
+def test_disjoint_gpus_run_side_by_side_each_seeing_its_own(
+    agent_dir: Path, socket: str, job_dir: Path
+) -> None:
+    command = f"python3 {AE} --steps 100000 --step-sleep 0.5 --wandb offline"
+    jobs = [
+        launch_in(agent_dir, socket, job_dir, book, name, command, gpus=gpus, log=f"{name}.log")
+        for book, name, gpus in (("waypoint", "ae", 0), ("lerobot", "lora", [1]))
+    ]
+    for ctx in jobs:
+        KIND.run(ctx)
+        KIND.verify(ctx)
+    assert sessions(socket) == {"ae", "lora"}
+    assert b"CUDA_VISIBLE_DEVICES=0" in trainer_environ(jobs[0])
+    assert b"CUDA_VISIBLE_DEVICES=1" in trainer_environ(jobs[1])
+    held = {lease.session: lease.gpus for lease in GpuLeases(agent_dir).live()}
+    assert held == {"ae": ("0",), "lora": ("1",)}
+    assert "it holds GPU 0 while it runs" in jobs[0].out.getvalue()
+
+
+def test_a_job_that_ended_frees_its_gpus(agent_dir: Path, socket: str, job_dir: Path) -> None:
+    quick = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "echo done", gpus="0")
+    KIND.run(quick)
+    wait_for(lambda: (quick.workdir / "job.status").exists(), timeout=15)
+    held = launch_in(agent_dir, socket, job_dir, "lerobot", "lora", "sleep 300", gpus="0")
+    KIND.run(held)  # the first job exited: GPU 0 is free
+    killed = job_pid(held)
+    tmux(socket, "new-session", "-d", "-s", "keep", "sleep 300")  # keeps the server up
+    tmux(socket, "kill-session", "-t", "=lora")  # stopped by hand, as the hint says
+    wait_for(lambda: not alive(killed), timeout=15)
+    again = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300", gpus="0,1")
+    KIND.run(again)
+    assert [lease.session for lease in GpuLeases(agent_dir).live()] == ["ae"]
+    stored = json.loads((agent_dir / "gpu-leases.json").read_text())["leases"]
+    assert [lease["session"] for lease in stored] == ["ae"]  # the stale ones are gone
+
+
+def test_children_outliving_the_script_keep_the_gpus(
+    agent_dir: Path, socket: str, job_dir: Path
+) -> None:
+    """A trainer's orphaned workers still hold GPU memory: the lease follows the session."""
+    orphan = "nohup sleep 300 >/dev/null 2>&1 &"  # survives the script and its pane's SIGHUP
+    first = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", orphan, gpus=0)
+    KIND.run(first)
+    script = job_pid(first)
+    wait_for(lambda: not alive(script), timeout=15)  # the script is gone, its sleep is not
+    second = launch_in(agent_dir, socket, job_dir, "lerobot", "lora", "true", gpus=0)
+    try:
+        with pytest.raises(StepFailed, match="GPU 0 is held by tmux session ae"):
+            KIND.run(second)
+    finally:
+        for pid in session_members([script]):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not session_members([script]), timeout=15)
+    KIND.run(second)  # the last member gone, so is the lease
+
+
+def test_no_gpus_param_holds_every_gpu(agent_dir: Path, socket: str, job_dir: Path) -> None:
+    first = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300")
+    KIND.run(first)
+    second = launch_in(agent_dir, socket, job_dir, "lerobot", "lora", "sleep 300", gpus=3)
+    with pytest.raises(StepFailed, match=r"^GPU 3 is held by tmux session ae"):
+        KIND.run(second)
+    third = launch_in(agent_dir, socket, job_dir, "lerobot", "lora", "sleep 300")
+    with pytest.raises(StepFailed, match=r"^all GPUs are held by tmux session ae"):
+        KIND.run(third)
+    # The step's own CUDA_VISIBLE_DEVICES is the set when `gpus:` is not given.
+    tmux(socket, "kill-session", "-t", "=ae")
+    wait_for(lambda: not GpuLeases(agent_dir).live(), timeout=15)
+    own = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300")
+    own.env = {**os.environ, "CUDA_VISIBLE_DEVICES": "2"}
+    KIND.run(own)
+    assert [lease.gpus for lease in GpuLeases(agent_dir).live()] == [("2",)]
+
+
+def test_relaunching_the_same_step_takes_its_own_gpus_back(
+    agent_dir: Path, socket: str, job_dir: Path
+) -> None:
+    ctx = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300", gpus="0,1")
+    KIND.run(ctx)
+    old = job_pid(ctx)
+    KIND.run(ctx)  # a rerun of the step: its old job is stopped, not in the way
+    assert not alive(old)
+    (lease,) = GpuLeases(agent_dir).live()
+    assert lease.pid == job_pid(ctx) and lease.gpus == ("0", "1")
+
+
+LAUNCHER = """
+import io, json, sys
+from pathlib import Path
+from provision.steps.base import StepContext, validate_params
+from provision.steps.tmux_launch import KIND
+from provision.errors import StepFailed
+params = validate_params(KIND, json.loads(sys.argv[1]))
+run_dir = Path(sys.argv[2])
+ctx = StepContext(step_id="train", params=params, run_dir=run_dir, out=io.StringIO())
+sys.stdin.read()  # both start together
+try:
+    KIND.run(ctx)
+except StepFailed as exc:
+    print("refused:", exc.reason)
+else:
+    print("launched")
+"""
+
+
+def test_two_launches_racing_for_one_gpu_start_one_job(
+    agent_dir: Path, socket: str, job_dir: Path
+) -> None:
+    procs = []
+    for name in ("a", "b"):
+        raw = {"session": name, "socket": socket, "cwd": str(job_dir), "command": "sleep 300"}
+        raw["gpus"] = "0"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", LAUNCHER, json.dumps(raw), str(agent_dir / "runs" / name)],
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [proc.communicate("go", timeout=60)[0].strip() for proc in procs]
+    assert sorted(out.split()[0] for out in outs) == ["launched", "refused:"], outs
+    assert len(sessions(socket)) == 1 and len(GpuLeases(agent_dir).live()) == 1
+
+
+GPU_PLAYBOOK = """\
+name: {name}
+vars: {{gpus: "{gpus}"}}
+steps:
+  - id: train
+    kind: tmux_launch
+    session: {session}
+    command: echo "sees $CUDA_VISIBLE_DEVICES"; sleep 300
+    log: ~/{session}.log
+    gpus: "{{{{ gpus }}}}"
+"""
+
+
+@pytest.mark.slow
+def test_two_playbooks_on_one_box_share_no_gpu(project, box) -> None:  # type: ignore[no-untyped-def]
+    project.host_vars = {"agent_python": sys.executable}
+    project.playbook(GPU_PLAYBOOK.format(name="waypoint", session="ae", gpus="0,1"), "a.yaml")
+    project.playbook(GPU_PLAYBOOK.format(name="lerobot", session="lora", gpus="1"), "b.yaml")
+    first = project.up("box1", playbook="a.yaml")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    refused = project.up("box1", playbook="b.yaml")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    step = project.steps("box1", "b.yaml")["train"]
+    assert step["status"] == "failed" and step["attempts"] == 1
+    held_by = "tmux session ae (playbook playbooks/a.yaml, run waypoint, step train, since"
+    assert step["reason"].startswith(f"GPU 1 is held by {held_by}")
+    assert "kill-session -t =ae" in step["hint"]
+    snap = project.status("box1", "b.yaml")
+    assert [(x["session"], x["gpus"]) for x in snap["gpu_leases"]] == [("ae", ["0", "1"])]
+    shown = project.cli("status", "box1", "-p", "playbooks/b.yaml")
+    assert f"GPUs 0,1: {held_by}" in shown.stdout
+
+    beside = project.up("box1", playbook="b.yaml", extra=["-e", "gpus=2"])
+    assert beside.returncode == 0, beside.stdout + beside.stderr
+    assert "sees 2" in (box.home / "lora.log").read_text()
+    leases = project.status("box1", "a.yaml")["gpu_leases"]
+    assert sorted((x["session"], x["gpus"]) for x in leases) == [
+        ("ae", ["0", "1"]),
+        ("lora", ["2"]),
+    ]
+
+    box.ssh("tmux kill-session -t =ae")  # the holder stopped as the hint says: GPU 1 is free
+    moved = project.up("box1", playbook="b.yaml", extra=["-e", "gpus=1"])
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    leases = project.status("box1", "a.yaml")["gpu_leases"]
+    assert [(x["session"], x["gpus"]) for x in leases] == [("lora", ["1"])]

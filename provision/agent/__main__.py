@@ -25,6 +25,7 @@ from typing import Any
 
 from provision.agent import report
 from provision.agent.execute import exec_step, pyz_path
+from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
 from provision.agent.state import (
     RunDir,
@@ -213,7 +214,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if run is None or not run.plan.exists():
         print(json.dumps({"error": "no bootstrap run on this box", "run": args.run}))
         return 0
-    print(json.dumps(report.snapshot(run, args.lines)))
+    snap = report.snapshot(run, args.lines)
+    snap["gpu_leases"] = [lease.to_dict() for lease in GpuLeases().live()]
+    print(json.dumps(snap))
     return 0
 
 

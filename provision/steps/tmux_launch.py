@@ -43,6 +43,13 @@ command). `run` writes a launch script into the step's directory and the session
   `checkpoints: {restore: true}` brought the remote's newest verified checkpoint onto a box
   that had none (provision/checkpoints/restore.py).
 
+One training per GPU set: the job holds its GPUs (`gpus:`; without it the step's
+CUDA_VISIBLE_DEVICES, else all GPUs of the box) for as long as any of its processes lives,
+across every run and playbook on the box (provision/agent/gpus.py keeps the leases). Launching
+onto a GPU that another step's live job holds fails at once, before anything is stopped or
+started, naming the holder (tmux session, playbook, step, since when) and how to stop it; jobs
+on disjoint GPUs (`gpus: 0` and `gpus: 1`) run side by side. `status` lists the leases.
+
 `run` first kills a session of the same name (the seed's `tmux kill-session` before each try) and
 waits for its processes to exit, so a relaunch never races the old job for GPU memory. It returns
 once the script runs the command; the job keeps running, and later `wait_log` steps watch it.
@@ -71,6 +78,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from provision.agent.gpus import GpuLeases, gpu_set, gpus_text, session_members
 from provision.checkpoints import restore
 from provision.checkpoints.spec import parse_checkpoints
 from provision.errors import StepFailed
@@ -108,6 +116,7 @@ PID_FILE = "job.pid"
 STATUS_FILE = "job.status"
 ENV_FILE = "job.env"
 SCRIPT_FILE = "launch.sh"
+CUDA_VAR = "CUDA_VISIBLE_DEVICES"
 
 
 class TmuxLaunch(Kind):
@@ -184,6 +193,10 @@ class TmuxLaunch(Kind):
         if venv is not None:
             command = resolve_venv_command(command, venv)
         previous = read_json(ctx.workdir / LAUNCH_FILE, None)
+        visible = gpus_value(p["gpus"]) if p["gpus"] is not None else ctx.env.get(CUDA_VAR)
+        wanted = {"run": ctx.run_dir.name, "step": ctx.step_id, "session": session}
+        leases = GpuLeases()
+        leases.check(gpu_set(visible), **wanted, socket=p["socket"])  # before a long restore
         spec = parse_checkpoints(p["checkpoints"]) if p["checkpoints"] is not None else None
         restored = restore.before_launch(spec, cwd, ctx.env, ctx.log) if spec else None
         resumed = (isinstance(previous, dict) or restored is not None) and bool(p["resume_args"])
@@ -192,7 +205,8 @@ class TmuxLaunch(Kind):
         log = _under(cwd, ctx.path(p["log"] or f"logs/{session}.log"))
         log.parent.mkdir(parents=True, exist_ok=True)
         launch = uuid.uuid4().hex[:12]
-        with _client_environ(ctx):
+        claim_gpus = leases.claim(gpu_set(visible), **wanted, socket=p["socket"])
+        with _client_environ(ctx), claim_gpus as claim:
             if isinstance(previous, dict) and _runs_elsewhere(previous, session, p["socket"]):
                 # Renamed or moved since the last launch: that job must not keep the GPUs.
                 old = libtmux.Server(**_socket_kwargs(previous.get("socket")))
@@ -212,11 +226,14 @@ class TmuxLaunch(Kind):
             write_json_atomic(ctx.workdir / LAUNCH_FILE, record)
             env_file = _write_env_file(ctx.workdir / ENV_FILE, _job_env(ctx))
             try:
+                claim.grant(launch, ctx.workdir / PID_FILE, _playbook_name(ctx))
                 _new_session(server, session, launch, cwd, script, p["remain_on_exit"])
                 pid = _wait_started(ctx.workdir, launch, server, session, log)
+                claim.started(pid)
             finally:
                 env_file.unlink(missing_ok=True)
         ctx.log(f"launched `{command}` in tmux session {session} (pid {pid}), output in {log}")
+        ctx.log(f"it holds {gpus_text(claim.gpus)} while it runs")
         if spec is not None:
             config = {**record, "cwd": str(cwd), "checkpoints": spec.to_dict()}
             guard_pid = guard.start(ctx.workdir, config, _job_env(ctx))
@@ -361,6 +378,13 @@ def _runs_elsewhere(previous: dict[str, Any], session: str, socket: str | None) 
     return session_launch(*where) == previous["launch_id"]
 
 
+def _playbook_name(ctx: StepContext) -> str:
+    """The playbook of the step's run (its plan), for the GPU lease; the run's name without."""
+    plan = read_json(ctx.run_dir / "plan.json", {})
+    name = plan.get("playbook") if isinstance(plan, dict) else None
+    return str(name or ctx.run_dir.name)
+
+
 def _under(base: Path, path: Path) -> Path:
     """`path`, taken relative to `base` unless absolute."""
     return path if path.is_absolute() else base / path
@@ -487,35 +511,17 @@ def _stop_session(server: Any, session: str, ctx: StepContext) -> None:
     ctx.log(f"killing the existing tmux session {session}")
     server.cmd("kill-session", "-t", f"={session}")
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        for pid in _session_members(sids) if sig is not None else ():
+        for pid in session_members(sids) if sig is not None else ():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + _STOP_GRACE_S
-        while time.monotonic() < deadline and _session_members(sids):
+        while time.monotonic() < deadline and session_members(sids):
             time.sleep(0.1)
-        left = _session_members(sids)
+        left = session_members(sids)
         if not left:
             return
         ctx.log(f"processes of the old session still run: {left}")
     raise StepFailed(f"the old job of tmux session {session} does not exit", "kill it by hand")
-
-
-def _session_members(sids: Collection[int]) -> list[int]:
-    """Pids of the live (not zombie) processes whose Unix session is one of `sids`."""
-    if not sids:
-        return []
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) in sids and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 def _read_fields(path: Path) -> list[str]:
