@@ -320,6 +320,8 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
         "vlm_batch_size": 2,
         "ae_steps": 40,
         "vlm_steps": 60,
+        "ae_gpus": "0",  # both trainings at once, so on GPUs of their own
+        "vlm_gpus": "1",
         "wandb_mode": "offline",
         "wandb_entity": "waypoint-lab",
         "wandb_tags": ["waypoint", "test"],
