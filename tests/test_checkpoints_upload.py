@@ -265,7 +265,10 @@ def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> Non
     assert guard.guard_pid(work) is None
 
 
-def test_tmux_launch_starts_a_guard_that_outlives_the_session(tmp_path: Path) -> None:
+def test_tmux_launch_starts_a_guard_that_outlives_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOOTSTRAP_AGENT_DIR", str(tmp_path / "agent"))  # its own GPU leases
     spec, env, root = make(tmp_path, poll=1, keep=1)
     folder = Path(tempfile.mkdtemp(prefix="tmx", dir="/tmp"))
     socket = str(folder / "tmux")
