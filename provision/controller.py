@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from provision.agent import blobs as agent_blobs
 from provision.agent import report
 from provision.bundle import Agent, build_agent
 from provision.errors import ProvisionError, TargetError
@@ -55,6 +56,7 @@ sys.exit(main(h["argv"]))
 _NEED_AGENT = b"BOOTSTRAP_NEED_AGENT"
 _OLD_PYTHON = b"BOOTSTRAP_OLD_PYTHON"
 _CUT_AGENT = b"BOOTSTRAP_CUT_AGENT"
+_NEED_BLOBS = agent_blobs.NEED_BLOBS.encode()
 _AGENT = '"${BOOTSTRAP_AGENT_DIR:-$HOME/.bootstrap}/agent.pyz"'
 
 
@@ -108,6 +110,51 @@ def _python(box: Box) -> str:
     return shlex.quote(str(box.host.vars.get("box_python", "python3")))
 
 
+def _blob_cache(box: Box) -> Any:
+    return _cache_file(box).with_suffix(".blobs")
+
+
+def _blobs_sent(box: Box) -> set[str]:
+    """The blobs this controller has given the box (see `provision.agent.blobs`)."""
+    try:
+        return set(_blob_cache(box).read_text().split())
+    except OSError:
+        return set()
+
+
+@dataclass
+class PlanPayload:
+    """A payload that holds a plan: its large params (a rendered 50 MB template) travel by
+    sha256 and their bytes only to a box that was not given them before."""
+
+    document: dict[str, Any]
+    blobs: dict[str, bytes]
+
+    @classmethod
+    def of(cls, plan: dict[str, Any], **rest: Any) -> PlanPayload:
+        refs, found = agent_blobs.split(plan)
+        return cls({"plan": refs, **rest}, found)
+
+    def encode(self, box: Box, everything: bool) -> bytes:
+        sent = set() if everything else _blobs_sent(box)
+        return agent_blobs.encode(
+            self.document, {sha: data for sha, data in self.blobs.items() if sha not in sent}
+        )
+
+    def remember(self, box: Box) -> None:
+        """The box holds every blob of this payload now (its agent took the plan)."""
+        new = set(self.blobs) - _blobs_sent(box)
+        if new:
+            path = _blob_cache(box)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("".join(f"{sha}\n" for sha in sorted(new)))
+
+
+def _payload_bytes(box: Box, payload: bytes | PlanPayload, everything: bool) -> bytes:
+    return payload.encode(box, everything) if isinstance(payload, PlanPayload) else payload
+
+
 def _command(box: Box) -> str:
     return f"{_python(box)} -c {shlex.quote(_PRELUDE)}"
 
@@ -141,38 +188,49 @@ def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
 def agent_run(
     box: Box,
     argv: list[str],
-    payload: bytes = b"",
+    payload: bytes | PlanPayload = b"",
     *,
     ephemeral: bool = False,
     timeout: float = 120,
 ) -> Result:
-    """Run an agent command to completion, shipping the agent only if the box lacks it."""
+    """Run an agent command to completion, shipping the agent (and a plan's blobs) only if
+    the box lacks them."""
     agent = build_agent()
     ship = not _box_has(box, agent)
-    result = box.transport.run(
-        _command(box), _stdin(agent, argv, payload, ship, ephemeral), timeout
-    )
-    if result.rc == 3 and result.stdout.startswith(_NEED_AGENT):
-        ship = True
+    everything = False
+    while True:
+        data = _payload_bytes(box, payload, everything)
         result = box.transport.run(
-            _command(box), _stdin(agent, argv, payload, True, ephemeral), timeout
+            _command(box), _stdin(agent, argv, data, ship, ephemeral), timeout
         )
+        if result.rc == 3 and result.stdout.startswith(_NEED_AGENT) and not ship:
+            ship = True
+        elif result.rc == 3 and result.stdout.startswith(_NEED_BLOBS) and not everything:
+            everything = True
+        else:
+            break
     if result.rc != 0:
         raise _agent_failed(box, result.stdout, result.stderr)
     if ship and not ephemeral:
         _remember(box, agent)
+    if isinstance(payload, PlanPayload):
+        payload.remember(box)
     return result
 
 
-def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str, Any]]:
+def agent_stream(
+    box: Box, argv: list[str], payload: bytes | PlanPayload
+) -> Iterator[dict[str, Any]]:
     """Run an agent command and yield the JSON events it prints, as they come."""
     agent = build_agent()
     ship = not _box_has(box, agent)
-    for attempt in range(2):
-        proc = box.transport.stream(_command(box), _stdin(agent, argv, payload, ship, False))
+    everything = False
+    for _ in range(3):  # again with the agent, then with every blob, when the box lacks them
+        data = _payload_bytes(box, payload, everything)
+        proc = box.transport.stream(_command(box), _stdin(agent, argv, data, ship, False))
         assert proc.stdout is not None
         first = True
-        need_agent = False
+        need_agent = need_blobs = False
         head = b""  # the prelude's own message, if it refused to start the agent
         ended = False
         try:
@@ -181,6 +239,9 @@ def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str
                 if first and raw.startswith(_NEED_AGENT):
                     need_agent = True
                     break
+                if first and raw.startswith(_NEED_BLOBS):
+                    need_blobs = True
+                    break
                 first = False
                 if raw.startswith(b"{"):
                     yield json.loads(raw)
@@ -188,18 +249,23 @@ def agent_stream(box: Box, argv: list[str], payload: bytes) -> Iterator[dict[str
         finally:
             # At EOF ssh is about to exit with the remote status: wait for it. Terminating it
             # then would turn a finished command into ssh's 255, read as a dropped connection.
-            if not (ended or need_agent) and proc.poll() is None:
+            if not (ended or need_agent or need_blobs) and proc.poll() is None:
                 proc.terminate()
             proc.wait()
         stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
         box.transport.check_stream(proc, stderr)
-        if need_agent and attempt == 0:
+        if need_agent and not ship:
             ship = True
+            continue
+        if need_blobs and not everything:
+            everything = True
             continue
         if proc.returncode != 0:
             raise _agent_failed(box, head, stderr)
         if ship:
             _remember(box, agent)
+        if isinstance(payload, PlanPayload):
+            payload.remember(box)
         return
 
 
@@ -222,7 +288,7 @@ def up(
     on_snapshot: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Ship the plan, start (or attach to) the run, follow it; returns the final snapshot."""
-    payload = json.dumps({"plan": plan, "secrets": secrets, "reset": reset}).encode()
+    payload = PlanPayload.of(plan, secrets=secrets, reset=reset)
     argv = ["up", "--detach"] if detach else ["up"]
     final: dict[str, Any] | None = None
     current: dict[str, Any] = {}
@@ -263,8 +329,7 @@ def status(box: Box, run: str | None, lines: int = 10) -> dict[str, Any]:
 
 def plan(box: Box, plan: dict[str, Any], secrets: dict[str, str]) -> dict[str, Any]:
     """What `up` would do on the box and why; changes nothing there."""
-    payload = json.dumps({"plan": plan, "secrets": secrets}).encode()
-    result = agent_run(box, ["plan"], payload, ephemeral=True)
+    result = agent_run(box, ["plan"], PlanPayload.of(plan, secrets=secrets), ephemeral=True)
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provision.agent import report
+from provision.agent import blobs, report
 from provision.agent.execute import exec_step, pyz_path
 from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
@@ -41,10 +41,16 @@ from provision.steps.base import write_json_atomic
 
 
 def _read_payload() -> dict[str, Any]:
-    data = sys.stdin.buffer.read()
-    payload = json.loads(data.decode("utf-8")) if data.strip() else {}
-    if not isinstance(payload, dict) or "plan" not in payload:
+    """The controller's payload, its plan's blobs put back (see `blobs`). A plan naming blobs
+    this box lacks ends the command with NEED_BLOBS (exit 3): the controller sends them."""
+    payload = blobs.decode(sys.stdin.buffer.read())
+    if "plan" not in payload:
         raise SystemExit("agent: expected a JSON payload with a plan on stdin")
+    payload["plan"], missing = blobs.join(payload["plan"])
+    if missing:
+        sys.stdout.write(f"{blobs.NEED_BLOBS} {' '.join(missing)}\n")
+        sys.stdout.flush()
+        raise SystemExit(3)
     return payload
 
 
