@@ -624,10 +624,32 @@ def _launch_steps(plan: dict[str, Any], step_id: str | None) -> dict[str, Any]:
 
 def _training_log(step: dict[str, Any]) -> str:
     params = step["params"]
-    log = params.get("log") or f"~/.bootstrap/runs/logs/{params['session']}.log"
-    if log.startswith(("/", "~")):
-        return log
-    return f"{params.get('cwd') or '~'}/{log}"
+    return _under_cwd(
+        params, params.get("log") or f"~/.bootstrap/runs/logs/{params['session']}.log"
+    )
+
+
+def _under_cwd(params: dict[str, Any], path: str) -> str:
+    """A launch step's path on the box: relative paths start at its `cwd`."""
+    if path.startswith(("/", "~")):
+        return path
+    return f"{params.get('cwd') or '~'}/{path}"
+
+
+def _checkpoint_spec(plan: dict[str, Any], step: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint directory `monitor` forecasts the disk for: the launch step's
+    `checkpoints:` block (`dir` relative to its cwd, `keep`, `step`, `complete`), else the
+    plan's preflight `checkpoint_dir` with its `checkpoint_keep` and `checkpoint_gb`."""
+    block = step["params"].get("checkpoints")
+    if isinstance(block, dict) and block.get("dir"):
+        spec = {k: block.get(k) for k in ("keep", "step", "complete")}
+        return dict(spec, dir=_under_cwd(step["params"], str(block["dir"])))
+    for other in plan["steps"]:
+        params = other["params"] if other["kind"] == "preflight" else {}
+        if params.get("checkpoint_dir"):
+            keep, size = params.get("checkpoint_keep"), params.get("checkpoint_gb")
+            return {"dir": params["checkpoint_dir"], "keep": keep, "size_gb": size}
+    return None
 
 
 def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as_json: bool) -> int:
@@ -704,9 +726,12 @@ def _monitor(
     batch = batch_size or context_vars.get("global_batch_size")
     box = controller.connect(host)
     keep = _keeper(target, loaded.playbook_path, inventory) if watch else None
+    checkpoints = _checkpoint_spec(plan, step)
     while True:
         try:
-            snap = controller.monitor(box, _training_log(step), batch, thresholds, step["env"])
+            snap = controller.monitor(
+                box, _training_log(step), batch, thresholds, step["env"], checkpoints
+            )
         except TargetError:
             if keep is None or not keep():
                 raise

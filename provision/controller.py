@@ -371,9 +371,12 @@ def monitor(
     batch_size: int | None,
     thresholds: dict[str, Any] | None,
     env: dict[str, str],
+    checkpoints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Training progress, GPUs, host and alerts of one training log on the box."""
+    """Training progress, GPUs, host and alerts of one training log on the box, and the disk
+    forecast of its checkpoint directory (`checkpoints`: see provision/monitor/snapshot.py)."""
     payload = {"log": log, "batch_size": batch_size, "thresholds": thresholds, "env": env}
+    payload["checkpoints"] = checkpoints
     result = agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from gpu_fake import fake_env, use_fake_gpus
 
 from provision.errors import StepFailed
-from provision.monitor.preflight import preflight_report, run_preflight, version_at_least
+from provision.monitor.preflight import Row, preflight_report, run_preflight, version_at_least
 from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.preflight import KIND
 
@@ -91,10 +92,47 @@ def test_low_disk_sums_paths_on_one_filesystem(
     (disk,) = [r for r in run_preflight(params) if r.check.startswith("disk ")]
     assert not disk.ok
     assert disk.expected == (
-        f">= {HUGE + 1 + 66:.1f} GB (1 for {tmp_path / 'data'} + {HUGE} for "
-        f"{tmp_path / 'models'} + 3 checkpoints × 22)"
+        f">= {HUGE + 1 + 66 * 1.1:.1f} GB (1 for {tmp_path / 'data'} + {HUGE} for "
+        f"{tmp_path / 'models'} + 3 checkpoints × 22 + 10 %)"
     )
     assert "bigger disk" in disk.detail
+
+
+def checkpoint_row(params: dict) -> Row:
+    (disk,) = [r for r in run_preflight({"min_gpus": 0, **params}) if r.check.startswith("disk ")]
+    return disk
+
+
+def write_checkpoints(directory: Path, size: int, *steps: int) -> None:
+    """Checkpoints as the fork leaves them: `<step>/` complete, `tmp_<step>/` being written."""
+    for step in steps:
+        (directory / str(step)).mkdir(parents=True)
+        (directory / str(step) / "model.safetensors").write_bytes(os.urandom(size))
+    (directory / f"tmp_{max(steps) + 50}").mkdir()
+    (directory / f"tmp_{max(steps) + 50}" / "model.safetensors").write_bytes(os.urandom(size * 9))
+    (directory / "wandb_run_id.txt").write_text("abc\n")
+
+
+def test_checkpoint_disk_is_sized_from_keep(tmp_path: Path) -> None:
+    params = {"checkpoint_dir": str(tmp_path / "ck"), "checkpoint_keep": 2, "checkpoint_gb": 22}
+    disk = checkpoint_row(params)
+    assert disk.expected == ">= 72.6 GB (3 checkpoints × 22 (keep 2 + 1 being written) + 10 %)"
+    disk = checkpoint_row({**params, "checkpoint_margin": 0})
+    assert disk.expected == ">= 66.0 GB (3 checkpoints × 22 (keep 2 + 1 being written))"
+
+
+def test_checkpoint_disk_is_sized_from_the_real_checkpoints(tmp_path: Path) -> None:
+    """A declared size below what the job really writes loses; those already there count."""
+    write_checkpoints(tmp_path / "ck", 2_000_000, 50, 100)  # 2 MB each, one more being written
+    params = {"checkpoint_dir": str(tmp_path / "ck"), "checkpoint_keep": 3, "checkpoint_gb": 0.001}
+    disk = checkpoint_row({**params, "checkpoint_margin": 0})
+    # keep 3 + 1 being written, 2 complete there already: 2 more of the measured size.
+    assert disk.expected.startswith(">= 0.0 GB (2 checkpoints × 0.002 measured (keep 3 + 1")
+    assert disk.expected.endswith("being written, 2 there))")
+    bigger = checkpoint_row({**params, "checkpoint_gb": 5, "checkpoint_margin": 0})
+    assert bigger.expected == ">= 10.0 GB (2 checkpoints × 5 (keep 3 + 1 being written, 2 there))"
+    full = checkpoint_row({**params, "checkpoint_keep": 1, "checkpoint_gb": HUGE})
+    assert not full.ok and "1 checkpoints × 1e+09 (keep 1 + 1 being written" in full.expected
 
 
 def test_workers_need_ram_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,6 +200,10 @@ def test_kind_fails_naming_every_failing_row(tmp_path: Path) -> None:
         ({"min_cuda": "twelve"}, "min_cuda"),
         ({"gpu_name": "H100("}, "gpu_name"),
         ({"checkpoints": 2}, "checkpoint_dir"),
+        ({"checkpoint_keep": 2}, "checkpoint_dir"),
+        ({"checkpoint_keep": 0, "checkpoint_dir": "/c"}, "checkpoint_keep"),
+        ({"checkpoint_keep": 2, "checkpoints": 3, "checkpoint_dir": "/c"}, "checkpoint_keep"),
+        ({"checkpoint_margin": -0.1}, "checkpoint_margin"),
         ({"disk": {"/workspace": -5}}, "disk"),
         ({"disk": {"/workspace": "60G"}}, "disk"),
         ({"workers": "8"}, "workers"),

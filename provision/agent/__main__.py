@@ -262,7 +262,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     payload = _read_params()
     snap = monitor_snapshot(
-        payload["log"], payload.get("batch_size"), payload.get("thresholds") or None
+        payload["log"],
+        payload.get("batch_size"),
+        payload.get("thresholds") or None,
+        checkpoints=payload.get("checkpoints"),
     )
     print(json.dumps(snap))
     return 0

@@ -6,7 +6,9 @@ as soon as a later snapshot no longer shows it. Thresholds are configurable; Non
 rule. The users' rules: grad_norm > 10 exploding, > 100 diverging, < 0.01 vanishing; loss NaN;
 loss unchanged for 1000 steps; GPU memory > 90 %; GPU temperature > 85 °C; CPU > 90 %. Added:
 a GPU in error, RAM nearly full (the OOM killer is next), disk below one checkpoint, a log that
-stopped growing, and (off by default) GPU utilisation below a target such as 95 %.
+stopped growing, and (off by default) GPU utilisation below a target such as 95 %. The
+checkpoint directory's own rule (the disk will not hold the next `checkpoints_ahead`
+checkpoints) lives in provision/monitor/checkpoint_disk.py.
 
 Full fine-tuning of the waypoint VLM runs at 91-93 GB of 97.9 (93-95 %) by design (seed 003):
 its playbook should raise `gpu_memory_pct`.
@@ -28,6 +30,7 @@ DEFAULT_THRESHOLDS: dict[str, float | None] = {
     "cpu_pct": 90.0,
     "ram_pct": 95.0,
     "disk_free_gb": 25.0,
+    "checkpoints_ahead": 3,
     "log_stale_s": 900,
     "gpu_util_min_pct": None,
 }

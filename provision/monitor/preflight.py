@@ -8,9 +8,15 @@ failing rows. Params (all optional, see DEFAULTS):
 - `min_gpus`, `min_gpu_memory_gb` (GB = 10^9 bytes: an "80GB" H100 has 85.5), `gpu_name` (a
   regex every GPU's name must match), `min_driver` ("570"), `min_cuda` ("12.8"). Any GPU that
   nvidia-smi shows as `ERR!` or cannot reach fails the check, although nvidia-smi exits 0.
-- `disk`: `{path: GB}` needed under each path; `checkpoint_dir` + `checkpoints` (count) ×
-  `checkpoint_gb` (a PyTorch training checkpoint is ~22 GB) add to it. Paths on the same
-  filesystem are summed; a path that does not exist yet is measured at its nearest parent.
+- `disk`: `{path: GB}` needed under each path. Paths on the same filesystem are summed; a path
+  that does not exist yet is measured at its nearest parent.
+- Checkpoints add to the disk of `checkpoint_dir`: `checkpoint_gb` (a PyTorch training
+  checkpoint of the waypoint AE is ~22 GB) times either `checkpoints` (a count that must fit)
+  or, for a job that keeps only the newest `checkpoint_keep` (its `checkpoints.keep`), keep + 1
+  (the next one is written before the oldest goes) less the complete ones already there; plus
+  `checkpoint_margin` (a fraction, default 10 %). Complete checkpoints already in
+  `checkpoint_dir` (digit-named subdirectories, as the fork and openpi name them) are measured,
+  and a real size above the declared one wins: the disk is sized from what the job writes.
 - `workers` (DataLoader worker processes in total), `gb_per_worker` (seed 001: 2-3 GB),
   `base_ram_gb` (the training processes themselves), `trainers` (processes, default
   `min_gpus`): available RAM must hold base + workers × gb_per_worker, and there must be a core
@@ -27,7 +33,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from provision.monitor import catalog, gpu, host
+from provision.monitor import catalog, checkpoint_disk, gpu, host
 
 DEFAULTS: dict[str, Any] = {
     "min_gpus": 1,
@@ -39,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_dir": None,
     "checkpoints": 0,
     "checkpoint_gb": 22.0,
+    "checkpoint_keep": None,
+    "checkpoint_margin": 0.1,
     "workers": 0,
     "gb_per_worker": 2.5,
     "base_ram_gb": 15.0,
@@ -156,10 +164,8 @@ def _disk_rows(p: dict[str, Any]) -> list[Row]:
     needs: list[tuple[str, float, str]] = [
         (path, float(gb), f"{float(gb):.10g} for {path}") for path, gb in (p["disk"] or {}).items()
     ]
-    if p["checkpoint_dir"] and p["checkpoints"]:
-        gb = float(p["checkpoints"]) * float(p["checkpoint_gb"])
-        what = f"{p['checkpoints']} checkpoints × {float(p['checkpoint_gb']):g}"
-        needs.append((p["checkpoint_dir"], gb, what))
+    if p["checkpoint_dir"] and (p["checkpoints"] or p["checkpoint_keep"]):
+        needs.append((p["checkpoint_dir"], *_checkpoint_need(p)))
     groups: dict[int, dict[str, Any]] = {}
     for path, gb, what in needs:
         info = host.disk(path)
@@ -184,6 +190,27 @@ def _disk_rows(p: dict[str, Any]) -> list[Row]:
             )
         )
     return rows
+
+
+def _checkpoint_need(p: dict[str, Any]) -> tuple[float, str]:
+    """GB the checkpoints need on their disk, and how that was reckoned (module doc)."""
+    declared = float(p["checkpoint_gb"])
+    found = checkpoint_disk.measure(p["checkpoint_dir"])
+    newest = sorted(found, key=lambda c: c.mtime)[-checkpoint_disk.SIZE_WINDOW :]
+    measured = max((c.bytes for c in newest), default=0) / checkpoint_disk.GB
+    size = max(declared, measured)
+    each = f"{size:.3g} measured" if measured > declared else f"{declared:g}"
+    keep = p["checkpoint_keep"]
+    if keep:
+        count = keep + 1 - min(len(found), keep)
+        why = f"keep {keep} + 1 being written" + (f", {len(found)} there" if found else "")
+    else:
+        count, why = int(p["checkpoints"]), ""
+    margin = float(p["checkpoint_margin"] or 0.0)
+    what = f"{count} checkpoints × {each}" + (f" ({why})" if why else "")
+    if margin:
+        what += f" + {100 * margin:g} %"
+    return count * size * (1 + margin), what
 
 
 def _ram_rows(p: dict[str, Any]) -> list[Row]:

@@ -93,11 +93,23 @@ def render_snapshot(snap: dict[str, Any], width: int = 40) -> str:
         )
         for d in hs.get("disks") or []:
             out.append(f"disk {d.get('path')}: {_num(d.get('free_gb'))} GB free")
+    if snap.get("checkpoints"):
+        out.append(f"checkpoints {_checkpoint_line(snap['checkpoints'])}")
     for a in snap.get("alerts") or []:
         out.append(f"{a['severity'].upper()}: {a['message']}")
     for issue in snap.get("known_issues") or []:
         out.append(f"known issue [{issue['id']}]: {issue['diagnosis']} Fix: {issue['fix']}")
     return "\n".join(out) + "\n"
+
+
+def _checkpoint_line(found: dict[str, Any]) -> str:
+    """The checkpoint disk forecast in one line (see checkpoint_disk.Forecast.describe)."""
+    from provision.monitor.checkpoint_disk import Forecast
+
+    try:
+        return Forecast(**found).describe()
+    except TypeError:  # an agent of another version
+        return str(found.get("dir"))
 
 
 def _num(value: Any) -> str:

@@ -7,7 +7,12 @@ is JSON-serialisable with `allow_nan=False`:
 
     {"time", "log": {"path", "exists", "size", "age_s"},
      "training": TrainingStatus.to_dict(), "gpus": GpuReport.to_dict(), "host": host_snapshot(),
-     "alerts": [Alert.to_dict()], "known_issues": [Match.to_dict()]}
+     "alerts": [Alert.to_dict()], "known_issues": [Match.to_dict()],
+     "checkpoints": Forecast.to_dict() or None}
+
+`checkpoints` (`{"dir", "keep", "size_gb", "step", "complete"}`, only `dir` required) names the
+job's checkpoint directory: the snapshot then says whether its disk holds the next
+`checkpoints_ahead` checkpoints (provision/monitor/checkpoint_disk.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from typing import Any
 
 from provision.errors import ConfigError
-from provision.monitor import alerts, catalog, gpu, host, logparse
+from provision.monitor import alerts, catalog, checkpoint_disk, gpu, host, logparse
 
 #: How much of the log's end is matched against the failure catalog.
 ISSUE_TAIL_BYTES = 64 * 1024
@@ -32,6 +37,7 @@ def monitor_snapshot(
     disk_paths: list[str] | None = None,
     max_bytes: int = 4 * 1024 * 1024,
     cpu_interval: float = 0.2,
+    checkpoints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read the job's state. `batch_size` is the global batch (for samples/s); `thresholds`
     overrides alerts.DEFAULT_THRESHOLDS (ValueError on an unknown key); `disk_paths` default to
@@ -46,9 +52,35 @@ def monitor_snapshot(
         "gpus": gpu.query_gpus(nvidia_smi).to_dict(),
         "host": host.host_snapshot(disk_paths or [os.path.dirname(path) or "."], cpu_interval),
     }
-    snap["alerts"] = [a.to_dict() for a in alerts.evaluate(snap, limits)]
+    found = alerts.evaluate(snap, limits)
+    snap["checkpoints"] = _checkpoint_forecast(checkpoints, limits)
+    if snap["checkpoints"] is not None:
+        found += checkpoint_disk.disk_alerts(snap["checkpoints"])
+    snap["alerts"] = [
+        a.to_dict() for a in sorted(found, key=lambda a: a.severity != alerts.CRITICAL)
+    ]
     snap["known_issues"] = _known_issues(path)
     return snap
+
+
+def _checkpoint_forecast(
+    spec: dict[str, Any] | None, limits: dict[str, float | None]
+) -> dict[str, Any] | None:
+    """The checkpoint directory's forecast, or None when the job names none."""
+    if not spec or not spec.get("dir"):
+        return None
+    ahead = int(limits["checkpoints_ahead"] or 0)
+    if ahead < 1:
+        return None  # the rule is switched off
+    found = checkpoint_disk.forecast(
+        str(spec["dir"]),
+        keep=spec.get("keep"),
+        ahead=ahead,
+        size_gb=spec.get("size_gb"),
+        step=spec.get("step"),
+        complete=spec.get("complete"),
+    )
+    return found.to_dict()
 
 
 def _log_info(path: str, now: float) -> dict[str, Any]:

@@ -9,17 +9,20 @@ Example (the waypoint runbook on 2× RTX PRO 6000):
   min_gpu_memory_gb: 90
   min_cuda: "12.8"
   disk: {/workspace: 60}
-  checkpoint_dir: /workspace/openpi/checkpoints
-  checkpoints: 3
+  checkpoint_dir: /workspace/openpi/checkpoints/waypoint_ae_libero
+  checkpoint_keep: 2          # the launch's `checkpoints.keep`: room for 2 + 1 being written
   checkpoint_gb: 22
+  checkpoint_margin: 0.1
   workers: 8
   tools: [python3, tmux, git]
 ```
 
 It checks GPUs (count, model, memory, driver and CUDA version from nvidia-smi; a GPU that
 nvidia-smi shows as `ERR!` or cannot reach fails, although nvidia-smi exits 0), free disk
-against the declared needs (paths on one filesystem are summed, `checkpoints` × `checkpoint_gb`
-go to `checkpoint_dir`), available RAM against `base_ram_gb` + `workers` × `gb_per_worker`
+against the declared needs (paths on one filesystem are summed), disk for the checkpoints in
+`checkpoint_dir` for the whole run (`checkpoint_gb` × `checkpoints`, or × `checkpoint_keep` + 1
+for a job that keeps only its newest ones, less those already there, plus `checkpoint_margin`;
+checkpoints already in the directory are measured and a larger real size wins), available RAM against `base_ram_gb` + `workers` × `gb_per_worker`
 (seed 001: ~2-3 GB per DataLoader worker), CPU cores against workers + trainers, and the tools
 on PATH (python3 >= `min_python`). See provision/monitor/preflight.py for every param.
 
@@ -71,7 +74,18 @@ class Preflight(Kind):
         ),
         Param("checkpoint_dir", "path", "where training writes its checkpoints"),
         Param("checkpoints", "int", "how many training checkpoints must fit", default=0),
+        Param(
+            "checkpoint_keep",
+            "int",
+            "complete checkpoints the job keeps (its `checkpoints.keep`): room for keep + 1",
+        ),
         Param("checkpoint_gb", "float", "size of one training checkpoint, GB", default=22.0),
+        Param(
+            "checkpoint_margin",
+            "float",
+            "extra room over the checkpoints' need, a fraction (0.1: 10 %)",
+            default=0.1,
+        ),
         Param("workers", "int", "DataLoader worker processes in total", default=0),
         Param("gb_per_worker", "float", "RAM per DataLoader worker, GB", default=2.5),
         Param("base_ram_gb", "float", "RAM of the training processes themselves, GB", default=15.0),
@@ -90,7 +104,13 @@ class Preflight(Kind):
         for key in ("min_gpus", "checkpoints", "workers", "trainers"):
             if params[key] is not None and params[key] < 0:
                 raise ParamError(f"'{key}' must be >= 0", key)
-        for key in ("min_gpu_memory_gb", "checkpoint_gb", "gb_per_worker", "base_ram_gb"):
+        for key in (
+            "min_gpu_memory_gb",
+            "checkpoint_gb",
+            "checkpoint_margin",
+            "gb_per_worker",
+            "base_ram_gb",
+        ):
             if params[key] is not None and params[key] < 0:
                 raise ParamError(f"'{key}' must be >= 0", key)
         for path, gb in params["disk"].items():
@@ -106,6 +126,17 @@ class Preflight(Kind):
                 raise ParamError(f"'gpu_name' is not a valid regex: {exc}", "gpu_name") from exc
         if params["checkpoints"] and not params["checkpoint_dir"]:
             raise ParamError("'checkpoints' needs 'checkpoint_dir'", "checkpoint_dir")
+        keep = params["checkpoint_keep"]
+        if keep is not None:
+            if keep < 1:
+                raise ParamError("'checkpoint_keep' must be >= 1", "checkpoint_keep")
+            if params["checkpoints"]:
+                raise ParamError(
+                    "give 'checkpoints' (a count) or 'checkpoint_keep', not both",
+                    "checkpoint_keep",
+                )
+            if not params["checkpoint_dir"]:
+                raise ParamError("'checkpoint_keep' needs 'checkpoint_dir'", "checkpoint_dir")
 
     def describe(self, params: dict[str, Any]) -> str:
         parts = [f"{params['min_gpus']} GPU(s)"]
@@ -115,6 +146,9 @@ class Preflight(Kind):
             parts.append(f"{gb:g} GB on {path}")
         if params["checkpoints"]:
             parts.append(f"{params['checkpoints']} checkpoints in {params['checkpoint_dir']}")
+        if params["checkpoint_keep"]:
+            keep = params["checkpoint_keep"]
+            parts.append(f"{keep} + 1 checkpoints in {params['checkpoint_dir']}")
         if params["workers"]:
             parts.append(f"{params['workers']} workers")
         return "check the box has " + ", ".join(parts)
