@@ -171,8 +171,8 @@ def _host(name: str, spec: Any, src: str, line: int) -> Host:
         # ssh would read `-oProxyCommand=...` as an option and run it on this machine.
         if isinstance(spec.get(key), str) and _option_like(spec[key]):
             raise ConfigError(
-                f"host '{name}': {key} must not start with '-' (ssh would read it as an "
-                f"option): {spec[key]!r}",
+                f"host '{name}': {key} must not be blank or start with '-' (ssh would read it "
+                f"as an option): {spec[key]!r}",
                 file=src,
                 line=where,
             )
@@ -231,7 +231,9 @@ def _resolve_one(target: str, inv: Inventory) -> list[Host]:
     if match and ("@" in target or ":" in target or "." in target or _in_ssh_config(target)):
         user, host, port = match.groups()
         if _option_like(host) or (user is not None and _option_like(user)):
-            raise TargetError(f"bad target '{target}': a user or host must not start with '-'")
+            raise TargetError(
+                f"bad target '{target}': a user or host must not be blank or start with '-'"
+            )
         return [
             Host(name=target, host=host.strip("[]"), port=int(port) if port else None, user=user)
         ]

@@ -40,7 +40,9 @@ def test_an_option_like_inventory_value_is_refused_with_file_and_line(
     line_no = 3 + list(entry).index(key)
     result = project.cli(command, "evil", "-p", "playbooks/test.yaml", "-i", str(inventory))
     error = one_line_error(result)
-    assert f"{inventory}:{line_no}:" in error and f"{key} must not start with '-'" in error, error
+    assert (
+        f"{inventory}:{line_no}:" in error and f"{key} must not be blank or start with '-'" in error
+    ), error
     assert not canary.exists()
     assert not (box.home / ".bootstrap").exists()
 
@@ -50,7 +52,7 @@ def test_an_option_like_command_line_target_is_refused(project: Project, tmp_pat
     project.playbook(GOOD)
     for target in ("-v.example", "root@-v.example:22"):
         error = one_line_error(project.cli("up", "-p", "playbooks/test.yaml", "--", target))
-        assert "must not start with '-'" in error, error
+        assert "must not be blank or start with '-'" in error, error
 
 
 def test_every_ssh_argv_ends_options_before_the_destination(tmp_path: Path) -> None:
@@ -71,3 +73,14 @@ def test_a_jump_host_from_ssh_config_is_named_after_double_dash() -> None:
     # The ProxyCommand that carries bootstrap's options to a ProxyJump host names it after `--`.
     (proxy,) = [w for w in _proxy_command("root@jump.example:2200") if w.startswith("Proxy")]
     assert proxy.endswith("-- ssh://root@jump.example:2200")
+
+
+@pytest.mark.slow
+def test_a_blank_user_is_refused(project: Project, box: Box) -> None:
+    project.playbook(GOOD)
+    inventory = project.root / "blank.yaml"
+    inventory.write_text(f"hosts:\n  b:\n    host: {box.host}\n    user: ' '\n")
+    error = one_line_error(
+        project.cli("up", "b", "-p", "playbooks/test.yaml", "-i", str(inventory))
+    )
+    assert f"{inventory}:4:" in error and "must not be blank" in error, error
