@@ -1084,22 +1084,23 @@ def rent_command(
 
 def _instances(inventory: Path | None, as_json: bool, key: Path | None) -> int:
     from provision.monitor.render import duration
-    from provision.rent.manage import listing, stopped_warning
+    from provision.rent.manage import listing, runs, stopped_warning
 
     items = listing(_vast(inventory), _default_key(key))
+    on_box = runs(items)
     if as_json:
         for item in items:
-            print(json.dumps(item.to_dict()))
+            print(json.dumps(dict(item.to_dict(), run=on_box.get(item.name))))
     else:
         print(
-            f"{'name':<16} {'id':>9} {'state':<17} {'$/h':>7} {'uptime':>11} {'cost':>8}  gpus / run"
+            f"{'name':<16} {'id':>9} {'state':<17} {'$/h':>7} {'uptime':>11} {'cost':>8}  gpus, run"
         )
         for item in items:
             d = item.to_dict()
-            run = d["playbook"] or ("-" if item.here else "(rented elsewhere)")
+            run = on_box.get(item.name) or "-"
             print(
                 f"{d['name']:<16} {d['id']:>9} {d['state']:<17} {d['dph']:>7.3f} "
-                f"{duration(d['uptime_s']):>11} {d['cost']:>8.2f}  {d['gpu']} / {run}"
+                f"{duration(d['uptime_s']):>11} {d['cost']:>8.2f}  {d['gpu']}, {run}"
             )
     for item in items:
         warning = stopped_warning(item)

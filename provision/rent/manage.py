@@ -76,6 +76,38 @@ def listing(vast: Vast, key: Path) -> list[Listed]:
     return out
 
 
+def runs(items: list[Listed]) -> dict[str, str]:
+    """The run on each running box, asked of the box itself (one SSH round trip each, all at
+    once): `playbook: 3/5 done, runner idle`, or why it could not be read."""
+    import threading
+
+    from provision import controller
+    from provision.inventory import Host
+
+    found: dict[str, str] = {}
+    rented = store.rented()
+
+    def ask(name: str) -> None:
+        box = controller.connect(Host(name=name, **rented[name].host_entry()))
+        try:
+            snap = controller.status(box, None, lines=0)
+        except TargetError as exc:
+            found[name] = f"? ({exc})"
+            return
+        done = sum(1 for s in snap["steps"] if s["status"] in ("done", "skipped"))
+        found[name] = (
+            f"{snap.get('playbook')}: {done}/{len(snap['steps'])} done, runner {snap.get('runner')}"
+        )
+
+    live = [i.name for i in items if i.instance.status == "running" and i.name in rented]
+    threads = [threading.Thread(target=ask, args=(n,), daemon=True) for n in live]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=40)
+    return found
+
+
 def stopped_warning(item: Listed) -> str | None:
     """The warning for a stopped instance: its disk still bills."""
     if not state_of(item.instance).startswith("stopped"):
