@@ -666,7 +666,10 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
     reports, errors = _each_box(
         loaded.hosts,
         lambda box: controller.check(
-            box, preflight(box.name)["params"], preflight(box.name)["env"]
+            box,
+            preflight(box.name)["params"],
+            preflight(box.name)["env"],
+            plans[box.name]["name"],
         ),
     )
     for host in loaded.hosts:

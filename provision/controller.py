@@ -358,9 +358,12 @@ def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> int:
     return 0
 
 
-def check(box: Box, params: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """Preflight the box (GPUs, disk, RAM, tools) with a preflight step's params and env."""
-    payload = json.dumps({"params": params, "env": env}).encode()
+def check(
+    box: Box, params: dict[str, Any], env: dict[str, str], run: str | None = None
+) -> dict[str, Any]:
+    """Preflight the box (GPUs, disk, RAM, tools, GPU leases of runs other than `run`) with a
+    preflight step's params and env."""
+    payload = json.dumps({"params": params, "env": env, "run": run}).encode()
     result = agent_run(box, ["check"], payload, timeout=60)
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 

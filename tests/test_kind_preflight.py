@@ -5,17 +5,26 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from gpu_fake import fake_env, use_fake_gpus
 
+from provision.agent.gpus import GpuLeases
 from provision.errors import StepFailed
 from provision.monitor.preflight import Row, preflight_report, run_preflight, version_at_least
 from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.preflight import KIND
 
 HUGE = 10**9  # GB: no disk has that much
+
+
+@pytest.fixture(autouse=True)
+def agent_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own agent directory: the GPU leases it reads are box-wide."""
+    monkeypatch.setenv("BOOTSTRAP_AGENT_DIR", str(tmp_path / "agent"))
+    return tmp_path / "agent"
 
 
 def rows(params: dict) -> dict[str, dict]:
@@ -213,3 +222,31 @@ def test_bad_params(params: dict, key: str) -> None:
     with pytest.raises(ParamError) as err:
         validate_params(KIND, params)
     assert err.value.key == key
+
+
+def test_gpus_held_by_another_runs_job_fail_before_the_downloads(
+    monkeypatch: pytest.MonkeyPatch, agent_dir: Path, tmp_path: Path
+) -> None:
+    use_fake_gpus(monkeypatch, "healthy")
+    assert rows({"min_gpus": 1})["gpus free"]["value"] == "no job holds a GPU"
+    job = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        leases = GpuLeases(agent_dir)
+        with leases.claim(
+            ("0", "1"), run="waypoint", step="train-ae", session="ae", socket=None
+        ) as c:
+            c.grant("abc123", tmp_path / "job.pid", "playbooks/openpi-waypoint.yaml")
+            c.started(job.pid)
+        held = rows({"min_gpus": 1})["gpus free"]
+        assert not held["ok"] and held["expected"] == "all GPUs held by no other run's job"
+        assert held["value"].startswith("GPUs 0,1: tmux session ae (playbook playbooks/openpi")
+        assert "kill-session -t =ae" in held["detail"]
+        assert not rows({"gpus": "1,2"})["gpus free"]["ok"]
+        assert rows({"gpus": [2, 3]})["gpus free"]["ok"]  # disjoint: side by side
+        own = run_preflight({"min_gpus": 1}, run="waypoint")  # the run's own training
+        assert [r.ok for r in own if r.check == "gpus free"] == [True]
+        assert "gpus free" not in rows({"min_gpus": 0})  # a run that needs no GPU
+    finally:
+        job.kill()
+        job.wait()
+    assert rows({"min_gpus": 1})["gpus free"]["ok"]  # the job ended: its GPUs are free

@@ -652,8 +652,10 @@ def test_children_outliving_the_script_keep_the_gpus(
     wait_for(lambda: not alive(script), timeout=15)  # the script is gone, its sleep is not
     second = launch_in(agent_dir, socket, job_dir, "lerobot", "lora", "true", gpus=0)
     try:
-        with pytest.raises(StepFailed, match="GPU 0 is held by tmux session ae"):
+        with pytest.raises(StepFailed, match="GPU 0 is held by tmux session ae") as err:
             KIND.run(second)
+        (orphan_pid,) = session_members([script])
+        assert f"these processes still run: `kill {orphan_pid}`" in (err.value.hint or "")
     finally:
         for pid in session_members([script]):
             os.kill(pid, signal.SIGKILL)
@@ -751,6 +753,11 @@ def test_two_playbooks_on_one_box_share_no_gpu(project, box) -> None:  # type: i
     project.playbook(GPU_PLAYBOOK.format(name="lerobot", session="lora", gpus="1"), "b.yaml")
     first = project.up("box1", playbook="a.yaml")
     assert first.returncode == 0, first.stdout + first.stderr
+    # `check` (the preflight) sees it before any download: the box is busy for b, not for a.
+    busy = project.cli("check", "box1", "-p", "playbooks/b.yaml", "--json")
+    assert busy.returncode == 1 and "gpus free" in json.loads(busy.stdout)["failed"]
+    mine = project.cli("check", "box1", "-p", "playbooks/a.yaml", "--json")
+    assert "gpus free" not in json.loads(mine.stdout)["failed"], mine.stdout
 
     refused = project.up("box1", playbook="b.yaml")
     assert refused.returncode == 1, refused.stdout + refused.stderr

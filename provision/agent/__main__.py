@@ -252,7 +252,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Preflight of this box (GPUs, disk, RAM, tools) as JSON."""
     from provision.monitor.preflight import preflight_report
 
-    print(json.dumps(preflight_report(_read_params().get("params") or {})))
+    payload = _read_params()
+    print(json.dumps(preflight_report(payload.get("params") or {}, run=payload.get("run"))))
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +34,8 @@ from provision.agent.state import agent_root
 from provision.errors import StepFailed
 from provision.steps.base import read_json, write_json_atomic
 
+#: GPU names in a `gpus:` param: indexes or UUIDs, comma-separated.
+_GPUS_RE = re.compile(r"^[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*$")
 #: The GPU set of a job that was given none: it sees, and so holds, every GPU of the box.
 ALL = "all"
 LEASES_FILE = "gpu-leases.json"
@@ -96,15 +99,22 @@ class Lease:
         )
 
     def stop_hint(self) -> str:
-        """How to stop the holder, on the box."""
-        where = ""
-        if self.socket:
-            where = f"-S {self.socket} " if "/" in self.socket else f"-L {self.socket} "
-        return (
-            f"stop that job first (on the box: `tmux {where}kill-session -t ={self.session}`; "
-            f"or `bootstrap attach HOST {self.session}` and Ctrl-C), "
-            "or give this step other GPUs with `gpus:`"
-        )
+        """How to stop the holder, on the box: its tmux session, or, once the launch script
+        is gone, the processes of its session that outlived it."""
+        pid = self.pid or launch_pid(Path(self.pid_file), self.launch_id)
+        leader = _stat(pid) if pid else None
+        if pid and (leader is None or leader[0] == "Z"):
+            left = " ".join(map(str, session_members([pid])))
+            how = f"its launch script is gone but these processes still run: `kill {left}`"
+        else:
+            where = ""
+            if self.socket:
+                where = f"-S {self.socket} " if "/" in self.socket else f"-L {self.socket} "
+            how = (
+                f"`tmux {where}kill-session -t ={self.session}`, or `bootstrap attach HOST "
+                f"{self.session}` and Ctrl-C"
+            )
+        return f"stop that job first (on the box: {how}), or give this step other GPUs (`gpus:`)"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as stored and as `status --json` shows it."""
@@ -131,6 +141,21 @@ class Lease:
             )
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def gpus_value(gpus: Any) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a `gpus:` param (1, "0,1", [0, 1]), None when malformed."""
+    if isinstance(gpus, bool):
+        return None
+    if isinstance(gpus, int):
+        return str(gpus) if gpus >= 0 else None
+    if isinstance(gpus, list):
+        ok = gpus and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)
+        return ",".join(map(str, gpus)) if ok else None
+    if isinstance(gpus, str):
+        value = ",".join(part.strip() for part in gpus.split(","))
+        return value if _GPUS_RE.match(value) else None
+    return None
 
 
 def gpu_set(cuda_visible_devices: str | None) -> tuple[str, ...]:

@@ -22,6 +22,9 @@ failing rows. Params (all optional, see DEFAULTS):
   `min_gpus`): available RAM must hold base + workers × gb_per_worker, and there must be a core
   per worker and per trainer (a worker saturates one core; too few starve the GPU).
 - `tools`: executables that must be on PATH (`python3` is also checked against `min_python`).
+- `gpus`: the GPUs the run's jobs will use (as tmux_launch's `gpus:`; default all of them when
+  `min_gpus` > 0): none may be held by a live job of another run on the box
+  (provision/agent/gpus.py), or its launch would be refused hours later.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from provision.agent import gpus
 from provision.monitor import catalog, checkpoint_disk, gpu, host
 
 DEFAULTS: dict[str, Any] = {
@@ -53,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "trainers": None,
     "tools": ["python3", "tmux"],
     "min_python": "3.9",
+    "gpus": None,
 }
 
 VERSION = re.compile(r"^\d+(?:\.\d+)*$")
@@ -79,10 +84,13 @@ def run_preflight(
     *,
     nvidia_smi: str = "nvidia-smi",
     env: dict[str, str] | None = None,
+    run: str | None = None,
 ) -> list[Row]:
-    """Every check's row, GPUs first. `env` (PATH) is where nvidia-smi and the tools are found."""
+    """Every check's row, GPUs first. `env` (PATH) is where nvidia-smi and the tools are found;
+    `run` is the run being checked (its own jobs' GPU leases are no obstacle)."""
     p = dict(DEFAULTS, **(params or {}))
     rows = _gpu_rows(p, gpu.query_gpus(nvidia_smi, env))
+    rows += _lease_rows(p, run)
     rows += _disk_rows(p)
     rows += _ram_rows(p)
     rows += _tool_rows(p, env)
@@ -149,6 +157,19 @@ def _gpu_rows(p: dict[str, Any], report: gpu.GpuReport) -> list[Row]:
     else:
         rows.append(Row("cuda (driver)", cuda or "unknown", "any", True))
     return rows
+
+
+def _lease_rows(p: dict[str, Any], run: str | None) -> list[Row]:
+    """Whether the GPUs the run will use are free of other runs' jobs (none: no GPU needed)."""
+    if p["gpus"] is None and not int(p["min_gpus"]):
+        return []
+    wanted = gpus.gpu_set(gpus.gpus_value(p["gpus"]) if p["gpus"] is not None else None)
+    others = [lease for lease in gpus.GpuLeases().live() if lease.run != run]
+    held = [lease for lease in others if gpus.shared(wanted, lease.gpus)]
+    shown = "; ".join(f"{gpus.gpus_text(x.gpus)}: {x.describe()}" for x in others)
+    expected = f"{gpus.gpus_text(wanted)} held by no other run's job"
+    detail = held[0].stop_hint() if held else ""
+    return [Row("gpus free", shown or "no job holds a GPU", expected, not held, detail)]
 
 
 def _gpu_memory_row(gpus: list[gpu.Gpu], need: float) -> Row:

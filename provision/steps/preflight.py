@@ -24,7 +24,10 @@ against the declared needs (paths on one filesystem are summed), disk for the ch
 for a job that keeps only its newest ones, less those already there, plus `checkpoint_margin`;
 checkpoints already in the directory are measured and a larger real size wins), available RAM against `base_ram_gb` + `workers` × `gb_per_worker`
 (seed 001: ~2-3 GB per DataLoader worker), CPU cores against workers + trainers, and the tools
-on PATH (python3 >= `min_python`). See provision/monitor/preflight.py for every param.
+on PATH (python3 >= `min_python`), and that no live job of another run on the box holds the
+GPUs this run will use (`gpus`, default all when `min_gpus` > 0), so a busy box fails here
+rather than at the launch after the downloads. See provision/monitor/preflight.py for every
+param.
 
 The step fails naming every failing row; its table is in the step log and in
 `preflight.json` in the step's directory. It is a gate: once passed on a box it stays done (a
@@ -38,6 +41,7 @@ import re
 import time
 from typing import Any
 
+from provision.agent.gpus import gpus_value
 from provision.errors import StepFailed
 from provision.monitor import preflight
 from provision.monitor.render import render_rows
@@ -98,6 +102,11 @@ class Preflight(Kind):
             items="str",
         ),
         Param("min_python", "str", "lowest python3 version", default="3.9"),
+        Param(
+            "gpus",
+            "any",
+            "GPUs the run's jobs use (as tmux_launch `gpus:`); no other run's job may hold them",
+        ),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
@@ -119,6 +128,8 @@ class Preflight(Kind):
         for key in ("min_driver", "min_cuda", "min_python"):
             if params[key] is not None and not preflight.VERSION.match(params[key]):
                 raise ParamError(f"'{key}' must be a version like 12.8, got {params[key]!r}", key)
+        if params["gpus"] is not None and gpus_value(params["gpus"]) is None:
+            raise ParamError("'gpus' must be an index, a list of indexes or '0,1'", "gpus")
         if params["gpu_name"] is not None:
             try:
                 re.compile(params["gpu_name"])
@@ -164,7 +175,7 @@ class Preflight(Kind):
         )
 
     def run(self, ctx: StepContext) -> None:
-        rows = preflight.run_preflight(self._params(ctx), env=ctx.env)
+        rows = preflight.run_preflight(self._params(ctx), env=ctx.env, run=ctx.run_dir.name)
         result = {
             "ok": all(r.ok for r in rows),
             "at": time.time(),

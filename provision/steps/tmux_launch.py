@@ -78,7 +78,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from provision.agent.gpus import GpuLeases, gpu_set, gpus_text, session_members
+from provision.agent.gpus import GpuLeases, gpu_set, gpus_text, gpus_value, session_members
 from provision.checkpoints import restore
 from provision.checkpoints.spec import parse_checkpoints
 from provision.errors import StepFailed
@@ -95,7 +95,6 @@ from provision.steps.base import (
 from provision.watch import guard
 
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_GPUS_RE = re.compile(r"^[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: A leading `VAR=value` assignments prefix, then the program word `venv:` may resolve.
 _LEADING_RE = re.compile(r"^(\s*(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)*)(torchrun|python3?)(?=\s|$)")
@@ -252,21 +251,6 @@ class TmuxLaunch(Kind):
             raise _job_failed(
                 f"tmux session {session} ended without an exit status", Path(record["log"]), ctx
             )
-
-
-def gpus_value(gpus: Any) -> str | None:
-    """CUDA_VISIBLE_DEVICES for the `gpus` param, or None when it is malformed."""
-    if isinstance(gpus, bool):
-        return None
-    if isinstance(gpus, int):
-        return str(gpus) if gpus >= 0 else None
-    if isinstance(gpus, list):
-        ok = gpus and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)
-        return ",".join(map(str, gpus)) if ok else None
-    if isinstance(gpus, str):
-        value = ",".join(part.strip() for part in gpus.split(","))
-        return value if _GPUS_RE.match(value) else None
-    return None
 
 
 def resolve_venv_command(command: str, venv: Path) -> str:
