@@ -233,5 +233,6 @@ def test_box_dies_and_training_resumes_on_another(
     assert listing.returncode == 0, listing.stderr
     report = json.loads(listing.stdout)
     assert report["guard"] and not report["remote_error"]
-    assert {r["state"] for r in report["remote_checkpoints"]} == {"verified"}
+    states = [r["state"] for r in report["remote_checkpoints"]]
+    assert set(states[:-1]) == {"verified"} and states[-1] in ("verified", "uploading"), states
     assert any(r["state"] == "uploaded" for r in report["local"])

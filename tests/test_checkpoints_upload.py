@@ -28,6 +28,7 @@ from provision.checkpoints.upload import Uploader, read_status
 from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.tmux_launch import KIND as TMUX_LAUNCH
 from provision.watch import guard
+from provision.watch.record import read_watch
 
 FORK = {"dir": "ck", "step": r"(\d+)", "complete": "metadata.pt"}
 
@@ -227,13 +228,14 @@ def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path)
     wait_for(lambda: guard.guard_pid(work) is None, timeout=10, what="the guard dead")
     assert "20" not in manifest(root)  # partial on the remote: not recorded
     stamps = {p: p.stat().st_ctime_ns for p in (root / "10").rglob("*")}
-    assert guard.revive(work) is not None
+    assert guard.revive(work, env) is not None
     wait_for(lambda: manifest(root).keys() == {"10", "20"}, timeout=60, what="20 after revive")
     assert {p: p.stat().st_ctime_ns for p in (root / "10").rglob("*")} == stamps
     assert "uploading checkpoint 10" not in (work / guard.LOG_FILE).read_text().split("follows")[-1]
     (work / "job.status").write_text("0 abc123\n")
     wait_for(lambda: guard.guard_pid(work) is None, timeout=30, what="guard ends after the job")
-    assert not (work / guard.ENV_FILE).exists()
+    assert (work / guard.DONE_FILE).exists()
+    assert guard.revive(work, env) is None  # ended for good
 
 
 def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> None:
@@ -291,8 +293,10 @@ def test_tmux_launch_starts_a_guard_that_outlives_the_session(
         wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=60, what="guard ends")
         on_box = [c.name for c in local.complete(tmp_path / "ck", spec)]
         assert on_box and set(on_box) <= set(manifest(root))  # the last one went up too
-        log = (ctx.workdir / guard.LOG_FILE).read_text()
-        assert "job is gone" in log
+        watch = read_watch(ctx.workdir)
+        assert watch is not None and watch["state"] == "crashed"
+        crashed = [f for f in watch["findings"] if f["kind"] == "crashed"]
+        assert "gone without an exit status" in crashed[0]["message"]
     finally:
         subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, check=False)
         shutil.rmtree(folder, ignore_errors=True)

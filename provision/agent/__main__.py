@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent import blobs, report
-from provision.agent.execute import exec_step, pyz_path
+from provision.agent.execute import exec_step, pyz_path, step_env
 from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
 from provision.agent.state import (
@@ -70,10 +70,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     run = RunDir(plan["name"])
     run.make()
     _store_plan(run, plan)
-    # A job's guard killed (kill -9, a reboot of the box) comes back with the next `up`.
-    from provision.watch.guard import revive_all
-
-    revive_all(run.path)
+    _revive_guards(run, plan, payload.get("secrets") or {})
     reset = payload.get("reset")
     request = None
     if reset:
@@ -86,6 +83,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     report.follow(run)
     return 0
+
+
+def _revive_guards(run: RunDir, plan: dict[str, Any], secrets: dict[str, str]) -> None:
+    """A job's guard killed (kill -9, a reboot of the box) comes back with the next `up`, in
+    the environment the runner gives its step (the guard keeps no secret on disk)."""
+    from provision.watch.guard import revive_all
+
+    steps = {s["id"]: s for s in plan.get("steps", [])}
+    revive_all(run.path, lambda sid: step_env(steps[sid], secrets) if sid in steps else None)
 
 
 #: How long `up` keeps trying to hand its rerun request to a runner (see `_start_or_attach`).
@@ -283,7 +289,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     """A tmux_launch step's checkpoints on the box and on its remote, as JSON."""
     from provision.checkpoints.listing import checkpoint_report
     from provision.checkpoints.spec import parse_checkpoints
-    from provision.watch.guard import ENV_FILE, guard_pid
+    from provision.watch.guard import guard_pid
 
     payload = _read_params()
     run = _run_for(payload.get("run"))
@@ -291,20 +297,11 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     params = step.get("params") or {}
     spec = parse_checkpoints(params["checkpoints"])
     workdir = run.step_dir(step["id"]) if run is not None else Path(os.devnull)
-    # The guard's copy of the job's environment has what the job reached the remote with.
-    env = {**read_json_dict(workdir / ENV_FILE), **os.environ}
+    env = dict(os.environ)  # with the step's env and secrets from the payload
     cwd = Path(os.path.expanduser(params.get("cwd") or "~"))
     report_data = checkpoint_report(spec, cwd, env, workdir, guard_pid(workdir))
     print(json.dumps(report_data))
     return 0
-
-
-def read_json_dict(path: Path) -> dict[str, str]:
-    """A JSON object file as a dict of strings ({} when missing or not an object)."""
-    from provision.steps.base import read_json
-
-    data = read_json(path, {})
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from typing import Any
 
 from provision.agent.state import RunDir, agent_root, load_state, runner_active
 from provision.steps.base import read_json
+from provision.watch.record import read_watch
 
 DEFAULT_TAIL_LINES = 10
 #: Seconds between two looks at the state while following a run.
@@ -84,8 +85,13 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
         progress = None
         if status == "running":
             progress = read_json(run.step_dir(step["id"]) / "_progress.json", None)
+        extra = {}
+        if step["kind"] == "tmux_launch":
+            # What the job's guard saw last (provision/watch/watcher.py), for its whole life.
+            extra["watch"] = read_watch(run.step_dir(step["id"]))
         steps.append(
             {
+                **extra,
                 "id": step["id"],
                 "kind": step["kind"],
                 "status": status,

@@ -23,11 +23,17 @@ def checkpoint_report(
     """The JSON report `bootstrap checkpoints` prints (see the module doc)."""
     remote_list: list[dict[str, Any]] = []
     error = None
+    # Read before and after the survey: an upload may start or end while it lists.
+    uploading = {read_status(workdir).get("uploading")}
     if spec.remote is not None:
         try:
             remote_list = [c.to_dict() for c in survey(Remote(spec, env), spec)]
         except RemoteError as exc:
             error = str(exc)
+    uploading.add(read_status(workdir).get("uploading"))
+    for item in remote_list:
+        if item["state"] == "partial" and item["name"] in uploading and guard is not None:
+            item["state"], item["detail"] = "uploading", "the guard is sending it now"
     verified = {c["name"]: c for c in remote_list if c["state"] == "verified"}
     rows = []
     for ckpt in local.scan(cwd / spec.dir, spec):

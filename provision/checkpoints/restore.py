@@ -59,10 +59,17 @@ class RestoreError(Exception):
 
 
 def survey(remote: Remote, spec: CheckpointSpec) -> list[RemoteCheckpoint]:
-    """Every checkpoint on the remote with its state, oldest step first."""
+    """Every checkpoint on the remote with its state, oldest step first.
+
+    Directories are listed before the manifest is read, and the manifest is read again for
+    those without an entry, so an upload that finishes meanwhile is not taken for a partial one.
+    """
+    names = remote.names()
     entries = remote.entries()
+    if any(n not in entries for n in names if spec.step_of(n) is not None):
+        entries = {**entries, **remote.entries()}
     out = []
-    for name in sorted(set(remote.names()) | set(entries)):
+    for name in sorted(set(names) | set(entries)):
         step = spec.step_of(name)
         if step is None:
             continue

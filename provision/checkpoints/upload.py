@@ -111,6 +111,7 @@ class Uploader:
         assert self.remote is not None
         started = time.time()
         self.log(f"uploading checkpoint {ckpt.name} to {self.remote.url}")
+        write_json_atomic(self.status_path, {**read_status(self.workdir), "uploading": ckpt.name})
         self.remote.upload_dir(ckpt.path, ckpt.name)
         carried = {}
         for rel in self.spec.carry:
@@ -182,6 +183,7 @@ class Uploader:
             "failing": failing,
             "checked": now,
             "last_upload": now if report.uploaded else old.get("last_upload"),
+            "uploading": None,
         }
         write_json_atomic(self.status_path, status)
 

@@ -56,9 +56,14 @@ once the script runs the command; the job keeps running, and later `wait_log` st
 
 Done while the session is alive with this step's launch id, or when the job has finished with
 status 0. `tmux_attach_command` gives the remote command that `bootstrap attach` runs.
-`checkpoints:` (provision/checkpoints/spec.py) starts a guard beside the job
-(provision/watch/guard.py): a detached, niced process that uploads each complete checkpoint to
-`remote`, verifies it, records it in the remote's manifest and only then lets `keep` delete it.
+Every launch starts a guard beside the job (provision/watch/guard.py): a detached, niced
+process that follows it for its whole life. It writes what it sees to `watch.json` (progress,
+stalled, NaN loss and the monitor's alert rules, the exit status with the catalog's diagnosis,
+the last step reached: provision/watch/watcher.py; `watch:` tunes it), sends one notification
+per event through apprise to the URLs in the secret `notify:` names, runs `on_finish` once the
+run has ended (provision/watch/spec.py), and with `checkpoints:` (provision/checkpoints/spec.py)
+uploads each complete checkpoint to `remote`, verifies it, records it in the remote's manifest
+and only then lets `keep` delete it.
 
 `socket:` selects a tmux server other than the box user's default one (a path for `tmux -S`, a
 name for `tmux -L`).
@@ -93,6 +98,7 @@ from provision.steps.base import (
     write_json_atomic,
 )
 from provision.watch import guard
+from provision.watch.spec import parse_on_finish, parse_watch
 
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -123,7 +129,7 @@ class TmuxLaunch(Kind):
 
     name = "tmux_launch"
     summary = "start a long-running job in its own tmux session"
-    pip = ("libtmux",)
+    pip = ("libtmux", "apprise")
     params = (
         Param("session", "str", "tmux session name, one per job", required=True),
         Param("command", "str", "the job's command line (bash)", required=True),
@@ -142,6 +148,19 @@ class TmuxLaunch(Kind):
             "the job's checkpoints: dir, step, complete, keep, remote, restore, carry, bwlimit "
             "(provision/checkpoints/spec.py)",
         ),
+        Param(
+            "watch",
+            "dict",
+            "the guard's watch: poll, stall_factor, stall_min_s, finish_grace_s, repeat_s, "
+            "thresholds (provision/watch/spec.py)",
+        ),
+        Param(
+            "notify",
+            "str",
+            "inventory secret holding apprise URL(s) for the guard's news",
+            secret_ref=True,
+        ),
+        Param("on_finish", "any", "when the run ends: nothing, stop, or {run: COMMAND, when: ...}"),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
@@ -156,6 +175,8 @@ class TmuxLaunch(Kind):
             raise ParamError("'socket' is empty", "socket")
         if params["checkpoints"] is not None:
             parse_checkpoints(params["checkpoints"])
+        parse_watch(params["watch"])
+        parse_on_finish(params["on_finish"])
 
     def describe(self, params: dict[str, Any]) -> str:
         first = params["command"].strip().splitlines()[0]
@@ -223,7 +244,8 @@ class TmuxLaunch(Kind):
             record.update(log=str(log), command=command, resumed=resumed, started=time.time())
             record["restored"] = restored.name if restored is not None else None
             write_json_atomic(ctx.workdir / LAUNCH_FILE, record)
-            env_file = _write_env_file(ctx.workdir / ENV_FILE, _job_env(ctx))
+            job_env = {k: v for k, v in _job_env(ctx).items() if k != p["notify"]}
+            env_file = _write_env_file(ctx.workdir / ENV_FILE, job_env)
             try:
                 claim.grant(launch, ctx.workdir / PID_FILE, _playbook_name(ctx))
                 _new_session(server, session, launch, cwd, script, p["remain_on_exit"])
@@ -233,10 +255,15 @@ class TmuxLaunch(Kind):
                 env_file.unlink(missing_ok=True)
         ctx.log(f"launched `{command}` in tmux session {session} (pid {pid}), output in {log}")
         ctx.log(f"it holds {gpus_text(claim.gpus)} while it runs")
-        if spec is not None:
-            config = {**record, "cwd": str(cwd), "checkpoints": spec.to_dict()}
-            guard_pid = guard.start(ctx.workdir, config, _job_env(ctx))
-            ctx.log(f"guard {guard_pid} keeps the checkpoints (log {ctx.workdir / guard.LOG_FILE})")
+        config = {**record, "cwd": str(cwd), "step_id": ctx.step_id, "notify": p["notify"]}
+        config.update(
+            checkpoints=spec.to_dict() if spec is not None else None,
+            watch=parse_watch(p["watch"]).to_dict(),
+            on_finish=parse_on_finish(p["on_finish"]).to_dict(),
+            host=read_json(ctx.run_dir / "plan.json", {}).get("host"),
+        )
+        guard_pid = guard.start(ctx.workdir, config, _job_env(ctx))
+        ctx.log(f"guard {guard_pid} watches the job (log {ctx.workdir / guard.LOG_FILE})")
         ctx.log(f"watch it: {tmux_attach_command(session, p['socket'])}")
 
     def verify(self, ctx: StepContext) -> None:

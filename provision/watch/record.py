@@ -1,0 +1,22 @@
+"""`watch.json`: the guard's last look at its job, as `status`, `monitor` and `--json` read it.
+
+Kept apart from the watcher so that reading it imports nothing of the monitor (a `status`
+round trip stays cheap). Standard library only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from provision.steps.base import read_json
+
+WATCH_FILE = "watch.json"
+
+
+def read_watch(workdir: Path) -> dict[str, Any] | None:
+    """The guard's last look at its job, without its private fields; None before the first."""
+    doc = read_json(workdir / WATCH_FILE, None)
+    if not isinstance(doc, dict):
+        return None
+    return {k: v for k, v in doc.items() if not k.startswith("_")}

@@ -1,0 +1,211 @@
+"""The guard watches a launched job for its whole life and tells a local HTTP endpoint, through
+real apprise (`json://`), exactly once per event: training runs, stalled, crashed, finished,
+on_finish; checkpoints not leaving the box are reported loudly and repeatedly."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ckpt_remotes import TRAINER, rclone_config, serve
+from project import wait_for
+
+from provision.steps.base import ParamError, StepContext, validate_params
+from provision.steps.tmux_launch import KIND as TMUX_LAUNCH
+from provision.watch import guard
+from provision.watch.record import read_watch
+from provision.watch.spec import parse_on_finish, parse_watch
+
+
+class Inbox:
+    """A local HTTP endpoint that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        inbox = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                inbox.messages.append(json.loads(self.rfile.read(length) or b"{}"))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"json://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def titles(self) -> list[str]:
+        """Titles of the messages about the job (the host's own alerts, such as CPU load on
+        this shared machine or no nvidia-smi, left out)."""
+        titles = [m.get("title", "").split(": ", 1)[-1] for m in self.messages]
+        return [t for t in titles if t != "alert"]
+
+    def alerts(self) -> list[str]:
+        return [m["message"] for m in self.messages if m.get("title", "").endswith(": alert")]
+
+
+@pytest.fixture
+def inbox() -> Iterator[Inbox]:
+    box = Inbox()
+    yield box
+    box.server.shutdown()
+
+
+@pytest.fixture
+def socket() -> Iterator[str]:
+    folder = tempfile.mkdtemp(prefix="tmx", dir="/tmp")
+    yield f"{folder}/tmux"
+    subprocess.run(["tmux", "-S", f"{folder}/tmux", "kill-server"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def launch(
+    tmp_path: Path, socket: str, inbox: Inbox, command: str, **params: object
+) -> StepContext:
+    raw = {"session": "train", "socket": socket, "cwd": str(tmp_path), "command": command,
+           "log": "train.log", "notify": "NOTIFY_URL",
+           "watch": {"poll": 1, "stall_factor": 3, "stall_min_s": 3}}  # fmt: skip
+    raw.update(params)
+    secrets = {"NOTIFY_URL": inbox.url}
+    ctx = StepContext(
+        step_id="train",
+        params=validate_params(TMUX_LAUNCH, raw),
+        run_dir=tmp_path / "run",
+        env={**os.environ, **secrets},
+        secrets=secrets,
+        out=io.StringIO(),
+    )
+    TMUX_LAUNCH.run(ctx)
+    return ctx
+
+
+def trainer(*args: str) -> str:
+    return " ".join([sys.executable, str(TRAINER), "--mode", "ae", "--startup-sleep", "0",
+                     "--wandb", "offline", *args])  # fmt: skip
+
+
+def test_stalled_then_crashed_is_one_message_each(
+    tmp_path: Path, socket: str, inbox: Inbox
+) -> None:
+    # Steps come every 0.2 s, then none: the trainer holds (a hung data loader).
+    ctx = launch(tmp_path, socket, inbox, trainer("--steps", "15", "--step-sleep", "0.2", "--hold"))
+    wait_for(lambda: "training stalled" in inbox.titles(), timeout=60, what="stalled message")
+    time.sleep(3)  # more looks while it stays stalled: no second message
+    assert inbox.titles() == ["training runs", "training stalled"]
+    watch = read_watch(ctx.workdir)
+    assert watch and watch["state"] == "training"
+    assert [f["kind"] for f in watch["findings"] if f["kind"] != "alert"] == ["stalled"]
+    assert watch["progress"]["step"] == 14
+    # Now it dies: OOM-killed, as the kernel does it.
+    pid = int((ctx.workdir / "job.pid").read_text().split()[0])
+    for proc in Path("/proc").iterdir():
+        ours = proc.name.isdigit() and str(TRAINER).encode() in _cmdline(proc)
+        if ours and os.getsid(int(proc.name)) == pid:
+            os.kill(int(proc.name), signal.SIGKILL)
+    wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=60, what="guard ends")
+    assert inbox.titles() == ["training runs", "training stalled", "training crashed"]
+    assert len(inbox.alerts()) == len(set(inbox.alerts()))  # each alert once
+    crashed = next(m["message"] for m in inbox.messages if "crashed" in m["title"])
+    assert "exited with status 137" in crashed
+    assert "bootstrap rerun" in crashed and "train" in crashed
+    assert inbox.url.split("//")[1] not in (ctx.workdir / guard.LOG_FILE).read_text()
+    # A guard started again for the same launch sends nothing it sent before.
+    (ctx.workdir / guard.DONE_FILE).unlink()
+    guard.revive(ctx.workdir, {**os.environ, "NOTIFY_URL": inbox.url})
+    before = len(inbox.messages)
+    wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=60, what="second guard ends")
+    assert len(inbox.messages) == before
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_finished_then_on_finish_runs_once(tmp_path: Path, socket: str, inbox: Inbox) -> None:
+    hook = "echo $BOOTSTRAP_OUTCOME $BOOTSTRAP_RC $BOOTSTRAP_LAST_STEP >> finish.txt"
+    ctx = launch(
+        tmp_path, socket, inbox, trainer("--steps", "30", "--total", "30", "--step-sleep", "0.05"),
+        on_finish={"run": hook},
+    )  # fmt: skip
+    wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=60, what="guard ends")
+    assert inbox.titles() == ["training runs", "training finished", "on_finish ran"]
+    assert (tmp_path / "finish.txt").read_text() == "finished 0 29\n"
+    watch = read_watch(ctx.workdir)
+    assert watch and watch["state"] == "finished" and watch["on_finish"]["rc"] == 0
+
+
+def test_stop_ends_a_job_that_lingers_after_its_last_step(
+    tmp_path: Path, socket: str, inbox: Inbox
+) -> None:
+    command = trainer("--steps", "10", "--total", "10", "--step-sleep", "0.05", "--hold")
+    ctx = launch(tmp_path, socket, inbox, command, on_finish="stop",
+                 watch={"poll": 1, "finish_grace_s": 2})  # fmt: skip
+    wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=60, what="guard ends")
+    finish = json.loads((ctx.workdir / guard.FINISH_FILE).read_text())
+    assert finish["outcome"] == "finished" and finish["stopped"]
+    assert TMUX_LAUNCH.check(ctx).done is False  # the session is gone
+    assert inbox.titles().count("training finished") == 1
+
+
+def test_a_remote_rejecting_writes_is_loud_and_the_job_runs(
+    tmp_path: Path, socket: str, inbox: Inbox
+) -> None:
+    (tmp_path / "served").mkdir()
+    with serve("webdav", tmp_path / "served", "--read-only") as url:
+        conf = rclone_config(tmp_path / "rclone.conf", ro={"type": "webdav", "url": url})
+        ckpts = {"dir": "ck", "complete": "metadata.pt", "remote": "ro:runs", "poll": 1,
+                 "rclone_config": str(conf)}  # fmt: skip
+        command = trainer("--steps", "100000", "--step-sleep", "0.05", "--save-dir", "ck",
+                          "--save-interval", "10")  # fmt: skip
+        ctx = launch(tmp_path, socket, inbox, command, checkpoints=ckpts,
+                     watch={"poll": 1, "stall_min_s": 60})  # fmt: skip
+        title = "checkpoints are not leaving the box"
+        wait_for(lambda: title in inbox.titles(), timeout=60, what="upload failing message")
+        assert TMUX_LAUNCH.check(ctx).done  # training goes on
+        time.sleep(3)
+        assert inbox.titles().count(title) == 1  # once per event (and again each repeat_s)
+        watch = read_watch(ctx.workdir)
+        assert watch and any(f["kind"] == "upload_failing" for f in watch["findings"])
+        log = (ctx.workdir / guard.LOG_FILE).read_text()
+        assert log.count("LOUD: checkpoints are not leaving the box") >= 2
+        guard.stop(ctx.workdir)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"poll": 0}, "watch.poll"),
+        ({"stall_factor": 1}, "watch.stall_factor"),
+        ({"thresholds": {"gpu_memroy_pct": 9}}, "watch.thresholds"),
+        ({"pol": 3}, "watch.pol"),
+    ],
+)
+def test_bad_watch_blocks(raw: dict, key: str) -> None:
+    with pytest.raises(ParamError) as err:
+        parse_watch(raw)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("raw", ["destroy", {"run": ""}, {"run": "x", "when": "sometimes"}, 3])
+def test_bad_on_finish(raw: object) -> None:
+    with pytest.raises(ParamError):
+        parse_on_finish(raw)
