@@ -143,7 +143,7 @@ steps:
     command: >-
       {python} {trainer} --mode ae --steps 100000 --total 100000 --step-sleep 0.08
       --startup-sleep 0 --wandb offline --save-dir ck --save-interval 10
-      --ckpt-bytes 300000 --ckpt-chunks 6 --ckpt-sleep 0.15
+      --ckpt-bytes 300000 --ckpt-chunks 6 --ckpt-sleep 0.5
     log: train.log
     resume_args: --resume
     env: {env}
@@ -204,8 +204,8 @@ def test_box_dies_and_training_resumes_on_another(
     wait_for(lambda: len(_entries(remote_kind)) >= 2, timeout=90, what="two checkpoints uploaded")
     ck1 = box1.home / "ck"
     wait_for(lambda: list(ck1.glob("tmp_*")), timeout=30, what="box 1 writing a checkpoint")
+    box1.kill_all()  # SIGKILL every process of the box, sshd included: it is gone
     box1.stop()
-    box1.kill_all()
     partial = [p.name for p in ck1.glob("tmp_*")]
     assert partial, "box 1 was killed between two checkpoints"
     verified = {n for n, s in _survey(remote_kind).items() if s == "verified"}
