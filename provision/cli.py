@@ -713,7 +713,7 @@ def _monitor(
     import time
 
     from provision import controller
-    from provision.monitor.alerts import merge_thresholds
+    from provision.monitor.alerts import expectation_alerts, merge_thresholds, parse_expectations
     from provision.monitor.render import render_snapshot
 
     loaded = Loaded(playbook, inventory, [target])
@@ -721,7 +721,15 @@ def _monitor(
     plan = loaded.plans(None, {})[host.name]
     step = _launch_steps(plan, step_id)
     context_vars = {**loaded.book.vars, **loaded.inventory.vars, **host.vars}
-    thresholds = context_vars.get("alert_thresholds") or None
+    # A training's own figures (training_expect: {STEP: ...}) warn when it is off them, and may
+    # set its own thresholds (the waypoint VLM runs at 93-95 % of GPU memory by design).
+    try:
+        expect = parse_expectations((context_vars.get("training_expect") or {}).get(step["id"]))
+    except ValueError as exc:
+        raise ProvisionError(
+            f"{loaded.playbook_path}: training_expect: {step['id']}: {exc}"
+        ) from None
+    thresholds = {**(context_vars.get("alert_thresholds") or {}), **expect["alert_thresholds"]}
     try:
         merge_thresholds(thresholds)
     except ValueError as exc:
@@ -740,6 +748,9 @@ def _monitor(
                 raise
             box = controller.connect(Loaded(playbook, inventory, [target]).hosts[0])
             continue
+        snap["alerts"] = snap.get("alerts", []) + [
+            a.to_dict() for a in expectation_alerts(snap, expect)
+        ]
         if as_json:
             print(json.dumps(dict(snap, host=host.name, step=step["id"])), flush=True)
         else:
@@ -840,9 +851,17 @@ def checkpoints(
     _guard(_checkpoints, target, step, playbook, inventory, only, as_json)
 
 
-def _diagnose(source: str, as_json: bool) -> int:
+def _diagnose(
+    source: str,
+    as_json: bool,
+    playbook: Path | None,
+    step_id: str | None,
+    variables: list[str] | None,
+) -> int:
     from provision.monitor.diagnose import diagnose_command, render_diagnosis
 
+    if step_id is None and (playbook is not None or variables):
+        raise ProvisionError("-p/--playbook and -e/--var go with --step STEP (a wait_log step)")
     if source == "-":
         text, name = sys.stdin.read(), "stdin"
     else:
@@ -850,6 +869,8 @@ def _diagnose(source: str, as_json: bool) -> int:
             text, name = Path(source).read_text(encoding="utf-8", errors="replace"), source
         except OSError as exc:
             raise ProvisionError(f"{source}: {exc.strerror}") from None
+    if step_id is not None:
+        return _diagnose_step(text, name, as_json, playbook, step_id, variables)
     matches = diagnose_command(text)
     if as_json:
         print(json.dumps([m.to_dict() for m in matches]))
@@ -858,13 +879,60 @@ def _diagnose(source: str, as_json: bool) -> int:
     return 0 if matches else 1
 
 
+def _diagnose_step(
+    text: str,
+    name: str,
+    as_json: bool,
+    playbook: Path | None,
+    step_id: str,
+    variables: list[str] | None,
+) -> int:
+    """The log against a wait_log step's markers, the playbook resolved offline."""
+    from provision.monitor.diagnose import check_step_log, diagnose_command, render_step_verdict
+    from provision.playbook import load_playbook, resolve_step
+
+    path = _playbook_path(playbook)
+    if not path.exists():
+        raise ProvisionError(f"{path}: no such playbook file")
+    book = load_playbook(path)
+    step = resolve_step(book, step_id, _extra_vars(variables))
+    if step["kind"] != "wait_log":
+        waits = ", ".join(s.id for s in book.steps if s.kind == "wait_log") or "none"
+        raise ProvisionError(
+            f"{path}:{step['line']}: step '{step_id}' is a {step['kind']} step; --step takes a "
+            f"wait_log step ({waits})"
+        )
+    verdict = check_step_log(text, step["params"], name)
+    matches = [] if verdict.met else diagnose_command(text)
+    if as_json:
+        out = {
+            "step": step_id,
+            "met": verdict.met,
+            "reason": verdict.reason,
+            "hint": verdict.hint,
+            **verdict.record,
+            "known_issues": [m.to_dict() for m in matches],
+        }
+        print(json.dumps(out))
+    else:
+        sys.stdout.write(render_step_verdict(step_id, verdict, matches))
+    return 0 if verdict.met else 1
+
+
 @app.command()
 def diagnose(
     source: Annotated[str, typer.Argument(help="a log file, or - for stdin")],
+    playbook: PlaybookOpt = None,
+    step: Annotated[
+        str | None,
+        typer.Option("--step", help="check the log against this wait_log step's markers"),
+    ] = None,
+    var: VarsOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Match a log against the known-issues catalog: diagnosis and fix (exit 1: nothing known)."""
-    _guard(_diagnose, source, as_json)
+    """Explain a log: the known-issues catalog (exit 1: nothing known), or with --step whether it
+    shows that wait_log step's markers (exit 0 met, 1 not met)."""
+    _guard(_diagnose, source, as_json, playbook, step, var)
 
 
 def _attach(target: str, session: str | None, playbook: Path | None, inventory: Path | None) -> int:

@@ -490,6 +490,24 @@ def _param_line(raw: LineMap, key: str) -> int:
     return raw.line_of(head)
 
 
+class _AnyName(dict):  # type: ignore[type-arg]
+    """Secret sources that have every name: resolving offline needs no secret's value."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+def resolve_step(
+    book: Playbook, step_id: str, extra_vars: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One step resolved without an inventory or secrets (the playbook's vars and `extra_vars`,
+    on a `local` host): for offline use, such as `bootstrap diagnose LOG --step STEP`."""
+    step = book.step(step_id)
+    inv = Inventory(path=None, secret_sources=_AnyName())
+    context = host_context(book, inv, Host(name="local", connection="local"), extra_vars or {})
+    return _resolve_step(book, step, context, str(book.path), inv)
+
+
 def _resolve_step(
     book: Playbook, step: Step, context: dict[str, Any], src: str, inv: Inventory
 ) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Stand-ins for what `playbooks/openpi-lerobot.yaml` fetches, small enough for a test.
 
-- `build_wheels`: a wheel directory for an offline uv resolve shaped like openpi's JAX stack:
-  jax 0.5.3, numpy 1.26.4 (`asarray` only), lerobot (wants av >= 14), av 13.1.0 as a wheel and
-  av 14.0.0 as an sdist that cannot build (the seed's ffmpeg 7 trap, fixed by the playbook's
-  override), and `openpi-src`, whose `.pth` puts the checkout's `src/` on the venv's path as
+- `build_wheels`: a wheel directory for an offline uv resolve shaped like openpi's JAX stack
+  (Physical-Intelligence/openpi 15a9616): jax 0.5.3, numpy 1.26.4 (`asarray` only), lerobot
+  (wants av >= 14.2.0, as lerobot 0cf8648's pyproject.toml:65 does), av 17.0.0 as a wheel (what
+  upstream's uv.lock pins: no ffmpeg build, no override needed), and `openpi-src`, whose `.pth` puts the checkout's `src/` on the venv's path as
   uv's editable install of openpi does.
 - `build_repo`: openpi as a bare git repository on `main`: pyproject and uv.lock, and under
   `src/openpi/` the modules the rendered pi05_custom config and the playbook's checks import,
@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from githttp import git
-from pywheels import build_sdist, build_wheel
+from pywheels import build_wheel
 
 from provision.stats.samples import write_preset
 
@@ -40,9 +40,8 @@ def build_wheels(dest: Path, src: Path) -> Path:
     build_wheel(dest, "jax", "0.5.3")
     numpy = b'__version__ = "1.26.4"\n\n\ndef asarray(a):\n    return a\n'
     build_wheel(dest, "numpy", "1.26.4", files={"numpy/__init__.py": numpy})
-    build_wheel(dest, "lerobot", "0.1.0", requires=("av>=14.0.0",))
-    build_wheel(dest, "av", "13.1.0")
-    build_sdist(dest, "av", "14.0.0")
+    build_wheel(dest, "lerobot", "0.1.0", requires=("av>=14.2.0",))
+    build_wheel(dest, "av", "17.0.0")
     build_wheel(dest, "openpi_src", "0.1.0", files={"openpi_src.pth": f"{src}\n".encode()})
     return dest
 

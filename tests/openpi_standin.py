@@ -8,7 +8,10 @@
   and 0.4.1, tensorflow 2.15.0 (asks for ml-dtypes~=0.2.0: only the project's override keeps
   0.4.1) and tensorflow-datasets 4.9.3.
 - `build_repo`: the fork as a bare git repository on branch `pytorch_lora_blackwell` with a
-  submodule, a pyproject whose `[tool.uv]` overrides lack the av pin (the state seed 003 §4.1
+  submodule and two commits on the branch, as the fork has: `seed_commit(root)` stands for
+  2a67705 (seed 003 was validated on it) and the tip for 7de21c7 (HEAD): their
+  `train_waypoint.py` run the stand-in trainer as that commit's code (`--commit`: HEAD's
+  checkpoints have no optimizer.pt, so its `--resume` crashes); a pyproject whose `[tool.uv]` overrides lack the av pin (the state seed 003 §4.1
   fixes), its uv.lock, `transformers_replace/`, a converter that writes 812 bf16 tensors with
   pi0.5's named shapes (pi0's when `pi05` is not in the checkpoint path, as the real one slices),
   and a `train_waypoint.py` that checks what the real one reads (config paths, stats dims,
@@ -53,7 +56,15 @@ def build_wheels(dest: Path) -> Path:
     """The wheel directory described in the module docstring."""
     torchrun = "#!python\n" + TORCHRUN.read_text().split("\n", 1)[1]
     build_wheel(
-        dest, "torch", "2.7.1", files={"torch-2.7.1.data/scripts/torchrun": torchrun.encode()}
+        dest,
+        "torch",
+        "2.7.1",
+        files={
+            "torch-2.7.1.data/scripts/torchrun": torchrun.encode(),
+            # What the cu128 wheel reports (the playbook's torch-cuda step asks).
+            "torch/__init__.py": b"__version__ = '2.7.1+cu128'\nfrom torch import version\n",
+            "torch/version.py": b"cuda = '12.8'\n",
+        },
     )
     build_wheel(
         dest,
@@ -130,7 +141,16 @@ def build_repo(root: Path, wheels: Path, uv: str) -> Path:
         "config", "-f", ".gitmodules", "submodule.third_party/libero.url", "../libero.git", cwd=work
     )
     git("add", ".gitmodules", cwd=work)
-    git("commit", "-q", "-m", "waypoint VLA", cwd=work)
+    git("commit", "-q", "-m", "waypoint VLA (as at 2a67705)", cwd=work)
+    train = work / "scripts" / "train_waypoint.py"
+    train.write_text(TRAIN_WAYPOINT.replace('"--commit", "2a67705"', '"--commit", "7de21c7"'))
+    git(
+        "commit",
+        "-q",
+        "-am",
+        "skip optimizer state save (as since d30a12f; HEAD 7de21c7)",
+        cwd=work,
+    )
     git("clone", "-q", "--bare", str(work), str(root / "openpi.git"))
     shutil.rmtree(root / "uv-cache", ignore_errors=True)
     return root
@@ -150,6 +170,15 @@ def _repo_files() -> dict[str, str]:
         "scripts/_fake_trainer.py": FAKE_TRAINER.read_text(),
         "configs/waypoint_ae_libero.yaml": "# replaced by bootstrap\n",
     }
+
+
+def seed_commit(root: Path) -> str:
+    """The stand-in fork's commit that plays the seed-validated 2a67705 (the tip's parent)."""
+    done = subprocess.run(
+        ["git", "-C", str(root / "openpi.git"), "rev-parse", f"{BRANCH}~1"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
 
 
 def write_drive(root: Path, sizes: Sizes) -> Path:
@@ -403,7 +432,7 @@ def main():
     mode = os.environ.get("WANDB_MODE", "online")
     if cfg.get("wandb_enabled") == "false":
         mode = "disabled"
-    if mode == "offline":
+    if mode == "offline" and os.environ.get("RANK", "0") == "0":  # other ranks: wandb disabled
         run_id = uuid.uuid4().hex[:8]
         stamp = time.strftime("%Y%m%d_%H%M%S")
         run_dir = Path("wandb") / f"offline-run-{stamp}-{run_id}"
@@ -412,6 +441,7 @@ def main():
     sys.argv = [
         sys.argv[0], "--mode", args.mode, "--config", args.config, "--wandb", mode,
         "--total", cfg["num_train_steps"], "--data-dir", data_dir, "--steps", "10",
+        "--commit", "2a67705",
         "--step-sleep", "0.05", "--startup-sleep", "0.02", "--hold",
     ] + (["--resume"] if args.resume else [])
     runpy.run_path(str(Path(__file__).with_name("_fake_trainer.py")), run_name="__main__")

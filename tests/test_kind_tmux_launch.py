@@ -166,7 +166,10 @@ KIND.verify(ctx)
 
 def test_relaunch_kills_the_old_job_and_resumes(tmp_path: Path, socket: str, job_dir: Path) -> None:
     ctx = make_ctx(
-        tmp_path, socket, f"python3 {AE} --steps 2 --hold --wandb offline", resume_args="--resume"
+        tmp_path,
+        socket,
+        f"python3 {AE} --steps 2 --save-interval 1 --hold --wandb offline",
+        resume_args="--resume",
     )
     KIND.run(ctx)
     KIND.verify(ctx)
@@ -182,7 +185,8 @@ def test_relaunch_kills_the_old_job_and_resumes(tmp_path: Path, socket: str, job
     second = json.loads((ctx.workdir / "launch.json").read_text())
     assert second["resumed"] and second["command"].endswith(" --resume")
     assert second["launch_id"] != first_launch["launch_id"]
-    waited = wait_markers(tmp_path, log, ["Resuming from checkpoint at step 1000", r"step=1000/"])
+    # The trainer resumes from its latest checkpoint (step 2), as train_waypoint.py does.
+    waited = wait_markers(tmp_path, log, ["Resumed from step 2", r"\[AE\] step=2/"])
     assert WAIT_LOG.check(waited).done
     assert tmux(socket, "list-sessions", "-F", "#{session_name}").stdout.split() == ["train"]
     text = log.read_text()
@@ -476,7 +480,7 @@ steps:
     needs: [job-dir]
     session: waypoint_ae
     cwd: ~/job
-    command: {python} {trainer} --mode ae --config configs/ae.yaml --steps 100000 --step-sleep 0.3
+    command: {python} {trainer} --mode ae --config configs/ae.yaml --steps 100000 --step-sleep 0.3 --save-interval 2
     log: logs/waypoint_ae_libero.log
     resume_args: --resume
     env: {{PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}}
@@ -553,7 +557,7 @@ def test_up_launches_then_noop_then_rerun_restarts(project, box) -> None:  # typ
     name, new_pid = session_pids()
     assert new_pid != pid
     text = log.read_text()
-    assert "Resuming from checkpoint at step 1000" in text
+    assert "Resumed from step " in text  # from its latest checkpoint, as train_waypoint.py
     assert text.count("started in tmux session waypoint_ae") == 2
     after = project.steps("box1")
     assert after["train-ae-started"]["status"] == "done"

@@ -1,4 +1,6 @@
-"""wait_log against real files written while it waits (and the stand-in trainer's real lines)."""
+"""wait_log against real files written while it waits: the stand-in trainer's lines (derived from
+the fork's train_waypoint.py, provision/data/fake_trainer.py), from 1 and 2 ranks (tests/fakes/
+torchrun starts one process per rank, their lines interleaved as torchrun's are)."""
 
 from __future__ import annotations
 
@@ -14,28 +16,36 @@ from pathlib import Path
 import pytest
 
 from provision.errors import StepFailed
+from provision.steps import wait_log
 from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.wait_log import KIND
 
-TRAINER = Path(__file__).resolve().parents[1] / "provision" / "data" / "fake_trainer.py"
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = ROOT / "provision" / "data" / "fake_trainer.py"
+TORCHRUN = ROOT / "tests" / "fakes" / "torchrun"
 
 AE_MARKERS = [
     "WaypointAEDataset: 454 episodes, 8409 valid pairs",
-    "Loaded 811 weight tensors, skipped 1",
+    {
+        "name": "weights",
+        "regex": r"Loaded (?P<loaded>\d+) weight tensors, skipped (?P<skipped>\d+)",
+        "ranges": {"loaded": [811, 811], "skipped": [1, 1]},
+        "hint": "pi0.5 has 812 tensors",
+    },
     "Constructing tf.data.Dataset libero_object",
     {"name": "wandb", "any_of": ["wandb: .*View run at https://", "syncing is set to `offline`"]},
-    r"Model: 3617\.8M total",
-    {
-        "name": "first step",
-        "regex": r"\[AE\] step=0/\d+ loss=(?P<loss>[\d.]+)",
-        "ranges": {"loss": [0.7, 1.0]},
-        "hint": "the initial AE loss is 0.7-1.0",
-    },
+    {"name": "model", "regex": r"Model: 3617\.8M total", "after": ["weights"]},
 ]
+FIRST_STEP = {
+    "name": "first step",
+    "regex": r"\[AE\] step=0/\d+ loss=(?P<loss>[\d.]+)",
+    "ranges": {"loss": [0.7, 1.0]},
+    "hint": "the initial AE loss is 0.7-1.0",
+}
 
 
 def make_ctx(tmp_path: Path, log: Path, timeout: float = 20, **params: object) -> StepContext:
-    raw = {"log": str(log), "markers": AE_MARKERS, **params}
+    raw = {"log": str(log), "markers": AE_MARKERS, "progress": FIRST_STEP, **params}
     return StepContext(
         step_id="wait",
         params=validate_params(KIND, raw),
@@ -45,13 +55,17 @@ def make_ctx(tmp_path: Path, log: Path, timeout: float = 20, **params: object) -
     )
 
 
-def trainer_output(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    """What the stand-in trainer prints (stdout and stderr, as `2>&1 | tee` keeps them)."""
+def trainer_output(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, ranks: int = 1
+) -> str:
+    """What the stand-in trainer prints under torchrun with `ranks` processes (stdout and
+    stderr, as `2>&1 | tee` keeps them)."""
     (tmp_path / "configs").mkdir(exist_ok=True)
-    (tmp_path / "configs" / "ae.yaml").write_text("mode: ae\n")
+    (tmp_path / "configs" / "ae.yaml").write_text("exp_name: ae\nlog_interval: 1\n")
     done = subprocess.run(
-        [sys.executable, str(TRAINER), "--config", "configs/ae.yaml", "--step-sleep", "0",
-         "--startup-sleep", "0", *args],
+        [sys.executable, str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}",
+         str(TRAINER), "--mode", "ae", "--config", "configs/ae.yaml", "--step-sleep", "0",
+         "--startup-sleep", "0.02", *args],
         cwd=tmp_path,
         env={**os.environ, "WANDB_API_KEY": "k" * 40, **(env or {})},
         stdout=subprocess.PIPE,
@@ -83,20 +97,34 @@ def writer() -> Iterator[Callable[..., None]]:
         thread.join(timeout=30)
 
 
-def test_passes_on_the_trainer_lines_in_order(tmp_path: Path, writer) -> None:
-    log = tmp_path / "train.log"
-    writer(log, trainer_output(tmp_path, "--steps", "3").splitlines(), 0.05)
-    ctx = make_ctx(tmp_path, log)
-    assert not KIND.check(ctx).done
-    KIND.run(ctx)
-    record = json.loads((ctx.workdir / "markers.json").read_text())
-    assert [m["line"] is not None for m in record["markers"]] == [True] * 6
-    assert 0.7 <= record["values"]["loss"] <= 1.0
-    progress = json.loads((ctx.workdir / "_progress.json").read_text())
-    assert (progress["files_done"], progress["files_total"]) == (6, 6)
-    assert "loss=0.8" in progress["message"]
-    check = KIND.check(ctx)
-    assert check.done, check.reason
+def test_passes_on_the_trainer_lines_of_one_and_two_ranks(tmp_path: Path, writer) -> None:
+    for ranks in (1, 2):
+        log = tmp_path / f"train{ranks}.log"
+        writer(log, trainer_output(tmp_path, "--steps", "3", ranks=ranks).splitlines(), 0.02)
+        ctx = make_ctx(tmp_path, log)
+        assert not KIND.check(ctx).done
+        KIND.run(ctx)
+        record = json.loads((ctx.workdir / "markers.json").read_text())
+        assert [m["line"] is not None for m in record["markers"]] == [True] * 6
+        assert record["progress"] == "first step"
+        assert 0.7 <= record["values"]["loss"] <= 1.0
+        assert record["values"]["loaded"] == 811
+        progress = json.loads((ctx.workdir / "_progress.json").read_text())
+        assert (progress["files_done"], progress["files_total"]) == (6, 6)
+        assert "loss=0.8" in progress["message"]
+        check = KIND.check(ctx)
+        assert check.done, check.reason
+
+
+def test_two_ranks_really_interleave(tmp_path: Path) -> None:
+    # Rank 1 builds its data pipeline while rank 0 is still in wandb.init: the order the old
+    # ordered markers (and seed 003 §13.1) assumed does not hold.
+    lines = trainer_output(tmp_path, "--steps", "1", ranks=2).splitlines()
+    tfds = [i for i, line in enumerate(lines) if "Constructing tf.data.Dataset" in line]
+    wandb = next(i for i, line in enumerate(lines) if "View run at" in line)
+    model = next(i for i, line in enumerate(lines) if "Model: 3617.8M" in line)
+    assert len(tfds) == 2 and tfds[0] < wandb < model < tfds[1]
+    assert sum("Loaded 811 weight tensors" in line for line in lines) == 2
 
 
 def test_done_check_follows_the_file(tmp_path: Path) -> None:
@@ -124,22 +152,50 @@ def test_offline_wandb_alternative(tmp_path: Path) -> None:
     assert "offline" in seen
 
 
-def test_fails_on_wrong_order(tmp_path: Path) -> None:
-    lines = trainer_output(tmp_path, "--steps", "1").splitlines()
-    model = next(i for i, line in enumerate(lines) if line.startswith("Model:"))
-    lines.insert(1, lines.pop(model))  # Model: before the weights line
+def _lines(tmp_path: Path) -> list[str]:
+    return trainer_output(tmp_path, "--steps", "1").splitlines()
+
+
+def _index(lines: list[str], text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_setup_markers_in_any_order(tmp_path: Path) -> None:
+    lines = _lines(tmp_path)
+    lines.insert(0, lines.pop(_index(lines, "Constructing tf.data")))
+    lines.insert(0, lines.pop(_index(lines, "View run at")))
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(lines) + "\n")
+    KIND.run(make_ctx(tmp_path, log))
+
+
+def test_progress_before_a_setup_marker_fails_naming_it(tmp_path: Path) -> None:
+    lines = _lines(tmp_path)
+    lines.append(lines.pop(_index(lines, "Constructing tf.data")))
     log = tmp_path / "train.log"
     log.write_text("\n".join(lines) + "\n")
     ctx = make_ctx(tmp_path, log)
     with pytest.raises(StepFailed) as err:
         KIND.run(ctx)
-    assert "marker 5 `Model: 3617\\.8M total` appeared before marker 2" in err.value.reason
+    reason = err.value.reason
+    assert "progress marker `first step` appeared before `Constructing tf.data.Dataset" in reason
+    assert "(4 of 6 markers seen)" in reason
     assert not KIND.check(ctx).done
 
 
-def test_repeated_earlier_marker_is_not_an_order_error(tmp_path: Path) -> None:
-    lines = trainer_output(tmp_path, "--steps", "1").splitlines()
-    lines.insert(4, lines[0])  # a second rank logs the dataset line again
+def test_after_is_enforced(tmp_path: Path) -> None:
+    lines = _lines(tmp_path)
+    lines.insert(0, lines.pop(_index(lines, "Model: 3617.8M")))  # Model: before the weights
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StepFailed) as err:
+        KIND.run(make_ctx(tmp_path, log))
+    assert "marker `model` appeared before `weights`, which it must follow" in err.value.reason
+
+
+def test_repeated_marker_is_fine(tmp_path: Path) -> None:
+    lines = _lines(tmp_path)
+    lines.insert(4, lines[_index(lines, "WaypointAEDataset")])  # a second rank logs it again
     log = tmp_path / "train.log"
     log.write_text("\n".join(lines) + "\n")
     KIND.run(make_ctx(tmp_path, log))
@@ -154,22 +210,37 @@ def test_fails_on_loss_out_of_range(tmp_path: Path) -> None:
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, log))
     assert "loss=1.8" in err.value.reason and "outside [0.7, 1.0]" in err.value.reason
+    assert "marker `first step`" in err.value.reason
     assert err.value.hint == "the initial AE loss is 0.7-1.0"
 
 
-def test_timeout_says_what_was_seen_and_what_is_missing(tmp_path: Path, writer) -> None:
-    lines = trainer_output(tmp_path, "--steps", "1").splitlines()
-    cut = next(i for i, line in enumerate(lines) if line.startswith("Model:"))
+def test_fails_on_a_wrong_weight_count(tmp_path: Path) -> None:
+    text = trainer_output(tmp_path, "--steps", "1").replace(
+        "Loaded 811 weight tensors, skipped 1", "Loaded 603 weight tensors, skipped 209"
+    )
     log = tmp_path / "train.log"
-    writer(log, lines[:cut], 0.01)
+    log.write_text(text)
+    with pytest.raises(StepFailed) as err:
+        KIND.run(make_ctx(tmp_path, log))
+    assert "loaded=603.0 at marker `weights` is outside [811, 811]" in err.value.reason
+    assert err.value.hint == "pi0.5 has 812 tensors"
+
+
+def test_timeout_says_what_was_seen_and_what_is_missing(tmp_path: Path, writer) -> None:
+    lines = _lines(tmp_path)
+    log = tmp_path / "train.log"
+    writer(log, lines[: _index(lines, "Model: 3617.8M")], 0.01)
     started = time.monotonic()
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, log, timeout=3))
     assert time.monotonic() - started < 6
     reason = err.value.reason
     assert reason.startswith("timed out after")
-    assert "waiting for marker 5 `Model: 3617\\.8M total` (and 1 after it)" in reason
-    assert "seen 4/6" in reason and "`wandb`" in reason
+    # One rank: its data pipeline starts after `Model:`, so three markers are missing.
+    assert (
+        "waiting for marker `Constructing tf.data.Dataset libero_object` (and 2 after it)" in reason
+    )
+    assert "seen 3/6" in reason and "`wandb`" in reason
     assert "last line: wandb: 🚀 View run at" in reason
 
 
@@ -184,9 +255,29 @@ def test_fails_on_cuda_oom_with_the_catalog_hint(tmp_path: Path, writer) -> None
     writer(log, trainer_output(tmp_path, "--fail", "oom").splitlines(), 0.02)
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, log))
-    assert "known failure" in err.value.reason and "CUDA out of memory" in err.value.reason
-    assert "before marker 6 `first step`" in err.value.reason
+    assert "known failure [cuda-oom]" in err.value.reason
+    assert "CUDA out of memory" in err.value.reason
+    assert "before marker `first step` (5 of 6 seen)" in err.value.reason
     assert "expandable_segments:True" in (err.value.hint or "")
+
+
+def test_wandb_network_retries_are_transient(tmp_path: Path) -> None:
+    lines = _lines(tmp_path)
+    lines.insert(
+        _index(lines, "Model: 3617.8M"),
+        "wandb: Network error (ConnectionError), entering retry loop.",
+    )
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(lines) + "\n")
+    KIND.run(make_ctx(tmp_path, log))  # wandb retries in the background: not a failure
+    lines.insert(
+        _index(lines, "Model: 3617.8M"),
+        "wandb: ERROR Run initialization has timed out after 90.0 sec.",
+    )
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StepFailed) as err:
+        KIND.run(make_ctx(tmp_path, log))
+    assert "[wandb-init-timeout]" in err.value.reason  # wandb.init gave up: the script stops
 
 
 def test_ignored_issue_and_fail_on(tmp_path: Path) -> None:
@@ -197,15 +288,35 @@ def test_ignored_issue_and_fail_on(tmp_path: Path) -> None:
         KIND.run(make_ctx(tmp_path, log))
     assert "loss=nan" in err.value.reason and "NaN" in (err.value.hint or "")
     nan_ok = {"regex": r"\[AE\] step=0/\d+ loss=(?P<loss>\S+)", "ranges": {"loss": [0.7, 1.0]}}
-    markers = [*AE_MARKERS[:5], nan_ok]
     with pytest.raises(StepFailed) as err:  # NaN is outside every range anyway
-        KIND.run(make_ctx(tmp_path, log, timeout=5, markers=markers, ignore_issues=["loss-nan"]))
-    assert "loss=nan at marker 6" in err.value.reason
+        KIND.run(make_ctx(tmp_path, log, timeout=5, progress=nan_ok, ignore_issues=["loss-nan"]))
+    assert "loss=nan at marker" in err.value.reason
     lines.insert(2, "RuntimeError: dataloader worker died")
     log.write_text("\n".join(lines) + "\n")
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, log, fail_on=["worker died"]))
-    assert "`worker died`" in err.value.reason and "before marker 3" in err.value.reason
+    assert "`worker died`" in err.value.reason and "before marker" in err.value.reason
+
+
+def test_without_progress_every_marker_is_enough(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_text("b\na\n")
+    ctx = make_ctx(tmp_path, log, markers=["a", "b"], progress=None)
+    KIND.run(ctx)
+    assert KIND.check(ctx).done
+
+
+def test_check_text_names_the_first_unmet_marker() -> None:
+    spec = wait_log.parse_spec(AE_MARKERS, FIRST_STEP)
+    verdict = wait_log.check_text("WaypointAEDataset: 454 episodes, 8409 valid pairs\n", spec)
+    assert not verdict.met
+    assert verdict.reason.startswith("marker `weights` (and 4 after it) never appeared")
+    started = "[bootstrap] job aa started in tmux session t\n"
+    old = (
+        started + "Loaded 811 weight tensors, skipped 1\n[bootstrap] job aa exited with status 1\n"
+    )
+    verdict = wait_log.check_text(old + started.replace("aa", "bb"), spec)
+    assert "never appeared" in verdict.reason  # the latest launch only: no exit, no weights
 
 
 def test_only_the_latest_launch_counts(tmp_path: Path, writer) -> None:
@@ -227,7 +338,7 @@ def test_fails_when_the_job_exits_first(tmp_path: Path, writer) -> None:
     writer(log, [*lines, "[bootstrap] job cccc exited with status 0"], 0.02)
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, log))
-    assert "the job exited with status 0 before marker 3" in err.value.reason
+    assert "the job exited with status 0 before marker `weights`" in err.value.reason
 
 
 def test_follows_rotation_and_truncation(tmp_path: Path) -> None:
@@ -246,6 +357,7 @@ def test_follows_rotation_and_truncation(tmp_path: Path) -> None:
         time.sleep(1.2)
         with open(log, "r+") as fh:  # truncated in place, then rewritten from the start
             fh.truncate(0)
+        time.sleep(1.2)
         log.write_text("\n".join(lines[6:]) + "\n")
 
     thread = threading.Thread(target=later)
@@ -255,18 +367,17 @@ def test_follows_rotation_and_truncation(tmp_path: Path) -> None:
     finally:
         thread.join()
     seen = json.loads((ctx.workdir / "markers.json").read_text())["markers"]
-    assert seen[1]["line"] == "Loaded 811 weight tensors, skipped 1"
+    assert "Loaded 811 weight tensors, skipped 1" in seen[1]["line"]
     assert KIND.check(ctx).done
 
 
 def test_carriage_returns_end_lines(tmp_path: Path) -> None:
-    text = trainer_output(tmp_path, "--steps", "1").replace(
-        "[AE] step=0", "  0%|          | 0/10000 [00:05<?, ?it/s]\r[AE] step=0"
-    )
+    lines = _lines(tmp_path)
+    step = _index(lines, "[AE] step=0/")
+    lines[step] = "AE Training:   0%|          | 0/10000 [00:05<?, ?it/s]\r" + lines[step]
     log = tmp_path / "train.log"
-    log.write_text(text)
-    ctx = make_ctx(tmp_path, log, markers=[*AE_MARKERS[:5], r"^\[AE\] step=0/"])
-    KIND.run(ctx)
+    log.write_text("\n".join(lines) + "\n")
+    KIND.run(make_ctx(tmp_path, log, progress=r"^\d\d:\d\d:\d\d\.\d+ \[I\] \[AE\] step=0/"))
 
 
 @pytest.mark.parametrize(
@@ -281,12 +392,30 @@ def test_carriage_returns_end_lines(tmp_path: Path) -> None:
         ([{"regex": "a", "rangez": {}}], "unknown keys"),
         ([{"any_of": ["a", 3]}], "alternative 2"),
         ([7], "regex or a mapping"),
+        ([{"name": "a", "regex": "a", "after": ["b"]}], "'after' names 'b', not another marker"),
+        (
+            [
+                {"name": "a", "regex": "a", "after": ["b"]},
+                {"name": "b", "regex": "b", "after": "a"},
+            ],
+            "'after' makes a cycle",
+        ),
+        (["a", "a"], "two markers are named 'a'"),
+        ([{"regex": "a", "after": 3}], "'after' must be a list"),
     ],
 )
 def test_bad_markers_are_rejected_at_validation(markers: list, message: str) -> None:
     with pytest.raises(ParamError) as err:
         validate_params(KIND, {"log": "/x.log", "markers": markers})
     assert err.value.key == "markers" and message in str(err.value)
+
+
+def test_progress_takes_no_after() -> None:
+    with pytest.raises(ParamError) as err:
+        validate_params(
+            KIND, {"log": "/x", "markers": ["a"], "progress": {"regex": "b", "after": ["a"]}}
+        )
+    assert err.value.key == "progress" and "takes no 'after'" in str(err.value)
 
 
 def test_bad_log_fail_on_and_ignore_issues_are_rejected() -> None:

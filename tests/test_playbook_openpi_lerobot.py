@@ -7,6 +7,7 @@ the training over a saved checkpoint resumes it."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,6 +80,13 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
         first = _up(project, "up", "box1")
         assert set(first) == STEPS
         assert {s["status"] for s in first.values()} == {"done"}, first
+        # No av override: the lock's av 17.0.0 stays, the checkout's pyproject and lock too.
+        unchanged = subprocess.run(
+            ["git", "-C", str(repo), "diff", "--quiet", "--", "pyproject.toml", "uv.lock"],
+            check=False,
+        )
+        assert unchanged.returncode == 0
+        assert 'name = "av"\nversion = "17.0.0"' in (repo / "uv.lock").read_text()
 
         second = _up(project, "up", "box1")
         assert {k: s["started"] for k, s in second.items()} == {

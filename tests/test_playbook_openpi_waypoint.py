@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -27,6 +28,7 @@ from openpi_standin import (
     build_repo,
     build_wheels,
     checkpoint_objects,
+    seed_commit,
     uv_offline_env,
     write_drive,
 )
@@ -61,7 +63,9 @@ def _plan(**host_vars: Any) -> dict[str, dict[str, Any]]:
 def test_seed_figures_and_paths_are_the_defaults() -> None:
     steps = _plan()
     params = {sid: step["params"] for sid, step in steps.items()}
-    assert params["clone"]["branch"] == "pytorch_lora_blackwell"
+    # Pinned to the commit seed 003 was validated on, not the branch's moving tip.
+    assert params["clone"]["ref"] == "2a6770512c5d27623ef3e7221b0d1001b8f58aab"
+    assert params["clone"]["branch"] is None
     assert params["clone"]["dest"] == "/workspace/openpi"
     assert params["uv-sync"]["overrides"] == ["av>=13.1.0,<14.0.0"]
     assert params["uv-sync"]["python"] == "3.11"
@@ -105,11 +109,15 @@ def test_seed_figures_and_paths_are_the_defaults() -> None:
         assert params[f"train-{mode}"]["resume_args"] == "--resume"
         assert steps[f"train-{mode}"]["secrets"] == ["WANDB_API_KEY"]
     ae_markers = json.dumps(params["train-ae-started"]["markers"])
-    assert "8409 valid pairs" in ae_markers and "step=0/10000" in ae_markers
-    assert "[0.7, 1.0]" in ae_markers and "View run at" in ae_markers
+    assert "[8409, 8409]" in ae_markers and "[811, 811]" in ae_markers
+    assert "View run at" in ae_markers
+    ae_progress = json.dumps(params["train-ae-started"]["progress"])
+    assert "step=0/10000" in ae_progress and "[0.7, 1.0]" in ae_progress
     vlm_markers = json.dumps(params["train-vlm-started"]["markers"])
-    assert "603 params" in vlm_markers and "step=0/30000" in vlm_markers
-    assert "[11.0, 12.0]" in vlm_markers
+    assert "[603, 603]" in vlm_markers and "[2923.3, 2923.3]" in vlm_markers
+    vlm_progress = json.dumps(params["train-vlm-started"]["progress"])
+    assert "step=0/30000" in vlm_progress and "[11.0, 12.0]" in vlm_progress
+    assert steps["torch-cuda"]["env"] == {"WANT_TORCH": "2.7", "WANT_CUDA": "12.8"}
     ae = yaml.safe_load(params["ae-config"]["_content"])
     vlm = yaml.safe_load(params["vlm-config"]["_content"])
     assert (ae["batch_size"], ae["num_train_steps"], vlm["batch_size"], vlm["num_train_steps"]) == (
@@ -144,16 +152,21 @@ def test_tracks_run_in_parallel_as_the_seed_measured() -> None:
     assert needs["ckpt"] == set() and needs["convert"] == {"ckpt", "uv-sync", "patch"}
     assert {"tf", "patch", "convert-check", "stats-ae", "data-wp", "ae-config"} <= needs["train-ae"]
     assert {"tf", "patch", "convert-check", "stats-vlm", "vlm-config"} <= needs["train-vlm"]
+    assert {"torch-cuda", "stats-ae"} <= needs["train-vlm"] and "torch-cuda" in needs["train-ae"]
     assert "preflight" in needs["train-ae"] and needs["preflight"] == set()
 
 
 def test_tags_pick_one_training_and_sync_pulls_in_no_training() -> None:
     book = load_playbook(PLAYBOOK)
+    # One training by default (the AE): the VLM alone fills 91-93 GB of a 97.9 GB GPU.
+    default = select(book, None)
+    assert {"train-ae", "train-ae-started"} <= default
+    assert not {"train-vlm", "train-vlm-started", "stats-vlm", "vlm-config"} & default
     ae, vlm = select(book, ["ae"]), select(book, ["vlm"])
     assert {"train-ae", "train-ae-started", "stats-ae"} <= ae
     assert not {"train-vlm", "train-vlm-started", "stats-vlm", "wandb-sync"} & ae
     assert {"train-vlm", "train-vlm-started", "stats-vlm"} <= vlm
-    assert not {"train-ae", "train-ae-started", "stats-ae", "data-rlds"} & vlm
+    assert not {"train-ae", "train-ae-started", "ae-config"} & vlm
     assert not {s for s in select(book, ["wandb-sync"]) if s.startswith(("train-ae", "train-vlm"))}
 
 
@@ -188,38 +201,144 @@ def test_templates_render_secrets_as_placeholders_and_omit_empty_wandb_settings(
 
 
 TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
+TORCHRUN = REPO / "tests" / "fakes" / "torchrun"
 
 
-def _wait_for_markers(tmp_path: Path, mode: str, wandb: str, *args: str) -> None:
-    """Run the playbook's wait step for `mode` over what the trainer prints with `wandb`."""
-    log = tmp_path / f"{mode}.log"
-    with log.open("w") as out:
-        subprocess.run(
-            [sys.executable, str(TRAINER), "--mode", mode, "--wandb", wandb, "--steps", "3",
-             "--step-sleep", "0", "--startup-sleep", "0", *args],
+def _real_log(
+    tmp_path: Path, mode: str, wandb: str, ranks: int, *args: str, **plan_vars: Any
+) -> tuple[Path, dict[str, Any]]:
+    """A training log in the real order: torchrun starting `ranks` ranks of the stand-in
+    train_waypoint.py (derived from the fork's code) with the config the playbook renders.
+    Returns the log and the wait step's resolved params (its log path pointed at it)."""
+    steps = _plan(wandb_mode=wandb, **plan_vars)
+    configs = tmp_path / "configs"
+    configs.mkdir(exist_ok=True)
+    (configs / f"{mode}.yaml").write_text(steps[f"{mode}-config"]["params"]["_content"])
+    log = tmp_path / f"{mode}-{wandb}-{ranks}.log"
+    launch = secrets.token_hex(6)
+    with log.open("a") as out:  # bracketed as tmux_launch brackets each launch in the log
+        out.write(f"[bootstrap] job {launch} started in tmux session waypoint_{mode}\n")
+        out.flush()
+        done = subprocess.run(
+            [sys.executable, str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}",
+             str(TRAINER), "--mode", mode, "--config", f"configs/{mode}.yaml", "--wandb", wandb,
+             "--step-sleep", "0", "--startup-sleep", "0.01", *args],
             cwd=tmp_path,
             env={**os.environ, "WANDB_API_KEY": WANDB_KEY},
             stdout=out,
             stderr=subprocess.STDOUT,
-            check=True,
+            check=False,
         )  # fmt: skip
-    params = dict(_plan(wandb_mode=wandb)[f"train-{mode}-started"]["params"], log=str(log))
+        out.write(f"[bootstrap] job {launch} exited with status {done.returncode}\n")
+    return log, dict(steps[f"train-{mode}-started"]["params"], log=str(log))
+
+
+def _wait(tmp_path: Path, params: dict[str, Any]) -> None:
     ctx = StepContext(
         step_id="wait", params=params, run_dir=tmp_path / "run", deadline=time.time() + 20
     )
     wait_log.KIND.run(ctx)
 
 
+def _diagnose(log: Path, mode: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "provision.cli", "diagnose", str(log), "-p", str(PLAYBOOK),
+         "--step", f"train-{mode}-started", *extra],
+        capture_output=True, text=True, check=False, env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["ae", "vlm"])
 @pytest.mark.parametrize("wandb", ["online", "offline", "disabled"])
-def test_training_markers_match_the_real_log_lines(tmp_path: Path, mode: str, wandb: str) -> None:
-    _wait_for_markers(tmp_path, mode, wandb)
-    _wait_for_markers(tmp_path, mode, wandb, "--resume")
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_real_order_logs_pass_the_markers(
+    tmp_path: Path, mode: str, wandb: str, ranks: int
+) -> None:
+    # Fresh, then resumed from the checkpoint the first run saved.
+    saved = 50
+    fast = {"vlm_save_interval": saved}  # not 2000 steps of the stand-in
+    log, params = _real_log(tmp_path, mode, wandb, ranks, "--steps", str(saved + 1), **fast)
+    _wait(tmp_path, params)
+    found = _diagnose(log, mode, "-e", f"wandb_mode={wandb}", "--json")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert json.loads(found.stdout)["met"] is True
+    resumed, params = _real_log(tmp_path, mode, wandb, ranks, "--steps", "6", "--resume", **fast)
+    text = resumed.read_text()
+    assert f"Resumed from step {saved}" in text
+    assert f"step={saved}/" in text and (wandb != "online" or "wandb: Resuming run" in text)
+    _wait(tmp_path, params)  # the latest launch only (tmux_launch's bracket lines)
+    assert _diagnose(resumed, mode, "-e", f"wandb_mode={wandb}").returncode == 0
 
 
-def test_training_markers_fail_on_a_wrong_first_loss(tmp_path: Path) -> None:
-    with pytest.raises(StepFailed, match="loss=nan"):
-        _wait_for_markers(tmp_path, "ae", "online", "--fail", "nan")
+@pytest.mark.parametrize(
+    ("mode", "edit", "named"),
+    [
+        ("ae", ("loss=0.8", "loss=nan"), "loss=nan"),
+        ("ae", ("step=0/10000 loss=0.", "step=0/10000 loss=3."), "marker `first AE step`"),
+        ("ae", ("Loaded 811 weight", "Loaded 603 weight"), "marker `AE weights`"),
+        ("vlm", ("603 params, 1 missing", "603 params, 4 missing"), "marker `VLM weights`"),
+        (
+            "vlm",
+            ("[VLM] step=", "[VLM] stop="),
+            "exited with status 0 before marker `first VLM step`",
+        ),
+        ("ae", ("Model: 3617.8M", "Model: 3300.1M"), "marker `AE model`"),
+    ],
+)
+def test_broken_logs_fail_naming_the_marker(
+    tmp_path: Path, mode: str, edit: tuple[str, str], named: str
+) -> None:
+    log, params = _real_log(tmp_path, mode, "offline", 2, "--steps", "3")
+    log.write_text(log.read_text().replace(*edit))
+    found = _diagnose(log, mode, "-e", "wandb_mode=offline")
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert named in found.stdout.splitlines()[0]
+    with pytest.raises(StepFailed) as err:
+        _wait(tmp_path, params)
+    assert named in err.value.reason
+
+
+def test_head_resume_crash_is_diagnosed(tmp_path: Path) -> None:
+    # At HEAD (since d30a12f) checkpoints lack optimizer.pt and --resume crashes on them.
+    _real_log(tmp_path, "ae", "offline", 2, "--steps", "51", "--commit", "7de21c7")
+    log, _ = _real_log(tmp_path, "ae", "offline", 2, "--steps", "1", "--resume", "--commit",
+                       "7de21c7")  # fmt: skip
+    found = _diagnose(log, "ae", "-e", "wandb_mode=offline")
+    assert found.returncode == 1
+    assert "[resume-no-optimizer]" in found.stdout
+    assert "NOT met" in found.stdout.splitlines()[0]
+
+
+def test_the_pin_decides_vlm_stats_and_resume() -> None:
+    seed = _plan()
+    assert seed["train-vlm"]["params"]["resume_args"] == "--resume"
+    assert "wp_001/norm_stats" in seed["vlm-config"]["params"]["_content"]
+    head = _plan(openpi_ref="7de21c782d402fc2118b1e2c15c3599efc06dc05")
+    assert head["clone"]["params"]["ref"].startswith("7de21c7")
+    assert head["train-vlm"]["params"]["resume_args"] is None
+    vlm = yaml.safe_load(head["vlm-config"]["params"]["_content"])
+    assert vlm["dataset_statistics_path"] == "/workspace/data/libero_object_no_noops/1.0.0"
+    tip = _plan(openpi_ref="")
+    assert tip["clone"]["params"]["ref"] is None
+    assert tip["clone"]["params"]["branch"] == "pytorch_lora_blackwell"
+
+
+def test_diagnose_bad_input_exits_2(tmp_path: Path) -> None:
+    log = tmp_path / "x.log"
+    log.write_text("hello\n")
+    for extra in (["--step", "train-ae"], ["--step", "train-ae-strated"], ["-e", "1x=2", "--step",
+                  "train-ae-started"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "provision.cli", "diagnose", str(log), "-p", str(PLAYBOOK),
+             *extra], capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "provision.cli", "diagnose", str(tmp_path / "none.log"), "-p",
+         str(PLAYBOOK), "--step", "train-ae-started"], capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "none.log" in missing.stderr
 
 
 def test_example_inventory_loads() -> None:
@@ -304,6 +423,9 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
         "git_user_email": "waypoint@example.invalid",
         "git_user_name": "Waypoint Test",
         "openpi_repo_url": f"{git_url}/openpi.git",
+        # The stand-in fork's "2a67705" (its tip plays HEAD, whose --resume crashes).
+        "openpi_ref": seed_commit(standin.git_root),
+        "openpi_seed_ref": seed_commit(standin.git_root),
         "rclone_remote_type": "alias",
         "rclone_remote_options": {"remote": str(standin.drive)},
         "rclone_retries": 1,
@@ -320,8 +442,11 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
         "vlm_batch_size": 2,
         "ae_steps": 40,
         "vlm_steps": 60,
-        "ae_gpus": "0",  # both trainings at once, so on GPUs of their own
+        "ae_gpus": "0",  # the two trainings side by side, so on GPUs of their own
         "vlm_gpus": "1",
+        "ae_save_interval": 5,
+        "vlm_save_interval": 5,
+        "vlm_log_interval": 5,
         "wandb_mode": "offline",
         "wandb_entity": "waypoint-lab",
         "wandb_tags": ["waypoint", "test"],
@@ -337,15 +462,22 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
         result = project.cli("up", "box1", "-p", f"playbooks/{NAME}", *extra, timeout=600)
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr
 
+    # One training by default (the AE); the VLM by tag, here on a GPU of its own (vlm_gpus).
+    vlm = ("--tags", "vlm")
     up()
     snap = project.status("box1", NAME)
     assert snap["runner"] == "idle"
     statuses = {step["id"]: step["status"] for step in snap["steps"]}
-    assert set(statuses.values()) == {"done"}, statuses
-    assert set(statuses) == {step.id for step in load_playbook(PLAYBOOK).steps}
+    assert {s for s, status in statuses.items() if status == "done"} == select(
+        load_playbook(PLAYBOOK), None
+    ), statuses
+    assert statuses["train-vlm"] == "skipped"
     for step in snap["steps"]:
         assert {"attempts", "started", "ended", "duration_s", "rc", "progress", "hint"} <= set(step)
         assert "log_tail" in step
+    up(*vlm)
+    statuses = {step["id"]: step["status"] for step in project.status("box1", NAME)["steps"]}
+    assert statuses["train-vlm-started"] == "done" and statuses["train-ae-started"] == "done"
     _check_box(box, project, standin)
 
     before = _started(project)
@@ -356,20 +488,33 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
     reasons = {s["id"]: (s["run"], s["reason"]) for s in json.loads(plan.stdout)["steps"]}
     assert [sid for sid, (run, _) in reasons.items() if run] == []
     assert "launch" in reasons["train-ae"][1] or "running" in reasons["train-ae"][1]
-    assert "markers seen" in reasons["train-vlm-started"][1], reasons
+    assert "markers seen" in reasons["train-ae-started"][1], reasons
 
     # A deleted output re-runs exactly the steps downstream of it.
     (ws / "data/libero/libero_object_wp_001/norm_stats/dataset_statistics.json").unlink()
     before = _started(project)
-    up()
+    up(*vlm)
     assert _rerun(before, _started(project)) == {"stats-vlm", "train-vlm", "train-vlm-started"}
+    assert "Resumed from step 10" in (ws / "openpi/logs/waypoint_vlm_libero.log").read_text()
 
-    # `rerun` re-runs the step and what follows it; the relaunch resumes.
+    # `rerun` re-runs the step and what follows it; the relaunch resumes from the checkpoint
+    # the first launch saved (the pinned code writes optimizer.pt).
     before = _started(project)
     result = project.cli("rerun", "box1", "stats-ae", "-p", f"playbooks/{NAME}", timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr
     assert _rerun(before, _started(project)) == {"stats-ae", "train-ae", "train-ae-started"}
-    assert "Resuming from checkpoint" in (ws / "openpi/logs/waypoint_ae_libero.log").read_text()
+    ae_log = ws / "openpi/logs/waypoint_ae_libero.log"
+    assert "Resumed from step 10" in ae_log.read_text()
+    ckpt = ws / "openpi/checkpoints/waypoint_ae_libero/10"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "metadata.pt", "model.safetensors", "optimizer.pt"
+    ]  # fmt: skip
+    # The log checks offline as on the box (a copy from the box, as users would).
+    copy = Path(project.root) / "ae.log"
+    copy.write_text(ae_log.read_text())
+    found = project.cli("diagnose", str(copy), "-p", f"playbooks/{NAME}", "--step",
+                        "train-ae-started", "-e", "wandb_mode=offline", "-e", "ae_steps=40")  # fmt: skip
+    assert found.returncode == 0, found.stdout + found.stderr
 
     # On demand: the offline runs go to wandb, once.
     offline = sorted((ws / "openpi/wandb").glob("offline-run-*/run-*.wandb"))

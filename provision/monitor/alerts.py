@@ -204,3 +204,79 @@ def _host(host: dict[str, Any], limits: dict[str, float | None]) -> list[Alert]:
             msg = f"{path}: {free:.1f} GB free < {floor:g} GB (a checkpoint is ~22 GB)"
             out.append(Alert("disk", WARNING, str(path), msg, free, floor))
     return out
+
+
+def parse_expectations(raw: Any) -> dict[str, Any]:
+    """A training's expected figures (a playbook's `training_expect` entry), checked.
+
+    Keys: `s_per_step` and `gpu_memory_gb` ([low, high]; GB as nvidia-smi's MiB / 1000, as the
+    seeds quote them), `loss_at` ({step: [low, high]}) and `alert_thresholds` (overrides of
+    DEFAULT_THRESHOLDS for this training). Raises ValueError naming the bad key.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a mapping, got {raw!r}")
+    unknown = set(raw) - {"s_per_step", "gpu_memory_gb", "loss_at", "alert_thresholds"}
+    if unknown:
+        raise ValueError(f"unknown key '{sorted(unknown)[0]}'")
+    out: dict[str, Any] = {"alert_thresholds": raw.get("alert_thresholds") or {}}
+    merge_thresholds(out["alert_thresholds"])
+    for key in ("s_per_step", "gpu_memory_gb"):
+        if raw.get(key) is not None:
+            out[key] = _bounds(raw[key], key)
+    out["loss_at"] = {
+        int(step): _bounds(bounds, f"loss_at {step}")
+        for step, bounds in (raw.get("loss_at") or {}).items()
+    }
+    return out
+
+
+def _bounds(value: Any, key: str) -> tuple[float, float]:
+    if not (isinstance(value, list) and len(value) == 2):
+        raise ValueError(f"'{key}' must be [low, high], got {value!r}")
+    low, high = as_float(value[0]), as_float(value[1])
+    if low is None or high is None or low > high:
+        raise ValueError(f"'{key}' must be [low, high] numbers with low <= high, got {value!r}")
+    return low, high
+
+
+def expectation_alerts(snapshot: dict[str, Any], expect: dict[str, Any]) -> list[Alert]:
+    """Warnings where a running training is off the figures it was validated with.
+
+    `expect` is `parse_expectations`' result: seconds per step, GPU memory of the GPUs in use
+    (more than 1 GB used), and the loss at given steps (the first logged step at or after each,
+    from the parser's history). A figure the snapshot lacks is not judged.
+    """
+    out: list[Alert] = []
+    training = snapshot.get("training") or {}
+    rate = as_float(training.get("s_per_step"))
+    if rate is not None and "s_per_step" in expect:
+        out += _outside("s_per_step", "speed", rate, expect["s_per_step"], "{:.2f} s/step")
+    if "gpu_memory_gb" in expect:
+        for gpu in (snapshot.get("gpus") or {}).get("gpus") or []:
+            used = as_float(gpu.get("memory_used_mib"))
+            if used is None or used < 1000:
+                continue
+            subject = f"gpu{gpu.get('index')}"
+            out += _outside("gpu_memory_expected", subject, used / 1000, expect["gpu_memory_gb"],
+                            "{:.1f} GB used")  # fmt: skip
+    history = training.get("history") or []
+    for step, bounds in sorted((expect.get("loss_at") or {}).items()):
+        later = [(int(s), as_float(loss)) for s, loss, _ in history if int(s) >= step]
+        if later and later[0][1] is not None:
+            at, loss = later[0]
+            out += _outside(
+                "loss_expected", f"loss@{at}", loss, bounds, f"loss {{:.4g}} at step {at}"
+            )
+    return out
+
+
+def _outside(
+    alert_id: str, subject: str, value: float, bounds: tuple[float, float], text: str
+) -> list[Alert]:
+    low, high = bounds
+    if low <= value <= high:
+        return []
+    msg = f"{subject}: {text.format(value)}, expected {low:g}-{high:g} (the validated run's)"
+    return [Alert(alert_id, WARNING, subject, msg, value, high if value > high else low)]

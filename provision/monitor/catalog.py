@@ -25,7 +25,9 @@ Entry fields: `id` ([a-z0-9-]+), `title`, `patterns` (Python regexes, searched l
 `^`/`$` anchor at line ends), `diagnosis`, `fix`, and optionally `remediation` (one of
 REMEDIATIONS: a mechanical, safe fix a step may apply once before failing), `supersedes` (ids
 of more general entries to drop when this one matches), `fallback: true` (reported only when
-no other entry matched, e.g. torchrun's generic ChildFailedError wrapper) and `source`.
+no other entry matched, e.g. torchrun's generic ChildFailedError wrapper), `transient: true`
+(a condition the job usually survives, e.g. wandb's network retries: reported, but `wait_log`
+does not fail on it) and `source`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ _FIELDS = {
     "remediation",
     "supersedes",
     "fallback",
+    "transient",
     "source",
 }
 _REQUIRED = ("id", "title", "patterns", "diagnosis", "fix")
@@ -77,6 +80,7 @@ class Entry:
     remediation: str | None = None
     supersedes: tuple[str, ...] = ()
     fallback: bool = False
+    transient: bool = False
     source: str = ""
 
 
@@ -91,6 +95,7 @@ class Match:
     line: str
     line_no: int
     remediation: str | None = None
+    transient: bool = False
 
     @property
     def hint(self) -> str:
@@ -107,6 +112,7 @@ class Match:
             "line": self.line,
             "line_no": self.line_no,
             "remediation": self.remediation,
+            "transient": self.transient,
         }
 
 
@@ -167,6 +173,8 @@ class Catalog:
                 item["supersedes"] = list(e.supersedes)
             if e.fallback:
                 item["fallback"] = True
+            if e.transient:
+                item["transient"] = True
             if e.source:
                 item["source"] = e.source
             issues.append(item)
@@ -199,6 +207,7 @@ def _to_match(clean: str, pos: int, entry: Entry) -> Match:
         line=line,
         line_no=clean.count("\n", 0, pos) + 1,
         remediation=entry.remediation,
+        transient=entry.transient,
     )
 
 
@@ -351,8 +360,9 @@ def _entry(raw: Any, index: int, origin: str) -> Entry:
     supersedes = raw.get("supersedes", [])
     if not isinstance(supersedes, list) or not all(isinstance(s, str) for s in supersedes):
         raise ConfigError(f"{where}: 'supersedes' must be a list of ids", file=origin)
-    if not isinstance(raw.get("fallback", False), bool):
-        raise ConfigError(f"{where}: 'fallback' must be true or false", file=origin)
+    for flag in ("fallback", "transient"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise ConfigError(f"{where}: '{flag}' must be true or false", file=origin)
     return Entry(
         id=raw["id"],
         title=raw["title"],
@@ -362,5 +372,6 @@ def _entry(raw: Any, index: int, origin: str) -> Entry:
         remediation=remediation,
         supersedes=tuple(supersedes),
         fallback=raw.get("fallback", False),
+        transient=raw.get("transient", False),
         source=str(raw.get("source", "")),
     )

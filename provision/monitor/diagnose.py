@@ -3,13 +3,21 @@
 The CLI reads the file (or stdin), calls `diagnose_command(text)`, prints
 `render_diagnosis(matches, source)` (or `[m.to_dict() for m in matches]` with `--json`) and exits
 0 when something matched, 1 when nothing did.
+
+With `-p PLAYBOOK --step STEP` (a `wait_log` step, resolved offline: no inventory, no secrets)
+it checks the log against that step's markers with the rules the step applies on the box
+(`wait_log.check_text`): `check_step_log` gives the verdict, `render_step_verdict` the text, and
+the CLI exits 0 when the markers are met, 1 when not (naming the first unmet marker, plus what
+the catalog knows about the log).
 """
 
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 from provision.monitor.catalog import Catalog, Match, default_catalog
+from provision.steps import wait_log
 
 WIDTH = 100
 
@@ -43,3 +51,30 @@ def _field(name: str, text: str) -> list[str]:
     return textwrap.wrap(
         text, WIDTH, initial_indent=f"  {name}: ", subsequent_indent=" " * (len(name) + 4)
     )
+
+
+def check_step_log(text: str, params: dict[str, Any], source: str) -> wait_log.Verdict:
+    """`text` judged by a resolved `wait_log` step's params (markers, progress, fail_on, ...)."""
+    spec = wait_log.parse_spec(params["markers"], params.get("progress"))
+    return wait_log.check_text(
+        text, spec, params.get("fail_on") or [], params.get("ignore_issues") or [], source
+    )
+
+
+def render_step_verdict(step_id: str, verdict: wait_log.Verdict, matches: list[Match]) -> str:
+    """Plain text: met or not (and why), each marker with the line that showed it, diagnoses."""
+    head = f"{step_id}: markers met" if verdict.met else f"{step_id}: NOT met: {verdict.reason}"
+    out = [head]
+    if verdict.hint and not matches:  # a catalog issue's hint is its diagnosis, shown below
+        out.extend(_field("hint", verdict.hint))
+    for marker in verdict.record["markers"]:
+        shown = marker["line"] if marker["line"] is not None else "-- not seen"
+        out.append(f"  [{'x' if marker['line'] is not None else ' '}] {marker['name']}: {shown}")
+    values = verdict.record.get("values") or {}
+    if values:
+        out.append("  values: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in values.items()))  # fmt: skip
+    text = "\n".join(out) + "\n"
+    if not verdict.met and matches:
+        text += "\n" + render_diagnosis(matches, "the log")
+    return text
