@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from gpu_fake import use_fake_gpus, waypoint_log, write_scenario
 
+from provision.monitor import alerts
 from provision.monitor.alerts import DEFAULT_THRESHOLDS, evaluate, merge_thresholds
 from provision.monitor.snapshot import monitor_snapshot
 
@@ -138,3 +139,28 @@ def test_alerts_fire_and_clear_as_the_fake_gpu_and_the_log_change(
     with log.open("a") as fh:
         fh.write(waypoint_log("AE", range(350, 351), loss=math.nan).split("\n", 1)[1])
     assert alert_ids() == {"loss_nan"}
+
+
+def test_expectations_warn_off_the_validated_figures() -> None:
+    expect = alerts.parse_expectations(
+        {"s_per_step": [2.9, 3.5], "gpu_memory_gb": [88, 95], "loss_at": {50: [6, 7]},
+         "alert_thresholds": {"gpu_memory_pct": 98}}
+    )  # fmt: skip
+    snap = {
+        "training": {"s_per_step": 5.2, "history": [[0, 11.6, 1.0], [50, 8.1, 1.0]]},
+        "gpus": {"gpus": [{"index": 0, "memory_used_mib": 92000}, {"index": 1,
+                 "memory_used_mib": 60000}, {"index": 2, "memory_used_mib": 3}]},
+    }  # fmt: skip
+    found = {(a.id, a.subject) for a in alerts.expectation_alerts(snap, expect)}
+    assert found == {("s_per_step", "speed"), ("gpu_memory_expected", "gpu1"),
+                     ("loss_expected", "loss@50")}  # fmt: skip
+    healthy = {"training": {"s_per_step": 3.2, "history": [[50, 6.4, 1.0]]}, "gpus": {}}
+    assert alerts.expectation_alerts(healthy, expect) == []
+    assert alerts.expectation_alerts({}, alerts.parse_expectations(None)) == []
+
+
+def test_bad_expectations_are_refused() -> None:
+    for bad in ({"speed": [1, 2]}, {"s_per_step": [3, 1]}, {"loss_at": {50: [1]}},
+                {"alert_thresholds": {"nope": 1}}):  # fmt: skip
+        with pytest.raises(ValueError):
+            alerts.parse_expectations(bad)

@@ -87,7 +87,7 @@ def test_smoke_over_ssh(project: Project, box: Box) -> None:
     changed = {k for k in ALL_STEPS if third[k]["started"] != first[k]["started"]}
     assert changed == AFTER_STATS
     log = (box.home / WORK / "tinyproj" / "logs" / "smoke_ae.log").read_text()
-    assert "Resuming from checkpoint at step 10" in log
+    assert "Resumed from step 10" in log
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ checkpoint directory's own rule (the disk will not hold the next `checkpoints_ah
 checkpoints) lives in provision/monitor/checkpoint_disk.py.
 
 Full fine-tuning of the waypoint VLM runs at 91-93 GB of 97.9 (93-95 %) by design (seed 003):
-its playbook should raise `gpu_memory_pct`.
+its playbook raises `gpu_memory_pct` for that training (`training_expect`). `expectation_alerts`
+warns when a training is off the figures it was validated with (s/step, GPU memory, the loss at
+given steps: `parse_expectations`).
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def parse_expectations(raw: Any) -> dict[str, Any]:
     DEFAULT_THRESHOLDS for this training). Raises ValueError naming the bad key.
     """
     if raw is None:
-        return {}
+        raw = {}
     if not isinstance(raw, dict):
         raise ValueError(f"expected a mapping, got {raw!r}")
     unknown = set(raw) - {"s_per_step", "gpu_memory_gb", "loss_at", "alert_thresholds"}
