@@ -172,6 +172,7 @@ class FakeVast:
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, json body)
         self.violations: list[str] = []
         self.rate_limited = 0  # the next N create calls answer 429
+        self.taken: set[int] = set()  # offers someone else rents between search and create
         self._ids = iter(range(7_000_001, 8_000_000))
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -343,6 +344,10 @@ class FakeVast:
         if self.rate_limited:
             self.rate_limited -= 1
             return 429, {"detail": "API requests too frequent endpoint threshold=4.5"}
+        if offer_id in self.taken:
+            del self.offers[offer_id]
+            msg = f"error 410/3907: no_such_ask Instance type {offer_id} is no longer available."
+            return 410, {"success": False, "error": "no_such_ask", "msg": msg, "ask_id": offer_id}
         offer = self.offers.get(offer_id)
         if offer is None or offer_id in {i.offer.row["id"] for i in self.live()}:
             msg = f"error 404/3603: no_such_ask Instance type by id {offer_id} is not available."

@@ -54,7 +54,8 @@ SPEC_MISSING = (
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeVast]:
     """The fake API, held to the pinned spec when it is there (see test_fake_is_held_to_the_spec)."""
-    with FakeVast(tmp_path / "vast", spec_path()) as server:
+    # Keys reach a box a second after it runs, as on vast.ai (later there, at times).
+    with FakeVast(tmp_path / "vast", spec_path(), key_delay=1.0) as server:
         yield server
     assert server.violations == []
 
@@ -200,11 +201,15 @@ def test_budget_bid_and_bad_options_rent_nothing(
     assert fake.calls("PUT", "/api/v0/asks") == []
 
     # An interruptible rent sends its bid (without one vast.ai rents on demand: vast-cli#403).
+    # The cheapest offer is taken by someone else between the search and the create.
+    fake.add_offer(300, 30, dph_total=0.5, min_bid=0.1)
+    fake.taken.add(300)
     spot = cli(project, env, "rent", "num_gpus=2", "--interruptible", "--bid", "0.25", *args)
-    assert spot.returncode == 1, spot.stderr  # the only offer's box exits while loading
+    assert spot.returncode == 1, spot.stderr  # the only offer left: its box exits while loading
+    assert "offer 300 not rented" in spot.stderr and "no longer available" in spot.stderr
     assert fake.calls("POST", "/api/v0/bundles")[-1]["type"] == "bid"
-    (body,) = fake.calls("PUT", "/api/v0/asks")
-    assert body["price"] == 0.25
+    taken, body = fake.calls("PUT", "/api/v0/asks")
+    assert taken["price"] == body["price"] == 0.25
     assert fake.live() == []
     # What that box cost counts against the budget from now on.
     assert store(env)["ledger"][0]["dph"] == 0.25 and store(env)["ledger"][0]["ended"]
@@ -508,3 +513,52 @@ def test_fake_is_held_to_the_spec(tmp_path: Path) -> None:
         )  # fmt: skip
         assert answer.status_code == 599 and "request PUT /api/v0/asks/801" in fake.violations[0]
         assert len(fake.instances) == 1  # the refused request created nothing
+
+
+def test_instances_are_read_across_pages(fake: FakeVast) -> None:
+    """show_instances follows next_token (pages of 25): a 27th instance is not lost."""
+    from provision.rent.vast import Vast, parse_query
+
+    for n in range(27):
+        fake.add_offer(900 + n, 90 + n, behaviour="exits")
+    vast = Vast(fake.api_key, url=fake.url)
+    for offer in vast.search(parse_query("num_gpus=2")):
+        vast.create(
+            offer, image="i", disk_gb=2, label=f"bootstrap:p{offer.id}", onstart="", bid=None
+        )
+    listed = vast.instances()
+    assert len(listed) == 27 and len({i.id for i in listed}) == 27
+    assert len(fake.calls("GET", "/api/v1/instances")) == 2
+    for instance in listed:
+        vast.destroy(instance.id)
+    assert fake.live() == []
+
+
+def test_ctrl_c_while_renting_leaves_nothing_billing(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from project import wait_for
+
+    fake.created_s = 600.0  # stuck in `created`, as a box waiting for its image can be
+    fake.add_offer(1001, 101)
+    argv = [
+        sys.executable,
+        "-m",
+        "provision.cli",
+        "rent",
+        "num_gpus=2",
+        *rent_args(fake, client_key),
+    ]
+    rent = subprocess.Popen(
+        argv, env=env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: fake.instances, timeout=60, what="an instance created")
+    rent.send_signal(signal.SIGINT)
+    _out, err = rent.communicate(timeout=60)
+    assert rent.returncode == 1, err
+    assert "interrupted: the instance being rented was destroyed" in err.strip().splitlines()[-1]
+    assert fake.live() == [] and store(env)["ledger"][0]["ended"]

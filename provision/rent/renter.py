@@ -26,7 +26,7 @@ from typing import Any
 
 from provision.errors import ProvisionError, TargetError
 from provision.rent import fitness, store
-from provision.rent.vast import Instance, Offer, Vast, VastError, parse_query
+from provision.rent.vast import Instance, Offer, Vast, VastAuthError, VastError, parse_query
 
 LABEL_PREFIX = "bootstrap:"
 DEFAULT_IMAGE = "vastai/base-image:@vastai-automatic-tag"  # the spec's default (createInstance)
@@ -137,10 +137,16 @@ def rent(vast: Vast, req: Request, say: Say) -> list[store.Rented]:
             b.machine_id == offer.machine_id for b in boxes
         ):
             continue
-        _check_budget(req, offer)
+        got = ", ".join(b.name for b in boxes) or "none"
+        _check_budget(req, offer, got)
         tried += 1
         name = _name(req, len(boxes))
-        box = _try_offer(vast, req, offer, name, say)
+        try:
+            box = _try_offer(vast, req, offer, name, say)
+        except KeyboardInterrupt:
+            raise RentError(
+                f"interrupted: the instance being rented was destroyed; kept: {got}"
+            ) from None
         if box is not None:
             boxes.append(box)
     if len(boxes) < req.count:
@@ -157,7 +163,7 @@ def _name(req: Request, index: int) -> str | None:
     return req.label if req.count == 1 else f"{req.label}-{index + 1}"
 
 
-def _check_budget(req: Request, offer: Offer) -> None:
+def _check_budget(req: Request, offer: Offer, kept: str) -> None:
     if req.budget is None:
         return
     spent = store.spent()
@@ -165,7 +171,7 @@ def _check_budget(req: Request, offer: Offer) -> None:
     if spent + price > req.budget:
         raise RentError(
             f"budget: ${spent:.2f} spent of ${req.budget:.2f}; another box at ${price:.3f}/h would "
-            "pass it within the hour: not renting"
+            f"pass it within the hour: not renting (kept: {kept})"
         )
 
 
@@ -178,9 +184,17 @@ def _try_offer(
         f"renting offer {offer.id} (machine {offer.machine_id}, {offer.num_gpus}× {offer.gpu_name}, {price})"
     )
     label = LABEL_PREFIX + (name or "")
-    instance_id = vast.create(
-        offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART, bid=req.bid
-    )
+    try:
+        instance_id = vast.create(
+            offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART, bid=req.bid
+        )
+    except VastError as exc:
+        # Taken by someone else between the search and the create (404/410 no_such_ask), or
+        # its price changed (400): nothing was rented; the next offer is tried.
+        if getattr(exc, "status", None) not in (400, 404, 410) or isinstance(exc, VastAuthError):
+            raise
+        say(f"  offer {offer.id} not rented: {exc}")
+        return None
     name = name or f"vast-{instance_id}"
     store.open_ledger(instance_id, name, req.bid if req.bid is not None else offer.dph)
     try:
