@@ -245,6 +245,12 @@ class FakeVast:
     # ------------------------------------------------------------------ HTTP
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/blob.json":  # as PyPI's JSON API lists a release's files
+            files = {"urls": [{"url": f"{self.url}/blob", "size": len(self.blob)},
+                              {"url": f"{self.url}/nothing", "size": 10}]}  # fmt: skip
+            return Response(json.dumps(files), content_type="application/json")(
+                environ, start_response
+            )
         if environ["PATH_INFO"] == "/blob":  # the download-speed probe's object, not the API
             return Response(self.blob, content_type="application/octet-stream")(
                 environ, start_response

@@ -67,7 +67,8 @@ def env(controller_env: dict[str, str], fake: FakeVast, tmp_path: Path) -> dict[
     home.mkdir()
     return dict(
         controller_env, VAST_URL=fake.url, VAST_API_KEY=fake.api_key, HOME=str(home),
-        BOOTSTRAP_SPEED_URLS=f"{fake.url}/blob",  # never the real pypi.org and GCS from here
+        # never the real pypi.org and GCS from here; the JSON one is followed to its largest file
+        BOOTSTRAP_SPEED_URLS=f"{fake.url}/blob.json {fake.url}/blob",
     )  # fmt: skip
 
 
@@ -119,6 +120,7 @@ def test_up_rent_runs_the_playbook_then_down_from_another_controller(
     assert instance.box is not None and (instance.box.home / ".no_auto_tmux").exists()
     assert Path(f"{client_key}.pub").read_text().strip() in instance.keys
     assert "ok   gpu health" in result.stderr and "FAIL" not in result.stderr
+    assert result.stderr.count("ok   download 127.0.0.1") == 2
     checked = re.search(r"fitness checked in ([\d.]+)s", result.stderr)
     assert checked and float(checked.group(1)) < 60  # within the box's first minute
     assert (instance.box.home / "ckpt" / "step_100").exists()

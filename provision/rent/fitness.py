@@ -18,30 +18,39 @@ from typing import Any
 from provision.rent.vast import Offer
 
 # What the first steps of every runbook download from: the package index (uv sync, pip) and
-# GCS (checkpoints, datasets). A range of a large public object; the probe reads a few seconds.
+# GCS (checkpoints, datasets). Both are large files read for a few seconds: PyPI's JSON for torch
+# is followed to its largest wheel (hundreds of MB), and Landsat's public index on GCS is as big.
+# A small page would measure TLS set-up, not bandwidth.
 SPEED_URLS = (
-    "https://pypi.org/simple/torch/",
+    "https://pypi.org/pypi/torch/json",
     "https://storage.googleapis.com/gcp-public-data-landsat/index.csv.gz",
 )
 SPEED_URLS_ENV = "BOOTSTRAP_SPEED_URLS"  # space-separated: probe these instead (a local mirror)
 PROBE_SECONDS = 4.0
-PROBE_BYTES = 64 * 1024 * 1024
+PROBE_BYTES = 256 * 1024 * 1024
 
-# Runs on the box (stdlib python3 only): reads each URL for at most `s` seconds or `n` bytes.
+# Runs on the box (stdlib python3 only). For each URL: a JSON answer listing files (`urls`, as
+# PyPI's JSON API does) is followed to its largest file; the body is then read for at most `s`
+# seconds or `n` bytes, timed from its first byte (connection and TLS set-up left out).
 _PROBE = r"""
 import json,sys,time,urllib.request
 a=json.load(sys.stdin);out=[]
+def get(u):
+    return urllib.request.urlopen(urllib.request.Request(u,headers={"User-Agent":"bootstrap-probe"}),timeout=10)
 for u in a["urls"]:
-    t=time.monotonic();n=0;err=""
+    n=0;err="";t=time.monotonic();e=t;f=u
     try:
-        r=urllib.request.urlopen(urllib.request.Request(u,headers={"User-Agent":"bootstrap-probe"}),timeout=10)
-        while n<a["n"] and time.monotonic()-t<a["s"]:
-            b=r.read(262144)
-            if not b:break
-            n+=len(b)
-    except Exception as e:
-        err="%s: %s"%(type(e).__name__,e)
-    out.append({"url":u,"bytes":n,"seconds":max(time.monotonic()-t,1e-6),"error":err})
+        r=get(u)
+        if "json" in r.headers.get("Content-Type",""):
+            files=json.load(r).get("urls") or []
+            f=max(files,key=lambda x:x.get("size") or 0)["url"];r=get(f)
+        b=r.read(65536);t=time.monotonic()
+        while b and n<a["n"] and time.monotonic()-t<a["s"]:
+            n+=len(b);b=r.read(262144)
+        e=time.monotonic()
+    except Exception as x:
+        err="%s: %s"%(type(x).__name__,x);e=time.monotonic()
+    out.append({"url":u,"file":f,"bytes":n,"seconds":max(e-t,1e-6),"error":err})
 print(json.dumps(out))
 """
 
