@@ -5,6 +5,10 @@
   (wants av >= 14.2.0, as lerobot 0cf8648's pyproject.toml:65 does), av 17.0.0 as a wheel (what
   upstream's uv.lock pins: no ffmpeg build, no override needed), and `openpi-src`, whose `.pth` puts the checkout's `src/` on the venv's path as
   uv's editable install of openpi does.
+  Its `lerobot.common.datasets.lerobot_dataset.LeRobotDataset` reads a local v2.1 dataset's
+  meta the way lerobot 0cf8648 does (`episodes=` loads those episodes; `episode_data_index`
+  is positional over them, lerobot/common/datasets/utils.py:455-466, and `_get_query_indices`
+  indexes it by episode index, lerobot_dataset.py:665-667).
 - `build_repo`: openpi as a bare git repository on `main`: pyproject and uv.lock, and under
   `src/openpi/` the modules the rendered pi05_custom config and the playbook's checks import,
   with openpi's names and signatures (dataclasses reject unknown fields, as the real ones do):
@@ -13,7 +17,9 @@
   `training/optimizer.py`, `training/weight_loaders.py`, `transforms.py`, `shared/normalize.py`.
   `scripts/train.py` does what openpi's does before its first step — resolve the config, refuse
   an existing checkpoint dir without --resume, find the LeRobot dataset under HF_LEROBOT_HOME,
-  load the norm stats and the weights — then prints the JAX trainer's log lines
+  load the norm stats and the weights, build the dataset as openpi's `create_torch_dataset`
+  does (training/data_loader.py:140-146 at 15a9616: no `episodes`) and query each episode's
+  first frame (an IndexError where lerobot's indexing goes wrong) — then prints the JAX trainer's log lines
   (provision/data/fake_trainer.py --mode jax). It records its environment in logs/jax_env.json.
 - `write_drive`: the LeRobot v2.1 dataset of seed 004 (34 episodes, 31/3 split) on the "drive";
   the checkpoint objects come from `gcs_emulator.pi05_like`.
@@ -40,7 +46,18 @@ def build_wheels(dest: Path, src: Path) -> Path:
     build_wheel(dest, "jax", "0.5.3")
     numpy = b'__version__ = "1.26.4"\n\n\ndef asarray(a):\n    return a\n'
     build_wheel(dest, "numpy", "1.26.4", files={"numpy/__init__.py": numpy})
-    build_wheel(dest, "lerobot", "0.1.0", requires=("av>=14.2.0",))
+    datasets = "lerobot/common/datasets"
+    build_wheel(
+        dest,
+        "lerobot",
+        "0.1.0",
+        requires=("av>=14.2.0",),
+        files={
+            "lerobot/common/__init__.py": b"",
+            f"{datasets}/__init__.py": b"",
+            f"{datasets}/lerobot_dataset.py": LEROBOT_DATASET.encode(),
+        },
+    )
     build_wheel(dest, "av", "17.0.0")
     build_wheel(dest, "openpi_src", "0.1.0", files={"openpi_src.pth": f"{src}\n".encode()})
     return dest
@@ -76,6 +93,40 @@ def write_drive(root: Path) -> Path:
     write_preset(dest, "lerobot")
     return dest
 
+
+LEROBOT_DATASET = r'''"""Stand-in for lerobot 0cf8648's LeRobotDataset: metadata and indexing, no frames."""
+import json
+import os
+import pathlib
+
+
+class LeRobotDataset:
+    def __init__(self, repo_id, root=None, episodes=None, delta_timestamps=None, **kwargs):
+        home = pathlib.Path(os.environ.get("HF_LEROBOT_HOME", "~/.cache/huggingface/lerobot"))
+        self.repo_id = repo_id
+        self.root = pathlib.Path(root) if root else home.expanduser() / repo_id
+        lines = (self.root / "meta" / "episodes.jsonl").read_text().splitlines()
+        self.meta_episodes = {e["episode_index"]: e for e in map(json.loads, filter(None, lines))}
+        self.episodes = episodes
+        chosen = episodes if episodes is not None else sorted(self.meta_episodes)
+        ends, total = [], 0
+        for ep in chosen:  # utils.get_episode_data_index: positional over `episodes`
+            total += self.meta_episodes[ep]["length"]
+            ends.append(total)
+        self.episode_data_index = {"from": [0] + ends[:-1], "to": ends}
+        self.loaded = chosen
+
+    @property
+    def num_episodes(self):
+        return len(self.loaded)
+
+    def _get_query_indices(self, idx, ep_idx):
+        # lerobot_dataset.py:666-667: indexed by the episode index, not its position.
+        count = len(self.episode_data_index["from"])
+        if not 0 <= ep_idx < count:
+            raise IndexError(f"index {ep_idx} is out of bounds for dimension 0 with size {count}")
+        return self.episode_data_index["from"][ep_idx], self.episode_data_index["to"][ep_idx]
+'''
 
 PYPROJECT = """\
 [project]
@@ -404,6 +455,13 @@ import sys
 from openpi.training import config as _config
 
 
+def create_torch_dataset(data_config):
+    """openpi's data_loader.create_torch_dataset (15a9616 lines 140-146): no `episodes`."""
+    from lerobot.common.datasets import lerobot_dataset
+
+    return lerobot_dataset.LeRobotDataset(data_config.repo_id, delta_timestamps={})
+
+
 def fail(error):
     print("Traceback (most recent call last):", file=sys.stderr)
     print(error, file=sys.stderr, flush=True)
@@ -436,6 +494,11 @@ def main(config):
              "`scripts/compute_norm_stats.py --config-name=<your-config>`.")
     if "actions" not in data_config.norm_stats:
         print("norm stats have no 'actions': training unnormalised")
+    dataset = create_torch_dataset(data_config)
+    ranges = dict(zip(dataset.loaded, zip(dataset.episode_data_index["from"], dataset.episode_data_index["to"])))
+    for ep in dataset.loaded:  # each episode's first frame, as __getitem__ queries it
+        if dataset._get_query_indices(ranges[ep][0], ep) != ranges[ep]:
+            fail(f"AssertionError: episode {ep}'s frames come from another episode")
     weights = pathlib.Path(config.weight_loader.params_path)
     if not (weights / "commit_success.txt").is_file():
         fail(f"FileNotFoundError: No checkpoint found at {weights}")
@@ -444,7 +507,8 @@ def main(config):
         "CUDA_VISIBLE_DEVICES", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS")}
     env.update(key=bool(os.environ.get("WANDB_API_KEY")), venv=sys.prefix, argv=sys.argv[1:],
                batch_size=config.batch_size, action_sequence_keys=list(data_config.action_sequence_keys),
-               repack=dict(data_config.repack_transforms.inputs[0].structure))
+               repack=dict(data_config.repack_transforms.inputs[0].structure),
+               episodes=dataset.loaded)
     pathlib.Path("logs").mkdir(exist_ok=True)
     pathlib.Path("logs/jax_env.json").write_text(json.dumps(env, indent=1))
     mode = os.environ.get("WANDB_MODE", "online") if config.wandb_enabled else "disabled"

@@ -48,6 +48,10 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
     uv = uv_package.find_uv_bin()
     origin = build_repo(srv, wheels, uv)
     drive = write_drive(srv / "drive")
+    # Seed 004's split: single-episode tasks are the test set, wherever they are in the dataset.
+    test = [2, 17, 30]
+    train = [i for i in range(34) if i not in test]
+    (drive / "split_info.json").write_text(json.dumps({"train": train, "test": test}))
     # What a GPU box's image sets up: nvidia-smi on PATH (one 24 GB RTX 4090), uv installed.
     (home / ".bashrc").write_text(f'export PATH="{FAKES}:$PATH" FAKE_NVIDIA_SMI=small\n')
     (home / ".bootstrap" / "bin").mkdir(parents=True)
@@ -139,6 +143,11 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["WANDB_MODE"] == "offline" and env["key"]
     assert env["venv"] == str(repo / ".venv")
     assert env["action_sequence_keys"] == ["action"]
+    # Training reads the 31 episodes the norm stats come from, each frame from its own episode
+    # (openpi's loader alone would read all 34; lerobot's indexing alone would misplace them).
+    assert env["episodes"] == train
+    checked = project.cli("logs", "box1", "config-check", "-p", PLAYBOOK).stdout
+    assert f"training reads 31 episodes of {REPO_ID}" in checked
     assert env["repack"]["actions"] == "action"
     log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
     assert "Step 0: grad_norm=" in log
