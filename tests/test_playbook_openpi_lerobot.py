@@ -160,3 +160,45 @@ def test_openpi_lerobot_over_ssh(tmp_path: Path, project: Project, box: Box) -> 
     assert env["argv"][-1] == "--resume"
     log = (repo / "logs" / "pi05_custom_my_experiment.log").read_text()
     assert "Restoring checkpoint from step 1000" in log and "Step 1000: grad_norm=" in log
+
+
+TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
+
+
+def _jax_log(tmp_path: Path, wandb: str, *args: str) -> Path:
+    """What openpi's scripts/train.py logs (the stand-in, upstream 15a9616's order)."""
+    log = tmp_path / f"train-{wandb}.log"
+    done = subprocess.run(
+        [sys.executable, str(TRAINER), "pi05_custom", "--exp_name", "my_experiment", "--wandb",
+         wandb, "--total", "10000", "--steps", "3", "--step-sleep", "0", "--startup-sleep", "0",
+         *args],
+        cwd=tmp_path, env={"WANDB_API_KEY": WANDB_KEY, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True,
+    )  # fmt: skip
+    log.write_text(done.stdout)  # one stream, as `2>&1 | tee` keeps it
+    return log
+
+
+def _diagnose(log: Path, wandb: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "provision.cli", "diagnose", str(log), "-p", PLAYBOOK, "--step",
+         "train-started", "-e", f"wandb_mode={wandb}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("wandb", ["online", "offline", "disabled"])
+def test_train_logs_pass_diagnose_fresh_and_resumed(tmp_path: Path, wandb: str) -> None:
+    for args in ((), ("--resume", "--start-step", "1000")):
+        found = _diagnose(_jax_log(tmp_path, wandb, *args), wandb)
+        assert found.returncode == 0, found.stdout + found.stderr
+
+
+def test_a_nan_or_a_high_first_loss_fails_naming_the_step(tmp_path: Path) -> None:
+    nan = _diagnose(_jax_log(tmp_path, "offline", "--fail", "nan"), "offline")
+    assert nan.returncode == 1 and "marker `first step`" in nan.stdout.splitlines()[0]
+    log = _jax_log(tmp_path, "offline")
+    log.write_text(log.read_text().replace("Step 0: grad_norm", "Step 0: x=1, grad_norm").replace(
+        ", loss=0.1", ", loss=2.1", 1))  # fmt: skip
+    high = _diagnose(log, "offline")
+    assert high.returncode == 1 and "outside [0.1, 0.2]" in high.stdout.splitlines()[0]
