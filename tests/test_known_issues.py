@@ -52,6 +52,9 @@ def test_runbook_section_d_is_covered() -> None:
         "timed out after 300s waiting for marker 6 `\\[AE\\] step=0/(\\d+)` in logs/ae.log": (
             "first-step-slow"
         ),
+        "timed out after 900s waiting for marker `first AE step` in /w/logs/ae.log": (
+            "first-step-slow"
+        ),
         "ValueError: transformers_replace is not installed correctly.": "transformers-patch",
         "ValueError: Normalization stats not found.": "norm-stats-missing",
     }

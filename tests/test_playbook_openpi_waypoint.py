@@ -585,3 +585,53 @@ def _no_secret_leaked(box: Box) -> None:
             data = path.read_bytes()
             assert TOKEN.encode() not in data, path
             assert WANDB_KEY.encode() not in data, path
+
+
+def _run_step_script(
+    step: dict[str, Any], cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """A shell step's resolved `run` script, run by bash as the agent runs it."""
+    return subprocess.run(
+        ["bash", "-c", step["params"]["run"]], cwd=cwd, capture_output=True, text=True,
+        env={**env, **step["env"]}, check=False,
+    )  # fmt: skip
+
+
+def test_rclone_remote_verifies_the_config_without_rclone(tmp_path: Path) -> None:
+    conf = tmp_path / "rclone.conf"
+    step = _plan(rclone_config=str(conf))["rclone-remote"]
+    tools = tmp_path / "bin"  # the shell and grep, no rclone (this machine has one on PATH)
+    tools.mkdir()
+    for tool in ("bash", "grep"):
+        (tools / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    env = {"PATH": str(tools), "HOME": str(tmp_path)}
+    missing = _run_step_script(step, tmp_path, env)
+    assert missing.returncode == 1 and "defines no [gg1] remote" in missing.stdout
+    conf.write_text("[gg1]\ntype = drive\nscope = drive\n")
+    tokenless = _run_step_script(step, tmp_path, env)
+    assert tokenless.returncode == 1 and "has no token" in tokenless.stdout
+    conf.write_text('[gg1]\ntype = drive\nscope = drive\ntoken = {"access_token":"x"}\n')
+    ready = _run_step_script(step, tmp_path, env)
+    assert ready.returncode == 0 and "[gg1] is configured" in ready.stdout
+
+
+@pytest.mark.parametrize(("version", "cuda", "ok"), [
+    ("2.7.1+cu128", "12.8", True), ("2.7.1+cu126", "12.6", False), ("2.6.0+cu128", "12.8", False),
+    ("2.7.1+cpu", None, False),
+])  # fmt: skip
+def test_torch_cuda_wants_a_cu128_build(
+    tmp_path: Path, version: str, cuda: str | None, ok: bool
+) -> None:
+    torch = tmp_path / "site" / "torch"
+    torch.mkdir(parents=True)
+    (torch / "__init__.py").write_text(f"__version__ = {version!r}\nfrom torch import version\n")
+    (torch / "version.py").write_text(f"cuda = {cuda!r}\n")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    step = _plan()["torch-cuda"]
+    done = _run_step_script(
+        step, tmp_path, {"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path / "site")}
+    )
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    if not ok:
+        assert "wanted" in done.stderr

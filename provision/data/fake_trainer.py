@@ -357,7 +357,7 @@ class Waypoint:
             return 0
         if self.args.start_step is not None:
             _log(f"Resumed from step {self.args.start_step}", f"{_SCRIPT}:105")
-            return self.args.start_step
+            return int(self.args.start_step)
         steps = [int(d.name) for d in self._ckpt_entries() if d.is_dir() and d.name.isdigit()]
         if not steps:
             return 0

@@ -266,11 +266,12 @@ def expectation_alerts(snapshot: dict[str, Any], expect: dict[str, Any]) -> list
     history = training.get("history") or []
     for step, bounds in sorted((expect.get("loss_at") or {}).items()):
         later = [(int(s), as_float(loss)) for s, loss, _ in history if int(s) >= step]
-        if later and later[0][1] is not None:
-            at, loss = later[0]
-            out += _outside(
-                "loss_expected", f"loss@{at}", loss, bounds, f"loss {{:.4g}} at step {at}"
-            )
+        if not later:
+            continue
+        at, loss = later[0]
+        if loss is not None:
+            text = f"loss {{:.4g}} at step {at}"
+            out += _outside("loss_expected", f"loss@{at}", loss, bounds, text)
     return out
 
 

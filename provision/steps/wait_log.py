@@ -336,9 +336,7 @@ class Tracker:
         self.values.update(captured)
         for group, (low, high) in alt.ranges.items():
             value = captured.get(group)
-            ok = isinstance(value, float) and not math.isnan(value)
-            ok = ok and (low is None or value >= low) and (high is None or value <= high)
-            if not ok:
+            if not _within(value, low, high):
                 bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
                 self.fail(
                     f"{group}={value} at marker `{self.every[j].name}` is outside "
@@ -682,6 +680,13 @@ class _Watch:
     def close(self) -> None:
         """Close the followed file."""
         self.follower.close()
+
+
+def _within(value: Any, low: float | None, high: float | None) -> bool:
+    """A captured number inside [low, high] (None: unbounded); NaN and text never are."""
+    if not isinstance(value, float) or math.isnan(value):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
 
 
 def _number(text: str) -> Any:
