@@ -157,3 +157,10 @@ def test_monitor_warns_when_the_box_disk_will_not_hold_the_next_checkpoints(
     text = project.cli("monitor", "box1", "-p", "playbooks/test.yaml").stdout
     assert "checkpoints " in text and "complete checkpoint(s) (0.0 GB each, one every" in text
     assert "WARNING: " in text and "more checkpoint(s) of 0.0 GB" in text
+
+
+def test_only_the_newest_checkpoints_are_walked(tmp_path: Path) -> None:
+    directory = write_run(tmp_path, 8)
+    count, walked = checkpoint_disk.measure(str(directory))
+    assert count == 8 and [c.step for c in walked] == [6, 8, 10, 12, 14, 16]
+    assert checkpoint_disk.forecast(str(directory)).complete == 8

@@ -50,18 +50,26 @@ class Measured:
     mtime: float
 
 
-def measure(directory: str, step: str | None = None, complete: str | None = None) -> list[Measured]:
-    """The complete checkpoints under `directory` with their sizes, oldest step first ([] when
-    it does not exist). `step` and `complete` as in the `checkpoints:` spec."""
+def measure(
+    directory: str,
+    step: str | None = None,
+    complete: str | None = None,
+    newest: int = INTERVAL_WINDOW,
+) -> tuple[int, list[Measured]]:
+    """How many complete checkpoints `directory` holds, and the newest `newest` of them (by
+    step, oldest first) with their sizes: only those are walked, so a run that keeps hundreds
+    of many-file orbax checkpoints costs a `monitor --watch` no more than one that keeps a few.
+    `step` and `complete` as in the `checkpoints:` spec; (0, []) when it does not exist."""
     spec = CheckpointSpec(dir=directory, step=step or CheckpointSpec.step, complete=complete)
+    listed = local.complete(Path(os.path.expanduser(directory)), spec)
     found = []
-    for checkpoint in local.complete(Path(os.path.expanduser(directory)), spec):
+    for checkpoint in listed[-newest:]:
         try:
-            size, newest = _tree(str(checkpoint.path))
+            size, written = _tree(str(checkpoint.path))
         except OSError:
             continue  # deleted while we look (a keep policy pruning it)
-        found.append(Measured(checkpoint.name, checkpoint.step, size, newest))
-    return found
+        found.append(Measured(checkpoint.name, checkpoint.step, size, written))
+    return len(listed), found
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,6 @@ class Forecast:
 
     dir: str
     complete: int
-    on_disk_gb: float
     size_gb: float | None
     size_measured: bool
     interval_s: float | None
@@ -115,7 +122,8 @@ def forecast(
 ) -> Forecast:
     """Measure `directory` and forecast its disk for the next `ahead` checkpoints (see the
     module doc). `size_gb` is the declared size, used until one checkpoint is complete."""
-    done = sorted(measure(directory, step, complete), key=lambda c: c.mtime)
+    count, measured_ones = measure(directory, step, complete)
+    done = sorted(measured_ones, key=lambda c: c.mtime)
     measured = max((c.bytes for c in done[-SIZE_WINDOW:]), default=0)
     size = measured if measured else (size_gb * GB if size_gb else None)
     times = [c.mtime for c in done[-INTERVAL_WINDOW:]]
@@ -124,15 +132,14 @@ def forecast(
     free = host.disk(directory)["free_gb"] * GB
     need = fits = full_in = None
     if size:
-        count = ahead if keep is None else min(ahead, max(1, keep + 1 - len(done)))
-        need = count * size
+        coming = ahead if keep is None else min(ahead, max(1, keep + 1 - count))
+        need = coming * size
         fits = max(0, math.floor(free / size))
         if keep is None and interval and done:
             full_in = max(0.0, (fits + 1) * interval - (time.time() - done[-1].mtime))
     return Forecast(
         dir=directory,
-        complete=len(done),
-        on_disk_gb=sum(c.bytes for c in done) / GB,
+        complete=count,
         size_gb=size / GB if size else None,
         size_measured=bool(measured),
         interval_s=interval,

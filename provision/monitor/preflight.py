@@ -216,15 +216,14 @@ def _disk_rows(p: dict[str, Any]) -> list[Row]:
 def _checkpoint_need(p: dict[str, Any]) -> tuple[float, str]:
     """GB the checkpoints need on their disk, and how that was reckoned (module doc)."""
     declared = float(p["checkpoint_gb"])
-    found = checkpoint_disk.measure(p["checkpoint_dir"])
-    newest = sorted(found, key=lambda c: c.mtime)[-checkpoint_disk.SIZE_WINDOW :]
-    measured = max((c.bytes for c in newest), default=0) / checkpoint_disk.GB
+    there, found = checkpoint_disk.measure(p["checkpoint_dir"], newest=checkpoint_disk.SIZE_WINDOW)
+    measured = max((c.bytes for c in found), default=0) / checkpoint_disk.GB
     size = max(declared, measured)
     each = f"{size:.3g} measured" if measured > declared else f"{declared:g}"
     keep = p["checkpoint_keep"]
     if keep:
-        count = keep + 1 - min(len(found), keep)
-        why = f"keep {keep} + 1 being written" + (f", {len(found)} there" if found else "")
+        count = keep + 1 - min(there, keep)
+        why = f"keep {keep} + 1 being written" + (f", {there} there" if there else "")
     else:
         count, why = int(p["checkpoints"]), ""
     margin = float(p["checkpoint_margin"] or 0.0)
