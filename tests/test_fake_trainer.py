@@ -17,15 +17,16 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     # In a directory of its own: init_wandb writes checkpoints/<run>/wandb_run_id.txt there.
-    return subprocess.run(
-        [python, str(TRAINER), "--step-sleep", "0", "--startup-sleep", "0", *args],
-        cwd=tempfile.mkdtemp(prefix="fake-trainer-"),
-        env={**base, "HOME": "/nonexistent", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="fake-trainer-") as cwd:
+        return subprocess.run(
+            [python, str(TRAINER), "--step-sleep", "0", "--startup-sleep", "0", *args],
+            cwd=cwd,
+            env={**base, "HOME": "/nonexistent", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+        )
 
 
 def losses(text: str) -> list[float]:

@@ -118,6 +118,7 @@ def test_seed_figures_and_paths_are_the_defaults() -> None:
     vlm_progress = json.dumps(params["train-vlm-started"]["progress"])
     assert "step=0/30000" in vlm_progress and "[11.0, 12.0]" in vlm_progress
     assert steps["torch-cuda"]["env"] == {"WANT_TORCH": "2.7", "WANT_CUDA": "12.8"}
+    assert params["train-vlm"]["watch"] == {"thresholds": {"gpu_memory_pct": 98}}
     ae = yaml.safe_load(params["ae-config"]["_content"])
     vlm = yaml.safe_load(params["vlm-config"]["_content"])
     assert (ae["batch_size"], ae["num_train_steps"], vlm["batch_size"], vlm["num_train_steps"]) == (
