@@ -46,7 +46,9 @@ Each process is one rank (RANK from torchrun); lines use the scripts' `init_logg
 `wandb_enabled: false` in the config); online without WANDB_API_KEY (or a netrc entry) it fails
 as wandb does. `--fail oom|nan` emits a CUDA (or XLA) out-of-memory traceback and exits 1, or
 logs NaN losses, at step `--fail-at`. `--start-step` overrides the step a `--resume` starts at.
-`--require-venv` fails like the real script run by a system interpreter. `--hold` keeps the
+`--require-venv` fails like the real script run by a system interpreter. Two departures, for
+tests: without a config (or `--log-interval`) it logs every step (the code's default is 50),
+and losses follow the seeds' curves instead of a model. `--hold` keeps the
 process alive after the last step, like a long run. Standard library only.
 
     python fake_trainer.py --mode ae --config configs/waypoint_ae_libero.yaml --steps 5
