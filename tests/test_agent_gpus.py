@@ -149,3 +149,16 @@ def test_a_failed_launch_gives_its_lease_back(tmp_path: Path) -> None:
         assert [x.session for x in book.live()] == ["ae"]  # held while it starts
         raise StepFailed("the launch script exited with status 1 before the job")
     assert book.live() == [] and json.loads(book.path.read_text())["leases"] == []
+
+
+def test_stale_leases_are_dropped_from_the_file(tmp_path: Path) -> None:
+    book = GpuLeases(tmp_path)
+    job = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    with book.claim(("0",), run="r", step="s", session="ae", socket=None) as claim:
+        claim.grant("abc123", tmp_path / "job.pid", "p")
+        claim.started(job.pid)
+    job.kill()
+    job.wait()
+    assert len(json.loads(book.path.read_text())["leases"]) == 1  # recorded, but dead
+    assert book.live() == []
+    assert json.loads(book.path.read_text())["leases"] == []  # the next look costs nothing

@@ -177,7 +177,8 @@ def test_relaunch_kills_the_old_job_and_resumes(tmp_path: Path, socket: str, job
     first_launch = json.loads((ctx.workdir / "launch.json").read_text())
     assert not first_launch["resumed"] and "--resume" not in first_launch["command"]
     log = job_dir / "logs" / "train.log"
-    wait_markers(tmp_path, log, [r"\[AE\] step=1/"])
+    # Its last checkpoint written (the step line comes before the save it triggers).
+    wait_markers(tmp_path, log, [r"\[AE\] step=1/", "Saved checkpoint step 2 "])
     assert KIND.check(ctx).done
     KIND.run(ctx)  # what `rerun` does
     KIND.verify(ctx)

@@ -193,8 +193,27 @@ class GpuLeases:
 
     def live(self) -> list[Lease]:
         """The leases whose jobs still run (read without the lock: the file is replaced
-        atomically)."""
-        return [lease for lease in self._read() if lease.alive()]
+        atomically). Stale ones are dropped from the file when the lock is free, so each
+        costs its /proc scan once, not on every `status`."""
+        leases = self._read()
+        alive = [lease for lease in leases if lease.alive()]
+        if len(alive) < len(leases):
+            self._prune()
+        return alive
+
+    def _prune(self) -> None:
+        """Rewrite the file without stale leases, unless a launch holds the lock right now."""
+        try:
+            fd = os.open(str(self.lock_path), os.O_RDWR)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._write([lease for lease in self._read() if lease.alive()])
+        except (BlockingIOError, OSError):
+            return  # a launch is claiming (it writes the live ones), or the disk is full
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def claim(
