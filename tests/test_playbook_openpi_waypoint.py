@@ -32,7 +32,7 @@ from openpi_standin import (
     uv_offline_env,
     write_drive,
 )
-from project import Project
+from project import Project, wait_for
 
 from provision.errors import StepFailed
 from provision.formats.safetensors import read_header
@@ -436,7 +436,7 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
         "vlm_samples": sizes.wp_steps,
         "vlm_episodes": sizes.wp_episodes,
         "disk_gb": 0.1,
-        "train_checkpoints": 1,
+        "checkpoint_keep": 2,
         "checkpoint_gb": 0.1,
         "ram_gb": 0.5,
         "ae_batch_size": 4,
@@ -506,10 +506,14 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
     assert _rerun(before, _started(project)) == {"stats-ae", "train-ae", "train-ae-started"}
     ae_log = ws / "openpi/logs/waypoint_ae_libero.log"
     assert "Resumed from step 10" in ae_log.read_text()
-    ckpt = ws / "openpi/checkpoints/waypoint_ae_libero/10"
-    assert sorted(p.name for p in ckpt.iterdir()) == [
+    ckpts = ws / "openpi/checkpoints/waypoint_ae_libero"
+    newest = max((p for p in ckpts.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert int(newest.name) >= 10
+    assert sorted(p.name for p in newest.iterdir()) == [
         "metadata.pt", "model.safetensors", "optimizer.pt"
     ]  # fmt: skip
+    # keep: 2: the guard deletes the oldest complete checkpoints once the job writes more.
+    wait_for(lambda: len([p for p in ckpts.iterdir() if p.name.isdigit()]) <= 2, timeout=60)
     # The log checks offline as on the box (a copy from the box, as users would).
     copy = Path(project.root) / "ae.log"
     copy.write_text(ae_log.read_text())
