@@ -18,6 +18,7 @@ destroyed; `--budget` counts it all and stops renting before a box would pass th
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,9 +186,12 @@ def _try_offer(
     )
     label = LABEL_PREFIX + (name or "")
     try:
-        instance_id = vast.create(
-            offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART, bid=req.bid
-        )
+        instance_id, interrupted = _shielded(
+            lambda: vast.create(
+                offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART,
+                bid=req.bid,
+            )
+        )  # fmt: skip
     except VastError as exc:
         # Taken by someone else between the search and the create (404/410 no_such_ask), or
         # its price changed (400): nothing was rented; the next offer is tried.
@@ -196,8 +200,10 @@ def _try_offer(
         say(f"  offer {offer.id} not rented: {exc}")
         return None
     name = name or f"vast-{instance_id}"
-    store.open_ledger(instance_id, name, req.bid if req.bid is not None else offer.dph)
-    try:
+    try:  # from here on, whatever happens, this instance is destroyed unless it is kept
+        store.open_ledger(instance_id, name, req.bid if req.bid is not None else offer.dph)
+        if interrupted:
+            raise KeyboardInterrupt
         if label == LABEL_PREFIX:
             vast.label(instance_id, LABEL_PREFIX + name)
         vast.attach_key(instance_id, Path(f"{req.key}.pub").read_text().strip())
@@ -293,6 +299,30 @@ def _give_up(vast: Vast, instance_id: int, offer: Offer, why: str, say: Say) -> 
     _destroy(vast, instance_id)
     store.mark_bad(offer.machine_id, why, offer.gpu_name)
     say(f"  destroyed instance {instance_id}: {why}; machine {offer.machine_id} marked bad")
+
+
+def _shielded(create: Callable[[], int]) -> tuple[int, bool]:
+    """Run `create` to its end even through Ctrl-C (the instance may exist by then: it must
+    be known to be destroyed); returns its id and whether Ctrl-C came meanwhile."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["id"] = create()
+        except BaseException as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    interrupted = False
+    while worker.is_alive():
+        try:
+            worker.join(timeout=0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+    if "error" in result:
+        raise result["error"]
+    return int(result["id"]), interrupted
 
 
 def _destroy(vast: Vast, instance_id: int) -> None:
