@@ -1,0 +1,149 @@
+"""Checkpoint uploads beside training: what they cost the training, and how fast they go.
+
+1. **Training throughput with uploads vs without** (goal >= 0.97x): a CPU-bound stand-in
+   trainer (each step hashes 8 MiB with sha256: pure CPU) saves a checkpoint every
+   `--interval` steps the way openpi's fork does (`tmp_N/`, then renamed to `N/`; see
+   provision/data/fake_trainer.py). Timed alone, and with the real guard (provision/watch/
+   guard.py: niced, ionice idle) uploading each checkpoint to a local rclone remote; rounds
+   interleaved (alone, guarded, guarded, alone, ...) so the drift of this shared machine falls
+   on both. Baseline: the same trainer without a guard.
+2. **Upload throughput vs `rclone copy`**: the uploader's pass (rclone sync + rclone check +
+   listings + manifest entry) over `--count` checkpoints of `--size-mb` MiB, vs one plain
+   `rclone copy` of the same directories. Baseline: `rclone copy`.
+
+    python bench/checkpoints.py [--rounds 3] [--steps 120] [--size-mb 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from provision.checkpoints.remote import Remote  # noqa: E402
+from provision.checkpoints.spec import parse_checkpoints  # noqa: E402
+from provision.checkpoints.upload import Uploader  # noqa: E402
+from provision.watch import guard  # noqa: E402
+
+TRAINER = """
+import hashlib, os, sys, time
+steps, interval, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+block = os.urandom(8 << 20)
+start = time.perf_counter()
+for step in range(1, steps + 1):
+    hashlib.sha256(block).digest()
+    if step % interval == 0:
+        tmp = f"ck/tmp_{step}"
+        os.makedirs(tmp)
+        with open(f"{tmp}/model.safetensors", "wb") as fh:
+            fh.write(os.urandom(size))
+        open(f"{tmp}/metadata.pt", "w").write(str(step))
+        os.rename(tmp, f"ck/{step}")
+print(steps / (time.perf_counter() - start))
+"""
+
+
+def _spec(root: Path, conf: Path, bwlimit: str | None = None) -> dict:
+    raw = {"dir": "ck", "complete": "metadata.pt", "remote": f"store:{root}", "poll": 1,
+           "rclone_config": str(conf), "keep": 2}  # fmt: skip
+    if bwlimit:
+        raw["bwlimit"] = bwlimit
+    return raw
+
+
+def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> float:
+    """Steps/s of one training run in a fresh directory, with or without a guard."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "ck").mkdir(parents=True)
+    conf = work / "rclone.conf"
+    conf.write_text("[store]\ntype = local\n")
+    step_dir = work / "step"
+    step_dir.mkdir()
+    if guarded:
+        spec = parse_checkpoints(_spec(work / "remote", conf, args.bwlimit)).to_dict()
+        config = {"launch_id": "bench", "cwd": str(work), "checkpoints": spec, "log": ""}
+        guard.start(step_dir, config, dict(os.environ))
+    size = args.size_mb << 20
+    done = subprocess.run(
+        [sys.executable, "-c", TRAINER, str(args.steps), str(args.interval), str(size)],
+        cwd=work, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    if guarded:
+        guard.stop(step_dir)
+    return float(done.stdout.strip())
+
+
+def upload_compare(base: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(uploader MiB/s, rclone copy MiB/s) over the same checkpoints."""
+    work = base / "upload"
+    shutil.rmtree(work, ignore_errors=True)
+    for i in range(args.count):
+        ckpt = work / "ck" / str((i + 1) * 10)
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(os.urandom(args.size_mb << 20))
+        (ckpt / "metadata.pt").write_text(str(i))
+    conf = work / "rclone.conf"
+    conf.write_text("[store]\ntype = local\n")
+    total = args.count * args.size_mb
+    start = time.perf_counter()
+    subprocess.run(
+        ["rclone", "copy", str(work / "ck"), f"store:{work / 'plain'}", "--config", str(conf),
+         "--transfers", "4"],
+        check=True,
+    )  # fmt: skip
+    plain = total / (time.perf_counter() - start)
+    spec = parse_checkpoints(_spec(work / "remote", conf))
+    (work / "step").mkdir()
+    uploader = Uploader(spec, work, work / "step", Remote(spec, dict(os.environ)), lambda _: None)
+    start = time.perf_counter()
+    report = uploader.sync()
+    ours = total / (time.perf_counter() - start)
+    assert report.error is None and len(report.uploaded) == args.count, report
+    return ours, plain
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--interval", type=int, default=20)
+    parser.add_argument("--size-mb", type=int, default=64)
+    parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--bwlimit", default=None, help="rclone --bwlimit for the guard")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    try:
+        alone, guarded = [], []
+        for i in range(args.rounds):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for with_guard in order:
+                rate = train_once(base / "train", args, with_guard)
+                (guarded if with_guard else alone).append(rate)
+        a, g = statistics.median(alone), statistics.median(guarded)
+        print(f"load average: {os.getloadavg()[0]:.1f} (cores: {os.cpu_count()})")
+        print(
+            f"training alone:        {a:7.2f} steps/s (runs {', '.join(f'{r:.2f}' for r in alone)})"
+        )
+        print(
+            f"training with uploads: {g:7.2f} steps/s (runs {', '.join(f'{r:.2f}' for r in guarded)})"
+        )
+        print(f"ratio with/without: {g / a:.3f}x (goal >= 0.97x)")
+        ours, plain = upload_compare(base, args)
+        print(f"upload: uploader {ours:.1f} MiB/s, rclone copy {plain:.1f} MiB/s: "
+              f"{ours / plain:.2f}x rclone copy (sync + check + listings + manifest)")  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
