@@ -207,6 +207,8 @@ def _each_box(
 def _exit_for(finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> int:
     if errors:
         return 2
+    if any(snap.get("runner_error") for snap in finals.values()):
+        return 3  # a bug in bootstrap: the runner on the box crashed
     for snap in finals.values():
         for step in snap.get("steps", []):
             if step["status"] not in ("done", "skipped"):
@@ -243,6 +245,7 @@ def _run_up(
                 reset=reset,
                 detach=detach,
                 on_snapshot=view.update,
+                on_notice=lambda host, text: sys.stderr.write(f"{host}: {text}\n"),
             ),
             accept_new,
             auth_wait,
@@ -255,7 +258,18 @@ def _run_up(
         console.print_summary(out, {}, errors)
         return 2 if errors else 0
     console.print_summary(out, finals, errors)
+    _crashes(out, finals)
     return _exit_for(finals, errors)
+
+
+def _crashes(out: Any, snaps: dict[str, dict[str, Any]]) -> None:
+    """One line per box whose runner crashed, naming the log that holds the traceback, and
+    one per notice about the run itself (a damaged state kept aside)."""
+    for host, snap in snaps.items():
+        for notice in snap.get("notices") or []:
+            sys.stderr.write(f"warning: {host}: {notice}\n")
+        if snap.get("runner_error"):
+            out.error(f"{host}: {snap['runner_error']}")
 
 
 def _guard(fn: Any, *args: Any, **kwargs: Any) -> NoReturn:
@@ -380,6 +394,7 @@ def _status(
             console.print_status(out, ordered, verbose_tail=3)
         for message in errors.values():
             out.error(message)
+        _crashes(out, snaps)
         if not watch:
             return 2 if errors else _exit_for(snaps, {})
         time.sleep(interval)

@@ -286,13 +286,24 @@ def up(
     reset: dict[str, Any] | None = None,
     detach: bool = False,
     on_snapshot: Callable[[str, dict[str, Any]], None] | None = None,
+    on_notice: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Ship the plan, start (or attach to) the run, follow it; returns the final snapshot."""
+    """Ship the plan, start (or attach to) the run, follow it; returns the final snapshot.
+
+    `on_notice` gets what the box says about the run itself (e.g. that it waits for a run of
+    another plan to end); a refusal (that run with `detach`, a full disk) raises TargetError.
+    """
     payload = PlanPayload.of(plan, secrets=secrets, reset=reset)
     argv = ["up", "--detach"] if detach else ["up"]
     final: dict[str, Any] | None = None
     current: dict[str, Any] = {}
     for event in agent_stream(box, argv, payload):
+        if event.get("event") == "refused":
+            raise TargetError(f"{box.name}: {event.get('error')}")
+        if event.get("event") == "notice":
+            if on_notice is not None:
+                on_notice(box.name, str(event.get("message")))
+            continue
         # The box sends a snapshot, then only what changes (a 2,000-step run: kilobytes per
         # change, not the whole run each time).
         if event.get("event") == "changes" and current:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent import blobs, report
-from provision.agent.execute import exec_step, pyz_path, step_env
+from provision.agent.execute import EXIT_ERROR, exec_step, pyz_path, step_env
 from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
 from provision.agent.state import (
@@ -35,9 +36,10 @@ from provision.agent.state import (
     remove_stale_temps,
     runner_active,
     save_state,
+    set_aside_damaged,
+    write_atomic,
     write_secrets,
 )
-from provision.steps.base import write_json_atomic
 
 
 def _read_payload() -> dict[str, Any]:
@@ -54,30 +56,50 @@ def _read_payload() -> dict[str, Any]:
     return payload
 
 
-def _store_plan(run: RunDir, plan: dict[str, Any]) -> None:
-    text = json.dumps(plan, indent=1, sort_keys=True)
+def _plan_stored(run: RunDir, plan: dict[str, Any]) -> bool:
+    """Whether `plan.json` holds this very plan."""
     try:
-        if run.plan.read_text(encoding="utf-8") == text:
-            return
+        return run.plan.read_text(encoding="utf-8") == json.dumps(plan, indent=1, sort_keys=True)
     except OSError:
-        pass
-    write_json_atomic(run.plan, plan)
+        return False
+
+
+def _store_plan(run: RunDir, plan: dict[str, Any]) -> None:
+    if not _plan_stored(run, plan):
+        write_atomic(run.plan, plan)
+
+
+def _request(run: RunDir, reset: dict[str, Any] | None) -> Path | None:
+    """Queue a rerun request for the runner (or for the runner this `up` starts)."""
+    if not reset:
+        return None
+    request = run.requests / f"{time.time_ns()}.json"
+    data = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
+    write_atomic(request, data)
+    return request
+
+
+class Refused(Exception):
+    """`up` cannot go on (another plan's run in progress with --detach, a full disk)."""
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     payload = _read_payload()
     plan = payload["plan"]
     run = RunDir(plan["name"])
-    run.make()
-    _store_plan(run, plan)
-    _revive_guards(run, plan, payload.get("secrets") or {})
-    reset = payload.get("reset")
-    request = None
-    if reset:
-        request = run.requests / f"{time.time_ns()}.json"
-        data = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
-        write_json_atomic(request, data)
-    started = _start_or_attach(run, request, payload.get("secrets") or {})
+    try:
+        run.make()
+        _revive_guards(run, plan, payload.get("secrets") or {})
+        started = _start_or_attach(run, payload, args.detach)
+    except Refused as exc:
+        report.emit("refused", {"error": str(exc)})
+        return 0
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        error = f"the box's disk is full: cannot write under {run.path} ({exc.strerror})"
+        report.emit("refused", {"error": error})
+        return 0
     if args.detach:
         report.emit("final" if not started else "snapshot", report.snapshot(run))
         return 0
@@ -100,8 +122,13 @@ REQUEST_WAIT_S = 60.0
 LOCK_RETRY_S = 1.0
 
 
-def _start_or_attach(run: RunDir, request: Path | None, secrets: dict[str, str]) -> bool:
+def _start_or_attach(run: RunDir, payload: dict[str, Any], detach: bool) -> bool:
     """Start a runner unless one is running; True when this call started one.
+
+    A runner in progress with another plan (the playbook changed, other tags) is never given
+    the new one: this `up` waits for it to end, saying so, then starts the new plan; with
+    `detach` it is refused. So `plan.json` only changes with the lock held, and a run never
+    mixes two plans.
 
     The secrets file is written only with the lock held: a runner ending meanwhile removes it,
     and a running one has its values already.
@@ -112,22 +139,49 @@ def _start_or_attach(run: RunDir, request: Path | None, secrets: dict[str, str])
     file is gone) or the lock is ours; a plain `up` attaches to a live runner, and otherwise
     retries the lock for a moment.
     """
+    plan, secrets = payload["plan"], payload.get("secrets") or {}
+    request = _request(run, payload.get("reset")) if _plan_stored(run, plan) else None
     lock = RunLock(run)
     start = time.time()
+    announced = False
     while True:
         if lock.acquire():
             try:
+                if not _plan_stored(run, plan):
+                    _store_plan(run, plan)
+                    request = _request(run, payload.get("reset"))
                 if secrets:
                     write_secrets(run, secrets)
                 return _start_unless_done(run, lock)
             finally:
                 lock.release()
+        if not _plan_stored(run, plan):
+            # Only with the lock may the plan change: wait for it (a runner's run to end).
+            if _runner_alive(run) and not announced:
+                if detach:
+                    raise Refused(_other_plan(run, "run `up` without --detach to wait for it"))
+                report.emit("notice", {"message": _other_plan(run, "waiting for it to end")})
+                announced = True
+            time.sleep(0.2)
+            continue
         waited = time.time() - start
         if request is not None and (not request.exists() or waited > REQUEST_WAIT_S):
             return False
         if request is None and (_runner_alive(run) or waited > LOCK_RETRY_S):
             return False
         time.sleep(0.05)
+
+
+def _other_plan(run: RunDir, then: str) -> str:
+    """The message for an `up` whose plan differs from the one of the run in progress."""
+    running = [
+        k for k, r in load_state(run).get("steps", {}).items() if r.get("status") == "running"
+    ]
+    now = f" (running: {', '.join(sorted(running))})" if running else ""
+    return (
+        f"a run of '{run.name}' from another plan is in progress{now}; "
+        f"the new plan starts only after it ends: {then}"
+    )
 
 
 def _runner_alive(run: RunDir) -> bool:
@@ -148,6 +202,7 @@ def _start_unless_done(run: RunDir, lock: RunLock) -> bool:
     Returns True when a runner was started (it inherits the lock; ours is then released).
     """
     remove_stale_temps(run)
+    set_aside_damaged(run)
     runner = Runner(run)
     runner.apply_requests()
     decisions = runner.evaluate()
@@ -183,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM/SIGHUP end the runner through its `finally`: children killed, state saved.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    set_aside_damaged(run, keep_notices=True)  # those of the `up` that started it
     print(f"runner {os.getpid()} started for '{run.name}'", flush=True)
     ok = Runner(run).execute()
     print(f"runner {os.getpid()} finished: {'all done' if ok else 'not all done'}", flush=True)
@@ -195,7 +251,19 @@ def cmd_exec(args: argparse.Namespace) -> int:
     # ignores it is SIGKILLed with the group when the grace ends. (A Python handler, unlike
     # SIG_IGN, is not inherited: the step's commands keep the default disposition.)
     signal.signal(signal.SIGTERM, lambda *_: None)
-    return exec_step(RunDir(args.run), args.step)
+    # The runner writes the step and closes the pipe; EOF first means it died before handing
+    # the step over, and nothing may run (it was not recorded as started).
+    try:
+        handoff = json.loads(sys.stdin.buffer.read() or b"null")
+    except ValueError:
+        handoff = None
+    step = handoff.get("step") if isinstance(handoff, dict) else None
+    if not isinstance(step, dict) or step.get("id") != args.step:
+        return EXIT_ERROR
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # what the step runs reads nothing from the runner
+    os.close(devnull)
+    return exec_step(RunDir(args.run), step, list(handoff.get("redact") or []))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -7,8 +7,11 @@ A step is done when:
 - its checks hold: `creates` exists, `done_when` exits 0, the kind's `check()` passes; or, for a
   step without any check (a plain `shell` step), it last succeeded.
 
-A step whose checks hold but which never ran here (fresh state) is "already satisfied": that is
-how a second `up` against a box set up by hand, or after the state was lost, does nothing.
+A step whose checks hold but which has no record of an attempt here (fresh state) is "already
+satisfied": that is how a second `up` against a box set up by hand, or after the state was lost,
+does nothing. A step whose last attempt failed, errored or was interrupted (the runner or the
+box died under it) runs again whatever its checks say: a half-written `creates` file, or a
+marker a failing command left behind, must not pass for a finished step.
 """
 
 from __future__ import annotations
@@ -33,6 +36,28 @@ class Decision:
 
     done: bool
     reason: str
+
+
+def unsuccessful_attempt(rec: dict[str, Any] | None) -> str | None:
+    """How the step's last attempt ended badly (`failed`, `error`, `interrupted`), or None when
+    it succeeded or there is no attempt on record.
+
+    `outcome` is written by the runner at every start and end of an attempt; a record written
+    before that field existed is read from its status and reason.
+    """
+    if not rec:
+        return None
+    outcome = rec.get("outcome")
+    if outcome is None:
+        status = rec.get("status")
+        if status in ("failed", "error"):
+            return str(status)
+        if status == "running" or str(rec.get("reason") or "").startswith("interrupted"):
+            return "interrupted"
+        return None
+    if outcome == "running":  # it never ended: the runner died under it
+        return "interrupted"
+    return None if outcome == "ok" else str(outcome)
 
 
 def has_own_checks(step: dict[str, Any], kind: Kind | None) -> bool:
@@ -119,6 +144,9 @@ def decide(
     ran = bool(rec and rec.get("fingerprint"))
     if ran and rec["fingerprint"] != step["fingerprint"]:
         return Decision(False, "params changed")
+    unsuccessful = unsuccessful_attempt(rec)
+    if unsuccessful:
+        return Decision(False, f"last attempt {unsuccessful}")
     if ran and rec.get("status") == "done":
         changed = [n for n, g in upstream_gens.items() if rec.get("upstream", {}).get(n) != g]
         if changed:
@@ -133,6 +161,4 @@ def decide(
         return Decision(True, f"already satisfied: {result.reason}")
     if ran and rec.get("status") == "done":
         return Decision(True, "fingerprint matches (succeeded before)")
-    if rec and rec.get("status") in ("failed", "error"):
-        return Decision(False, f"last attempt {rec['status']}")
     return Decision(False, "never ran")

@@ -1,14 +1,19 @@
 """Run one step: the body of the `agent exec` subprocess the runner starts for each step.
 
-The runner owns the state file; this process only reports through its exit code and the files
-in the step's directory (`_result.json`, `_progress.json`, `_warnings.json`). Its stdout and
-stderr are a pipe the runner redacts into the step's log.
+The runner hands the step over on stdin (its resolved params and the values to redact) and
+owns the state file; this process only reports through its exit code and the files in the
+step's directory (`_result.json`, `_progress.json`, `_warnings.json`). Its stdout and stderr
+are a pipe the runner redacts into the step's log.
+
+Each step runs in its own process group, whose id the runner records; `stop_group` ends what
+is left of one (a step's shell outlives its `agent exec` when the runner's pipe breaks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -17,7 +22,7 @@ from typing import Any
 
 from provision.agent.checks import box_checks
 from provision.agent.redact import Redactor
-from provision.agent.state import RunDir, read_secrets
+from provision.agent.state import RunDir
 from provision.errors import StepFailed
 from provision.steps.base import StepContext, read_json, write_json_atomic
 from provision.steps.registry import get_kind
@@ -25,6 +30,9 @@ from provision.steps.registry import get_kind
 #: Exit codes of `agent exec`: the step ran and failed, or it could not run at all.
 EXIT_FAILED = 1
 EXIT_ERROR = 3
+#: How long `stop_group` keeps SIGKILLing a step's group before it reports survivors
+#: (a process in uninterruptible sleep, on a hung NFS mount say, ends only when its I/O does).
+STOP_GROUP_S = 10.0
 
 
 def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
@@ -56,15 +64,15 @@ def make_context(
     )
 
 
-def exec_step(run: RunDir, step_id: str) -> int:
-    """Run and verify one step of the run's plan; returns the process exit code."""
-    plan = read_json(run.plan, {})
-    step = next((s for s in plan.get("steps", []) if s["id"] == step_id), None)
+def exec_step(run: RunDir, step: dict[str, Any], redact_values: list[str]) -> int:
+    """Run and verify one step (as the runner handed it over); returns the exit code.
+
+    `redact_values` are all the run's secret values: a reason or warning may quote a line
+    holding any of them (a job's log read by a watcher).
+    """
+    step_id = step["id"]
     result_path = run.step_dir(step_id) / "_result.json"
     run.step_dir(step_id).mkdir(parents=True, exist_ok=True)
-    if step is None:
-        write_json_atomic(result_path, {"reason": f"step '{step_id}' is not in the plan"})
-        return EXIT_ERROR
     kind = get_kind(step["kind"])
     if kind is None:
         write_json_atomic(result_path, {"reason": f"unknown kind '{step['kind']}' on the box"})
@@ -75,9 +83,7 @@ def exec_step(run: RunDir, step_id: str) -> int:
         float(os.environ["BOOTSTRAP_DEADLINE"]) if "BOOTSTRAP_DEADLINE" in os.environ else None
     )
     ctx = make_context(run, step, secrets, deadline)
-    # Reasons and warnings may quote a line holding any secret of the run (a job's log read by
-    # a watcher): they pass the same redactor as the log.
-    redact = Redactor(read_secrets(run).values())
+    redact = Redactor(redact_values)
     started = time.time()
     try:
         kind.run(ctx)
@@ -129,7 +135,65 @@ def clear_reports(run: RunDir, step_id: str) -> None:
 
 
 def pyz_path() -> Path:
-    """The agent zipapp on this box."""
+    """The agent zipapp this process runs from.
+
+    Each agent version has a file of its own (`agents/<sha256>.pyz`), so a runner and its steps
+    keep the code they started with when a newer agent is installed beside it.
+    """
+    for parent in Path(__file__).parents:
+        if parent.suffix == ".pyz":
+            return parent
     from provision.agent.state import agent_root
 
     return agent_root() / "agent.pyz"
+
+
+def group_members(pgid: int, run_name: str, step_id: str) -> list[int]:
+    """Live processes of group `pgid` when it is this step's group (one of them carries the
+    step's BOOTSTRAP_RUN/BOOTSTRAP_STEP environment: a reused group id is left alone)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    members: list[int] = []
+    marked = False
+    markers = {f"BOOTSTRAP_RUN={run_name}".encode(), f"BOOTSTRAP_STEP={step_id}".encode()}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        # A zombie has ended; only its parent's wait() (or init) removes it.
+        if int(fields[2]) != pgid or fields[0] in (b"Z", b"X"):
+            continue
+        members.append(int(name))
+        if not marked:
+            marked = markers <= _environ(int(name))
+    return members if marked else []
+
+
+def _environ(pid: int) -> set[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return set(fh.read().split(b"\0"))
+    except OSError:
+        return set()
+
+
+def stop_group(pgid: int, run_name: str, step_id: str, wait_s: float = STOP_GROUP_S) -> list[int]:
+    """SIGKILL the step's process group until no member lives; returns the pids still alive
+    after `wait_s` (empty: the group is gone, the step may start again)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        members = group_members(pgid, run_name, step_id)
+        if not members or time.monotonic() > deadline:
+            return members
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.02)

@@ -70,7 +70,8 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
     state = load_state(run)
     active = runner_active(run)
     recorded = state.get("runner", {}).get("status")
-    runner = "running" if active else ("dead" if recorded == "running" else "idle")
+    # Dead: it stopped without ending the run (SIGKILL, a reboot, a crash); `up` recovers it.
+    runner = "running" if active else ("dead" if recorded in ("running", "crashed") else "idle")
     now = time.time()
     steps = []
     for step in plan.get("steps", []):
@@ -107,13 +108,25 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
                 "log_tail": log_tail(run.log(step["id"]), tail_lines),
             }
         )
-    return {
+    snap: dict[str, Any] = {
         "playbook": plan.get("playbook"),
         "run": run.name,
         "box": socket.gethostname(),
         "runner": runner,
         "steps": steps,
     }
+    notices = list(state.get("notices") or [])
+    if state.get("damage"):
+        notices.append(
+            f"state.json is damaged ({state['damage']}); the next `up` keeps it aside and "
+            "decides the steps without a record by their checks"
+        )
+    if notices:
+        snap["notices"] = notices
+    error = state.get("runner", {}).get("error")
+    if recorded == "crashed" and not active:
+        snap["runner_error"] = f"the runner crashed: {error}; its traceback is in {run.runner_log}"
+    return snap
 
 
 def emit(event: str, data: dict[str, Any]) -> None:

@@ -5,14 +5,21 @@ as their needs are done (stdlib `graphlib`), at most `max_parallel` at once. Eac
 `agent exec` child in its own process group; a waiter thread per child puts its exit on a queue,
 so completion is noticed at once, not on a poll. Timeouts kill the whole process group (SIGTERM,
 then SIGKILL after a grace period). Requests to rerun steps arrive as files in `requests/` and
-are applied between events. A runner killed with SIGKILL leaves steps marked `running`; the next
-runner kills what is left of them and runs them again.
+are applied between events.
+
+Never two copies of a step at once: each attempt's process group is recorded before the step
+is handed its work (on stdin, so a runner killed in between leaves a child that does nothing),
+and before a step starts again whatever is left of its previous group is killed and waited for.
+A runner killed with SIGKILL leaves steps marked `running`; the next runner kills what is left
+of them (the group, even when the step's own `agent exec` died and its shell lives on) and runs
+them again. A runner that crashes records the crash in the state, for `status` and `up`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import graphlib
+import json
 import os
 import queue
 import signal
@@ -33,6 +40,7 @@ from provision.agent.execute import (
     pyz_path,
     read_result,
     step_env,
+    stop_group,
 )
 from provision.agent.redact import Redactor
 from provision.agent.state import (
@@ -88,6 +96,7 @@ class Runner:
         self.selected = [s["id"] for s in plan["steps"] if s.get("selected", True)]
         self.needs = {sid: list(self.steps[sid].get("needs") or []) for sid in self.selected}
         self.state = load_state(run)
+        self.state.pop("damage", None)  # set aside by `up` (with the lock) before it came here
         self.secrets = secrets if secrets is not None else read_secrets(run)
         self.redact = Redactor(self.secrets.values())
         self.events: queue.Queue[tuple[str, int, int]] = queue.Queue()
@@ -98,6 +107,9 @@ class Runner:
         self.executed: set[str] = set()
         self.started: set[str] = set()
         self.final: set[str] = set()
+        # Steps the current pass's sorter has handed out and not yet been told are done: a
+        # step still running from before a restart (a rerun request) may end before its turn.
+        self.passed: set[str] = set()
 
     # ----------------------------------------------------------------- deciding, without running
 
@@ -151,6 +163,9 @@ class Runner:
 
     def execute(self) -> bool:
         """Run until every selected step is done, failed or blocked; True when all are done."""
+        # The values are in memory now; the file must not outlive the runner's start (the next
+        # `up` ships them again, and `agent exec` gets what it redacts from the runner).
+        forget_secrets(self.run)
         self.recover()
         self.apply_requests()
         self.state["runner"] = {
@@ -163,14 +178,18 @@ class Runner:
         remove_stale_temps(self.run)
         make_reserve(self.run)
         self.save()
+        ended = {"status": "idle"}
         try:
             while self.schedule():
                 pass
+        except Exception as exc:
+            # A bug: say so in the state (its traceback goes to runner.log), not "idle".
+            ended = {"status": "crashed", "error": f"{type(exc).__name__}: {exc}"}
+            raise
         finally:
             self.stop_all("runner stopping")
-            self.state["runner"].update(status="idle", ended=time.time(), pid=None)
+            self.state["runner"].update(ended, ended=time.time(), pid=None)
             self.save()
-            forget_secrets(self.run)
         return all(self.status(s) == "done" for s in self.selected)
 
     def save(self) -> None:
@@ -187,9 +206,12 @@ class Runner:
         order = {sid: i for i, sid in enumerate(dag.topo_order(self.needs))}
         sorter = graphlib.TopologicalSorter({k: tuple(v) for k, v in self.needs.items()})
         sorter.prepare()
+        self.passed = set()
         ready: list[str] = []
         while sorter.is_active():
-            ready.extend(sorted(sorter.get_ready(), key=order.__getitem__))
+            new = sorter.get_ready()
+            self.passed.update(new)
+            ready.extend(sorted(new, key=order.__getitem__))
             if self.dispatch(ready, sorter):
                 continue
             if not self.procs:
@@ -212,37 +234,57 @@ class Runner:
                     rec = record(self.state, step_id)
                     rec.update(status="blocked", reason=f"blocked by {', '.join(bad)}")
                     rec.pop("hint", None)
-                sorter.done(step_id)
+                self.settle(sorter, step_id)
                 settled = True
                 continue
             decision = self.decide(step_id, self.executed)
             if decision.done:
                 ready.remove(step_id)
                 self.mark_done(step_id, decision.reason)
-                sorter.done(step_id)
+                self.settle(sorter, step_id)
                 settled = True
             elif len(self.procs) < self.max_parallel:
                 ready.remove(step_id)
-                try:
-                    self.launch(step_id, decision.reason)
-                except OSError as exc:
-                    rec = record(self.state, step_id)
-                    rec.update(status="error", ended=time.time(), reason=f"could not start: {exc}")
-                    self.final.add(step_id)
-                    sorter.done(step_id)
+                if not self.start(step_id, decision.reason):
+                    self.settle(sorter, step_id)
                     settled = True
         if settled:
             self.save()
         return settled
 
+    def settle(self, sorter: graphlib.TopologicalSorter[str], step_id: str) -> None:
+        """Tell this pass's sorter the step is over, if it has handed the step out yet."""
+        if step_id in self.passed:
+            self.passed.discard(step_id)
+            sorter.done(step_id)
+
+    def start(self, step_id: str, why: str) -> bool:
+        """Launch a step; False (and the step recorded as `error`) when it cannot start."""
+        try:
+            self.launch(step_id, why)
+        except (OSError, StillRunning) as exc:
+            rec = record(self.state, step_id)
+            rec.update(
+                status="error", outcome="error", ended=time.time(), reason=f"could not start: {exc}"
+            )
+            rec.pop("pid", None)
+            self.final.add(step_id)
+            return False
+        return True
+
     def launch(self, step_id: str, why: str) -> None:
-        """Start `agent exec` for a step in its own process group; raises OSError."""
+        """Start `agent exec` for a step in its own process group.
+
+        Raises OSError, or StillRunning when its previous attempt's processes cannot be ended.
+        """
         step = self.steps[step_id]
         rec = record(self.state, step_id)
+        self.end_previous(step_id, rec)
         attempts = int(rec.get("attempts", 0)) + 1 if step_id in self.started else 1
         self.started.add(step_id)
         rec.update(
             status="running",
+            outcome="running",
             attempts=attempts,
             started=time.time(),
             ended=None,
@@ -267,16 +309,20 @@ class Runner:
             log.write(f"=== {step_id}: attempt {rec['attempts']} ({why}) ===\n".encode())
         proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=os.path.expanduser("~"),
             env=env,
         )
+        # Its group is on disk before it gets its work: a runner killed from here on leaves a
+        # group the next runner finds (and before that, a child that reads EOF and stops).
+        rec["pid"] = rec["pgid"] = proc.pid
+        self.save()
+        self.hand_over(proc, step)
         self.tokens += 1
         launched = Launched(proc, self.tokens, deadline)
-        rec["pid"] = proc.pid
         pump = threading.Thread(
             target=self._pump, args=(proc, log_path, launched.tail), daemon=True
         )
@@ -287,7 +333,32 @@ class Runner:
         self.procs[step_id] = launched
         pump.start()
         waiter.start()
-        self.save()
+
+    def hand_over(self, proc: subprocess.Popen[bytes], step: dict[str, Any]) -> None:
+        """Give `agent exec` its step and the values to redact; raises OSError (then the child
+        is killed). The step comes from the runner's own plan, never from a `plan.json` that a
+        newer `up` may have replaced meanwhile."""
+        assert proc.stdin is not None
+        handoff = {"step": step, "redact": sorted(self.secrets.values())}
+        try:
+            with proc.stdin:
+                proc.stdin.write(json.dumps(handoff).encode())
+        except OSError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+    def end_previous(self, step_id: str, rec: dict[str, Any]) -> None:
+        """Kill and wait for what is left of the step's previous process group, if anything."""
+        pgid = rec.get("pgid") or rec.get("pid")
+        if not pgid:
+            return
+        survivors = stop_group(int(pgid), self.run.name, step_id)
+        if survivors:
+            raise StillRunning(
+                f"processes {survivors} of its previous attempt survive SIGKILL; "
+                "end them, then rerun the step"
+            )
 
     def python_for(self, step: dict[str, Any]) -> str:
         """The interpreter for a step: the box's python3, or the agent venv's for library kinds."""
@@ -364,11 +435,12 @@ class Runner:
             reason = result.get("reason")
             rec.update(
                 status="done",
+                outcome="ok",
                 upstream=self.gens(step_id),
                 reason=self.redact(reason) if reason else reason,
             )
             rec.pop("forced", None)
-            sorter.done(step_id)
+            self.settle(sorter, step_id)
         else:
             # A kind's reason may quote the command's last output line: redact like the log.
             reason = self.redact(launched.cancelled or result.get("reason") or f"exited {rc}")
@@ -376,11 +448,15 @@ class Runner:
             rec.update(reason=reason, hint=self.redact(hint) if hint else hint)
             if int(rec.get("attempts", 1)) <= int(step.get("retries") or 0):
                 self.save()
-                self.launch(step_id, f"retry after: {reason}")
+                if self.start(step_id, f"retry after: {reason}"):
+                    return
+                self.settle(sorter, step_id)
+                self.save()
                 return
             rec["status"] = "error" if rc == EXIT_ERROR and not launched.cancelled else "failed"
+            rec["outcome"] = rec["status"]
             self.final.add(step_id)
-            sorter.done(step_id)
+            self.settle(sorter, step_id)
         self.save()
 
     def diagnose(self, step_id: str, tail: output.Tail) -> str | None:
@@ -411,21 +487,25 @@ class Runner:
         for step_id, launched in list(self.procs.items()):
             _kill_group(launched.proc)
             rec = record(self.state, step_id)
-            rec.update(status="pending", reason=f"interrupted: {why}")
+            rec.update(status="pending", outcome="interrupted", reason=f"interrupted: {why}")
             rec.pop("pid", None)
         self.procs.clear()
 
     # ----------------------------------------------------------------- recovery and requests
 
     def recover(self) -> None:
-        """Steps left `running` by a runner that died: kill their leftovers, run them again."""
+        """Steps left `running` by a runner that died: kill what is left of their process
+        groups (a step's shell outlives its `agent exec` dying on the broken pipe), and mark
+        them interrupted, so they run again whatever their checks say."""
         for step_id, rec in self.state.get("steps", {}).items():
-            if rec.get("status") != "running":
+            if rec.get("status") != "running" and rec.get("outcome") != "running":
                 continue
-            pid = rec.pop("pid", None)
-            if pid and _is_step_process(int(pid), step_id):
-                _signal_group(int(pid), signal.SIGKILL)
-            rec.update(status="pending", reason="interrupted: the runner stopped")
+            pgid = rec.pop("pid", None) or rec.get("pgid")
+            if pgid:
+                stop_group(int(pgid), self.run.name, step_id)
+            rec.update(
+                status="pending", outcome="interrupted", reason="interrupted: the runner stopped"
+            )
 
     def apply_requests(self) -> bool:
         """Apply rerun requests queued by `agent up --reset`; True when any step was reset."""
@@ -453,9 +533,11 @@ class Runner:
             if sid not in self.steps:
                 continue
             launched = self.procs.pop(sid, None)
+            rec = record(self.state, sid)
             if launched is not None:
                 _kill_group(launched.proc)
-            rec = record(self.state, sid)
+                rec.update(outcome="interrupted")
+                rec.pop("pid", None)
             rec.update(status="pending", forced="only" if only else True, reason="rerun requested")
             rec.pop("hint", None)
             self.final.discard(sid)
@@ -481,19 +563,14 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a step's process group, SIGKILL it if it lingers, and reap the child."""
+    """SIGTERM a step's process group, give its `agent exec` the grace period to stop, then
+    SIGKILL whatever is left of the group (nothing of a cancelled step outlives it)."""
     _signal_group(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
-def _is_step_process(pid: int, step_id: str) -> bool:
-    """Whether `pid` is still the process of this step (guards against pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return f"BOOTSTRAP_STEP={step_id}".encode() in fh.read().split(b"\0")
-    except OSError:
-        return False
+class StillRunning(Exception):
+    """A step's previous attempt left processes that SIGKILL did not end."""

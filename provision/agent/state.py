@@ -5,6 +5,11 @@ by the runner or, while no runner holds the lock, by `agent up`), `secrets.json`
 when the run ends), `lock`, `reserve` (disk space set aside for the state), `logs/<step>.log`
 and `steps/<step>/` (each kind's markers, progress and warnings). Every write is atomic: temp
 file, fsync, rename.
+
+A state file damaged from outside (a full disk under another tool, a hand edit) is validated on
+load: the records that make sense are kept, the file itself is set aside as
+`state.json.damaged-TIME` by the next `up` and a one-line notice says so; the steps whose
+records were lost are decided by their checks, like on a box set up by hand.
 """
 
 from __future__ import annotations
@@ -82,12 +87,134 @@ class RunDir:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 
 
+def fresh_state(run: RunDir) -> dict[str, Any]:
+    return {"version": 1, "run": run.name, "runner": {"status": "idle"}, "steps": {}}
+
+
 def load_state(run: RunDir) -> dict[str, Any]:
-    """The run's state, or a fresh one."""
-    state = read_json(run.state, None)
-    if not isinstance(state, dict) or "steps" not in state:
-        state = {"version": 1, "run": run.name, "runner": {"status": "idle"}, "steps": {}}
+    """The run's state (a fresh one when there is no file). Never raises: a damaged file gives
+    what could be kept of it, with `damage` saying what was wrong (see `set_aside_damaged`)."""
+    try:
+        with open(run.state, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return fresh_state(run)
+    except OSError as exc:
+        return dict(fresh_state(run), damage=f"unreadable: {exc.strerror}")
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return dict(fresh_state(run), damage="not UTF-8 text")
+    except ValueError as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if hasattr(exc, "lineno") else ""
+        what = "empty" if not data.strip() else f"not valid JSON{where}"
+        return dict(fresh_state(run), damage=what)
+    state, problems = _validated(run, parsed)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        state["damage"] = problems[0] + more
     return state
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+#: Fields of a step record and the values each may hold (the runner reads them with int(),
+#: float(), `in`: anything else would crash every command).
+_NUMBER = (int, float)
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "status": (str,),
+    "attempts": (int,),
+    "gen": (int,),
+    "started": _NUMBER,
+    "ended": _NUMBER,
+    "duration_s": _NUMBER,
+    "rc": (int,),
+    "pid": (int,),
+    "pgid": (int,),
+    "fingerprint": (str,),
+    "reason": (str,),
+    "hint": (str,),
+    "outcome": (str,),
+    "forced": (bool, str),
+    "upstream": (dict,),
+    "warnings": (list,),
+}
+
+
+def _record_problem(rec: Any) -> str | None:
+    """What is wrong with one step record, or None."""
+    if not isinstance(rec, dict):
+        return f"a {_kind(rec)}, not an object"
+    for name, types in _FIELDS.items():
+        value = rec.get(name)
+        if value is None and name != "status":
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"'{name}' is {_kind(value)}"
+    if rec["status"] not in STATUSES:
+        return f"unknown status '{rec['status']}'"
+    upstream = rec.get("upstream") or {}
+    if not all(isinstance(g, int) and not isinstance(g, bool) for g in upstream.values()):
+        return "'upstream' holds a non-integer generation"
+    return None
+
+
+def _validated(run: RunDir, data: Any) -> tuple[dict[str, Any], list[str]]:
+    """The part of `data` that is a valid state, and what was wrong with the rest."""
+    if not isinstance(data, dict):
+        return fresh_state(run), [f"the top level is a {_kind(data)}, not an object"]
+    problems = []
+    state = fresh_state(run)
+    state.update({k: v for k, v in data.items() if k not in ("steps", "runner", "damage")})
+    runner = data.get("runner", {"status": "idle"})
+    if isinstance(runner, dict) and isinstance(runner.get("status"), str):
+        state["runner"] = runner
+    else:
+        problems.append(f"'runner' is {_kind(runner)}")
+    steps = data.get("steps")
+    if not isinstance(steps, dict):
+        problems.append(f"'steps' is {_kind(steps)}, not an object")
+        steps = {}
+    for step_id, rec in steps.items():
+        problem = _record_problem(rec)
+        if problem:
+            problems.append(f"step '{step_id}': {problem}")
+        else:
+            state["steps"][step_id] = rec
+    notices = state.get("notices")
+    if notices is not None and not (
+        isinstance(notices, list) and all(isinstance(n, str) for n in notices)
+    ):
+        problems.append(f"'notices' is {_kind(notices)}")
+        state.pop("notices")
+    return state, problems
+
+
+def set_aside_damaged(run: RunDir, keep_notices: bool = False) -> None:
+    """With the run's lock held: move a damaged state file aside (`state.json.damaged-TIME`)
+    and write what could be kept of it, with a notice saying so. Unless `keep_notices`, the
+    notices a previous `up` left are dropped first (they were shown). Raises OSError when
+    the disk takes neither."""
+    state = load_state(run)
+    damage = state.pop("damage", None)
+    if damage is None:
+        if not keep_notices and state.pop("notices", None) is not None:
+            save_state(run, state)
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = run.state.with_name(f"state.json.damaged-{stamp}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = run.state.with_name(f"state.json.damaged-{stamp}-{n}")
+    os.replace(run.state, kept)
+    state["notices"] = [
+        f"state.json was damaged ({damage}); kept it as {kept.name}; "
+        "steps without a record are decided by their checks again"
+    ]
+    save_state(run, state)
 
 
 def save_state(run: RunDir, state: dict[str, Any]) -> None:
@@ -97,16 +224,16 @@ def save_state(run: RunDir, state: dict[str, Any]) -> None:
     """
     state["updated"] = time.time()
     try:
-        _write_atomic(run.state, state)
+        write_atomic(run.state, state)
     except OSError as exc:
         if exc.errno != errno.ENOSPC or not release_reserve(run):
             raise
-        _write_atomic(run.state, state)
+        write_atomic(run.state, state)
 
 
-def _write_atomic(path: Path, data: Any) -> None:
-    """Temp file, fsync, rename; a failed write removes its temp file (it may hold the space
-    the next attempt needs)."""
+def write_atomic(path: Path, data: Any) -> None:
+    """Write JSON: temp file, fsync, rename; a failed write removes its temp file (it may hold
+    the space the next attempt needs, and nothing may be left half-written)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -182,12 +309,17 @@ def write_secrets(run: RunDir, secrets: dict[str, str]) -> None:
     """Store secret values for the runner, readable by the box user only."""
     tmp = run.secrets.with_name(f".secrets.json.{os.getpid()}.tmp")  # two `up`s may race
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(secrets, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, run.secrets)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(secrets, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, run.secrets)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_secrets(run: RunDir) -> dict[str, str]:

@@ -1,0 +1,322 @@
+"""The run's truth, over real sshd boxes: nothing marked done that did not finish, nothing run
+twice at once, no crash hidden, no plans mixed, no damaged state taken silently.
+
+Steps record what really happened on the box's own disk: a ledger of `start PID` / `end PID`
+lines, and a `flock` held by every process of an execution, so a second copy starting beside
+the first writes `overlap` (however the first one's processes are ended, the lock goes with
+them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from boxes import Box
+from project import Project, count, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def runner_pids(box: Box, run: str) -> list[int]:
+    return [pid for pid, cmd in box.processes() if f" run --run {run}" in cmd]
+
+
+def exec_pids(box: Box, step: str) -> list[int]:
+    return [pid for pid, cmd in box.processes() if cmd.endswith(f" exec --run test {step}")]
+
+
+def run_dir(box: Box, run: str = "test") -> Path:
+    return box.home / ".bootstrap" / "runs" / run
+
+
+def box_state(box: Box, run: str = "test") -> dict[str, Any]:
+    return json.loads((run_dir(box, run) / "state.json").read_text())
+
+
+def ledger(box: Box, name: str = "ledger") -> list[str]:
+    path = box.home / name
+    return path.read_text().split() if path.exists() else []
+
+
+#: One execution of a step: takes the step's lock (held by all its processes), notes a second
+#: copy running beside it, and writes `start` ... `end` with its shell's pid.
+GUARDED = (
+    "exec 9>>~/lock-$BOOTSTRAP_STEP; flock -n 9 || echo overlap >> ~/ledger; "
+    "echo start-$BOOTSTRAP_STEP >> ~/ledger; "
+)
+END = "echo end-$BOOTSTRAP_STEP >> ~/ledger"
+
+
+# ------------------------------------------------------------ 1. unfinished is never done
+
+DOWNLOAD = f"""
+name: test
+steps:
+  - id: download
+    kind: shell
+    creates: ~/model.bin
+    run: |
+      {GUARDED}
+      head -c 1000 /dev/zero > ~/model.bin
+      test -e ~/fast || sleep 30
+      head -c 9000 /dev/zero >> ~/model.bin
+      {END}
+  - id: train
+    kind: shell
+    needs: [download]
+    run: test "$(stat -c %s ~/model.bin)" = 10000 && echo trained >> ~/ledger
+"""
+
+
+def test_step_killed_mid_write_with_creates_runs_again_not_already_satisfied(
+    project: Project, box: Box
+) -> None:
+    project.playbook(DOWNLOAD)
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: (box.home / "model.bin").exists(), what="the first 1000 bytes")
+    # The box's OOM killer or a reboot: the runner and the step's processes die together.
+    for pid in runner_pids(box, "test") + [p for p, c in box.processes() if "sleep 30" in c]:
+        os.kill(pid, signal.SIGKILL)
+    for pid in exec_pids(box, "download"):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not exec_pids(box, "download"), what="the step to die")
+    (box.home / "fast").touch()
+    wide = dict(project.env, COLUMNS="300")
+    plan = project.cli("plan", "box1", "-p", "playbooks/test.yaml", env=wide)
+    assert "last attempt interrupted" in plan.stdout, plan.stdout
+    result = project.up("box1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already satisfied" not in result.stdout
+    assert (box.home / "model.bin").stat().st_size == 10000
+    assert ledger(box) == ["start-download", "start-download", "end-download", "trained"]
+
+
+FLAKY = """
+name: test
+steps:
+  - id: marker
+    kind: shell
+    creates: ~/marker.ok
+    run: echo x >> ~/count-marker; touch ~/marker.ok; test -e ~/disk-ok
+  - id: probe
+    kind: shell
+    done_when: test -e ~/probe.ok
+    run: echo x >> ~/count-probe; touch ~/probe.ok; test -e ~/disk-ok
+"""
+
+
+def test_step_whose_last_attempt_failed_runs_again_although_its_check_holds(
+    project: Project, box: Box
+) -> None:
+    project.playbook(FLAKY)
+    first = project.up("box1")
+    assert first.returncode == 1, first.stdout + first.stderr
+    steps = project.steps("box1")
+    assert [steps[s]["status"] for s in ("marker", "probe")] == ["failed", "failed"]
+    (box.home / "disk-ok").touch()  # the transient cause is gone; the markers stayed
+    again = project.up("box1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [count(box, "marker"), count(box, "probe")] == [2, 2]
+    # Then, and only then, the checks alone may say done: a third `up` runs nothing.
+    assert project.up("box1").returncode == 0
+    assert [count(box, "marker"), count(box, "probe")] == [2, 2]
+
+
+def test_step_set_up_by_hand_is_still_already_satisfied(project: Project, box: Box) -> None:
+    project.playbook(FLAKY)
+    (box.home / "marker.ok").touch()
+    (box.home / "probe.ok").touch()
+    result = project.up("box1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [count(box, "marker"), count(box, "probe")] == [0, 0]
+    assert all("already satisfied" in s["reason"] for s in project.steps("box1").values())
+
+
+# ------------------------------------------------------------ 2. never two copies at once
+
+QUIET_TAIL = f"""
+name: test
+steps:
+  - id: sync
+    kind: shell
+    run: |
+      {GUARDED}
+      echo begun
+      sleep 1.5
+      echo "a line through the pipe of a dead runner"
+      sleep 4 > /dev/null
+      {END}
+"""
+
+
+def test_runner_killed_alone_never_leaves_a_second_copy_beside_the_first(
+    project: Project, box: Box
+) -> None:
+    project.playbook(QUIET_TAIL)
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: ledger(box) == ["start-sync"], what="the first execution")
+    [runner] = runner_pids(box, "test")
+    os.kill(runner, signal.SIGKILL)
+    # The step's `agent exec` dies on its next line (broken pipe); its shell lives on.
+    wait_for(lambda: not exec_pids(box, "sync"), what="agent exec to die on the pipe")
+    assert [c for _, c in box.processes() if c == "sleep 4"], "the step's shell lives on"
+    assert project.status("box1")["runner"] == "dead"
+    result = project.up("box1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ledger(box) == ["start-sync", "start-sync", "end-sync"], ledger(box)
+    assert not [c for _, c in box.processes() if c == "sleep 4"]
+
+
+# ------------------------------------------------------------ 5. rerun --only under a dependent
+
+UNDER = f"""
+name: test
+steps:
+  - id: x
+    kind: shell
+    run: |
+      echo x >> ~/count-x
+      if [ "$(wc -l < ~/count-x)" -gt 1 ]; then touch ~/b-may-end; sleep 2; fi
+  - id: b
+    kind: shell
+    needs: [x]
+    run: |
+      {GUARDED}
+      while [ ! -e ~/b-may-end ]; do sleep 0.1; done
+      {END}
+  - id: c
+    kind: shell
+    needs: [b]
+    run: echo x >> ~/count-c
+"""
+
+
+def test_rerun_only_while_a_dependent_runs_completes_without_crashing_the_runner(
+    project: Project, box: Box
+) -> None:
+    project.playbook(UNDER)
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: ledger(box) == ["start-b"], what="b to run")
+    rerun = project.cli("rerun", "box1", "x", "--only", "-p", "playbooks/test.yaml")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert count(box, "x") == 2 and count(box, "c") == 1
+    # b ended while x ran again, before the restarted pass had reached b; --only: b ran once.
+    assert ledger(box) == ["start-b", "end-b"]
+    snap = project.status("box1")
+    assert snap["runner"] == "idle" and "runner_error" not in snap
+    assert all(s["status"] == "done" for s in snap["steps"])
+    assert "Traceback" not in (run_dir(box) / "runner.log").read_text()
+
+
+# ------------------------------------------------------------ 8. a damaged state.json
+
+TWO = """
+name: test
+steps:
+  - id: made
+    kind: shell
+    creates: ~/made
+    run: echo x >> ~/count-made; touch ~/made
+  - id: plain
+    kind: shell
+    needs: [made]
+    run: echo x >> ~/count-plain
+"""
+DAMAGED = {
+    "steps-null": '{"version": 1, "steps": null}',
+    "a-list": '[{"steps": {}}]',
+    "string-per-step": '{"steps": {"made": "done", "plain": "done"}}',
+    "bad-field": '{"steps": {"made": {"status": "done", "attempts": "one"}}}',
+    "empty": "",
+    "truncated": '{"version": 1, "steps": {"made": {"status": "do',
+}
+
+
+@pytest.mark.parametrize("shape", list(DAMAGED))
+def test_damaged_state_is_kept_aside_said_in_one_line_and_steps_are_checked(
+    project: Project, box: Box, shape: str
+) -> None:
+    project.playbook(TWO)
+    assert project.up("box1").returncode == 0
+    assert [count(box, "made"), count(box, "plain")] == [1, 1]
+    (run_dir(box) / "state.json").write_text(DAMAGED[shape])
+
+    status = project.cli("status", "box1", "-p", "playbooks/test.yaml")
+    assert status.returncode == 1, status.stdout + status.stderr  # steps not known done
+    out = status.stdout + status.stderr
+    assert "Traceback" not in out
+    [warning] = [ln for ln in status.stderr.splitlines() if "state.json" in ln]
+    assert "damaged" in warning and "next `up` keeps it aside" in warning, warning
+
+    result = project.cli(
+        *(["rerun", "box1", "plain"] if shape == "empty" else ["up", "box1"]),
+        "-p",
+        "playbooks/test.yaml",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    [kept] = list(run_dir(box).glob("state.json.damaged-*"))
+    assert kept.read_text() == DAMAGED[shape]
+    [notice] = [ln for ln in result.stderr.splitlines() if "state.json" in ln]
+    assert f"kept it as {kept.name}" in notice, notice
+    # `made` is decided by its check (creates holds); `plain` has none, so it runs again.
+    assert [count(box, "made"), count(box, "plain")] == [1, 2]
+    assert box_state(box)["steps"]["made"]["reason"].startswith("already satisfied")
+    again = project.up("box1")
+    assert again.returncode == 0 and "state.json" not in again.stderr, again.stderr
+    assert [count(box, "made"), count(box, "plain")] == [1, 2]
+
+
+# ------------------------------------------------------------ 6. a changed playbook mid-run
+
+OLD_PLAN = f"""
+name: test
+steps:
+  - id: a
+    kind: shell
+    run: |
+      {GUARDED}
+      sleep 2
+      {END}
+  - id: dropped
+    kind: shell
+    needs: [a]
+    run: echo old >> ~/ledger
+"""
+NEW_PLAN = """
+name: test
+steps:
+  - id: a
+    kind: shell
+    run: echo new-a >> ~/ledger
+  - id: added
+    kind: shell
+    needs: [a]
+    run: echo new-added >> ~/ledger
+"""
+
+
+def test_up_with_a_changed_playbook_mid_run_waits_for_the_old_run_never_mixing(
+    project: Project, box: Box
+) -> None:
+    project.playbook(OLD_PLAN)
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: ledger(box) == ["start-a"], what="the old plan's a")
+    project.playbook(NEW_PLAN)
+    refused = project.up("box1", extra=["--detach"])
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "from another plan is in progress (running: a)" in refused.stderr, refused.stderr
+    result = project.up("box1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "waiting for it to end" in result.stderr, result.stderr
+    # The old run ended as the old plan; then the new plan ran, whole.
+    assert ledger(box) == ["start-a", "end-a", "old", "new-a", "new-added"], ledger(box)
+    snap = project.status("box1")
+    assert [(s["id"], s["status"]) for s in snap["steps"]] == [("a", "done"), ("added", "done")]
+    recorded = box_state(box)["steps"]
+    assert not [k for k, r in recorded.items() if r["status"] in ("error", "failed")], recorded
