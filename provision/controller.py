@@ -1,9 +1,11 @@
 """The controller's side of every command: ship the agent and the plan, start, follow, read.
 
 One box costs one SSH round trip per command: a small stdlib prelude (`python3 -c`) reads a
-header line on stdin, installs the agent zipapp that follows it when the box's copy differs
+header line on stdin, installs the agent zipapp that follows it when the box lacks that version
 (the controller remembers what each box has, so usually nothing follows), then hands the rest
-of stdin (plan and secrets) to the agent. `up` keeps that channel open to stream snapshots;
+of stdin (plan and secrets) to the agent. Versions sit side by side, named by their sha256
+(`~/.bootstrap/agents/<sha256>.pyz`; `current.pyz` links the newest): a runner in progress
+keeps importing from its own file while a newer controller installs another. `up` keeps that channel open to stream snapshots;
 closing it (Ctrl-C, a dropped link) does not stop the run, which belongs to the box.
 """
 
@@ -31,23 +33,29 @@ import sys,os,json
 if sys.version_info<(3,9):
     sys.stdout.write("BOOTSTRAP_OLD_PYTHON %s\n"%sys.version.split()[0]);sys.exit(4)
 r=os.environ.get("BOOTSTRAP_AGENT_DIR") or os.path.expanduser("~/.bootstrap")
-p=os.path.join(r,"agent.pyz");s=os.path.join(r,"agent.sha256")
 i=sys.stdin.buffer;h=json.loads(i.readline())
-try:
-    have=open(s).read().strip()
-except OSError:
-    have=""
+n=os.path.join("agents",h["sha"]+".pyz");p=os.path.join(r,n);have=os.path.exists(p)
 if h["len"]:
     d=i.read(h["len"])
     import hashlib
     if hashlib.sha256(d).hexdigest()!=h["sha"]:
         sys.stdout.write("BOOTSTRAP_CUT_AGENT %d %d\n"%(len(d),h["len"]));sys.exit(5)
-    if have!=h["sha"] and h["ephemeral"]:
+    if not have and h["ephemeral"]:
         import tempfile;f=tempfile.NamedTemporaryFile(suffix=".pyz");f.write(d);f.flush();p=f.name
-    elif have!=h["sha"]:
-        t=".%d.tmp"%os.getpid();os.makedirs(r,exist_ok=True)
-        open(p+t,"wb").write(d);os.replace(p+t,p);open(s+t,"w").write(h["sha"]);os.replace(s+t,s)
-elif have!=h["sha"] or not os.path.exists(p):
+    elif not have:
+        t=".%d.tmp"%os.getpid();c=os.path.join(r,"current.pyz")
+        try:
+            os.makedirs(os.path.dirname(p),exist_ok=True)
+            f=open(p+t,"wb");f.write(d);f.flush();os.fsync(f.fileno());f.close();os.replace(p+t,p)
+            os.symlink(n,c+t);os.replace(c+t,c)
+        except OSError as e:
+            for x in (p+t,c+t):
+                try:
+                    os.unlink(x)
+                except OSError:
+                    pass
+            sys.stdout.write("BOOTSTRAP_INSTALL_FAILED %s\n"%e.strerror);sys.exit(6)
+elif not have:
     sys.stdout.write("BOOTSTRAP_NEED_AGENT\n");sys.stdout.flush();sys.exit(3)
 sys.path.insert(0,p)
 from provision.agent.__main__ import main
@@ -57,7 +65,13 @@ _NEED_AGENT = b"BOOTSTRAP_NEED_AGENT"
 _OLD_PYTHON = b"BOOTSTRAP_OLD_PYTHON"
 _CUT_AGENT = b"BOOTSTRAP_CUT_AGENT"
 _NEED_BLOBS = agent_blobs.NEED_BLOBS.encode()
-_AGENT = '"${BOOTSTRAP_AGENT_DIR:-$HOME/.bootstrap}/agent.pyz"'
+_INSTALL_FAILED = b"BOOTSTRAP_INSTALL_FAILED"
+#: The newest agent installed on the box, resolved (the command keeps the file it started
+#: with); `agent.pyz` is where agents before side-by-side versions lived.
+_AGENT = (
+    '"$(r="${BOOTSTRAP_AGENT_DIR:-$HOME/.bootstrap}"; if [ -e "$r/current.pyz" ]; '
+    'then readlink -f "$r/current.pyz"; else echo "$r/agent.pyz"; fi)"'
+)
 
 
 @dataclass
@@ -173,6 +187,9 @@ def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
     if out.startswith(_OLD_PYTHON):
         version = out.split()[1].decode() if len(out.split()) > 1 else "?"
         return TargetError(f"{box.name}: python3 on the box is {version}; bootstrap needs >= 3.9")
+    if out.startswith(_INSTALL_FAILED):
+        why = out[len(_INSTALL_FAILED) :].decode("utf-8", "replace").strip()
+        return TargetError(f"{box.name}: cannot install the agent on the box: {why}")
     if out.startswith(_CUT_AGENT):
         # The prelude installs nothing it cannot verify: a dropped link leaves the old agent.
         return TargetError(f"{box.name}: the agent upload was cut short; run the command again")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -313,10 +314,12 @@ def test_rerun_resets_step_and_downstream_only(project: Project, box: Box) -> No
 def test_status_json_shape_logs_and_agent_shipped_once(project: Project, box: Box) -> None:
     project.playbook(TWO_TRACKS.format(parallel=2))
     assert project.up("box1").returncode == 0
-    pyz, sha = box.home / ".bootstrap/agent.pyz", box.home / ".bootstrap/agent.sha256"
-    shipped, first_sha = pyz.stat().st_mtime_ns, sha.read_text()
+    current = box.home / ".bootstrap/current.pyz"
+    pyz = current.resolve()
+    assert pyz.parent.name == "agents" and pyz.stem == hashlib.sha256(pyz.read_bytes()).hexdigest()
+    shipped = pyz.stat().st_mtime_ns
     assert project.up("box1").returncode == 0
-    if sha.read_text() == first_sha:  # (unless the sources were edited in between)
+    if current.resolve() == pyz:  # (unless the sources were edited in between)
         assert pyz.stat().st_mtime_ns == shipped
     snap = project.status("box1")
     assert {"host", "playbook", "runner", "steps"} <= set(snap)

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,78 +189,127 @@ def test_controller_killed_at_any_point_runs_each_step_exactly_once(
 
 # ------------------------------------------------------------------ the runner killed
 
+#: One execution of a stage: holds the stage's flock in all its processes (a second copy
+#: beside it logs `overlap`), counts itself, prints through the runner's pipe (so a runner
+#: killed alone breaks it mid-step), and marks its end. `s2` builds a file the way a download
+#: does, 1000 bytes then the rest, under `creates:`.
+STAGE = (
+    "exec 9>>{d}/lock-{s}; flock -n 9 || echo {s} >> {d}/overlap; echo x >> {d}/count-{s}; "
+    "echo working; sleep 0.6; echo still working; {body}sleep 0.6; echo x >> {d}/end-{s}"
+)
 STAGES = """
-name: stages
+name: {name}
 steps:
   - id: s1
     kind: shell
-    run: echo x >> ~/count-s1; sleep 1.2; echo x >> ~/end-s1
+    run: {s1}
   - id: s2
     kind: shell
     needs: [s1]
-    run: echo x >> ~/count-s2; sleep 1.2; echo x >> ~/end-s2
+    creates: {d}/model.bin
+    run: {s2}
   - id: s3
     kind: shell
     needs: [s1]
-    run: echo x >> ~/count-s3; sleep 1.2; echo x >> ~/end-s3
+    run: {s3}
   - id: s4
     kind: shell
     needs: [s2, s3]
-    run: echo x >> ~/count-s4; sleep 1.2; echo x >> ~/end-s4
+    run: {s4}
 """
 STAGE_IDS = ("s1", "s2", "s3", "s4")
+PARTIAL = (
+    "head -c 1000 /dev/zero > {d}/model.bin; sleep 0.6; head -c 9000 /dev/zero >> {d}/model.bin; "
+)
 
 
-def _ends(box: Box, step: str) -> int:
-    path = box.home / f"end-{step}"
+def _stages(name: str, d: str) -> str:
+    bodies = {s: "" for s in STAGE_IDS} | {"s2": PARTIAL.format(d=d)}
+    runs = {s: json.dumps(STAGE.format(d=d, s=s, body=bodies[s])) for s in STAGE_IDS}
+    return STAGES.format(name=name, d=d, **runs)
+
+
+def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@dataclass
+class KillFigures:
+    """What the kill loop saw, over every round."""
+
+    kills: int = 0
+    executions: int = 0
+    overlaps: int = 0
+    #: (round, step) pairs seen recorded done, or ending the round, without having finished.
+    done_without_finishing: set[tuple[int, str]] = field(default_factory=set)
+    redone_after_done: int = 0
 
 
 def test_runner_sigkill_in_every_step_state_never_loses_or_fakes_work(
     project: Project, box: Box
 ) -> None:
-    project.playbook(STAGES)
+    """Rounds of one run each, killed at random points until it ends: the runner alone (its
+    steps' `agent exec` then die on the broken pipe, their shells live on), or the runner with
+    every process of its steps (an OOM kill, a reboot). Whatever is killed, a step recorded done
+    had finished (its end marker, its whole `creates:` file), no step ran twice at once, and
+    none ran again once done."""
     rng = random.Random(5)
-    # When to kill: as soon as the runner exists (steps pending), once a step started (running),
-    # right as one ended (its exit not yet recorded, or just recorded), and at random.
-    triggers: list[tuple[str, Callable[[], bool]]] = [
-        ("pending", lambda: True),
-        ("running", lambda: any(count(box, s) > _ends(box, s) for s in STAGE_IDS)),
-        ("ended", lambda: sum(_ends(box, s) for s in STAGE_IDS) > ends_before),
-        ("random", lambda: time.monotonic() > random_at),
-    ] * 3
-    done_before: dict[str, int] = {}
-    kills = 0
-    for name, trigger in triggers:
-        if all(v == "done" for v in statuses(box, "stages").values()) and statuses(box, "stages"):
-            break
-        ends_before = sum(_ends(box, s) for s in STAGE_IDS)
-        random_at = time.monotonic() + rng.uniform(0.2, 1.5)
-        assert project.up("box1", extra=["--detach"]).returncode == 0
-        pids = runners(box, "stages")
-        if not pids:
-            continue  # all found done without a runner
-        with contextlib.suppress(AssertionError):
-            wait_for(trigger, timeout=5, what=name)
-        os.kill(pids[0], signal.SIGKILL)
-        kills += 1
-        wait_for(lambda pid=pids[0]: pid not in runners(box, "stages"), what="the runner to die")
-        recorded = statuses(box, "stages")  # parses: the state is never half-written
-        for step, status in recorded.items():
-            if status == "done":
-                # Marked done only after it finished; and never redone once done.
-                assert _ends(box, step) >= 1, (name, step, recorded)
-                done_before.setdefault(step, count(box, step))
-        for step, runs in done_before.items():
-            assert count(box, step) == runs, f"{step} ran again after it was done ({name})"
-    assert kills >= 4
-    final = project.up("box1")
-    assert final.returncode == 0, final.stdout + final.stderr
-    assert all(s["status"] == "done" for s in project.status("box1")["steps"])
-    for step in STAGE_IDS:
-        assert _ends(box, step) >= 1
-        assert count(box, step) == done_before.get(step, count(box, step))
-    assert not runners(box, "stages")
+    figures = KillFigures()
+    for round_no in range(3):
+        name, d = f"stages{round_no}", box.home / f"r{round_no}"
+        d.mkdir()
+        project.playbook(_stages(name, str(d)))
+        done_at: dict[str, int] = {}
+        for _ in range(6):
+            recorded = statuses(box, name)
+            if recorded and all(v == "done" for v in recorded.values()):
+                break
+            assert project.up("box1", extra=["--detach"]).returncode == 0
+            pids = runners(box, name)
+            if not pids:
+                continue  # all found done without a runner
+            time.sleep(rng.uniform(0.0, 2.0))
+            group = rng.random() < 0.4
+            steps = [p for p, c in box.processes() if f"exec --run {name} " in c]
+            victims = [pids[0], *(steps if group else [])]
+            if group:  # every process of the steps: the shells under agent exec too
+                victims += [p for p, c in box.processes() if f"{d}/lock-" in c or "sleep 0.6" in c]
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            figures.kills += 1
+            wait_for(
+                lambda pid=pids[0], name=name: pid not in runners(box, name),
+                what="the runner to die",
+            )
+            for step, status in statuses(box, name).items():  # parses: never half-written
+                if status != "done":
+                    continue
+                finished = _lines(d / f"end-{step}") >= 1
+                whole = step != "s2" or (d / "model.bin").stat().st_size == 10000
+                if not (finished and whole):
+                    figures.done_without_finishing.add((round_no, step))
+                done_at.setdefault(step, _lines(d / f"count-{step}"))
+        final = project.up("box1", playbook="test.yaml")
+        assert final.returncode == 0, final.stdout + final.stderr
+        assert all(s["status"] == "done" for s in project.status("box1")["steps"])
+        if (d / "model.bin").stat().st_size != 10000:
+            figures.done_without_finishing.add((round_no, "s2"))
+        for step in STAGE_IDS:
+            runs = _lines(d / f"count-{step}")
+            figures.executions += runs
+            figures.redone_after_done += runs - done_at.get(step, runs)
+            if _lines(d / f"end-{step}") == 0:
+                figures.done_without_finishing.add((round_no, step))
+        figures.overlaps += _lines(d / "overlap")
+        assert not runners(box, name)
+    print(f"\nkill loop: {figures}")
+    assert figures.kills >= 10, figures
+    assert (figures.overlaps, len(figures.done_without_finishing), figures.redone_after_done) == (
+        0,
+        0,
+        0,
+    ), figures
 
 
 def _many_steps(n: int) -> str:
@@ -281,7 +331,7 @@ def test_kills_during_state_writes_never_leave_a_half_written_state(
     wait_for(lambda: runners(box, "hammer"), what="the first runner")
     rng = random.Random(7)
     run_dir = box.home / ".bootstrap" / "runs" / "hammer"
-    start = "cd; setsid python3 ~/.bootstrap/agent.pyz run --run hammer </dev/null >/dev/null 2>&1 & echo $!"
+    start = "cd; setsid python3 $(readlink -f ~/.bootstrap/current.pyz) run --run hammer </dev/null >/dev/null 2>&1 & echo $!"
     parsed = 0
     for _ in range(40):
         for pid in runners(box, "hammer"):

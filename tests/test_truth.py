@@ -9,9 +9,14 @@ them).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import shlex
 import signal
+import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +325,122 @@ def test_up_with_a_changed_playbook_mid_run_waits_for_the_old_run_never_mixing(
     assert [(s["id"], s["status"]) for s in snap["steps"]] == [("a", "done"), ("added", "done")]
     recorded = box_state(box)["steps"]
     assert not [k for k, r in recorded.items() if r["status"] in ("error", "failed")], recorded
+
+
+# ------------------------------------------------------------ 4. a newer agent under a run
+
+LAZY = """
+name: test
+steps:
+  - id: first
+    kind: shell
+    run: echo ready > ~/job.log; while [ ! -e ~/go ]; do sleep 0.1; done
+  - id: watch
+    kind: wait_log
+    needs: [first]
+    log: ~/job.log
+    markers: [ready]
+    timeout: 30
+"""
+
+
+def _newer_agent() -> Any:
+    """The agent with one more entry stored first: another sha, and every other entry at
+    another offset (what a real upgrade does to a zipapp's layout)."""
+    from provision.bundle import Agent, build_agent
+
+    old = zipfile.ZipFile(io.BytesIO(build_agent().data))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as new:
+        new.writestr("provision/_upgrade_marker.txt", "x" * 4096)
+        for info in old.infolist():
+            new.writestr(info, old.read(info))
+    data = buf.getvalue()
+    return Agent(data, hashlib.sha256(data).hexdigest())
+
+
+def _install(box: Box, agent: Any) -> None:
+    """What a newer controller does: the prelude ships the agent and runs `status`."""
+    from provision.controller import _PRELUDE, _stdin
+
+    result = subprocess.run(
+        [*box.ssh_argv(), "python3 -c " + shlex.quote(_PRELUDE)],
+        input=_stdin(agent, ["status"], b"", ship=True, ephemeral=False),
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_newer_agent_installed_under_a_running_run_leaves_the_runner_its_own(
+    project: Project, box: Box
+) -> None:
+    project.playbook(LAZY)
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: exec_pids(box, "first"), what="the first step")
+    assert len(runner_pids(box, "test")) == 1
+    newer = _newer_agent()
+    _install(box, newer)
+    current = (box.home / ".bootstrap/current.pyz").resolve()
+    assert current.name == f"{newer.sha256}.pyz"
+    (box.home / "go").touch()  # the runner now imports wait_log, lazily, from its own zipapp
+    wait_for(lambda: not runner_pids(box, "test"), what="the run to end")
+    snap = project.status("box1")
+    assert snap["runner"] == "idle" and "runner_error" not in snap, snap
+    assert [s["status"] for s in snap["steps"]] == ["done", "done"], snap["steps"]
+    assert "Traceback" not in (run_dir(box) / "runner.log").read_text()
+    assert len(list((box.home / ".bootstrap/agents").glob("*.pyz"))) == 2
+
+
+def test_runner_crash_shows_as_dead_with_its_error_and_up_recovers_it(
+    project: Project, box: Box
+) -> None:
+    project.playbook(LAZY)
+    (box.home / "go").touch()
+    assert project.up("box1").returncode == 0
+    # A plan.json edited on the box into a cycle: the runner started on it crashes in its loop.
+    plan = json.loads((run_dir(box) / "plan.json").read_text())
+    plan["steps"][0]["needs"] = ["watch"]
+    (run_dir(box) / "plan.json").write_text(json.dumps(plan))
+    log = run_dir(box) / "runner.log"
+    box.ssh(
+        f"cd; python3 $(readlink -f ~/.bootstrap/current.pyz) run --run test >> {log} 2>&1",
+        check=False,
+    )
+    status = project.cli("status", "box1", "-p", "playbooks/test.yaml")
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert "runner dead" in status.stdout
+    [line] = [ln for ln in status.stderr.splitlines() if ln.strip()]
+    assert "the runner crashed: CycleFound: first -> watch" in line and "runner.log" in line, line
+    assert "Traceback" in log.read_text()
+    result = project.up("box1")  # the controller's plan again
+    assert result.returncode == 0, result.stdout + result.stderr
+    snap = project.status("box1")
+    assert snap["runner"] == "idle" and "runner_error" not in snap
+    assert [s["status"] for s in snap["steps"]] == ["done", "done"]
+
+
+# ------------------------------------------------------------ a full disk before `up`
+
+
+@pytest.mark.parametrize("agent", ["installed", "not-yet"])
+def test_disk_full_before_up_is_one_line_and_leaves_no_temp_file(
+    project: Project, box: Box, agent: str
+) -> None:
+    from test_faults import small_disk
+
+    project.playbook(TWO)
+    if agent == "installed":
+        assert project.up("box1").returncode == 0
+        project.playbook(TWO.replace("echo x >> ~/count-plain", "echo y >> ~/count-plain"))
+    with small_disk(box.home, "2m"):
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={box.home}/filler", "bs=64k"], capture_output=True
+        )
+        result = project.up("box1")
+        leftovers = [p.name for p in box.home.rglob("*.tmp")]
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in out, out
+    [line] = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "No space left on device" in line, line
+    assert leftovers == [], leftovers

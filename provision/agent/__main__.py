@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent import blobs, report
-from provision.agent.execute import EXIT_ERROR, exec_step, pyz_path, step_env
+from provision.agent.execute import EXIT_ERROR, exec_step, step_env
 from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
 from provision.agent.state import (
@@ -40,6 +40,7 @@ from provision.agent.state import (
     write_atomic,
     write_secrets,
 )
+from provision.agent.versions import prune_agents, pyz_path
 
 
 def _read_payload() -> dict[str, Any]:
@@ -100,6 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         error = f"the box's disk is full: cannot write under {run.path} ({exc.strerror})"
         report.emit("refused", {"error": error})
         return 0
+    prune_agents()
     if args.detach:
         report.emit("final" if not started else "snapshot", report.snapshot(run))
         return 0

@@ -134,20 +134,6 @@ def clear_reports(run: RunDir, step_id: str) -> None:
             (run.step_dir(step_id) / name).unlink()
 
 
-def pyz_path() -> Path:
-    """The agent zipapp this process runs from.
-
-    Each agent version has a file of its own (`agents/<sha256>.pyz`), so a runner and its steps
-    keep the code they started with when a newer agent is installed beside it.
-    """
-    for parent in Path(__file__).parents:
-        if parent.suffix == ".pyz":
-            return parent
-    from provision.agent.state import agent_root
-
-    return agent_root() / "agent.pyz"
-
-
 def group_members(pgid: int, run_name: str, step_id: str) -> list[int]:
     """Live processes of group `pgid` when it is this step's group (one of them carries the
     step's BOOTSTRAP_RUN/BOOTSTRAP_STEP environment: a reused group id is left alone)."""

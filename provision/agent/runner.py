@@ -37,7 +37,6 @@ from provision.agent.execute import (
     EXIT_ERROR,
     clear_reports,
     make_context,
-    pyz_path,
     read_result,
     step_env,
     stop_group,
@@ -54,6 +53,7 @@ from provision.agent.state import (
     remove_stale_temps,
     save_state,
 )
+from provision.agent.versions import pyz_path
 from provision.steps.base import read_json
 from provision.steps.registry import get_kind
 
