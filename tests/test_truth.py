@@ -16,6 +16,8 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -154,7 +156,7 @@ steps:
       echo begun
       sleep 1.5
       echo "a line through the pipe of a dead runner"
-      sleep 4 > /dev/null
+      test -e ~/fast || sleep 30 > /dev/null
       {END}
 """
 
@@ -169,12 +171,13 @@ def test_runner_killed_alone_never_leaves_a_second_copy_beside_the_first(
     os.kill(runner, signal.SIGKILL)
     # The step's `agent exec` dies on its next line (broken pipe); its shell lives on.
     wait_for(lambda: not exec_pids(box, "sync"), what="agent exec to die on the pipe")
-    assert [c for _, c in box.processes() if c == "sleep 4"], "the step's shell lives on"
+    assert [c for _, c in box.processes() if c == "sleep 30"], "the step's shell lives on"
+    (box.home / "fast").touch()  # the next copy need not wait
     assert project.status("box1")["runner"] == "dead"
     result = project.up("box1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert ledger(box) == ["start-sync", "start-sync", "end-sync"], ledger(box)
-    assert not [c for _, c in box.processes() if c == "sleep 4"]
+    assert not [c for _, c in box.processes() if c == "sleep 30"]
 
 
 # ------------------------------------------------------------ 5. rerun --only under a dependent
@@ -286,7 +289,7 @@ steps:
     kind: shell
     run: |
       {GUARDED}
-      sleep 2
+      while [ ! -e ~/a-may-end ]; do sleep 0.1; done
       {END}
   - id: dropped
     kind: shell
@@ -316,9 +319,25 @@ def test_up_with_a_changed_playbook_mid_run_waits_for_the_old_run_never_mixing(
     refused = project.up("box1", extra=["--detach"])
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "from another plan is in progress (running: a)" in refused.stderr, refused.stderr
-    result = project.up("box1")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "waiting for it to end" in result.stderr, result.stderr
+    project.write_inventory()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "provision.cli", "up", "box1", "-p", "playbooks/test.yaml"],
+        cwd=project.root, env=project.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(follower.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("waiting for it to end" in ln for ln in said), what="the notice")
+        assert ledger(box) == ["start-a"], "the old run goes on"
+        (box.home / "a-may-end").touch()
+        follower.wait(timeout=120)  # its few lines of stdout fit in the pipe meanwhile
+    finally:
+        follower.kill()
+    reader.join(timeout=10)
+    out = follower.stdout.read() if follower.stdout else ""
+    assert follower.returncode == 0, out + "".join(said)
     # The old run ended as the old plan; then the new plan ran, whole.
     assert ledger(box) == ["start-a", "end-a", "old", "new-a", "new-added"], ledger(box)
     snap = project.status("box1")

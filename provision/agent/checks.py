@@ -93,7 +93,7 @@ def box_checks(step: dict[str, Any], ctx: StepContext, kind: Kind | None) -> Che
 
 def run_done_when(command: str, ctx: StepContext) -> int:
     """Exit code of a `done_when` command (quiet, bounded in time)."""
-    cwd = ctx.path(ctx.params.get("cwd") or "~") if isinstance(ctx.params, dict) else None
+    cwd: Path | None = ctx.path(ctx.params.get("cwd") or "~")
     if cwd is not None and not cwd.is_dir():
         cwd = None
     proc = subprocess.Popen(
@@ -133,7 +133,8 @@ def decide(
     `upstream_gens` are its needs' current generations; `rerun_needs` are needs that ran (or,
     for a plan, will run) in this session — then the step runs again too.
     """
-    if rec and rec.get("forced"):
+    rec = rec or {}
+    if rec.get("forced"):
         return Decision(False, "rerun requested")
     if rerun_needs:
         if rec and rec.get("status") == "done":

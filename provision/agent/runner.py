@@ -178,17 +178,17 @@ class Runner:
         remove_stale_temps(self.run)
         make_reserve(self.run)
         self.save()
-        ended = {"status": "idle"}
+        outcome = {"status": "idle"}
         try:
             while self.schedule():
                 pass
         except Exception as exc:
             # A bug: say so in the state (its traceback goes to runner.log), not "idle".
-            ended = {"status": "crashed", "error": f"{type(exc).__name__}: {exc}"}
+            outcome = {"status": "crashed", "error": f"{type(exc).__name__}: {exc}"}
             raise
         finally:
             self.stop_all("runner stopping")
-            self.state["runner"].update(ended, ended=time.time(), pid=None)
+            self.state["runner"].update(outcome, ended=time.time(), pid=None)
             self.save()
         return all(self.status(s) == "done" for s in self.selected)
 

@@ -105,10 +105,9 @@ def load_state(run: RunDir) -> dict[str, Any]:
         parsed = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         return dict(fresh_state(run), damage="not UTF-8 text")
-    except ValueError as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if hasattr(exc, "lineno") else ""
-        what = "empty" if not data.strip() else f"not valid JSON{where}"
-        return dict(fresh_state(run), damage=what)
+    except json.JSONDecodeError as exc:
+        where = f"not valid JSON at line {exc.lineno} column {exc.colno}"
+        return dict(fresh_state(run), damage="empty" if not data.strip() else where)
     state, problems = _validated(run, parsed)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -299,7 +298,7 @@ def release_reserve(run: RunDir) -> bool:
 def record(state: dict[str, Any], step_id: str) -> dict[str, Any]:
     """The mutable record of one step in `state` (created pending)."""
     steps = state.setdefault("steps", {})
-    rec = steps.get(step_id)
+    rec: dict[str, Any] | None = steps.get(step_id)
     if rec is None:
         rec = steps[step_id] = {"status": "pending", "attempts": 0, "gen": 0}
     return rec
