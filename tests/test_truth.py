@@ -463,3 +463,34 @@ def test_disk_full_before_up_is_one_line_and_leaves_no_temp_file(
     [line] = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert "No space left on device" in line, line
     assert leftovers == [], leftovers
+
+
+def test_prune_keeps_the_newest_agents_and_every_one_a_process_runs_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provision.agent.versions import prune_agents
+
+    monkeypatch.setenv("BOOTSTRAP_AGENT_DIR", str(tmp_path))
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    files = []
+    for age in range(6):  # a0 newest ... a5 oldest
+        path = agents / f"a{age}.pyz"
+        path.write_bytes(b"zip")
+        os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
+        files.append(path)
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(files[4])])
+    guard = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env=dict(os.environ, PYTHONPATH=f"/elsewhere:{files[5]}"),
+    )
+    try:
+        wait_for(lambda: str(files[4]).encode() in Path(f"/proc/{runner.pid}/cmdline").read_bytes())
+        wait_for(lambda: b"/elsewhere" in Path(f"/proc/{guard.pid}/environ").read_bytes())
+        removed = prune_agents()
+    finally:
+        for proc in (runner, guard):
+            proc.kill()
+            proc.wait()
+    assert removed == [files[3]]
+    assert [p.exists() for p in files] == [True, True, True, False, True, True]

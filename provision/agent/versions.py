@@ -53,11 +53,17 @@ def prune_agents() -> list[Path]:
 
 
 def _in_use() -> set[bytes]:
-    """Every argument on the command line of every process (runners and steps name the
-    zipapp they run from)."""
+    """Every argument on the command line of every process, and every PYTHONPATH entry of
+    its environment: runners and steps name the zipapp they run from on their command line,
+    a job's checkpoint guard (`python3 -m provision.agent guard`) in its PYTHONPATH."""
     words: set[bytes] = set()
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as fh:
-                words.update(fh.read().split(b"\0"))
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as fh:
+            words.update(fh.read().split(b"\0"))
+        with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as fh:
+            for var in fh.read().split(b"\0"):
+                if var.startswith(b"PYTHONPATH="):
+                    words.update(var[len(b"PYTHONPATH=") :].split(b":"))
     return words
