@@ -494,3 +494,33 @@ def test_prune_keeps_the_newest_agents_and_every_one_a_process_runs_from(
             proc.wait()
     assert removed == [files[3]]
     assert [p.exists() for p in files] == [True, True, True, False, True, True]
+
+
+# ------------------------------------------------------------ secrets.json does not linger
+
+NEEDS_TOKEN = """
+name: test
+steps:
+  - id: uses
+    kind: shell
+    secrets: [TOKEN]
+    run: test -n "$TOKEN"; echo x >> ~/count-uses; while [ ! -e ~/go ]; do sleep 0.1; done
+"""
+
+
+def test_secrets_file_is_gone_once_the_runner_started_and_after_it_died(
+    project: Project, box: Box
+) -> None:
+    project.secrets = {"TOKEN": {"value": "tok-1234567890"}}
+    project.playbook(NEEDS_TOKEN)
+    assert project.up("box1", extra=["--detach"]).returncode == 0
+    wait_for(lambda: count(box, "uses") == 1, what="the step that needs it")
+    assert not (run_dir(box) / "secrets.json").exists(), "the running step has its values"
+    os.kill(runner_pids(box, "test")[0], signal.SIGKILL)
+    wait_for(lambda: project.status("box1")["runner"] == "dead", what="the runner to die")
+    assert not (run_dir(box) / "secrets.json").exists()
+    (box.home / "go").touch()
+    result = project.up("box1")  # ships the values again; the interrupted step gets them
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert count(box, "uses") == 2
+    assert not (run_dir(box) / "secrets.json").exists()
