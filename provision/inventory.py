@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class Host:
     key: str | None = None
     ssh_options: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
+    #: Where `key` was written (inventory file, line), for errors about the key file.
+    key_origin: tuple[str, int] | None = None
 
     @property
     def address(self) -> str:
@@ -195,6 +198,7 @@ def _host(name: str, spec: Any, src: str, line: int) -> Host:
         key=spec.get("key"),
         ssh_options=[str(o) for o in options],
         vars=dict(host_vars),
+        key_origin=(src, spec.line_of("key") if isinstance(spec, LineMap) else line),
     )
 
 
@@ -212,10 +216,38 @@ def resolve_targets(targets: list[str], inv: Inventory) -> list[Host]:
         for host in _resolve_one(target.strip(), inv):
             out.setdefault(host.name, host)
     hosts = list(out.values())
+    for host in hosts:
+        check_key_file(host)
     named = [t.strip() for t in targets if t.strip() in inv.groups]
     for host in hosts:
         _assign_rank(host, _nodes_of(host, named, inv) or hosts)
     return hosts
+
+
+def check_key_file(host: Host) -> None:
+    """Refuse a key file ssh could not use: missing, unreadable, or (ssh's own rule) readable by
+    others while owned by this user. Named by inventory file, line and host; exit 2."""
+    if not host.key or host.connection == "local":
+        return
+    path = Path(os.path.expanduser(host.key))
+    problem = None
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a file"
+        elif not os.access(path, os.R_OK):
+            problem = "is not readable by you"
+        elif st.st_uid == os.getuid() and st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            problem = f"has permissions {mode:04o}: ssh refuses a private key others can read (chmod 600 {host.key})"
+    except OSError as exc:
+        problem = "does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror
+    if problem is None:
+        return
+    message = f"host '{host.name}': key file {host.key} {problem}"
+    if host.key_origin:
+        raise ConfigError(message, file=host.key_origin[0], line=host.key_origin[1])
+    raise TargetError(message)
 
 
 def _resolve_one(target: str, inv: Inventory) -> list[Host]:

@@ -3,8 +3,10 @@
 Loading checks the structure (keys, types, ids, needs, cycles, kinds) and points at file:line
 and the step id. Resolving renders every string with jinja2 (StrictUndefined) from the playbook
 vars, the inventory vars and the host's vars, validates each kind's params, lets kinds resolve
-controller-side inputs (templates), selects steps by tag, adds the agent-venv step that library
-kinds need, and fingerprints each step. The plan is plain JSON and holds no secret value.
+controller-side inputs (templates), selects steps by tag, adds the implicit steps kinds need
+(`agent-venv` for library kinds, `tool-NAME` for the executables they run, see
+`provision.steps.box_tool`), orders checks after installs (`Kind.runs_after`), and fingerprints
+each step. The plan is plain JSON and holds no secret value.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jinja2.meta
 from provision import dag
 from provision.errors import ConfigError
 from provision.inventory import Host, Inventory
+from provision.steps import box_tool
 from provision.steps.base import MAX_POLL_S, SECRET_MARK, ParamError, validate_params
 from provision.steps.registry import get_kind, kind_names
 from provision.yamlsrc import LineMap, load_yaml
@@ -52,6 +55,7 @@ _ID = re.compile(r"^[a-z0-9_-]+$")
 MAX_ID_LEN = 100
 _SECRET_REF = re.compile(re.escape(SECRET_MARK).replace(r"\{\}", r"([A-Za-z0-9_]+)"))
 AGENT_VENV_ID = "agent-venv"
+_RESERVED_IDS = {AGENT_VENV_ID, *(box_tool.step_id(t) for t in box_tool.TOOLS)}
 #: Steps with this tag run only when asked for by tag (like Ansible's `never`).
 NEVER_TAG = "never"
 
@@ -163,10 +167,10 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
             file=src,
             line=raw.line_of("id"),
         )
-    if step_id == AGENT_VENV_ID:
-        # The implicit venv step has this id; a user step with it would replace that step.
+    if step_id in _RESERVED_IDS:
+        # The implicit steps have these ids; a user step with one would replace that step.
         raise ConfigError(
-            f"step id '{AGENT_VENV_ID}' is reserved for bootstrap's own venv step",
+            f"step id '{step_id}' is reserved for bootstrap's own implicit steps",
             file=src,
             line=raw.line_of("id"),
         )
@@ -468,6 +472,10 @@ def resolve(
     if venv_step is not None:
         steps.insert(0, venv_step)
         selected.add(AGENT_VENV_ID)
+    tool_steps = _tool_steps(steps, selected)
+    steps[0:0] = tool_steps
+    selected.update(s["id"] for s in tool_steps)
+    _order_after_installs(steps, selected)
     for step in steps:
         step["selected"] = step["id"] in selected
     return {
@@ -611,24 +619,71 @@ def _agent_venv(
         "python": context.get("agent_base_python") or (sys.executable if local else "python3"),
         "system_site_packages": bool(context.get("agent_system_site_packages", local)),
     }
+    step = _implicit_step(AGENT_VENV_ID, "agent_venv", params, timeout=900, estimate=30)
+    for user in users:
+        if AGENT_VENV_ID not in user["needs"]:
+            user["needs"] = [AGENT_VENV_ID, *user["needs"]]
+    return step
+
+
+def _tool_steps(steps: list[dict[str, Any]], selected: set[str]) -> list[dict[str, Any]]:
+    """One implicit `box_tool` step per tool the selected steps' kinds run, made their need."""
+    users: dict[str, list[dict[str, Any]]] = {}
+    for step in steps:
+        kind = get_kind(step["kind"])
+        if kind is None or step["id"] not in selected:
+            continue
+        for tool in box_tool.installable(kind.required_tools(step["params"])):
+            users.setdefault(tool, []).append(step)
+    made = []
+    for tool in sorted(users):
+        tool_id = box_tool.step_id(tool)
+        step = _implicit_step(tool_id, "box_tool", {"tool": tool}, timeout=900, estimate=10)
+        made.append(step)
+        for user in users[tool]:
+            if tool_id not in user["needs"]:
+                user["needs"] = [tool_id, *user["needs"]]
+    return made
+
+
+def _order_after_installs(steps: list[dict[str, Any]], selected: set[str]) -> None:
+    """Make each step whose kind `runs_after` some kinds need the selected steps of those kinds,
+    except the ones that depend on it (that edge would be a cycle)."""
+    by_kind: dict[str, list[str]] = {}
+    for step in steps:
+        if step["id"] in selected:
+            by_kind.setdefault(step["kind"], []).append(step["id"])
+    for step in steps:
+        kind = get_kind(step["kind"])
+        if kind is None or step["id"] not in selected or not kind.runs_after:
+            continue
+        needs = {s["id"]: s["needs"] for s in steps}
+        after = dag.downstream(needs, [step["id"]])
+        for other_kind in kind.runs_after:
+            for other in by_kind.get(other_kind, []):
+                if other not in after and other not in step["needs"]:
+                    step["needs"] = [*step["needs"], other]
+
+
+def _implicit_step(
+    step_id: str, kind: str, params: dict[str, Any], *, timeout: int, estimate: int
+) -> dict[str, Any]:
+    """A step the engine adds (no line in the playbook)."""
     step = {
-        "id": AGENT_VENV_ID,
-        "kind": "agent_venv",
+        "id": step_id,
+        "kind": kind,
         "params": params,
         "needs": [],
         "creates": None,
         "done_when": None,
-        "timeout": 900,
+        "timeout": timeout,
         "retries": 1,
         "poll": None,
         "env": {},
         "secrets": [],
         "tags": [],
-        "estimate": 30,
+        "estimate": estimate,
         "line": 0,
     }
     step["fingerprint"] = fingerprint(step)
-    for user in users:
-        if AGENT_VENV_ID not in user["needs"]:
-            user["needs"] = [AGENT_VENV_ID, *user["needs"]]
     return step

@@ -277,6 +277,12 @@ CASES = [
         target="box9",
     ),
     Case(
+        "inventory-key-missing",
+        "inventory.yaml:4: host 'box9': key file /nonexistent/id_box9 does not exist",
+        inventory="hosts:\n  box9:\n    host: x\n    key: /nonexistent/id_box9\n",
+        target="box9",
+    ),
+    Case(
         "inventory-no-host",
         "needs 'host'",
         inventory="hosts: {box9: {user: root}}\n",

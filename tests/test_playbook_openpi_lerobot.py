@@ -26,6 +26,7 @@ STEPS = {
     "agent-venv", "preflight", "base-packages", "no-auto-tmux", "clone", "uv-sync", "pi05-config",
     "register-config", "rclone-config", "dataset", "norm-stats", "ckpt", "config-check",
     "wandb-netrc", "train-env", "train", "train-started",
+    "tool-git", "tool-tmux", "tool-rclone", "tool-uv",  # implicit: the tools the kinds run
 }  # fmt: skip
 
 

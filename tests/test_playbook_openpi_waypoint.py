@@ -144,7 +144,8 @@ def test_seed_figures_and_paths_are_the_defaults() -> None:
 
 
 def test_tracks_run_in_parallel_as_the_seed_measured() -> None:
-    needs = {sid: set(step["needs"]) - {"agent-venv"} for sid, step in _plan().items()}
+    implicit = {"agent-venv", "tool-git", "tool-tmux", "tool-rclone", "tool-uv"}
+    needs = {sid: set(step["needs"]) - implicit for sid, step in _plan().items()}
     assert needs["av-override"] == {"clone"} and needs["uv-sync"] == {"av-override"}
     assert needs["tf"] == needs["patch"] == {"uv-sync"}
     assert needs["rclone-config"] == set() and needs["rclone-remote"] == {"rclone-config"}
@@ -154,7 +155,9 @@ def test_tracks_run_in_parallel_as_the_seed_measured() -> None:
     assert {"tf", "patch", "convert-check", "stats-ae", "data-wp", "ae-config"} <= needs["train-ae"]
     assert {"tf", "patch", "convert-check", "stats-vlm", "vlm-config"} <= needs["train-vlm"]
     assert {"torch-cuda", "stats-ae"} <= needs["train-vlm"] and "torch-cuda" in needs["train-ae"]
-    assert "preflight" in needs["train-ae"] and needs["preflight"] == set()
+    # preflight checks tools after the installs: the apt step, and tmux provided by the engine
+    assert "preflight" in needs["train-ae"] and needs["preflight"] == {"base-packages"}
+    assert "tool-tmux" in _plan()["preflight"]["needs"]
 
 
 def test_tags_pick_one_training_and_sync_pulls_in_no_training() -> None:
@@ -469,9 +472,10 @@ def test_end_to_end_noop_output_deleted_rerun_and_wandb_sync(
     snap = project.status("box1", NAME)
     assert snap["runner"] == "idle"
     statuses = {step["id"]: step["status"] for step in snap["steps"]}
+    tools = {"tool-git", "tool-tmux", "tool-rclone", "tool-uv"}  # implicit: what the kinds run
     assert {s for s, status in statuses.items() if status == "done"} == select(
         load_playbook(PLAYBOOK), None
-    ), statuses
+    ) | tools, statuses
     assert statuses["train-vlm"] == "skipped"
     for step in snap["steps"]:
         assert {"attempts", "started", "ended", "duration_s", "rc", "progress", "hint"} <= set(step)

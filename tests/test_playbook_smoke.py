@@ -21,6 +21,7 @@ ALL_STEPS = {
     "agent-venv", "workdir", "packages", "preflight", "git-server", "wheels", "clone", "uv-sync",
     "pip-install", "patch", "rclone-config", "remote-model", "pull-model", "model-check",
     "remote-data", "pull-data", "stats", "train-config", "train", "train-started",
+    "tool-git", "tool-tmux", "tool-rclone", "tool-uv",  # implicit: the tools the kinds run
 }  # fmt: skip
 #: What the steps after `stats` are: deleting its output re-runs these and nothing else.
 AFTER_STATS = {"stats", "train", "train-started"}

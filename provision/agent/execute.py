@@ -25,6 +25,7 @@ from provision.agent.redact import Redactor
 from provision.agent.state import RunDir
 from provision.errors import StepFailed
 from provision.steps.base import StepContext, read_json, write_json_atomic
+from provision.steps.box_tool import TOOLS_BIN
 from provision.steps.registry import get_kind
 
 #: Exit codes of `agent exec`: the step ran and failed, or it could not run at all.
@@ -43,6 +44,11 @@ def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
         if name in secrets:
             env[name] = secrets[name]
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Tools bootstrap installed itself (`box_tool`) are found last, after the box's own.
+    tools_bin = os.path.expanduser(TOOLS_BIN)
+    path = env.get("PATH", os.defpath)
+    if tools_bin not in path.split(os.pathsep):
+        env["PATH"] = f"{path}{os.pathsep}{tools_bin}" if path else tools_bin
     return env
 
 

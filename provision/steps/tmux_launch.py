@@ -130,6 +130,7 @@ class TmuxLaunch(Kind):
     name = "tmux_launch"
     summary = "start a long-running job in its own tmux session"
     pip = ("libtmux", "apprise")
+    tools = ("tmux",)
     params = (
         Param("session", "str", "tmux session name, one per job", required=True),
         Param("command", "str", "the job's command line (bash)", required=True),

@@ -13,8 +13,8 @@ Example (RUNBOOK A, rows av-override and uv-sync):
 ```
 
 - uv is called by absolute path: `uv`, else `~/.bootstrap/bin/uv`, `/usr/local/bin/uv`,
-  `~/.local/bin/uv`, `~/.cargo/bin/uv`, then PATH; when none exists, uv's PyPI wheel is fetched
-  with `python3 -m pip download` and its binary put in `~/.bootstrap/bin`.
+  `~/.local/bin/uv`, `~/.cargo/bin/uv`, then PATH; when none exists, the engine's `tool-uv`
+  step fetched uv's PyPI wheel first (without pip) and put its binary in `~/.bootstrap/bin`.
 - uv runs with `GIT_LFS_SKIP_SMUDGE=1` and `UV_LINK_MODE=copy` unless the step's `env` sets them
   (copies, so patching a file in the venv never patches uv's cache).
 - `overrides` are ensured in `[tool.uv] override-dependencies` of pyproject.toml (a minimal text
@@ -91,6 +91,10 @@ class UvSync(Kind):
         ),
         *UV_PARAMS,
     )
+
+    def required_tools(self, params: dict[str, Any]) -> tuple[str, ...]:
+        # An explicit `uv` path is the user's own; else the engine provides uv before the step.
+        return () if params["uv"] else ("uv",)
 
     def validate(self, params: dict[str, Any]) -> None:
         validate_index(params)
