@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from provision.agent import checks
 from provision.errors import StepFailed
 from provision.inventory import Host, Inventory
 from provision.playbook import load_playbook, resolve
@@ -201,3 +202,15 @@ def test_the_engine_puts_each_tool_before_the_steps_that_run_it(tmp_path: Path) 
     assert {"tool-git", "tool-tmux", "base"} <= set(steps["check"]["needs"])
     assert "late-apt" not in steps["check"]["needs"]
     assert all(steps[t]["selected"] for t in ("tool-git", "tool-tmux", "tool-uv"))
+
+
+def test_a_step_that_gained_a_tool_need_stays_done_after_an_upgrade(tmp_path: Path) -> None:
+    """A box finished by an older bootstrap: its steps' records lack the new `tool-*` needs.
+    Those did not run "since" (the tool step was found done): nothing re-runs, no training is
+    relaunched; a need that did produce a new result still re-runs the step."""
+    step = {"id": "clone", "kind": "shell", "fingerprint": "f", "needs": ["tool-git"]}
+    ctx = StepContext(step_id="clone", params={}, run_dir=tmp_path)
+    before_upgrade = {"status": "done", "fingerprint": "f", "upstream": {}}
+    assert checks.decide(step, before_upgrade, {"tool-git": 1}, ctx).done
+    ran_since = {"status": "done", "fingerprint": "f", "upstream": {"tool-git": 1}}
+    assert not checks.decide(step, ran_since, {"tool-git": 2}, ctx).done

@@ -45,7 +45,9 @@ def test_preflight_up_noop_then_rerun_on_a_sick_gpu(
     assert project.steps("box1")["preflight"]["attempts"] == steps["preflight"]["attempts"]
     plan = project.cli("plan", "box1", "-p", "playbooks/test.yaml", "--json")
     assert plan.returncode == 0, plan.stderr
-    (step,) = json.loads(plan.stdout)["steps"]
+    steps_planned = {s["id"]: s for s in json.loads(plan.stdout)["steps"]}
+    assert set(steps_planned) == {"preflight", "tool-tmux"}  # the tool it checks comes first
+    step = steps_planned["preflight"]
     assert not step["run"] and "passed at" in step["reason"], step
 
     # The GPU breaks: a rerun checks again and fails with the rows and the catalog's hint.

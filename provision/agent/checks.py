@@ -149,7 +149,11 @@ def decide(
     if unsuccessful:
         return Decision(False, f"last attempt {unsuccessful}")
     if ran and rec.get("status") == "done":
-        changed = [n for n, g in upstream_gens.items() if rec.get("upstream", {}).get(n) != g]
+        # A need missing from the record was added to the plan after the step ran (a new
+        # edge, or an implicit `tool-*` step of a newer bootstrap): it did not run "since";
+        # one that runs in this session is in `rerun_needs` above.
+        recorded = rec.get("upstream", {})
+        changed = [n for n, g in upstream_gens.items() if n in recorded and recorded[n] != g]
         if changed:
             return Decision(False, f"upstream ran again: {', '.join(sorted(changed))}")
     kind = get_kind(step["kind"])
