@@ -309,7 +309,11 @@ def vast_like(box_rootfs: Path, uv_binary: str) -> None:
         ],
         check=True,
         capture_output=True,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "UV_PYTHON_DOWNLOADS": "never", "HOME": "/root"},
+        env={
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "UV_PYTHON_DOWNLOADS": "never",
+            "HOME": "/root",
+        },
     )
     torchrun = box_rootfs / "venv/main/bin/torchrun"
     torchrun.write_text(TORCHRUN)
