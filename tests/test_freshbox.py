@@ -99,8 +99,9 @@ def test_smoke_brings_a_bare_box_up_by_itself_and_a_second_up_is_a_no_op(
     assert (
         bare.ssh("~/.bootstrap/bin/uv --version && ~/.bootstrap/bin/rclone version").returncode == 0
     )
-    _, second = _up(project)
+    seconds, second = _up(project)
     assert second.returncode == 0, second.stdout + second.stderr
+    print(f"bare box: second up (no-op) {seconds:.1f} s")
     again = _steps(project)
     assert all(again[k]["started"] == steps[k]["started"] for k in steps), "a step ran again"
 

@@ -31,7 +31,7 @@ META_DIR = ".bootstrap"
 MANIFEST_DIR = f"{META_DIR}/manifest"
 CARRY_DIR = f"{META_DIR}/carry"
 #: Where bootstrap installs tools for the box user (rclone_copy installs rclone there).
-LOCAL_BIN = "~/.bootstrap/bin"
+LOCAL_BIN = "~/.bootstrap/bin"  # box_tool.TOOLS_BIN: `tool-rclone` puts rclone there
 #: Seconds a listing, a manifest read or a manifest write may take.
 _QUICK_TIMEOUT_S = 300
 

@@ -179,6 +179,10 @@ class TmuxLaunch(Kind):
         parse_watch(params["watch"])
         parse_on_finish(params["on_finish"])
 
+    def required_tools(self, params: dict[str, Any]) -> tuple[str, ...]:
+        # the checkpoint guard uploads with rclone (provision/checkpoints/remote.py)
+        return ("tmux", "rclone") if params["checkpoints"] is not None else ("tmux",)
+
     def describe(self, params: dict[str, Any]) -> str:
         first = params["command"].strip().splitlines()[0]
         venv = f" with {params['venv']}" if params.get("venv") else ""
