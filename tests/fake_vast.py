@@ -71,9 +71,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def spec_path() -> Path | None:
-    """Vast's pinned openapi.yaml: `$VAST_OPENAPI_SPEC`, else shared/vast/openapi.yaml beside
-    (or inside) the repository, where the steering repo keeps data files."""
+    """Vast's pinned openapi.yaml: `$VAST_OPENAPI_SPEC`, else the copy kept as test data
+    (tests/data/vast/openapi.yaml, see its README), else shared/vast/openapi.yaml."""
     candidates = [os.environ.get("VAST_OPENAPI_SPEC")]
+    candidates += [str(Path(__file__).resolve().parent / "data" / "vast" / "openapi.yaml")]
     candidates += [str(REPO.parent / "shared" / "vast" / "openapi.yaml")]
     candidates += [str(REPO / "shared" / "vast" / "openapi.yaml")]
     for candidate in candidates:

@@ -45,12 +45,6 @@ steps:
 """
 
 
-SPEC_MISSING = (
-    "Vast's openapi.yaml (vast-ai/docs@c624622) is not at shared/vast/openapi.yaml or "
-    "$VAST_OPENAPI_SPEC: the fake ran unvalidated (see tests/fake_vast.py)"
-)
-
-
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeVast]:
     """The fake API, held to the pinned spec when it is there (see test_fake_is_held_to_the_spec)."""
@@ -497,8 +491,7 @@ def test_fake_is_held_to_the_spec(tmp_path: Path) -> None:
     from provision.rent.vast import Vast, parse_query
 
     path = spec_path()
-    if path is None:
-        pytest.skip(SPEC_MISSING)
+    assert path is not None, "tests/data/vast/openapi.yaml is missing"
     with FakeVast(tmp_path / "vast", path) as fake:
         assert fake.validated
         fake.add_offer(801, 81, behaviour="exits")
