@@ -227,7 +227,7 @@ def _run_up(
     auth_wait: float,
     reset: dict[str, Any] | None = None,
 ) -> int:
-    from provision import console, controller
+    from provision import console, controller, timings
 
     loaded = Loaded(playbook, inventory, targets)
     if reset is not None:
@@ -235,7 +235,8 @@ def _run_up(
     plans = loaded.plans(tags, _extra_vars(variables))
     secrets = {name: controller.secrets_for(plan, loaded.inventory) for name, plan in plans.items()}
     out = console.Out(_redactor([v for s in secrets.values() for v in s.values()]))
-    with console.RunView(out) as view:
+    names = {plan["name"] for plan in plans.values()}
+    with console.RunView(out, expected={n: timings.expected(n) for n in names}) as view:
         finals, errors = _each_box(
             loaded.hosts,
             lambda box: controller.up(
@@ -250,6 +251,8 @@ def _run_up(
             accept_new,
             auth_wait,
         )
+    for snap in finals.values():
+        timings.record(str(snap.get("run")), snap.get("steps", []))
     if detach:
         for host in finals:
             console.wait_hint(
@@ -482,13 +485,15 @@ def plan(
 
 
 def _graph(playbook: Path | None, fmt: str) -> int:
-    from provision import console, dag
+    from provision import console, dag, timings
     from provision.playbook import load_playbook
 
     book = load_playbook(_playbook_path(playbook))
     ids = {s.id for s in book.steps}
     needs = {k: [n for n in v if n in ids] for k, v in book.needs.items()}
-    estimate = {s.id: float(s.raw.get("estimate") or 0) for s in book.steps}
+    # Measured on earlier runs of this playbook (the boxes `up` followed), else `estimate:`.
+    measured = timings.expected(book.name)
+    estimate = {s.id: measured.get(s.id, float(s.raw.get("estimate") or 0)) for s in book.steps}
     path, total = dag.critical_path(needs, estimate)
     on_path = set(path)
     lines: list[str] = []
@@ -547,7 +552,7 @@ def graph(
     playbook: PlaybookOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="tree | mermaid | dot")] = "tree",
 ) -> None:
-    """Draw the playbook's DAG with its critical path (from `estimate:`)."""
+    """Draw the playbook's DAG with its critical path (measured durations, else `estimate:`)."""
     if fmt not in ("tree", "mermaid", "dot"):
         fail("--format must be tree, mermaid or dot")
     _guard(_graph, playbook, fmt)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+from provision import eta
 
 STYLE = {
     "pending": "dim",
@@ -115,8 +118,70 @@ def _detail(step: dict[str, Any]) -> str:
     return ""
 
 
-def status_table(snap: dict[str, Any], redact: Callable[[str], str]) -> Table:
-    """One box's steps as a table."""
+#: Width of a running step's bar, in cells.
+BAR_WIDTH = 20
+
+
+def _timing(step: dict[str, Any], fallback: Mapping[str, float]) -> eta.StepTiming:
+    """What the ETA knows of a snapshot's step: the box's own measure of it first, then what
+    this controller saw on other boxes (`fallback`), then the playbook's `estimate:`."""
+    expected = step.get("expected_s")
+    if step.get("expected_from") != "measured":
+        expected = fallback.get(step["id"], expected)
+    return eta.StepTiming(
+        status=step["status"],
+        elapsed=step.get("duration_s") if step["status"] == "running" else None,
+        expected=None if expected is None else float(expected),
+        progress=step.get("progress"),
+    )
+
+
+def eta_line(snap: dict[str, Any], fallback: Mapping[str, float] | None = None) -> str | None:
+    """The run's one line, `step 0 expected in ~4m10s (...)`, from the critical path of what is
+    left (None once it is reached, or when a step on the way failed)."""
+    steps = snap.get("steps", [])
+    needs = {s["id"]: list(s.get("needs") or []) for s in steps}
+    timings = {s["id"]: _timing(s, fallback or {}) for s in steps}
+    kinds = {s["id"]: s.get("kind", "") for s in steps if s["status"] != "skipped"}
+    targets = eta.targets_of(kinds)
+    step0 = any(kind == "wait_log" for kind in kinds.values())
+    return eta.line(eta.eta(needs, timings, targets), step0)
+
+
+def _fraction(step: dict[str, Any], timing: eta.StepTiming) -> float | None:
+    """How far a running step is, 0..1: bytes, else files, else time against its expected."""
+    p = step.get("progress") or {}
+    if p.get("total") and p.get("done") is not None:
+        return min(float(p["done"]) / float(p["total"]), 1.0)
+    if p.get("files_total"):
+        return min(float(p.get("files_done") or 0) / float(p["files_total"]), 1.0)
+    if timing.expected and timing.elapsed is not None:
+        # Time-based: never full before the step says it is done.
+        return min(float(timing.elapsed) / timing.expected, 0.99)
+    return None
+
+
+def _running_detail(step: dict[str, Any], fallback: Mapping[str, float], text: str) -> RenderableType:
+    """A running step's bar (bytes, rate, time left) beside its progress or last log line."""
+    timing = _timing(step, fallback)
+    fraction = _fraction(step, timing)
+    if fraction is None:
+        return text
+    left = eta.remaining(timing)
+    words = text + (f" · {eta.human(left)} left" if left is not None else "")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, width=BAR_WIDTH)
+    grid.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
+    grid.add_row(ProgressBar(total=1.0, completed=fraction, width=BAR_WIDTH), escape(words))
+    return grid
+
+
+def status_table(
+    snap: dict[str, Any],
+    redact: Callable[[str], str],
+    fallback: Mapping[str, float] | None = None,
+) -> Table:
+    """One box's steps as a table (a running step with progress or an expected time: a bar)."""
     runner = snap.get("runner", "?")
     title = f"{snap.get('host')} · {snap.get('run')} · runner {runner}"
     # The detail (a log line, a reason) takes the width the other columns leave and is cut
@@ -130,12 +195,15 @@ def status_table(snap: dict[str, Any], redact: Callable[[str], str]) -> Table:
     steps = snap.get("steps", [])
     for step in steps:
         status = step["status"]
+        detail: RenderableType = escape(redact(_detail(step)))
+        if status == "running":
+            detail = _running_detail(step, fallback or {}, redact(_detail(step)))
         table.add_row(
             escape(step["id"]),
             Text(f"{ICON.get(status, '?')} {status}", style=STYLE.get(status, "")),
             str(step.get("attempts") or ""),
             _duration(step),
-            escape(redact(_detail(step))),
+            detail,
         )
     return table
 
@@ -143,8 +211,17 @@ def status_table(snap: dict[str, Any], redact: Callable[[str], str]) -> Table:
 class RunView:
     """Live progress of `up` over one or more boxes."""
 
-    def __init__(self, out: Out, live: bool | None = None) -> None:
+    def __init__(
+        self,
+        out: Out,
+        live: bool | None = None,
+        expected: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        """`expected`: per playbook (run) name, the step durations this controller saw on
+        other boxes, for the ETA where the box has measured nothing yet."""
         self.out = out
+        self.expected = expected or {}
+        self.etas: dict[str, str | None] = {}
         self.live_mode = out.console.is_terminal if live is None else live
         self.snaps: dict[str, dict[str, Any]] = {}
         self.seen: dict[tuple[str, str], str] = {}
@@ -164,8 +241,17 @@ class RunView:
             self.live.update(self._render())
             self.live.__exit__(None, None, None)
 
+    def _fallback(self, snap: dict[str, Any]) -> Mapping[str, float]:
+        return self.expected.get(str(snap.get("run")), {})
+
     def _render(self) -> Group:
-        return Group(*(status_table(s, self.out.redact) for s in self.snaps.values()))
+        parts: list[RenderableType] = []
+        for snap in self.snaps.values():
+            parts.append(status_table(snap, self.out.redact, self._fallback(snap)))
+            line = eta_line(snap, self._fallback(snap))
+            if line:
+                parts.append(Text(self.out.redact(line), style="bold"))
+        return Group(*parts)
 
     def update(self, host: str, snap: dict[str, Any]) -> None:
         """Take a snapshot from a box (called from the box's thread)."""
@@ -174,6 +260,7 @@ class RunView:
             if self.live is not None:
                 self.live.update(self._render())
                 return
+            changed = False
             for step in snap.get("steps", []):
                 key = (host, step["id"])
                 previous = self.seen.get(key)
@@ -189,6 +276,11 @@ class RunView:
                         else ""
                     )
                     self.out.line(f"[{host}] {step['id']}: {step['status']}{suffix}")
+                    changed = True
+            line = eta_line(snap, self._fallback(snap)) if changed else None
+            if line and line != self.etas.get(host):
+                self.etas[host] = line
+                self.out.line(f"[{host}] {line}")
 
 
 def print_summary(out: Out, finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> None:
@@ -221,6 +313,9 @@ def print_status(out: Out, snaps: list[dict[str, Any]], verbose_tail: int = 0) -
     """`bootstrap status` output."""
     for snap in snaps:
         out.console.print(status_table(snap, out.redact))
+        line = eta_line(snap)
+        if line:
+            out.line(line, style="bold")
         for lease in snap.get("gpu_leases") or []:
             out.line(f"  {_lease_line(lease)}", style="cyan")
         for step in snap.get("steps", []):

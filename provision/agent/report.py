@@ -13,7 +13,13 @@ import sys
 import time
 from typing import Any
 
-from provision.agent.state import RunDir, agent_root, load_state, runner_active
+from provision.agent.state import (
+    RunDir,
+    agent_root,
+    expected_duration,
+    load_state,
+    runner_active,
+)
 from provision.steps.base import read_json
 from provision.watch.record import read_watch
 
@@ -86,7 +92,7 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
         progress = None
         if status == "running":
             progress = read_json(run.step_dir(step["id"]) / "_progress.json", None)
-        extra = {}
+        extra = _expected(state, step)
         if step["kind"] == "tmux_launch":
             # What the job's guard saw last (provision/watch/watcher.py), for its whole life.
             extra["watch"] = read_watch(run.step_dir(step["id"]))
@@ -95,6 +101,7 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
                 **extra,
                 "id": step["id"],
                 "kind": step["kind"],
+                "needs": list(step.get("needs") or []),
                 "status": status,
                 "attempts": rec.get("attempts", 0),
                 "started": started,
@@ -127,6 +134,17 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
     if recorded == "crashed" and not active:
         snap["runner_error"] = f"the runner crashed: {error}; its traceback is in {run.runner_log}"
     return snap
+
+
+def _expected(state: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+    """How long the step is expected to take, for the controller's ETA: the median of its
+    durations on this box's earlier runs of the playbook, else the playbook's `estimate:`."""
+    measured = expected_duration(state, step["id"])
+    if measured is not None:
+        return {"expected_s": measured, "expected_from": "measured"}
+    if step.get("estimate"):
+        return {"expected_s": float(step["estimate"]), "expected_from": "estimate"}
+    return {"expected_s": None, "expected_from": None}
 
 
 def emit(event: str, data: dict[str, Any]) -> None:

@@ -50,6 +50,7 @@ from provision.agent.state import (
     make_reserve,
     read_secrets,
     record,
+    remember_duration,
     remove_stale_temps,
     save_state,
 )
@@ -432,6 +433,7 @@ class Runner:
             if rec.get("forced") != "only":
                 rec["gen"] = int(rec.get("gen", 0)) + 1
                 self.executed.add(step_id)
+            remember_duration(self.state, step_id, float(rec["duration_s"]))
             reason = result.get("reason")
             rec.update(
                 status="done",

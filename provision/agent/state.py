@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,10 @@ def _validated(run: RunDir, data: Any) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"step '{step_id}': {problem}")
         else:
             state["steps"][step_id] = rec
+    durations = state.get("durations")
+    if durations is not None and not _durations_valid(durations):
+        problems.append(f"'durations' is not step ids with lists of seconds ({_kind(durations)})")
+        state.pop("durations")
     notices = state.get("notices")
     if notices is not None and not (
         isinstance(notices, list) and all(isinstance(n, str) for n in notices)
@@ -189,6 +194,31 @@ def _validated(run: RunDir, data: Any) -> tuple[dict[str, Any], list[str]]:
         problems.append(f"'notices' is {_kind(notices)}")
         state.pop("notices")
     return state, problems
+
+
+def _durations_valid(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, list) and all(isinstance(d, _NUMBER) and not isinstance(d, bool) for d in v)
+        for v in value.values()
+    )
+
+
+#: Measured durations kept per step (the newest): a median that one odd run does not move.
+DURATIONS_KEPT = 5
+
+
+def remember_duration(state: dict[str, Any], step_id: str, seconds: float) -> None:
+    """Keep how long a step took when it ran (or was restored) to done, for the ETA of the next
+    runs of this playbook (`durations`: step id -> the newest DURATIONS_KEPT, in seconds)."""
+    kept = state.setdefault("durations", {}).setdefault(step_id, [])
+    kept.append(round(float(seconds), 3))
+    del kept[:-DURATIONS_KEPT]
+
+
+def expected_duration(state: dict[str, Any], step_id: str) -> float | None:
+    """The median of a step's measured durations on this box (None when it never ran)."""
+    kept = (state.get("durations") or {}).get(step_id)
+    return float(statistics.median(kept)) if kept else None
 
 
 def set_aside_damaged(run: RunDir, keep_notices: bool = False) -> None:
