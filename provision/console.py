@@ -161,14 +161,17 @@ def _fraction(step: dict[str, Any], timing: eta.StepTiming) -> float | None:
     return None
 
 
-def _running_detail(step: dict[str, Any], fallback: Mapping[str, float], text: str) -> RenderableType:
+def _running_detail(
+    step: dict[str, Any], fallback: Mapping[str, float], text: str
+) -> RenderableType:
     """A running step's bar (bytes, rate, time left) beside its progress or last log line."""
     timing = _timing(step, fallback)
     fraction = _fraction(step, timing)
     if fraction is None:
         return text
     left = eta.remaining(timing)
-    words = text + (f" · {eta.human(left)} left" if left is not None else "")
+    # The time left first: a narrow terminal cuts the end of the cell.
+    words = (f"{eta.human(left)} left · " if left is not None else "") + text
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True, width=BAR_WIDTH)
     grid.add_column(overflow="ellipsis", no_wrap=True, ratio=1)

@@ -158,7 +158,7 @@ def test_live_table_draws_a_bar_with_bytes_rate_and_time_left() -> None:
     snap = _snap(ckpt={"status": "running", "duration_s": 30, "progress": progress})
     view.out.console.print(console.status_table(snap, lambda s: s))
     text = buffer.getvalue()
-    assert "3.0GiB/12.0GiB" in text and "100.0MiB/s" in text and "~1m32s left" in text
+    assert "3.0GiB/12.0GiB" in text and "100.0MiB/s" in text and "~1m32s left · 3.0GiB" in text
     assert "━" in text  # rich's bar
 
 
