@@ -556,4 +556,56 @@ def test_ctrl_c_while_renting_leaves_nothing_billing(
     _out, err = rent.communicate(timeout=60)
     assert rent.returncode == 1, err
     assert "interrupted: the instance being rented was destroyed" in err.strip().splitlines()[-1]
-    assert fake.live() == [] and store(env)["ledger"][0]["ended"]
+    assert fake.live() == [] and store(env)["ledger"][0]["ended"], err
+
+
+def test_count_rents_the_boxes_at_once_and_ctrl_c_destroys_each(
+    fake: FakeVast, env: dict[str, str], project: Path, client_key: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from project import wait_for
+
+    # Each box is stuck in `created` (its image loading) for ten minutes: rented one after
+    # another, the second would not even be created before the first gave up.
+    fake.created_s = 600.0
+    fake.add_offer(1101, 111, dph_total=0.3)
+    fake.add_offer(1102, 112, dph_total=0.4)
+    argv = [sys.executable, "-m", "provision.cli", "rent", "num_gpus=2", "--count", "2"]
+    rent = subprocess.Popen(
+        argv + rent_args(fake, client_key),
+        env=env,
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: len(fake.instances) == 2, timeout=60, what="two instances created")
+    rent.send_signal(signal.SIGINT)
+    _out, err = rent.communicate(timeout=60)
+    assert rent.returncode == 1, err
+    assert "interrupted: the instances being rented were destroyed" in err.strip().splitlines()[-1]
+    assert "[1/2] renting offer" in err and "[2/2] renting offer" in err
+    assert fake.live() == []
+    ledger = store(env)["ledger"]
+    assert len(ledger) == 2 and all(entry["ended"] for entry in ledger), ledger
+
+
+def test_budget_counts_an_hour_of_every_box_billing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_key: Path
+) -> None:
+    from provision.rent import renter
+    from provision.rent import store as rent_store
+
+    monkeypatch.setenv("BOOTSTRAP_CONFIG_DIR", str(tmp_path / "config"))
+    req = renter.Request(query="num_gpus=1", key=client_key, budget=1.0)
+    renter._check_budget(req, 0.6, 0.0, "none")  # nothing billing: an hour at 0.6 fits
+    rent_store.open_ledger(7, "a", 0.5)  # a box billing now: 0.5 + 0.6 passes 1.0 within the hour
+    with pytest.raises(renter.RentError, match=r"\$0\.500/h billing"):
+        renter._check_budget(req, 0.6, 0.0, "a")
+    rent_store.close_ledger(7)
+    renter._check_budget(req, 0.6, 0.0, "none")
+    with pytest.raises(renter.RentError):  # a create in flight in another slot counts too
+        renter._check_budget(req, 0.6, 0.5, "none")

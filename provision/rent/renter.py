@@ -1,6 +1,8 @@
 """The rent loop: search, create, wait for SSH, check fitness; a bad box is swapped.
 
-For each box wanted, the offers are tried cheapest first (or by `--order`). An instance is
+The boxes wanted (`--count`) are rented at once, one slot (thread) per box, each waiting out
+its own image pull and SSH; a failed box is replaced within its slot. For each, the offers are
+tried cheapest first (or by `--order`), no two slots on one machine. An instance is
 created with bootstrap's label (`bootstrap:NAME`, which is how `bootstrap instances` finds it
 from any machine), the user's public key attached, and `~/.no_auto_tmux` made by its on-start
 script (vast.ai images otherwise put every SSH login inside tmux). Then:
@@ -13,7 +15,9 @@ script (vast.ai images otherwise put every SSH login inside tmux). Then:
   remembered as bad, and the next offer rented.
 
 Billing starts at create, so every instance goes into the ledger then and leaves it when
-destroyed; `--budget` counts it all and stops renting before a box would pass the cap.
+destroyed; `--budget` counts it all, plus an hour of every box billing now, and stops renting
+before a box would pass the cap within the hour. Ctrl-C calls every slot off: each destroys the
+instance it was renting and closes its ledger entry before `rent` returns.
 """
 
 from __future__ import annotations
@@ -127,35 +131,149 @@ def rent(vast: Vast, req: Request, say: Say) -> list[store.Rented]:
     say(f"{len(offers)} offers for '{req.query}'; the best:")
     for line in offer_lines(offers):
         say("  " + line)
-    boxes: list[store.Rented] = []
-    tried = 0
-    for offer in offers:
-        if len(boxes) == req.count:
-            break
-        if tried == req.tries:
-            break
-        if offer.machine_id in store.bad_machines() or any(
-            b.machine_id == offer.machine_id for b in boxes
-        ):
-            continue
-        got = ", ".join(b.name for b in boxes) or "none"
-        _check_budget(req, offer, got)
-        tried += 1
-        name = _name(req, len(boxes))
-        try:
-            box = _try_offer(vast, req, offer, name, say)
-        except KeyboardInterrupt:
-            raise RentError(
-                f"interrupted: the instance being rented was destroyed; kept: {got}"
-            ) from None
-        if box is not None:
-            boxes.append(box)
+    market = _Market(req, offers)
+    _run_slots(vast, req, market, say)
+    boxes = [b for b in market.boxes if b is not None]
     if len(boxes) < req.count:
-        got = ", ".join(b.name for b in boxes) or "none"
         raise RentError(
-            f"rented {len(boxes)} of {req.count} boxes (kept: {got}) after trying {tried} offers"
+            f"rented {len(boxes)} of {req.count} boxes (kept: {market.kept()}) after trying "
+            f"{market.tried} offers"
         )
     return boxes
+
+
+class Cancelled(Exception):
+    """Ctrl-C (or another slot's error) while a slot rents: it destroys what it holds."""
+
+
+class _Market:
+    """The offers shared by the boxes rented at once, under one lock: each slot takes the next
+    offer whose machine no other slot holds and that no slot found bad; `--tries` and
+    `--budget` count over all slots."""
+
+    def __init__(self, req: Request, offers: list[Offer]) -> None:
+        self.req = req
+        self.offers = list(offers)
+        self.lock = threading.Lock()
+        self.tried = 0
+        self.boxes: list[store.Rented | None] = [None] * req.count
+        self.held: dict[int, int] = {}  # slot -> machine id of the offer it is renting
+        self.reserved: dict[int, float] = {}  # slot -> $/h of a create not yet in the ledger
+        self.cancel = threading.Event()
+        self.error: BaseException | None = None
+
+    def kept(self) -> str:
+        return ", ".join(b.name for b in self.boxes if b is not None) or "none"
+
+    def take(self, slot: int) -> Offer | None:
+        """The next offer for `slot`, its price reserved against the budget; None when the
+        offers or the tries are used up."""
+        with self.lock:
+            bad = store.bad_machines()
+            busy = set(self.held.values()) | {b.machine_id for b in self.boxes if b is not None}
+            while self.offers and self.tried < self.req.tries and not self.cancel.is_set():
+                offer = self.offers.pop(0)
+                if offer.machine_id in bad or offer.machine_id in busy:
+                    continue
+                price = self.req.bid if self.req.bid is not None else offer.dph
+                _check_budget(self.req, price, sum(self.reserved.values()), self.kept())
+                self.tried += 1
+                self.held[slot] = offer.machine_id
+                self.reserved[slot] = price
+                return offer
+            return None
+
+    def billed(self, slot: int) -> None:
+        """The slot's instance is in the ledger now (which the budget reads)."""
+        with self.lock:
+            self.reserved.pop(slot, None)
+
+    def done(self, slot: int, box: store.Rented | None) -> None:
+        with self.lock:
+            self.held.pop(slot, None)
+            self.reserved.pop(slot, None)
+            if box is not None:
+                self.boxes[slot] = box
+
+    def check(self) -> None:
+        """Raise Cancelled in a slot once the rent is called off."""
+        if self.cancel.is_set():
+            raise Cancelled
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, woken (Cancelled) by Ctrl-C."""
+        if self.cancel.wait(seconds):
+            raise Cancelled
+
+
+def _run_slots(vast: Vast, req: Request, market: _Market, say: Say) -> None:
+    """Rent every box at once, one thread (slot) per box, each waiting out its own image pull,
+    SSH and fitness check; a failed box is replaced within its slot.
+
+    Ctrl-C reaches only this (the main) thread: it calls the rent off and waits until every
+    slot destroyed the instance it was renting and closed its ledger entry (a second Ctrl-C
+    does not cut that short: a box left billing costs more than a wait).
+    """
+    lock = threading.Lock()
+
+    def slot_say(slot: int) -> Say:
+        prefix = f"[{slot + 1}/{req.count}] " if req.count > 1 else ""
+
+        def emit(line: str) -> None:
+            with lock:
+                say(prefix + line)
+
+        return emit
+
+    def fill(slot: int) -> None:
+        try:
+            while market.boxes[slot] is None:
+                offer = market.take(slot)
+                if offer is None:
+                    return
+                box = None
+                try:
+                    box = _try_offer(
+                        vast, req, offer, _name(req, slot), slot_say(slot), market, slot
+                    )
+                finally:
+                    market.done(slot, box)
+        except Cancelled:
+            pass
+        except BaseException as exc:  # the first error ends the rent: the others stop too
+            with market.lock:
+                market.error = market.error or exc
+            market.cancel.set()
+
+    ended: list[int] = []
+
+    def run(slot: int) -> None:
+        try:
+            fill(slot)
+        finally:
+            with market.lock:
+                ended.append(slot)
+
+    for n in range(req.count):
+        threading.Thread(target=run, args=(n,), daemon=True).start()
+    interrupted = False
+    # Polled with sleep, not Thread.join: a join cut by Ctrl-C can report a live thread as
+    # ended (CPython's _tstate_lock race), and the rent would return with a box billing.
+    while len(ended) < req.count:
+        try:
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            interrupted = True
+            market.cancel.set()
+    if interrupted:
+        what = (
+            "the instance being rented was destroyed"
+            if req.count == 1
+            else "the instances being rented were destroyed"
+        )
+        raise RentError(f"interrupted: {what}; kept: {market.kept()}")
+    if market.error is not None:
+        raise market.error
 
 
 def _name(req: Request, index: int) -> str | None:
@@ -164,34 +282,36 @@ def _name(req: Request, index: int) -> str | None:
     return req.label if req.count == 1 else f"{req.label}-{index + 1}"
 
 
-def _check_budget(req: Request, offer: Offer, kept: str) -> None:
+def _check_budget(req: Request, price: float, reserved: float, kept: str) -> None:
+    """Refuse a box that would pass the budget within the hour: what was spent, plus an hour
+    of every box billing now (in the ledger, or being created), plus an hour of this one."""
     if req.budget is None:
         return
-    spent = store.spent()
-    price = req.bid if req.bid is not None else offer.dph
-    if spent + price > req.budget:
+    spent, running = store.spent(), store.billing_rate()
+    if spent + running + reserved + price > req.budget:
         raise RentError(
-            f"budget: ${spent:.2f} spent of ${req.budget:.2f}; another box at ${price:.3f}/h would "
-            f"pass it within the hour: not renting (kept: {kept})"
+            f"budget: ${spent:.2f} spent of ${req.budget:.2f}, ${running + reserved:.3f}/h "
+            f"billing; another box at ${price:.3f}/h would pass it within the hour: not renting "
+            f"(kept: {kept})"
         )
 
 
 def _try_offer(
-    vast: Vast, req: Request, offer: Offer, name: str | None, say: Say
+    vast: Vast, req: Request, offer: Offer, name: str | None, say: Say, market: _Market, slot: int
 ) -> store.Rented | None:
-    """Rent one offer; None (destroyed, machine remembered if it is to blame) when it fails."""
+    """Rent one offer; None (destroyed, machine remembered if it is to blame) when it fails.
+
+    Runs in a slot's thread: Ctrl-C never lands inside it, so a create in flight runs to its
+    end and the instance it made is destroyed when the rent is called off (`market.check`)."""
     price = f"bid ${req.bid:.3f}/h" if req.bid is not None else f"${offer.dph:.3f}/h"
     say(
         f"renting offer {offer.id} (machine {offer.machine_id}, {offer.num_gpus}× {offer.gpu_name}, {price})"
     )
     label = LABEL_PREFIX + (name or "")
     try:
-        instance_id, interrupted = _shielded(
-            lambda: vast.create(
-                offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART,
-                bid=req.bid,
-            )
-        )  # fmt: skip
+        instance_id = vast.create(
+            offer, image=req.image, disk_gb=req.disk_gb, label=label, onstart=ONSTART, bid=req.bid
+        )
     except VastError as exc:
         # Taken by someone else between the search and the create (404/410 no_such_ask), or
         # its price changed (400): nothing was rented; the next offer is tried.
@@ -202,12 +322,12 @@ def _try_offer(
     name = name or f"vast-{instance_id}"
     try:  # from here on, whatever happens, this instance is destroyed unless it is kept
         store.open_ledger(instance_id, name, req.bid if req.bid is not None else offer.dph)
-        if interrupted:
-            raise KeyboardInterrupt
+        market.billed(slot)
+        market.check()
         if label == LABEL_PREFIX:
             vast.label(instance_id, LABEL_PREFIX + name)
         vast.attach_key(instance_id, Path(f"{req.key}.pub").read_text().strip())
-        instance, failure = _wait_running(vast, instance_id, req, say)
+        instance, failure = _wait_running(vast, instance_id, req, say, market)
         if instance is not None and instance.is_bid != req.interruptible:
             # vast-cli#403: a create that silently rented the other kind. Not the machine's fault.
             _destroy(vast, instance_id)
@@ -223,7 +343,8 @@ def _try_offer(
             query=req.query, gpu=f"{offer.num_gpus}× {offer.gpu_name}", playbook=req.playbook,
             request=req.like_this(),
         )  # fmt: skip
-        failure = _reach_and_check(rented, offer, req, say)
+        failure = _reach_and_check(rented, offer, req, say, market)
+        market.check()
         if failure:
             _give_up(vast, instance_id, offer, failure, say)
             return None
@@ -236,7 +357,7 @@ def _try_offer(
 
 
 def _wait_running(
-    vast: Vast, instance_id: int, req: Request, say: Say
+    vast: Vast, instance_id: int, req: Request, say: Say, market: _Market
 ) -> tuple[Instance | None, str]:
     """Poll until running with an SSH address: (instance, ""), or (None, why) when it ends dead
     or does not get there within `ssh_timeout`."""
@@ -253,12 +374,14 @@ def _wait_running(
             return None, f"the instance went {instance.status} before SSH answered"
         if instance.status == "running" and instance.ssh_host and instance.ssh_port:
             return instance, ""
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        market.pause(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 5.0)
     return None, f"not running within {req.ssh_timeout:.0f}s (last status: {last or 'none'})"
 
 
-def _reach_and_check(rented: store.Rented, offer: Offer, req: Request, say: Say) -> str:
+def _reach_and_check(
+    rented: store.Rented, offer: Offer, req: Request, say: Say, market: _Market
+) -> str:
     """SSH until it answers (within what is left of `ssh_timeout`), then the fitness check;
     '' when the box is fit, else why not."""
     from provision import controller
@@ -277,7 +400,7 @@ def _reach_and_check(rented: store.Rented, offer: Offer, req: Request, say: Say)
             left = req.ssh_timeout - (time.monotonic() - start)
             if left <= 0:
                 return f"SSH did not answer within {req.ssh_timeout:.0f}s: {exc}"
-            time.sleep(min(delay, left))
+            market.pause(min(delay, left))
             delay = min(delay * 1.5, 10.0)
     say(f"  {rented.name}: SSH answered after {time.monotonic() - start:.0f}s; checking fitness")
     checked = time.monotonic()
@@ -299,30 +422,6 @@ def _give_up(vast: Vast, instance_id: int, offer: Offer, why: str, say: Say) -> 
     _destroy(vast, instance_id)
     store.mark_bad(offer.machine_id, why, offer.gpu_name)
     say(f"  destroyed instance {instance_id}: {why}; machine {offer.machine_id} marked bad")
-
-
-def _shielded(create: Callable[[], int]) -> tuple[int, bool]:
-    """Run `create` to its end even through Ctrl-C (the instance may exist by then: it must
-    be known to be destroyed); returns its id and whether Ctrl-C came meanwhile."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["id"] = create()
-        except BaseException as exc:
-            result["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    interrupted = False
-    while worker.is_alive():
-        try:
-            worker.join(timeout=0.2)
-        except KeyboardInterrupt:
-            interrupted = True
-    if "error" in result:
-        raise result["error"]
-    return int(result["id"]), interrupted
 
 
 def _destroy(vast: Vast, instance_id: int) -> None:

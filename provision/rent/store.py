@@ -140,6 +140,11 @@ def spent(now: float | None = None) -> float:
     return total
 
 
+def billing_rate() -> float:
+    """$/h of the instances billing now (in the ledger, not destroyed)."""
+    return sum(float(e["dph"]) for e in load()["ledger"] if e["ended"] is None)
+
+
 def mark_bad(machine_id: int, reason: str, gpu: str = "") -> None:
     with editing() as data:
         data["bad_machines"][str(machine_id)] = {"reason": reason, "gpu": gpu, "when": time.time()}
