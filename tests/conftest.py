@@ -1,7 +1,10 @@
 """Shared fixtures: throwaway sshd boxes (see boxes.py) and a controller environment.
 
-Box fixtures need root (box users are uid 0, as on vast.ai) and openssh-server installed; CI runs
-as root after `apt-get install -y openssh-server`. Without them the box tests fail, loudly.
+Two tiers. A `box` test needs root or sshd: box users are uid 0 (as on vast.ai), and some tests
+mount a tmpfs, chroot or install packages. Such a test is marked `box` here, automatically when it
+uses a box fixture or is a fresh-box test, and by hand otherwise. As another user a box test
+fails, loudly (CI runs as root after `apt-get install -y openssh-server`: a skip would hide it).
+Everything else needs neither: `python3 -m pytest -m "not box"` runs it as any user.
 """
 
 from __future__ import annotations
@@ -17,12 +20,25 @@ import pytest
 from boxes import SSHD, Box, make_key, start_box, sweep_stale_users
 from project import Project
 
+#: Fixtures that start sshd boxes: a test using one, directly or through another fixture, is a
+#: `box` test.
+BOX_FIXTURES = frozenset({"client_key"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs root or sshd `box` (see the module's docstring)."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & BOX_FIXTURES or item.get_closest_marker("freshbox"):
+            item.add_marker(pytest.mark.box)
+
 
 @pytest.fixture(scope="session")
 def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Private key (ed25519, `.pub` beside it) that every box of the session authorizes."""
     if os.geteuid() != 0:
-        pytest.fail("sshd boxes need root (box users are uid 0)")
+        pytest.fail("sshd boxes need root (box users are uid 0); -m 'not box' leaves them out")
     if not Path(SSHD).exists() or not shutil.which("ssh-keygen"):
         pytest.fail("sshd boxes need openssh-server: apt-get install -y openssh-server")
     sweep_stale_users()

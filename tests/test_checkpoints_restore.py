@@ -108,6 +108,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.box  # mounts a tmpfs: root
 def test_disk_full_during_download_leaves_nothing(tmp_path: Path, small_disk: Path) -> None:
     spec, env, _root = _setup(tmp_path, restore=True)
     box1 = tmp_path / "box1"

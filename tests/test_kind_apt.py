@@ -40,8 +40,6 @@ def _installed(package: str) -> bool:
 @pytest.fixture
 def sl_absent() -> Iterator[None]:
     """`sl` is not installed during the test and is removed again after it."""
-    if os.geteuid() != 0:
-        pytest.skip("installing packages needs root")
     policy = subprocess.run(["apt-cache", "policy", "sl"], capture_output=True, text=True).stdout
     if _installed("sl") or "Candidate: (none)" in policy:
         pytest.skip("sl already installed or not installable here")
@@ -71,6 +69,7 @@ def test_missing_package_is_named_by_the_check(tmp_path: Path) -> None:
     assert result.reason == "not installed: bootstrap-no-such-package"
 
 
+@pytest.mark.box  # installs a package: root
 @pytest.mark.usefixtures("sl_absent")
 def test_installs_only_what_is_missing(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, packages=["git", "sl"])
@@ -87,9 +86,8 @@ def test_installs_only_what_is_missing(tmp_path: Path) -> None:
     assert again.out.getvalue() == "all packages already installed\n"
 
 
+@pytest.mark.box  # apt-get update: root
 def test_unknown_package_updates_once_then_fails(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("apt-get update needs root")
     stamp = tmp_path / "apt-update.stamp"
     stamp.touch()
     os.utime(stamp, (time.time() - 600, time.time() - 600))

@@ -164,9 +164,8 @@ def test_other_repository_in_dest_is_left_alone(tmp_path: Path, home: Path, repo
     assert sorted(p.name for p in dest.iterdir()) == before
 
 
+@pytest.mark.box  # chown: root
 def test_checkout_of_another_user_is_explained(tmp_path: Path, home: Path, repos: Repos) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("chown needs root")
     dest = tmp_path / "openpi"
     git("clone", "-q", str(repos.app), str(dest))
     for path in [dest, *dest.rglob("*")]:
