@@ -23,6 +23,7 @@ from typing import Any
 from provision.agent.checks import box_checks
 from provision.agent.redact import Redactor
 from provision.agent.state import RunDir
+from provision.agent.versions import pyz_path
 from provision.errors import StepFailed
 from provision.steps.base import StepContext, read_json, write_json_atomic
 from provision.steps.box_tool import TOOLS_BIN
@@ -44,6 +45,9 @@ def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
         if name in secrets:
             env[name] = secrets[name]
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The zipapp this agent runs from: its stdlib-only helpers for a step's own commands (a
+    # stable path for the run; `current.pyz` moves when a newer bootstrap installs).
+    env["BOOTSTRAP_AGENT_PYZ"] = str(pyz_path())
     # Tools bootstrap installed itself (`box_tool`) are found last, after the box's own.
     tools_bin = os.path.expanduser(TOOLS_BIN)
     path = env.get("PATH", os.defpath)

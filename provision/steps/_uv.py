@@ -131,10 +131,13 @@ class _UvOutput:
     def __init__(self, ctx: StepContext) -> None:
         self._ctx = ctx
         self._out = ctx.out or sys.stdout
+        self._partial = ""  # output comes in chunks: a line can end in the next write
 
     def write(self, text: str) -> int:
         self._out.write(text)
-        for line in text.splitlines():
+        lines = (self._partial + text).replace("\r", "\n").split("\n")
+        self._partial = lines.pop()
+        for line in lines:
             message = progress_message(line)
             if message:
                 self._ctx.progress(message=message)
