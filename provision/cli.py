@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -134,10 +135,15 @@ class Loaded:
     """Playbook, inventory and hosts for a command."""
 
     def __init__(
-        self, playbook: Path | None, inventory: Path | None, targets: list[str] | None
+        self,
+        playbook: Path | None,
+        inventory: Path | None,
+        targets: list[str] | None,
+        on_hosts: Callable[[list[Any]], None] | None = None,
     ) -> None:
+        """`on_hosts` gets the targets as soon as they are known, before the playbook loads
+        (`up` starts their ssh handshakes there)."""
         from provision.inventory import load_inventory, resolve_targets
-        from provision.playbook import load_playbook
 
         inv_path = inventory if inventory is not None else DEFAULT_INVENTORY
         if inventory is not None and not inventory.exists():
@@ -147,8 +153,12 @@ class Loaded:
         self.playbook_path = _playbook_path(playbook)
         if not self.playbook_path.exists():
             raise ProvisionError(f"{self.playbook_path}: no such playbook file")
-        self.book = load_playbook(self.playbook_path)
         self.hosts = resolve_targets(targets, self.inventory) if targets is not None else []
+        if on_hosts is not None:
+            on_hosts(self.hosts)
+        from provision.playbook import load_playbook
+
+        self.book = load_playbook(self.playbook_path)
 
     def plans(self, tags: list[str] | None, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
         from provision.playbook import resolve
@@ -174,22 +184,47 @@ def _redactor(values: list[str]) -> Any:
     return Redactor(values)
 
 
+def _open_early(
+    transports: dict[str, Any], accept_new: bool, auth_wait: float
+) -> Callable[[list[Any]], None]:
+    """A `Loaded` hook that starts each target's ssh handshake at once (into `transports`)."""
+    from provision.transport import for_host
+
+    def start(hosts: list[Any]) -> None:
+        for host in hosts:
+            transports[host.name] = for_host(host, accept_new, auth_wait)
+            transports[host.name].open_early()
+
+    return start
+
+
 def _each_box(
-    hosts: list[Any], work: Any, accept_new: bool = False, auth_wait: float = 0.0
+    hosts: list[Any],
+    work: Any,
+    accept_new: bool = False,
+    auth_wait: float = 0.0,
+    transports: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run `work(box)` for every host in parallel; returns results and one-line errors.
+    """Run `work(box)` for every host in parallel (over `transports` opened early, when given);
+    returns results and one-line errors.
 
     Each box is on its own: whatever goes wrong with one is reported for it, and the others
     carry on (a bug hit by one box included, rather than dropping it from the summary).
     """
-    from provision.controller import connect
+    from provision.controller import Box, connect
 
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    opened = transports or {}
 
     def one(host: Any) -> None:
         try:
-            results[host.name] = work(connect(host, accept_new, auth_wait))
+            box = (
+                Box(host, opened[host.name])
+                if host.name in opened
+                else connect(host, accept_new, auth_wait)
+            )
+            results[host.name] = work(box)
         except ProvisionError as exc:
             errors[host.name] = str(exc)
         except Exception as exc:
@@ -227,9 +262,10 @@ def _run_up(
     auth_wait: float,
     reset: dict[str, Any] | None = None,
 ) -> int:
+    transports: dict[str, Any] = {}
+    loaded = Loaded(playbook, inventory, targets, _open_early(transports, accept_new, auth_wait))
     from provision import console, controller, timings
 
-    loaded = Loaded(playbook, inventory, targets)
     if reset is not None:
         loaded.book.step(reset["step"])
     plans = loaded.plans(tags, _extra_vars(variables))
@@ -250,6 +286,7 @@ def _run_up(
             ),
             accept_new,
             auth_wait,
+            transports,
         )
     for snap in finals.values():
         timings.record(str(snap.get("run")), snap.get("steps", []))

@@ -26,7 +26,7 @@ from provision.bundle import Agent, build_agent
 from provision.errors import ProvisionError, TargetError
 from provision.home import config_dir
 from provision.inventory import Host, Inventory
-from provision.transport import Result, Transport
+from provision.transport import Result, Transport, for_host
 
 _PRELUDE = r"""
 import sys,os,json
@@ -89,13 +89,7 @@ class Box:
 def connect(host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.0) -> Box:
     """The Box for a host (no connection is made yet); `auth_wait`: seconds to keep retrying
     a refused key (a new vast.ai box installs it a little after it answers)."""
-    if host.connection == "local":
-        from provision.transport.local import LocalTransport
-
-        return Box(host, LocalTransport(host.name))
-    from provision.transport.ssh import SSHTransport
-
-    return Box(host, SSHTransport(host, accept_new_host_key, auth_wait))
+    return Box(host, for_host(host, accept_new_host_key, auth_wait))
 
 
 # ------------------------------------------------------------------------------ agent shipping

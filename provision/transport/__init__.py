@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from provision.inventory import Host
 
 
 @dataclass
@@ -40,3 +43,20 @@ class Transport(Protocol):
     def interactive_argv(self, command: str) -> list[str]:
         """argv that runs `command` on the box attached to this terminal (with a pty)."""
         ...
+
+    def open_early(self) -> None:
+        """Start connecting now, in the background, so that the handshake overlaps the
+        controller's own work (loading and resolving the playbook); commands wait for it."""
+        ...
+
+
+def for_host(host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.0) -> Transport:
+    """The transport that reaches a host (no connection is made yet); `auth_wait`: seconds to
+    keep retrying a refused key (a new vast.ai box installs it a little after it answers)."""
+    if host.connection == "local":
+        from provision.transport.local import LocalTransport
+
+        return LocalTransport(host.name)
+    from provision.transport.ssh import SSHTransport
+
+    return SSHTransport(host, accept_new_host_key, auth_wait)

@@ -47,5 +47,8 @@ class LocalTransport:
     def check_stream(self, proc: subprocess.Popen[bytes], stderr: str) -> None:
         return None
 
+    def open_early(self) -> None:
+        """Nothing to open: the box is this machine."""
+
     def interactive_argv(self, command: str) -> list[str]:
         return ["sh", "-c", command]

@@ -6,6 +6,8 @@
   unanswered keepalives 1 s apart, then the new connection times out after 4 s.
 - ControlMaster keeps one connection per box for 60 s, so follow-up commands cost one channel
   open instead of a handshake.
+- `open_early` starts that master's handshake in a thread as soon as the targets are known, so
+  it overlaps loading and resolving the playbook; every command waits for it, then rides it.
 - BatchMode: never a password prompt; the user's ~/.ssh/config (aliases, IdentityFile,
   ProxyJump) still applies, and messages name the address and keys ssh really used (`ssh -G`).
 - An authentication failure is retried with backoff for `auth_wait` seconds (a new vast.ai box
@@ -14,14 +16,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
-from provision.errors import HostKeyError, TargetError
+from provision.errors import HostKeyError, ProvisionError, TargetError
 from provision.home import control_dir, known_hosts
 from provision.inventory import Host
 from provision.transport import Result
@@ -64,6 +68,7 @@ class SSHTransport:
         self.auth_wait = auth_wait
         self._authenticated = False
         self._proxy: list[str] | None = None
+        self._early: threading.Thread | None = None
         if accept_new_host_key:
             forget_host_key(host)
 
@@ -92,7 +97,25 @@ class SSHTransport:
         argv += ["--", h.host or h.name]
         return argv
 
+    def open_early(self) -> None:
+        if self._early is None:
+            self._early = threading.Thread(target=self._open, name=f"ssh-{self.name}", daemon=True)
+            self._early.start()
+
+    def _open(self) -> None:
+        # A failure is not reported here: the command that needs the box tries again and says.
+        with contextlib.suppress(ProvisionError):
+            self.run("true", timeout=30)
+
+    def _await_early(self) -> None:
+        """Wait for the early handshake: a second client started meanwhile would make its own
+        (ControlMaster=auto only rides a master that is already listening)."""
+        early = self._early
+        if early is not None and early is not threading.current_thread():
+            early.join()
+
     def run(self, command: str, stdin: bytes = b"", timeout: float = 60) -> Result:
+        self._await_early()
         start = time.monotonic()
         delay = 1.0
         while True:
@@ -115,6 +138,7 @@ class SSHTransport:
             delay = min(delay * 2, 10.0)
 
     def stream(self, command: str, stdin: bytes = b"") -> subprocess.Popen[bytes]:
+        self._await_early()
         if self.auth_wait and not self._authenticated:
             self.run("true", timeout=30)  # waits out a key still being installed
         proc = subprocess.Popen(
@@ -136,6 +160,7 @@ class SSHTransport:
             raise connection_error(self.host, stderr)
 
     def interactive_argv(self, command: str) -> list[str]:
+        self._await_early()
         return [*self.base_argv(tty=True), command]
 
 
