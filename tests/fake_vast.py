@@ -6,9 +6,9 @@ Held to the real thing twice:
   c624622622496828c1ae58edec481bba1f5d675d, git blob 5f36a511e2307386cadae6cff711ed426225df19)
   validates every request the fake receives and every response it sends (`openapi-core`); a
   request or response that does not validate is answered 599 with the validation error, which
-  fails the test that caused it. The spec is data, so it is not committed here: `spec_path()`
-  says where it is looked for. Without it the fake still serves (`validated` is False) so the
-  behaviour tests run everywhere, and test_rent.py's spec test skips saying where to put it.
+  fails the test that caused it. The pinned copy is kept as test data (tests/data/vast/, with a
+  README naming its source); `spec_path()` also honours `$VAST_OPENAPI_SPEC`. Without any copy
+  the fake still serves (`validated` is False) and test_rent.py's spec test skips saying so.
 - The real pinned client, `vastai==1.9.1`, is what talks to it (its server URL is `VAST_URL`).
 
 Endpoints (spec path; the vastai 1.9.1 function that calls it, file:line in the wheel):
