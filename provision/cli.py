@@ -769,7 +769,7 @@ def _monitor(
 ) -> int:
     import time
 
-    from provision import controller
+    from provision import console, controller
     from provision.monitor.alerts import expectation_alerts, merge_thresholds, parse_expectations
     from provision.monitor.render import render_snapshot
 
@@ -798,8 +798,9 @@ def _monitor(
     while True:
         try:
             snap = controller.monitor(
-                box, _training_log(step), batch, thresholds, step["env"], checkpoints
-            )
+                box, _training_log(step), batch, thresholds, step["env"], checkpoints,
+                watch=(plan["name"], step["id"]),
+            )  # fmt: skip
         except TargetError:
             if keep is None or not keep():
                 raise
@@ -813,6 +814,7 @@ def _monitor(
         else:
             print(f"{host.name} · {step['id']}")
             print(render_snapshot(snap), flush=True)
+            console.print_watch(console.Out(), step["id"], snap.get("watch"))
         if not watch:
             return 1 if snap.get("alerts") else 0
         time.sleep(interval)

@@ -322,11 +322,92 @@ def print_status(out: Out, snaps: list[dict[str, Any]], verbose_tail: int = 0) -
         for lease in snap.get("gpu_leases") or []:
             out.line(f"  {_lease_line(lease)}", style="cyan")
         for step in snap.get("steps", []):
+            print_watch(out, step["id"], step.get("watch"))
+        for step in snap.get("steps", []):
             if step.get("hint"):
                 out.line(f"  hint for {step['id']}: {step['hint']}", style="yellow")
             if verbose_tail and step["status"] in ("failed", "error", "running"):
                 for line in (step.get("log_tail") or [])[-verbose_tail:]:
                     out.cut(f"  {step['id']} | {line}", style="dim")
+
+
+#: A guard that has not looked at its running job for this long is probably dead (its poll is
+#: at most 30 s; the next `up` revives it).
+WATCH_STALE_S = 300.0
+
+
+def print_watch(
+    out: Out, step_id: str, watch: Mapping[str, Any] | None, now: float | None = None
+) -> None:
+    """What a launched job's guard saw last (`watch.json`, provision/watch/watcher.py): its
+    state and progress, each finding that holds now (stalled, NaN and the other alerts, a
+    crash with its diagnosis, the finish), and where its checkpoints are, with a remote that
+    refuses them said loudly."""
+    if not watch:
+        return
+    now = time.time() if now is None else now
+
+    def ago(when: Any) -> str:
+        return eta.human(max(0.0, now - float(when))).lstrip("~")
+
+    progress = watch.get("progress") or {}
+    state = str(watch.get("state") or "?")
+    parts = [f"{step_id}: {state}"]
+    if progress.get("step") is not None:
+        total = f"/{progress['total']}" if progress.get("total") else ""
+        parts.append(f"step {progress['step']}{total}")
+    if progress.get("steps_per_s"):
+        parts.append(f"{float(progress['steps_per_s']):.3g} steps/s")
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']}")
+    if progress.get("last_step_at"):
+        parts.append(f"last step {ago(progress['last_step_at'])} ago")
+    style = {"crashed": "bold red", "finished": "green", "training": "cyan"}.get(state)
+    out.line("  " + " · ".join(parts), style=style)
+    updated = float(watch.get("updated") or now)
+    if state in ("starting", "training") and now - updated > WATCH_STALE_S:
+        out.line(
+            f"    the guard has not looked for {ago(updated)} (dead? the next `up` starts it "
+            "again)",
+            style="yellow",
+        )
+    job = watch.get("job") or {}
+    for finding in watch.get("findings") or []:
+        kind, message = finding.get("kind"), str(finding.get("message") or "")
+        since = finding.get("since")
+        age = f" (for {ago(since)})" if since else ""
+        if kind == "upload_failing":
+            out.line(f"    !!! {message}{age}", style="bold red")
+        elif kind == "finished":
+            out.line(f"    {message}", style="green")
+        elif kind == "crashed":
+            out.line(f"    ✗ {message}", style="bold red")
+            if job.get("hint"):
+                out.line(f"      fix: {job['hint']}", style="yellow")
+        else:
+            severity = finding.get("severity")
+            out.line(
+                f"    ! {message}{age}", style="bold red" if severity == "critical" else "yellow"
+            )
+    uploads = watch.get("checkpoints") or {}
+    if uploads.get("remote"):
+        verified = list(uploads.get("verified") or [])
+        words = [f"checkpoints -> {uploads['remote']}: {len(verified)} verified"]
+        if verified:
+            words[0] += f" (newest {verified[-1]})"
+        if uploads.get("uploading"):
+            words.append(f"uploading {uploads['uploading']}")
+        if uploads.get("pending"):
+            words.append(f"pending {', '.join(uploads['pending'])}")
+        if uploads.get("last_upload"):
+            words.append(f"last upload {ago(uploads['last_upload'])} ago")
+        out.line("    " + " · ".join(words), style="dim" if not uploads.get("failing") else "red")
+    finish = watch.get("on_finish")
+    if isinstance(finish, dict) and finish.get("action") not in (None, "nothing"):
+        result = f"rc {finish['rc']}" if "rc" in finish else f"stopped {finish.get('stopped')}"
+        out.line(
+            f"    on_finish {finish['action']} after the run {finish.get('outcome')}: {result}"
+        )
 
 
 def _lease_line(data: dict[str, Any]) -> str:

@@ -397,13 +397,18 @@ def monitor(
     thresholds: dict[str, Any] | None,
     env: dict[str, str],
     checkpoints: dict[str, Any] | None = None,
+    watch: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Training progress, GPUs, host and alerts of one training log on the box, and the disk
-    forecast of its checkpoint directory (`checkpoints`: see provision/monitor/snapshot.py)."""
+    """Training progress, GPUs, host and alerts of one training log on the box, the disk
+    forecast of its checkpoint directory (`checkpoints`: see provision/monitor/snapshot.py),
+    and with `watch` (run, step id) what that step's guard saw last (`watch` in the result)."""
     payload = {"log": log, "batch_size": batch_size, "thresholds": thresholds, "env": env}
     payload["checkpoints"] = checkpoints
+    if watch is not None:
+        payload["run"], payload["step"] = watch
     result = agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
-    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+    snap: dict[str, Any] = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return snap
 
 
 def checkpoints(

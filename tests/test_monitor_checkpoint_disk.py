@@ -147,6 +147,11 @@ def test_monitor_warns_when_the_box_disk_will_not_hold_the_next_checkpoints(
     found = snap["checkpoints"]
     assert found["dir"].endswith("/job/ck") and found["complete"] >= 3 and found["ok"]
     assert not [a for a in snap["alerts"] if a["id"] == "checkpoint_disk"]
+    # The guard's findings come with it, and `status` prints them too.
+    watch = wait_for(lambda: monitor()[1]["watch"], timeout=30, what="the guard's first look")
+    assert watch["state"] == "training" and watch["progress"]["step"] is not None
+    shown = project.cli("status", "box1", "-p", "playbooks/test.yaml").stdout
+    assert "  train: training · step " in shown and "steps/s" in shown, shown
     # The same disk, asked to hold more checkpoints than it has room for at this size.
     project.playbook(MONITORED.format(ahead=found["fits"] + 10, command=command))
     time.sleep(0.5)
@@ -155,6 +160,7 @@ def test_monitor_warns_when_the_box_disk_will_not_hold_the_next_checkpoints(
     (alert,) = [a for a in snap["alerts"] if a["id"] == "checkpoint_disk"]
     assert alert["severity"] == "warning" and "/job/ck:" in alert["message"]
     text = project.cli("monitor", "box1", "-p", "playbooks/test.yaml").stdout
+    assert "  train: training · step " in text
     assert "checkpoints " in text and "complete checkpoint(s) (0.0 GB each, one every" in text
     assert "WARNING: " in text and "more checkpoint(s) of 0.0 GB" in text
 

@@ -344,6 +344,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         payload.get("thresholds") or None,
         checkpoints=payload.get("checkpoints"),
     )
+    if payload.get("step"):
+        from provision.watch.record import read_watch
+
+        run = _run_for(payload.get("run"))
+        snap["watch"] = read_watch(run.step_dir(payload["step"])) if run is not None else None
     print(json.dumps(snap))
     return 0
 
