@@ -28,6 +28,7 @@ BOX_SIDE = [
     *sorted((PACKAGE / "watch").glob("*.py")),
     PACKAGE / "errors.py",
     PACKAGE / "dag.py",
+    PACKAGE / "model.py",
     PACKAGE / "__init__.py",
 ]
 
@@ -63,6 +64,7 @@ def test_agent_zipapp_runs_on_a_bare_interpreter(tmp_path: Path) -> None:
     pyz.write_bytes(agent.data)
     names = zipfile.ZipFile(pyz).namelist()
     assert "provision/known_issues.json" in names and "provision/cli.py" not in names
+    assert "provision/model.py" in names, "the agent core reads and writes the run model"
     result = subprocess.run(
         [sys.executable, "-I", "-S", str(pyz), "status"],
         capture_output=True,
