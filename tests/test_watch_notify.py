@@ -209,3 +209,135 @@ def test_bad_watch_blocks(raw: dict, key: str) -> None:
 def test_bad_on_finish(raw: object) -> None:
     with pytest.raises(ParamError):
         parse_on_finish(raw)
+
+
+# ---- the runner's news: setup failed, training verified (over a test box) ---------------------
+
+NEWS_PLAYBOOK = """\
+name: news
+steps:
+  - id: fetch-weights
+    kind: shell
+    retries: 1
+    run: test -e ~/weights-ready || rclone lsf nosuch:weights
+  - id: train
+    kind: tmux_launch
+    needs: [fetch-weights]
+    session: news
+    command: {trainer}
+    log: train.log
+    notify: NOTIFY_URL
+    watch: {{poll: 1}}
+  - id: train-started
+    kind: wait_log
+    needs: [train]
+    log: ~/train.log
+    timeout: 60
+    poll: 1
+    markers: ['Model: 3617\\.8M total']
+    progress:
+      name: first step
+      regex: '\\[AE\\] step=0/\\d+ loss=(?P<loss>[\\d.]+)'
+"""
+
+
+@pytest.mark.slow
+def test_setup_failed_is_told_once_per_failure_then_training_verified(
+    project, box, inbox: Inbox
+) -> None:  # type: ignore[no-untyped-def]
+    project.host_vars = {"agent_python": sys.executable}
+    project.secrets = {"NOTIFY_URL": {"value": inbox.url}}
+    project.playbook(NEWS_PLAYBOOK.format(trainer=trainer("--steps", "100000", "--step-sleep",
+                                                          "0.05")))  # fmt: skip
+    run_dir = box.home / ".bootstrap/runs/news"
+    first = project.up("box1")
+    assert first.returncode != 0
+    # The runner tells once the run has ended (`up` may have returned a moment before).
+    wait_for(lambda: inbox.messages, timeout=30, what=f"news; {_runner_log(run_dir)}")
+    time.sleep(1)
+    assert inbox.titles() == ["setup failed"]  # two attempts (retries: 1), one event
+    (message,) = inbox.messages
+    assert message["title"] == "box1 · news: setup failed"
+    body = message["message"]
+    assert body.startswith("step fetch-weights failed after 2 attempts: ")
+    assert "diagnosis: The rclone remote (gg1) is not in rclone.conf" in body
+    assert "fix: Run the rclone-config step" in body
+    assert "didn't find section in config file" in body  # the log's last lines
+    assert "blocked: train, train-started" in body
+    assert body.endswith("rerun: bootstrap rerun box1 fetch-weights")
+    secret = inbox.url.split("//")[1]
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), path
+
+    again = project.up("box1")  # it runs again and fails again: a new event
+    assert again.returncode != 0
+    wait_for(lambda: len(inbox.messages) == 2, timeout=30, what="the second failure's news")
+
+    (box.home / "weights-ready").touch()
+    fixed = project.cli("rerun", "box1", "fetch-weights", "-p", "playbooks/test.yaml")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    steps = project.steps("box1")
+    assert {s["status"] for s in steps.values()} == {"done"}, steps
+    # Training verified at step 0: one message, from the runner or the guard, whichever first.
+    wait_for(lambda: len(inbox.titles()) == 3, timeout=30, what="training news")
+    time.sleep(3)  # the guard's looks meanwhile: nothing more
+    news = inbox.titles()
+    assert news[:2] == ["setup failed", "setup failed"] and len(news) == 3, news
+    assert news[2] in ("training verified", "training runs")
+    if news[2] == "training verified":
+        assert inbox.messages[-1]["message"].startswith("train-started: all 1 markers seen; ")
+    noop = project.up("box1")
+    assert noop.returncode == 0
+    time.sleep(2)
+    assert inbox.titles() == news
+    box.ssh("tmux kill-server", check=False)
+
+
+def _runner_log(run_dir: Path) -> str:
+    path = run_dir / "runner.log"
+    return path.read_text(errors="replace")[-2000:] if path.exists() else "no runner.log"
+
+
+def test_a_process_without_apprise_sends_through_the_venv_python(
+    tmp_path: Path, inbox: Inbox
+) -> None:
+    plain = shutil.which("python3", path="/usr/bin")
+    probe = subprocess.run([plain or "python3", "-c", "import apprise"], capture_output=True)
+    if plain is None or probe.returncode == 0:
+        pytest.skip("needs a python3 without apprise (the box's, as the runner runs on)")
+    script = (
+        "import sys; from pathlib import Path; from provision.watch.notify import Notifier\n"
+        "n = Notifier(sys.stdin.read(), Path(sys.argv[1]), 'b1 · news', print, sys.argv[2])\n"
+        "print(n.tell('setup_failed:x@1', 'setup_failed', 'step x failed', 'rerun: r'))\n"
+    )
+    done = subprocess.run(
+        [plain, "-c", script, str(tmp_path), sys.executable],
+        input=inbox.url,  # the URL is a secret: stdin, never argv
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=60,
+    )
+    assert done.stdout.strip().endswith("True"), done.stdout + done.stderr
+    assert [m["title"] for m in inbox.messages] == ["b1 · news: setup failed"]
+    assert inbox.messages[0]["message"] == "step x failed\nrerun: r"
+    assert inbox.url.split("//")[1] not in done.stdout + done.stderr
+
+
+def test_two_processes_telling_one_event_send_one_message(tmp_path: Path, inbox: Inbox) -> None:
+    from provision.watch.notify import Notifier
+
+    # The runner and the guard each hold their own notifier over the step's notified.json.
+    notifiers = [Notifier(inbox.url, tmp_path, "b1 · train", print) for _ in range(4)]
+    threads = [
+        threading.Thread(target=n.tell, args=("training@l1", "training", "step 0"))
+        for n in notifiers
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert inbox.titles() == ["training runs"]
+    assert Notifier(inbox.url, tmp_path, "b1 · train", print).tell("training@l1", "t", "x")
+    assert len(inbox.messages) == 1

@@ -191,7 +191,24 @@ class Runner:
             self.stop_all("runner stopping")
             self.state["runner"].update(outcome, ended=time.time(), pid=None)
             self.save()
+        self.tell_news()
         return all(self.status(s) == "done" for s in self.selected)
+
+    def tell_news(self) -> None:
+        """Notify the launch steps' `notify:` URLs of a setup that failed or of training
+        verified (provision/watch/run_news.py); a notification never fails the run."""
+        from provision.watch.run_news import tell_run_end
+
+        def log(message: str) -> None:
+            print(f"runner: {message}", file=sys.stderr, flush=True)
+
+        try:
+            tell_run_end(
+                self.run.path, self.plan, self.state, self.secrets, self.python_for, log,
+                self.redact,
+            )  # fmt: skip
+        except Exception as exc:  # a bug there must not turn a finished run into a crash
+            log(f"notifications failed: {type(exc).__name__}: {exc}")
 
     def save(self) -> None:
         """Write the state. A disk too full even after the reserve was spent must not stop the
