@@ -108,6 +108,7 @@ class Remote:
         self.root = rclone_path(spec.remote, self.env)
         self.rclone = rclone or find_rclone(self.env)
         self._config = os.path.expanduser(spec.rclone_config) if spec.rclone_config else None
+        self._hash_type: str | None = None  # "" once asked: the remote has none
 
     def path(self, rel: str) -> str:
         """The rclone path of `rel` under the remote root."""
@@ -132,26 +133,49 @@ class Remote:
         """Copy one file from `rel` under the root to `dest`."""
         self._run(["copyto", self.path(rel), str(dest), *self._transfer_flags()], timeout=None)
 
-    def check_against(self, local: Path, name: str, download: bool = False) -> None:
-        """`rclone check`: every file of `local` on the remote under `name`, same size and hash.
-
-        With `download`, the remote side is the source (after a restore's download).
-        """
-        pair = [self.path(name), str(local)] if download else [str(local), self.path(name)]
-        self._run(["check", *pair, "--one-way"], timeout=None)
-
     # -- listings and the manifest --------------------------------------------------------
 
+    def hash_type(self) -> str | None:
+        """The one hash this remote is verified with: its own (md5 first, as GCS, S3 and Drive
+        keep it with each object; else sha1, crc32c, or the first it has); None when it has
+        none (sizes only). Asked once (`rclone backend features`).
+
+        One type, not every one rclone knows: for a remote that computes hashes by reading the
+        data (the local disk, sftp) each type is a full pass over a 22 GB checkpoint, and
+        `--hash` alone asks for nine of them.
+        """
+        if self._hash_type is None:
+            out = self._run(["backend", "features", self.root])
+            offered = [str(h).lower() for h in (json.loads(out or "{}").get("Hashes") or [])]
+            preferred = [h for h in ("md5", "sha1", "crc32c") if h in offered]
+            self._hash_type = (preferred or offered or [""])[0]
+        return self._hash_type or None
+
     def listing(self, rel: str) -> dict[str, RemoteFile]:
-        """Every file under `rel` as {relative path: RemoteFile}; empty when `rel` is absent."""
+        """Every file under `rel` as {relative path: RemoteFile} with the remote's hash (see
+        `hash_type`); empty when `rel` is absent."""
+        return self._lsjson(self.path(rel))
+
+    def local_listing(self, path: Path) -> dict[str, RemoteFile]:
+        """The box's files under `path`, with the same hash as `listing` (computed by rclone,
+        so it is the remote's very algorithm), to compare with the remote's."""
+        return self._lsjson(str(path))
+
+    def _lsjson(self, where: str) -> dict[str, RemoteFile]:
+        kind = self.hash_type()
+        args = ["lsjson", "-R", "--files-only", where] + (["--hash-type", kind] if kind else [])
         try:
-            out = self._run(["lsjson", "-R", "--files-only", "--hash", self.path(rel)])
+            out = self._run(args, timeout=None)
         except RemoteError as exc:
             if "directory not found" in str(exc).lower():
                 return {}
             raise
         return {
-            item["Path"]: RemoteFile(int(item["Size"]), dict(item.get("Hashes") or {}))
+            item["Path"]: RemoteFile(
+                # An empty value is a hash the remote lacks for that object: unknown, not wrong.
+                int(item["Size"]),
+                {k.lower(): v for k, v in (item.get("Hashes") or {}).items() if v},
+            )
             for item in json.loads(out or "[]")
         }
 
@@ -227,7 +251,8 @@ class Remote:
             raise RemoteError(
                 _last_error(done.stderr) or f"rclone {args[0]} exited {done.returncode}"
             )
-        return done.stdout
+        out: str = done.stdout
+        return out
 
 
 def _last_error(stderr: str) -> str:

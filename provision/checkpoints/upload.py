@@ -5,8 +5,10 @@ One `sync()` pass, oldest step first, for every complete checkpoint the manifest
 1. `rclone sync` the directory (files already on the remote with the same size and time are
    skipped, so a pass killed halfway resumes without sending a finished file twice), then the
    `carry:` files to `.bootstrap/carry/<name>/`;
-2. verify: `rclone check --one-way` (size, and hash where the remote has one), then the remote's
-   listing must hold exactly the box's files with their sizes;
+2. verify: the remote's listing must hold every file of the box's copy with its size and its
+   hash (the remote's own one type, `Remote.hash_type`: read from the object's metadata on
+   GCS, S3 or Drive, computed where the remote has to read the data), the box's side hashed
+   once by rclone with the same algorithm;
 3. write the manifest entry (the remote's sizes and hashes): from here on it is restorable;
 4. `keep`: delete the oldest complete checkpoints beyond `keep`, but only those the manifest
    holds (with a remote), never the newest, never an incomplete one.
@@ -21,6 +23,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,14 +115,21 @@ class Uploader:
         started = time.time()
         self.log(f"uploading checkpoint {ckpt.name} to {self.remote.url}")
         write_json_atomic(self.status_path, {**read_status(self.workdir), "uploading": ckpt.name})
-        self.remote.upload_dir(ckpt.path, ckpt.name)
-        carried = {}
-        for rel in self.spec.carry:
-            source = self.cwd / rel
-            if source.is_file():
-                self.remote.upload_file(source, f"{CARRY_DIR}/{ckpt.name}/{rel}")
-                carried[rel] = source.stat().st_size
-        files = self._verify(ckpt, carried)
+        # The box's side is hashed while it uploads (a complete checkpoint no longer changes):
+        # the pass then costs the transfer plus the remote's hashes, not a third read after it.
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            mine = pool.submit(self.remote.local_listing, ckpt.path)
+            self.remote.upload_dir(ckpt.path, ckpt.name)
+            carried = {}
+            for rel in self.spec.carry:
+                source = self.cwd / rel
+                if source.is_file():
+                    self.remote.upload_file(source, f"{CARRY_DIR}/{ckpt.name}/{rel}")
+                    carried[rel] = source.stat().st_size
+            files = self._verify(ckpt, carried, mine.result())
+        finally:
+            pool.shutdown(wait=False)
         size = sum(f.size for f in files["files"].values())
         entry = {
             "name": ckpt.name,
@@ -138,18 +148,21 @@ class Uploader:
         self.log(f"checkpoint {ckpt.name} uploaded and verified ({size} bytes in {seconds:.1f}s)")
 
     def _verify(
-        self, ckpt: local.LocalCheckpoint, carried: dict[str, int]
+        self,
+        ckpt: local.LocalCheckpoint,
+        carried: dict[str, int],
+        mine: dict[str, RemoteFile],
     ) -> dict[str, dict[str, RemoteFile]]:
-        """The remote's files of `ckpt` and its carry, once they match the box's exactly."""
+        """The remote's files of `ckpt` and its carry, once they match the box's (`mine`)."""
         assert self.remote is not None
-        self.remote.check_against(ckpt.path, ckpt.name)
-        mine = local.files(ckpt.path)
         theirs = self.remote.listing(ckpt.name)
-        _same_sizes(ckpt.name, mine, theirs)
+        _same_files(ckpt.name, mine, theirs)
         theirs = {k: theirs[k] for k in mine}
-        carry = self.remote.listing(f"{CARRY_DIR}/{ckpt.name}")
+        carry = self.remote.listing(f"{CARRY_DIR}/{ckpt.name}") if carried else {}
         carry = {k: v for k, v in carry.items() if k in carried}
-        _same_sizes(f"the carry of {ckpt.name}", carried, carry)
+        _same_files(
+            f"the carry of {ckpt.name}", {k: RemoteFile(v) for k, v in carried.items()}, carry
+        )
         return {"files": theirs, "carry": carry}
 
     def _prune(self, found: list[local.LocalCheckpoint], safe: set[str]) -> list[str]:
@@ -194,11 +207,10 @@ def read_status(workdir: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
-def _same_sizes(what: str, mine: dict[str, int], theirs: dict[str, RemoteFile]) -> None:
+def _same_files(what: str, mine: dict[str, RemoteFile], theirs: dict[str, RemoteFile]) -> None:
+    """Raise unless every file of `mine` is in `theirs` with its size and hash."""
     missing = sorted(set(mine) - set(theirs))
-    wrong = sorted(k for k in mine if k in theirs and theirs[k].size != mine[k])
+    wrong = sorted(k for k in mine if k in theirs and not mine[k].matches(theirs[k]))
     if missing or wrong:
-        detail = ", ".join(
-            [*(f"{k} missing" for k in missing), *(f"{k} size differs" for k in wrong)]
-        )
+        detail = ", ".join([*(f"{k} missing" for k in missing), *(f"{k} differs" for k in wrong)])
         raise RemoteError(f"{what} on the remote does not match the box: {detail}")
