@@ -18,8 +18,9 @@ from typing import Any
 import gcs_emulator
 import pytest
 
+from provision.agent.files import read_json
 from provision.errors import StepFailed
-from provision.steps.base import ParamError, StepContext, read_json, validate_params
+from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.gcs_download import KIND
 
 BIG = 9 * (1 << 20)  # over 8 MiB, and over `chunked_above_mib: 4`: fetched in ranges

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from provision.agent.files import read_json
 from provision.errors import StepFailed
-from provision.steps.base import ParamError, StepContext, read_json, validate_params
+from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.rclone_copy import KIND
 
 pytestmark = pytest.mark.skipif(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from provision.agent.files import tail_text
 from provision.errors import ConfigError
 from provision.monitor import catalog
 
@@ -217,8 +218,8 @@ def test_bad_yaml_file_names_the_file(tmp_path: Path) -> None:
 def test_tail_text_cuts_at_a_line(tmp_path: Path) -> None:
     log = tmp_path / "x.log"
     log.write_text("first line\n" + "x" * 100 + "\nlast line: No space left on device\n")
-    assert catalog.tail_text(log, 60) == "last line: No space left on device\n"
-    assert catalog.tail_text(tmp_path / "missing.log") == ""
+    assert tail_text(log, 60) == "last line: No space left on device\n"
+    assert tail_text(tmp_path / "missing.log", 60) == ""
 
 
 def test_matching_a_big_log_is_fast() -> None:

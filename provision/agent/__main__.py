@@ -26,6 +26,7 @@ from typing import Any
 
 from provision.agent import blobs, report
 from provision.agent.execute import EXIT_ERROR, exec_step, step_env
+from provision.agent.files import write_json_atomic
 from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
 from provision.agent.state import (
@@ -37,7 +38,6 @@ from provision.agent.state import (
     runner_active,
     save_state,
     set_aside_damaged,
-    write_atomic,
     write_secrets,
 )
 from provision.agent.versions import prune_agents, pyz_path
@@ -67,7 +67,7 @@ def _plan_stored(run: RunDir, plan: dict[str, Any]) -> bool:
 
 def _store_plan(run: RunDir, plan: dict[str, Any]) -> None:
     if not _plan_stored(run, plan):
-        write_atomic(run.plan, plan)
+        write_json_atomic(run.plan, plan)
 
 
 def _request(run: RunDir, reset: dict[str, Any] | None) -> Path | None:
@@ -76,7 +76,7 @@ def _request(run: RunDir, reset: dict[str, Any] | None) -> Path | None:
         return None
     request = run.requests / f"{time.time_ns()}.json"
     data = {"reset": reset["step"], "only": bool(reset.get("only")), "at": time.time()}
-    write_atomic(request, data)
+    write_json_atomic(request, data)
     return request
 
 

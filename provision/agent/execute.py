@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.checks import box_checks
+from provision.agent.files import read_json, write_json_atomic
 from provision.agent.redact import Redactor
 from provision.agent.state import RunDir
 from provision.agent.versions import pyz_path
 from provision.errors import StepFailed
-from provision.steps.base import StepContext, read_json, write_json_atomic
+from provision.steps.base import StepContext
 from provision.steps.box_tool import TOOLS_BIN
 from provision.steps.registry import get_kind
 

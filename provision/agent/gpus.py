@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.agent.state import agent_root
 from provision.errors import StepFailed
-from provision.steps.base import read_json, write_json_atomic
 
 #: GPU names in a `gpus:` param: indexes or UUIDs, comma-separated.
 _GPUS_RE = re.compile(r"^[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*$")

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+from provision.agent import files
+from provision.agent.files import read_json
 from provision.agent.state import (
     RunDir,
     agent_root,
@@ -20,7 +22,6 @@ from provision.agent.state import (
     load_state,
     runner_active,
 )
-from provision.steps.base import read_json
 from provision.watch.record import read_watch
 
 DEFAULT_TAIL_LINES = 10
@@ -44,30 +45,6 @@ def latest_run() -> str | None:
         if best is None or mtime > best[0]:
             best = (mtime, name)
     return best[1] if best else None
-
-
-def log_tail(path: Any, lines: int) -> list[str]:
-    """The last `lines` lines of a log (reads at most 64 KiB from its end)."""
-    if lines <= 0:
-        return []
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            data = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    # Progress bars redraw with carriage returns: keep what the terminal would show, the last
-    # drawing of each line (splitlines would make every redraw a line of its own).
-    shown = [_last_drawn(ln) for ln in data.split("\n")]
-    return [ln for ln in shown if ln.strip()][-lines:]
-
-
-def _last_drawn(line: str) -> str:
-    """The last non-blank part of a line redrawn with `\r` ('' when all are blank)."""
-    drawn = [part for part in line.split("\r") if part.strip()]
-    return drawn[-1] if drawn else ""
 
 
 def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any]:
@@ -112,7 +89,7 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
                 "reason": rec.get("reason"),
                 "hint": rec.get("hint"),
                 "warnings": rec.get("warnings") or [],
-                "log_tail": log_tail(run.log(step["id"]), tail_lines),
+                "log_tail": files.tail_lines(run.log(step["id"]), tail_lines),
             }
         )
     snap: dict[str, Any] = {
@@ -204,7 +181,7 @@ def print_log(run: RunDir, step_id: str, lines: int, keep_following: bool) -> in
     if not path.exists():
         sys.stderr.write(f"no log for step '{step_id}' in run '{run.name}'\n")
         return 2
-    for line in log_tail(path, lines) if lines else []:
+    for line in files.tail_lines(path, lines):
         sys.stdout.write(line + "\n")
     sys.stdout.flush()
     if not keep_following:

@@ -41,6 +41,7 @@ from provision.agent.execute import (
     step_env,
     stop_group,
 )
+from provision.agent.files import read_json, tail_text
 from provision.agent.redact import Redactor
 from provision.agent.state import (
     BAD,
@@ -55,7 +56,6 @@ from provision.agent.state import (
     save_state,
 )
 from provision.agent.versions import pyz_path
-from provision.steps.base import read_json
 from provision.steps.registry import get_kind
 
 #: Seconds between SIGTERM and SIGKILL for a step that timed out or was cancelled.
@@ -562,18 +562,6 @@ class Runner:
             self.final.discard(sid)
             self.executed.discard(sid)
             self.started.discard(sid)
-
-
-def tail_text(path: Any, limit: int) -> str:
-    """The last `limit` bytes of a file as text ('' when missing)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provision.steps.base import read_json
+from provision.agent.files import read_json, write_json_atomic
 
 #: Every status a step can have. `error`: it could not run (crash, missing interpreter), as
 #: opposed to `failed`: it ran and failed. `blocked`: an upstream step failed or errored.
@@ -253,27 +253,11 @@ def save_state(run: RunDir, state: dict[str, Any]) -> None:
     """
     state["updated"] = time.time()
     try:
-        write_atomic(run.state, state)
+        write_json_atomic(run.state, state)
     except OSError as exc:
         if exc.errno != errno.ENOSPC or not release_reserve(run):
             raise
-        write_atomic(run.state, state)
-
-
-def write_atomic(path: Path, data: Any) -> None:
-    """Write JSON: temp file, fsync, rename; a failed write removes its temp file (it may hold
-    the space the next attempt needs, and nothing may be left half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+        write_json_atomic(run.state, state)
 
 
 def remove_stale_temps(run: RunDir) -> None:
@@ -335,20 +319,9 @@ def record(state: dict[str, Any], step_id: str) -> dict[str, Any]:
 
 
 def write_secrets(run: RunDir, secrets: dict[str, str]) -> None:
-    """Store secret values for the runner, readable by the box user only."""
-    tmp = run.secrets.with_name(f".secrets.json.{os.getpid()}.tmp")  # two `up`s may race
-    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(secrets, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, run.secrets)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Store secret values for the runner, readable by the box user only (two `up`s may race:
+    each writes its own temp file)."""
+    write_json_atomic(run.secrets, secrets, indent=None, sort_keys=False, mode=0o600)
 
 
 def read_secrets(run: RunDir) -> dict[str, str]:

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.checkpoints import local
 from provision.checkpoints.remote import CARRY_DIR, Remote, RemoteError, RemoteFile
 from provision.checkpoints.spec import CheckpointSpec
-from provision.steps.base import read_json, write_json_atomic
 
 STATUS_FILE = "checkpoints.json"
 

@@ -19,7 +19,7 @@ for m in cat.match(text):           # earliest-matching issue first
 Matching works on any text (a step's log tail, a pasted terminal): ANSI colour codes are dropped
 and carriage returns (tqdm) count as line breaks. Each entry is searched once over the whole
 text with its compiled patterns, so the cost is a few C-level regex scans per entry; pass a tail
-(see `tail_text`) rather than a 10 GB log.
+(`provision.agent.files.tail_text`) rather than a 10 GB log.
 
 Entry fields: `id` ([a-z0-9-]+), `title`, `patterns` (Python regexes, searched line by line:
 `^`/`$` anchor at line ends), `diagnosis`, `fix`, and optionally `remediation` (one of
@@ -247,22 +247,6 @@ def catalog_to_json(source: str | os.PathLike[str] | dict[str, Any] | None = Non
     """The catalog as JSON text, for the agent build to ship as `provision/known_issues.json`."""
     cat = load_catalog(source if source is not None else _yaml_path())
     return json.dumps(cat.to_data(), indent=1, ensure_ascii=False) + "\n"
-
-
-def tail_text(path: str | os.PathLike[str], max_bytes: int = 256 * 1024) -> str:
-    """The last `max_bytes` of a file as text ('' when it is missing), cut at a line start."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            raw = fh.read()
-    except OSError:
-        return ""
-    if size > max_bytes:
-        cut = raw.find(b"\n")
-        raw = raw[cut + 1 :] if cut >= 0 else raw
-    return raw.decode("utf-8", "replace")
 
 
 def _yaml_path() -> str:

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+from provision.agent.files import tail_text
 from provision.errors import ConfigError
 from provision.monitor import alerts, catalog, checkpoint_disk, gpu, host, logparse
 
@@ -97,7 +98,7 @@ def _log_info(path: str, now: float) -> dict[str, Any]:
 
 
 def _known_issues(path: str) -> list[dict[str, Any]]:
-    tail = catalog.tail_text(path, ISSUE_TAIL_BYTES)
+    tail = tail_text(path, ISSUE_TAIL_BYTES)
     try:
         return [m.to_dict() for m in catalog.default_catalog().match(tail)]
     except ConfigError:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import write_json_atomic
 from provision.stats.errors import DatasetError
 
 
@@ -27,19 +27,10 @@ def load(path: Path, *, allow_list: bool = False) -> Any:
 def write_atomic(
     path: Path, data: Any, *, indent: int | None = 2, sort_keys: bool = False, newline: bool = True
 ) -> None:
-    """Write `data` as JSON via a temp file, fsync and rename: readers never see half a file.
+    """Write `data` as JSON in the statistics files' style, atomically (`files.atomic_writer`),
+    creating missing parent directories.
 
     Keys keep their insertion order (the statistics files list mean, std, q01, q99, ...) unless
     `sort_keys`; `newline=False` leaves out the final newline (TFDS writes none).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=indent, sort_keys=sort_keys)
-            fh.write("\n" if newline else "")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(path, data, indent=indent, sort_keys=sort_keys, newline=newline, parents=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from provision.agent.files import atomic_writer
 from provision.stats.crc32c import crc32c_many, crc32c_small, masked, masked_many
 from provision.stats.errors import DatasetError
 
@@ -80,12 +81,11 @@ def frame(data: bytes) -> bytes:
 
 
 def write_records(path: Path, records: Iterable[bytes]) -> int:
-    """Write records to a new TFRecord file (via a temp name); returns the number written."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write records to a new TFRecord file (atomically: `files.atomic_writer`); returns the
+    number written."""
     count = 0
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path, binary=True) as fh:
         for data in records:
             fh.write(frame(data))
             count += 1
-    os.replace(tmp, path)
     return count

@@ -13,10 +13,8 @@ means. Standard library only: both kinds use this on the box's plain python3.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Collection
-from pathlib import Path
 
 from provision.errors import ConfigError
 from provision.monitor import catalog
@@ -27,20 +25,6 @@ EXITED_FORMAT = "[bootstrap] job %s exited with status %s"
 
 STARTED_RE = re.compile(r"^\[bootstrap\] job (?P<launch>[0-9a-f]+) started in tmux session \S+")
 EXITED_RE = re.compile(r"^\[bootstrap\] job (?P<launch>[0-9a-f]+) exited with status (?P<rc>\d+)")
-
-
-def tail_lines(path: Path, count: int = 30, max_bytes: int = 65536) -> list[str]:
-    """The last `count` non-empty lines of a text file (at most `max_bytes` read); [] if absent."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return []
-    lines = re.split(r"\r\n|\r|\n", data.decode("utf-8", "replace"))
-    return [line for line in lines if line.strip()][-count:]
 
 
 def diagnose(text: str, ignore: Collection[str] = ()) -> catalog.Match | None:

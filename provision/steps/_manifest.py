@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from provision.steps.base import Check, ParamError, StepContext, read_json, write_json_atomic
+from provision.agent.files import read_json, write_json_atomic
+from provision.steps.base import Check, ParamError, StepContext
 
 MANIFEST = "manifest.json"
 #: How many files a reason lists before summarising the rest.

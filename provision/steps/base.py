@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import codecs
 import difflib
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -32,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
 
 T = TypeVar("T")
@@ -357,34 +356,3 @@ class StepContext:
                 raise StepFailed(f"timed out waiting for {what}")
             time.sleep(interval)
             interval = min(interval * 1.5, ceiling)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via temp file, fsync and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str | None:
-    """sha256 of a file's bytes (read in 1 MiB blocks), or None when it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-def read_json(path: Path, default: Any) -> Any:
-    """Read JSON, or `default` when the file is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return default

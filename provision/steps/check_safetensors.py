@@ -27,17 +27,10 @@ import hashlib
 import json
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
 from provision.formats.safetensors import DTYPE_SIZES, Header, SafetensorsError, read_header
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _MARKER = "safetensors.json"
 #: How many differences one failure message lists before summarising the rest.

@@ -63,20 +63,12 @@ import os
 from dataclasses import replace
 from typing import Any
 
+from provision.agent.files import file_sha256, read_json, write_json_atomic
 from provision.errors import ProvisionError, StepFailed
 from provision.stats import formats
 from provision.stats.errors import DatasetError
 from provision.steps import _manifest
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    file_sha256,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _MARKER = "stats.json"
 _SHOWN = 3

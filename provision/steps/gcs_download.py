@@ -53,17 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
 from provision.steps import _expect, _manifest
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _SRC = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/.*)?$")
 #: The object list of the last run, turned into the manifest once verified.

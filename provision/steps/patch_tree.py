@@ -33,17 +33,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import file_sha256, read_json, write_json_atomic
 from provision.errors import StepFailed
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    file_sha256,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _PACKAGE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _MARKER = "package_dir.json"

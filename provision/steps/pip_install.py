@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
 from provision.steps._uv import UV_PARAMS, ensure_uv, index_args, run_uv, uv_env, validate_index
 from provision.steps._venv import (
@@ -45,8 +46,7 @@ from provision.steps._venv import (
     run_probe,
     same_version,
 )
-from provision.steps.base import Check, Kind, Param, ParamError, StepContext, read_json
-from provision.steps.base import write_json_atomic as write_json
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _MARKER = "installed.json"
 _NAME_RE = r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
@@ -170,7 +170,7 @@ class PipInstall(Kind):
                 hint="`cwd` must be the project root so its [tool.uv] override-dependencies "
                 "apply (RUNBOOK D: with tensorflow==2.15.0, ml_dtypes stays 0.4.1)",
             )
-        write_json(ctx.workdir / _MARKER, found["versions"])
+        write_json_atomic(ctx.workdir / _MARKER, found["versions"])
 
 
 def _parse(requirement: str) -> tuple[str, str | None]:

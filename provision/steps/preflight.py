@@ -41,20 +41,13 @@ import re
 import time
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.agent.gpus import gpus_value
 from provision.errors import StepFailed
 from provision.monitor import preflight
 from provision.monitor.render import render_rows
 from provision.steps import box_tool
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 RESULT = "preflight.json"
 

@@ -31,12 +31,12 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import stat
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import atomic_writer, file_sha256, read_json, write_json_atomic
 from provision.errors import StepFailed
 from provision.steps.base import (
     SECRET_MARK,
@@ -46,9 +46,6 @@ from provision.steps.base import (
     ParamError,
     ResolveTools,
     StepContext,
-    file_sha256,
-    read_json,
-    write_json_atomic,
 )
 
 #: Matches a secret placeholder and captures the secret's name.
@@ -122,7 +119,8 @@ class Template(Kind):
         data = _fill(ctx, text).encode("utf-8")
         dest = ctx.path(ctx.params["dest"])
         mode = _mode(ctx.params)
-        write_atomic(dest, data, mode)
+        with atomic_writer(dest, binary=True, mode=mode, parents=True, sync_dir=True) as fh:
+            fh.write(data)
         write_json_atomic(
             ctx.workdir / _MARKER,
             {"source": _digest(text.encode()), "written": _digest(data), "mode": mode},
@@ -133,29 +131,6 @@ class Template(Kind):
         result = self.check(ctx)
         if not result.done:
             raise StepFailed(result.reason)
-
-
-def write_atomic(dest: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `dest` via a temp file born with `mode`, fsync, rename, fsync the dir."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.bootstrap-{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        # os.open applies the umask; fchmod sets the exact mode before any byte is written.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _text(params: dict[str, Any]) -> str:

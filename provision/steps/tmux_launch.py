@@ -83,20 +83,13 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, tail_lines, write_json_atomic
 from provision.agent.gpus import GpuLeases, gpu_set, gpus_text, gpus_value, session_members
 from provision.checkpoints import restore
 from provision.checkpoints.spec import parse_checkpoints
 from provision.errors import StepFailed
 from provision.steps import _joblog
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 from provision.watch import guard
 from provision.watch.spec import parse_on_finish, parse_watch
 
@@ -494,7 +487,7 @@ def _wait_started(workdir: Path, launch: str, server: Any, session: str, log: Pa
             return int(fields[0])
         rc = _exit_status(workdir, launch)
         if rc is not None:
-            last = _joblog.last_message(_joblog.tail_lines(log, 5))
+            last = _joblog.last_message(tail_lines(log, 5))
             raise StepFailed(
                 f"the launch script exited with status {rc} before the job"
                 + (f": {last}" if last else "")
@@ -557,7 +550,7 @@ def _exit_status(workdir: Path, launch: str | None) -> int | None:
 
 def _job_failed(reason: str, log: Path, ctx: StepContext) -> StepFailed:
     """A StepFailed for a dead job: its log tail goes to the step log, the catalog gives a hint."""
-    lines = _joblog.tail_lines(log, 30)
+    lines = tail_lines(log, 30)
     if lines:
         ctx.log(f"last lines of {log}:")
         for line in lines:

@@ -39,6 +39,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
 from provision.steps._pyproject import (
     PyprojectError,
@@ -54,8 +55,7 @@ from provision.steps._venv import (
     run_probe,
     version_matches_prefix,
 )
-from provision.steps.base import Check, Kind, Param, ParamError, StepContext, read_json
-from provision.steps.base import write_json_atomic as write_json
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _MARKER = "synced.json"
 _HASHED = ("uv.lock", "pyproject.toml")
@@ -184,7 +184,7 @@ class UvSync(Kind):
                 hint="uv.lock decides these versions: is the checkout on the right branch?",
             )
         modules = {m: found[m]["file"] for m in wanted}
-        write_json(ctx.workdir / _MARKER, {"hashes": _hashes(project), "modules": modules})
+        write_json_atomic(ctx.workdir / _MARKER, {"hashes": _hashes(project), "modules": modules})
 
 
 def wanted_imports(value: Any) -> dict[str, str]:

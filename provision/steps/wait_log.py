@@ -78,18 +78,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, write_json_atomic
 from provision.errors import ConfigError, StepFailed
 from provision.monitor import catalog
 from provision.steps import _joblog
-from provision.steps.base import (
-    Check,
-    Kind,
-    Param,
-    ParamError,
-    StepContext,
-    read_json,
-    write_json_atomic,
-)
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 #: Without a step timeout, wait at most this long.
 DEFAULT_TIMEOUT_S = 3600.0

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import provision
+from provision.agent.files import read_json, write_json_atomic
 from provision.checkpoints.remote import Remote, nice_prefix
 from provision.checkpoints.spec import CheckpointSpec
 from provision.checkpoints.upload import Uploader, read_status
-from provision.steps.base import read_json, write_json_atomic
 from provision.watch.notify import Notifier
 from provision.watch.record import WATCH_FILE
 from provision.watch.spec import FinishAction, WatchSpec

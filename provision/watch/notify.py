@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import provision
-from provision.steps.base import read_json, write_json_atomic
+from provision.agent.files import read_json, write_json_atomic
 
 SENT_FILE = "notified.json"
 LOCK_FILE = "notified.lock"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from provision.steps.base import read_json
+from provision.agent.files import read_json
 
 WATCH_FILE = "watch.json"
 

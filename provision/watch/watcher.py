@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import read_json, tail_lines
 from provision.monitor import snapshot
 from provision.steps import _joblog
-from provision.steps.base import read_json
 from provision.watch.record import WATCH_FILE
 from provision.watch.spec import WatchSpec
 
@@ -92,7 +92,7 @@ class Watcher:
             found.append(_finding("finished", "finished", "info", _finished(step, total, rc)))
         elif gone:
             state = "crashed"
-            tail = _joblog.tail_lines(Path(self.log), 40)
+            tail = tail_lines(Path(self.log), 40)
             diagnosis = _joblog.diagnose("\n".join(tail))
             job["diagnosis"] = diagnosis.line if diagnosis else _joblog.last_message(tail)
             job["hint"] = diagnosis.hint if diagnosis else None
