@@ -27,17 +27,41 @@ from provision.home import config_dir
 
 PACKAGE = Path(__file__).resolve().parent
 _MAIN = "import sys\nfrom provision.agent.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
-#: Controller-only modules: they import typer/rich/yaml/jinja2, which the box lacks.
-_CONTROLLER_ONLY = {
-    "cli.py",
-    "console.py",
-    "controller.py",
-    "playbook.py",
-    "inventory.py",
-    "yamlsrc.py",
-    "bundle.py",
-    "home.py",
-}
+
+#: What the box's plain python3 imports, relative to `provision/` (files and `dir/*.py` globs):
+#: the agent core, the step kinds and what they run. Each must import only the standard library
+#: at module level and parse as Python 3.9 (tests/test_agent_portability.py checks every file
+#: these match, so a module is checked exactly when it ships). A new box-side module or package
+#: is added here; anything else (the CLI, console, controller, transports, renting) never ships.
+BOX_STDLIB = (
+    "__init__.py",
+    "errors.py",
+    "dag.py",
+    "model.py",
+    "agent/*.py",
+    "steps/*.py",
+    "steps/common/*.py",
+    "monitor/*.py",
+    "formats/*.py",
+    "checkpoints/*.py",
+    "watch/*.py",
+    "stats/__init__.py",
+    "stats/errors.py",
+    "stats/formats.py",
+)
+#: Shipped too, but imported only inside the agent venv (`dataset_stats` runs the statistics
+#: there: numpy, pyarrow).
+BOX_VENV = ("stats/*.py",)
+#: Files steps read out of the zipapp (`$BOOTSTRAP_AGENT_PYZ`): the smoke playbook's trainer.
+BOX_DATA = ("data/fake_trainer.py",)
+#: The known-issues catalog, shipped as JSON (the box has no PyYAML): `agent.catalog` reads it.
+CATALOG = PACKAGE / "known_issues.yaml"
+
+
+def box_files(patterns: tuple[str, ...]) -> list[Path]:
+    """The files under `provision/` that `patterns` match, sorted (a pattern may match none:
+    a module another change adds)."""
+    return sorted({path for pattern in patterns for path in PACKAGE.glob(pattern)})
 
 
 @dataclass(frozen=True)
@@ -49,18 +73,7 @@ class Agent:
 
 
 def _sources() -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(PACKAGE):
-        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "transport", "rent"))
-        for name in sorted(names):
-            path = Path(root) / name
-            rel = path.relative_to(PACKAGE)
-            if name.endswith((".py", ".json")) and str(rel) not in _CONTROLLER_ONLY:
-                files.append(path)
-    catalog = PACKAGE / "known_issues.yaml"
-    if catalog.exists():
-        files.append(catalog)
-    return files
+    return [*box_files(BOX_STDLIB + BOX_VENV + BOX_DATA), CATALOG]
 
 
 def _catalog_json(path: Path) -> bytes:
@@ -85,7 +98,7 @@ def build_agent() -> Agent:
         _add(zf, "__main__.py", _MAIN.encode())
         for path in sources:
             rel = "provision/" + str(path.relative_to(PACKAGE))
-            if path.name == "known_issues.yaml":
+            if path == CATALOG:
                 _add(zf, "provision/known_issues.json", _catalog_json(path))
             else:
                 source = path.read_bytes()

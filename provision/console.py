@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from provision import eta
+from provision.agent.units import human_bytes
 
 STYLE = {
     "pending": "dim",
@@ -86,23 +87,19 @@ def _progress(step: dict[str, Any]) -> str:
     if p.get("percent") is not None:
         parts.append(f"{p['percent']:.0f}%")
     if p.get("done") is not None and p.get("unit") == "B":
-        total = f"/{_bytes(p['total'])}" if p.get("total") else ""
-        parts.append(f"{_bytes(p['done'])}{total}")
+        total = f"/{human_bytes(p['total'], sep='')}" if p.get("total") else ""
+        parts.append(f"{human_bytes(p['done'], sep='')}{total}")
     if p.get("files_total"):
         parts.append(f"{p.get('files_done', 0)}/{p['files_total']} files")
     if p.get("speed"):
-        parts.append(f"{_bytes(p['speed'])}/s" if p.get("unit") == "B" else f"{p['speed']:.1f}/s")
+        parts.append(
+            f"{human_bytes(p['speed'], sep='')}/s"
+            if p.get("unit") == "B"
+            else f"{p['speed']:.1f}/s"
+        )
     if p.get("message"):
         parts.append(str(p["message"]))
     return " ".join(parts)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}TiB"
 
 
 def _detail(step: dict[str, Any]) -> str:

@@ -16,32 +16,37 @@ from pathlib import Path
 
 import pytest
 
-from provision.bundle import build_agent
+from provision.bundle import BOX_DATA, BOX_STDLIB, BOX_VENV, PACKAGE, box_files, build_agent
 
-PACKAGE = Path(__file__).resolve().parent.parent / "provision"
-BOX_SIDE = [
-    *sorted((PACKAGE / "agent").glob("*.py")),
-    *sorted((PACKAGE / "steps").glob("*.py")),
-    *sorted((PACKAGE / "monitor").glob("*.py")),
-    *sorted((PACKAGE / "formats").glob("*.py")),
-    *sorted((PACKAGE / "checkpoints").glob("*.py")),
-    *sorted((PACKAGE / "watch").glob("*.py")),
-    PACKAGE / "errors.py",
-    PACKAGE / "dag.py",
-    PACKAGE / "model.py",
-    PACKAGE / "__init__.py",
-]
+#: Exactly what ships for the box's plain python3: the bundle's own allow-list.
+BOX_SIDE = box_files(BOX_STDLIB)
+#: Everything the zipapp holds.
+SHIPPED = set(box_files(BOX_STDLIB + BOX_VENV + BOX_DATA))
 
 
 def _top_level_imports(tree: ast.Module) -> list[tuple[str, int]]:
-    """Imports executed when the module loads (not inside functions or TYPE_CHECKING)."""
+    """Modules imported when the module loads (not inside functions or TYPE_CHECKING), dotted,
+    with `from a import b` giving both `a` and `a.b` (b may be a submodule)."""
     found = []
     for node in tree.body:
         if isinstance(node, ast.Import):
-            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+            found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.module.split(".")[0], node.lineno))
+            found.append((node.module, node.lineno))
+            found += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
     return found
+
+
+def _module_file(dotted: str) -> Path | None:
+    """The file of a `provision.*` module, or None when the name is not a module."""
+    parts = dotted.split(".")[1:]
+    if not parts:
+        return PACKAGE / "__init__.py"
+    base = PACKAGE.joinpath(*parts)
+    for path in (base.with_name(base.name + ".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 @pytest.mark.parametrize("path", BOX_SIDE, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -49,8 +54,14 @@ def test_box_side_module_is_python39_and_stdlib_only(path: Path) -> None:
     source = path.read_text(encoding="utf-8")
     tree = ast.parse(source, filename=str(path), feature_version=(3, 9))
     for name, line in _top_level_imports(tree):
-        assert name == "provision" or name in sys.stdlib_module_names, (
+        top = name.split(".")[0]
+        assert top == "provision" or top in sys.stdlib_module_names, (
             f"{path.name}:{line} imports '{name}' at module level"
+        )
+        target = _module_file(name) if top == "provision" else None
+        # A box-side module imports only what ships for the box's python3 (not bundle.BOX_VENV).
+        assert target is None or target in BOX_SIDE, (
+            f"{path.name}:{line} imports '{name}', which is not in bundle.BOX_STDLIB"
         )
     # Modules on the box use postponed annotations, so `X | None` hints do not run on 3.9.
     if any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body):
@@ -77,7 +88,7 @@ def test_agent_zipapp_runs_on_a_bare_interpreter(tmp_path: Path) -> None:
         [
             sys.executable, "-I", "-S", "-c",
             "import sys; sys.path.insert(0, sys.argv[1]);"
-            "from provision.monitor import catalog;"
+            "from provision.agent import catalog;"
             "print(catalog.hint_for('CUDA out of memory. Tried to allocate 2 GiB') is not None)",
             str(pyz),
         ],

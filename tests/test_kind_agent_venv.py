@@ -14,7 +14,8 @@ import pytest
 import uv as uv_package
 from pywheels import build_wheel, uv_env
 
-from provision.steps.agent_venv import KIND, VENV_DIR
+from provision.agent.paths import venv_dir
+from provision.steps.agent_venv import KIND
 from provision.steps.base import StepContext, validate_params
 
 UV = uv_package.find_uv_bin()
@@ -42,18 +43,18 @@ def _context(tmp_path: Path, env: dict[str, str], **params: object) -> StepConte
     )
 
 
-def _venv_python(name: str) -> Path:
-    return Path(name).expanduser() / "bin" / "python"
+def _venv_python() -> Path:
+    return venv_dir() / "bin" / "python"
 
 
 def test_installs_with_uv_and_is_done_only_while_it_imports(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     ctx = _context(tmp_path, env, python=sys.executable)
-    assert KIND.check(ctx).reason == f"no venv at {VENV_DIR}"
+    assert KIND.check(ctx).reason == f"no venv at {venv_dir()}"
     KIND.run(ctx)
     KIND.verify(ctx)
-    python = _venv_python(VENV_DIR)
+    python = _venv_python()
     assert KIND.check(ctx).done
     assert "imports tinyreq>=1" in KIND.check(ctx).reason
     subprocess.run(
@@ -84,6 +85,6 @@ def test_a_venv_over_a_venv_sees_the_parent_venvs_packages(
     assert KIND.check(ctx).done
     probe = "import tinyreq, sys; print(tinyreq.__file__)"
     where = subprocess.run(
-        [str(_venv_python(VENV_DIR)), "-c", probe], capture_output=True, text=True, check=True
+        [str(_venv_python()), "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert where.startswith(str(parent))  # seen from the parent venv, not copied

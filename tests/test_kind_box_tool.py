@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from provision.agent import checks
+from provision.agent.paths import tools_bin
 from provision.errors import StepFailed
 from provision.inventory import Host, Inventory
 from provision.playbook import load_playbook, resolve
-from provision.steps import _wheel
 from provision.steps.base import StepContext, validate_params
-from provision.steps.box_tool import KIND, TOOLS_BIN
+from provision.steps.box_tool import KIND
+from provision.steps.common import wheel
 
 FAKE_UV = "#!/bin/sh\necho 'uv 9.9.9 (from the test wheel)'\n"
 
@@ -126,7 +127,7 @@ def test_a_tool_on_path_is_done_by_its_version_not_by_a_file(tmp_path: Path, hom
 def test_uv_comes_from_the_newest_wheel_for_this_machine(
     tmp_path: Path, home: Path, index: _Index
 ) -> None:
-    arch, _ = _wheel.platform_tags()
+    arch, _ = wheel.platform_tags()
     good = _wheel_bytes("uv", "0.9.2", "uv", FAKE_UV)
     index.add("uv", f"uv-0.9.2-py3-none-manylinux_2_17_{arch}.manylinux2014_{arch}.whl", good)
     index.add(
@@ -150,7 +151,7 @@ def test_uv_comes_from_the_newest_wheel_for_this_machine(
 def test_a_wheel_whose_hash_differs_installs_nothing_and_says_what_to_install(
     tmp_path: Path, home: Path, index: _Index
 ) -> None:
-    arch, _ = _wheel.platform_tags()
+    arch, _ = wheel.platform_tags()
     index.add(
         "uv",
         f"uv-1.0.0-py3-none-manylinux2014_{arch}.whl",
@@ -172,7 +173,7 @@ def test_an_unreachable_index_is_named_in_the_failure(tmp_path: Path, home: Path
     with pytest.raises(StepFailed) as failed:
         KIND.run(ctx)
     assert "cannot read http://127.0.0.1:9/simple/uv/" in failed.value.reason
-    assert f"{TOOLS_BIN}/uv" in str(failed.value.hint)
+    assert str(tools_bin() / "uv") in str(failed.value.hint)
 
 
 PLAYBOOK = """\

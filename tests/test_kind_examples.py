@@ -41,3 +41,12 @@ def test_docstring_example_loads_and_validates(name: str, tmp_path: Path) -> Non
         assert own is not None
         params = validate_params(own, {k: v for k, v in step.raw.items() if k not in COMMON_KEYS})
         assert own.describe(params)
+
+
+def test_the_registry_skips_the_contract_and_every_subpackage() -> None:
+    """`provision.steps.common` is helpers, skipped because it is a package, not by its name."""
+    names = kind_names()
+    assert {"shell", "uv_sync", "tmux_launch"} <= set(names)
+    assert not {"base", "registry", "common"} & set(names)
+    for name in ("base", "registry", "common", "no_such_kind", "../x", ""):
+        assert get_kind(name) is None, name

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from provision.agent import catalog
 from provision.agent.files import tail_text
 from provision.errors import ConfigError
-from provision.monitor import catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "provision" / "known_issues.yaml"
@@ -105,13 +105,13 @@ def test_json_copy_round_trips(tmp_path: Path) -> None:
 def test_box_python_loads_the_json_without_yaml(tmp_path: Path) -> None:
     # On the box: no PyYAML; the agent zipapp ships provision/known_issues.json.
     pkg = tmp_path / "provision"
-    (pkg / "monitor").mkdir(parents=True)
-    for name in ("__init__.py", "errors.py", "monitor/__init__.py", "monitor/catalog.py"):
+    (pkg / "agent").mkdir(parents=True)
+    for name in ("__init__.py", "errors.py", "agent/__init__.py", "agent/catalog.py"):
         (pkg / name).write_text((ROOT / "provision" / name).read_text())
     (pkg / "known_issues.json").write_text(catalog.catalog_to_json())
     code = (
         "import sys; sys.modules['yaml'] = None\n"
-        "from provision.monitor import catalog\n"
+        "from provision.agent import catalog\n"
         "print(catalog.default_catalog().origin)\n"
         "print(catalog.hint_for('ModuleNotFoundError: No module named \\'safetensors\\''))\n"
     )

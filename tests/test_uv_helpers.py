@@ -6,20 +6,20 @@ from __future__ import annotations
 import pytest
 import tomllib
 
-from provision.steps._pyproject import (
+from provision.steps.common.pyproject import (
     PyprojectError,
     ensure_overrides,
     read_overrides,
     requirement_name,
 )
-from provision.steps._uv import progress_message
-from provision.steps._uvlock import (
+from provision.steps.common.uv import progress_message
+from provision.steps.common.uvlock import (
     Interpreter,
     locked_packages,
     source_build_traps,
     wheel_fits,
 )
-from provision.steps._venv import same_version, version_matches_prefix
+from provision.steps.common.venv import same_version, version_matches_prefix
 
 AV = "av>=13.1.0,<14.0.0"
 

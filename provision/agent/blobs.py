@@ -13,20 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from provision.agent.state import agent_root
+from provision.agent.paths import blobs_dir
 
 #: A param whose text is at least this long travels as a blob.
 BLOB_MIN_BYTES = 64 * 1024
 #: The agent's first line when the plan names blobs the box does not have.
 NEED_BLOBS = "BOOTSTRAP_NEED_BLOBS"
 _REF = "$blob"
-
-
-def blob_dir() -> Path:
-    return agent_root() / "blobs"
 
 
 def split(plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -73,7 +68,7 @@ def join(plan: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         for key, value in params.items():
             if isinstance(value, dict) and set(value) == {_REF}:
                 try:
-                    params[key] = (blob_dir() / str(value[_REF])).read_bytes().decode("utf-8")
+                    params[key] = (blobs_dir() / str(value[_REF])).read_bytes().decode("utf-8")
                 except (OSError, UnicodeDecodeError):
                     missing.append(str(value[_REF]))
         steps.append({**step, "params": params})
@@ -83,7 +78,7 @@ def join(plan: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 def _store(sha: str, data: bytes) -> None:
     if hashlib.sha256(data).hexdigest() != sha:
         return  # cut short on the way: not stored, so `join` asks for it again
-    path = blob_dir() / sha
+    path = blobs_dir() / sha
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)

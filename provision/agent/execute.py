@@ -22,12 +22,12 @@ from typing import Any
 
 from provision.agent.checks import box_checks
 from provision.agent.files import read_json, write_json_atomic
+from provision.agent.paths import tools_bin
 from provision.agent.redact import Redactor
 from provision.agent.state import RunDir
 from provision.agent.versions import pyz_path
 from provision.errors import StepFailed
 from provision.steps.base import StepContext
-from provision.steps.box_tool import TOOLS_BIN
 from provision.steps.registry import get_kind
 
 #: Exit codes of `agent exec`: the step ran and failed, or it could not run at all.
@@ -50,10 +50,10 @@ def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
     # stable path for the run; `current.pyz` moves when a newer bootstrap installs).
     env["BOOTSTRAP_AGENT_PYZ"] = str(pyz_path())
     # Tools bootstrap installed itself (`box_tool`) are found last, after the box's own.
-    tools_bin = os.path.expanduser(TOOLS_BIN)
+    bin_dir = str(tools_bin())
     path = env.get("PATH", os.defpath)
-    if tools_bin not in path.split(os.pathsep):
-        env["PATH"] = f"{path}{os.pathsep}{tools_bin}" if path else tools_bin
+    if bin_dir not in path.split(os.pathsep):
+        env["PATH"] = f"{path}{os.pathsep}{bin_dir}" if path else bin_dir
     return env
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.files import read_json, write_json_atomic
-from provision.agent.state import agent_root
+from provision.agent.paths import agent_root
 from provision.errors import StepFailed
 
 #: GPU names in a `gpus:` param: indexes or UUIDs, comma-separated.

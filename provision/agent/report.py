@@ -15,9 +15,9 @@ from typing import Any
 
 from provision.agent import files
 from provision.agent.files import read_json
+from provision.agent.paths import runs_dir
 from provision.agent.state import (
     RunDir,
-    agent_root,
     expected_duration,
     load_state,
     runner_active,
@@ -31,7 +31,7 @@ FOLLOW_INTERVAL_S = 0.2
 
 def latest_run() -> str | None:
     """The name of the run whose state changed last on this box."""
-    runs = agent_root() / "runs"
+    runs = runs_dir()
     best: tuple[float, str] | None = None
     try:
         names = os.listdir(runs)

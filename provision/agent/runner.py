@@ -42,6 +42,7 @@ from provision.agent.execute import (
     stop_group,
 )
 from provision.agent.files import read_json, tail_text
+from provision.agent.paths import venv_python
 from provision.agent.redact import Redactor
 from provision.agent.state import (
     BAD,
@@ -382,9 +383,7 @@ class Runner:
         """The interpreter for a step: the box's python3, or the agent venv's for library kinds."""
         kind = get_kind(step["kind"])
         if kind is not None and kind.pip:
-            return str(
-                self.plan.get("agent_python") or os.path.expanduser("~/.bootstrap/venv/bin/python")
-            )
+            return str(self.plan.get("agent_python") or venv_python())
         return sys.executable
 
     def _pump(self, proc: subprocess.Popen[bytes], log_path: Any, tail: output.Tail) -> None:
@@ -483,7 +482,7 @@ class Runner:
 
         The output kept in memory is read first: it is there even when the disk was too full
         for the log to take it (then the failure is often the full disk itself)."""
-        from provision.monitor.catalog import hint_for
+        from provision.agent.catalog import hint_for
 
         return hint_for(tail.text() or tail_text(self.run.log(step_id), 64 * 1024))
 

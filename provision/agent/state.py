@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.files import read_json, write_json_atomic
+from provision.agent.paths import agent_root
 
 #: Every status a step can have. `error`: it could not run (crash, missing interpreter), as
 #: opposed to `failed`: it ran and failed. `blocked`: an upstream step failed or errored.
@@ -35,11 +36,6 @@ RESERVE_BYTES = 256 * 1024
 _TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")
 STATUSES = ("pending", "running", "done", "failed", "error", "blocked", "skipped")
 BAD = ("failed", "error", "blocked")
-
-
-def agent_root() -> Path:
-    """`~/.bootstrap`, or `$BOOTSTRAP_AGENT_DIR` when set."""
-    return Path(os.environ.get("BOOTSTRAP_AGENT_DIR") or os.path.expanduser("~/.bootstrap"))
 
 
 class RunDir:

@@ -13,6 +13,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from provision.agent.paths import agent_root, agents_dir
+
 #: Versions kept besides those in use: commands in flight (an `up` following its run) have
 #: no zipapp on their command line, so the newest few stay even when nothing names them.
 KEEP_NEWEST = 3
@@ -23,17 +25,13 @@ def pyz_path() -> Path:
     for parent in Path(__file__).parents:
         if parent.suffix == ".pyz":
             return parent.resolve()  # `current.pyz` is a link that a newer install moves
-    from provision.agent.state import agent_root
-
     return agent_root() / "agent.pyz"
 
 
 def prune_agents() -> list[Path]:
     """Remove the versions in `agents/` that no process runs from, except the newest few and
     this process's own; returns what was removed."""
-    from provision.agent.state import agent_root
-
-    agents = agent_root() / "agents"
+    agents = agents_dir()
     try:
         files = sorted(agents.glob("*.pyz"), key=lambda p: p.stat().st_mtime, reverse=True)
     except OSError:

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.agent.paths import tools_bin
 from provision.checkpoints.spec import CheckpointSpec, gs_bucket_path
 
 META_DIR = ".bootstrap"
 MANIFEST_DIR = f"{META_DIR}/manifest"
 CARRY_DIR = f"{META_DIR}/carry"
-#: Where bootstrap installs tools for the box user (rclone_copy installs rclone there).
-LOCAL_BIN = "~/.bootstrap/bin"  # box_tool.TOOLS_BIN: `tool-rclone` puts rclone there
 #: Seconds a listing, a manifest read or a manifest write may take.
 _QUICK_TIMEOUT_S = 300
 
@@ -85,7 +84,7 @@ def find_rclone(env: dict[str, str]) -> str | None:
     found = shutil.which("rclone", path=env.get("PATH", os.defpath))
     if found:
         return found
-    local = Path(os.path.expanduser(LOCAL_BIN)) / "rclone"
+    local = tools_bin() / "rclone"  # where `tool-rclone` puts it
     return str(local) if os.access(local, os.X_OK) else None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from provision.monitor.catalog import Catalog, Match, default_catalog
+from provision.agent.catalog import Catalog, Match, default_catalog
 from provision.steps import wait_log
 
 WIDTH = 100

@@ -36,8 +36,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from provision.agent import gpus
-from provision.monitor import catalog, checkpoint_disk, gpu, host
+from provision.agent import catalog, gpus
+from provision.monitor import checkpoint_disk, gpu, host
 
 DEFAULTS: dict[str, Any] = {
     "min_gpus": 1,

@@ -21,9 +21,10 @@ import os
 import time
 from typing import Any
 
+from provision.agent import catalog
 from provision.agent.files import tail_text
 from provision.errors import ConfigError
-from provision.monitor import alerts, catalog, checkpoint_disk, gpu, host, logparse
+from provision.monitor import alerts, checkpoint_disk, gpu, host, logparse
 
 #: How much of the log's end is matched against the failure catalog.
 ISSUE_TAIL_BYTES = 64 * 1024

@@ -28,12 +28,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from provision.agent.paths import venv_dir
 from provision.errors import StepFailed
-from provision.steps._uv import locate_uv
-from provision.steps._venv import python_of, run_probe
 from provision.steps.base import Check, Kind, Param, StepContext
+from provision.steps.common.uv import ensure_uv
+from provision.steps.common.venv import python_of, run_probe
 
-VENV_DIR = "~/.bootstrap/venv"
 #: The file in the venv's site-packages that adds the base interpreter's site-packages.
 BASE_PTH = "_bootstrap_base.pth"
 
@@ -84,7 +84,8 @@ def distribution_name(requirement: str) -> str:
 
 
 class AgentVenv(Kind):
-    """Create `~/.bootstrap/venv` and install the requirements of the library kinds."""
+    """Create the agent venv (`paths.venv_dir()`) and install the requirements of the library
+    kinds."""
 
     name = "agent_venv"
     summary = "the agent's private venv for kinds that need libraries (added automatically)"
@@ -98,12 +99,12 @@ class AgentVenv(Kind):
     )
 
     def describe(self, params: dict[str, Any]) -> str:
-        return f"venv {VENV_DIR} with {', '.join(params['requirements'])}"
+        return f"the agent venv with {', '.join(params['requirements'])}"
 
     def check(self, ctx: StepContext) -> Check:
-        python = python_of(ctx.path(VENV_DIR))
+        python = python_of(venv_dir())
         if not python.exists():
-            return Check(False, f"no venv at {VENV_DIR}")
+            return Check(False, f"no venv at {venv_dir()}")
         try:
             failures = self._import_failures(ctx, python)
         except StepFailed as exc:
@@ -115,13 +116,14 @@ class AgentVenv(Kind):
         return Check(True, f"{python} imports {', '.join(ctx.params['requirements'])}")
 
     def run(self, ctx: StepContext) -> None:
-        venv = ctx.path(VENV_DIR)
+        venv = venv_dir()
         params = ctx.params
         base = params["python"]
-        uv = locate_uv(ctx, None)
         env = dict(ctx.env, UV_NATIVE_TLS="1", UV_PYTHON_DOWNLOADS="never")
         reuse = params["system_site_packages"] and self._base_has_all(ctx)
-        if reuse or uv is None:
+        # uv is found (or installed) the way the uv kinds find it: only a reused base needs none.
+        uv = None if reuse else ensure_uv(ctx, None)
+        if uv is None:
             # No ensurepip is needed without pip; nothing is installed into this venv then.
             cmd = [base, "-m", "venv", "--without-pip", str(venv)]
         else:
@@ -131,18 +133,16 @@ class AgentVenv(Kind):
         ctx.sh(cmd, env=env)
         if params["system_site_packages"]:
             self._add_base_site(ctx, venv)
-        if reuse:
+        if uv is None:
             ctx.log(f"{base} has every requirement: the venv uses its packages, nothing installed")
             return
-        if uv is None:
-            raise StepFailed("uv is not on this box: nothing can install the agent's libraries")
         requirements = params["requirements"]
         ctx.sh(
             [str(uv), "pip", "install", "--python", str(python_of(venv)), *requirements], env=env
         )
 
     def verify(self, ctx: StepContext) -> None:
-        python = python_of(ctx.path(VENV_DIR))
+        python = python_of(venv_dir())
         failures = self._import_failures(ctx, python)
         if failures:
             raise StepFailed(

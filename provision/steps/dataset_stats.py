@@ -67,8 +67,8 @@ from provision.agent.files import file_sha256, read_json, write_json_atomic
 from provision.errors import ProvisionError, StepFailed
 from provision.stats import formats
 from provision.stats.errors import DatasetError
-from provision.steps import _manifest
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common import manifest
 
 _MARKER = "stats.json"
 _SHOWN = 3
@@ -116,7 +116,7 @@ class DatasetStats(Kind):
     def validate(self, params: dict[str, Any]) -> None:
         for key in ("path", "output", "split_file"):
             if params[key] is not None:
-                _manifest.validate_local_dir(params[key], key)
+                manifest.validate_local_dir(params[key], key)
         for param in ("keys", "expect"):
             roles: set[str] = set()
             for name, value in params[param].items():

@@ -21,7 +21,7 @@ straight into `dest` (`.../pi05_base_jax/params/...`). The step owns `dest` as a
 - **Done** when the manifest recorded after the last verified download lists files that are
   all present in `dest` with their sizes (stat only, no network).
 - **Verify**: every object's file has its size, then the `expect:` checks (paths relative to
-  `dest`, see `provision/steps/_expect.py`).
+  `dest`, see `provision/steps/common/expect.py`).
 
 Public buckets need no credentials (`anonymous: true`, the default); with `anonymous: false` the
 box's application-default credentials are used. `endpoint` points the client at another server
@@ -55,8 +55,8 @@ from typing import Any
 
 from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
-from provision.steps import _expect, _manifest
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common import expect, manifest
 
 _SRC = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/.*)?$")
 #: The object list of the last run, turned into the manifest once verified.
@@ -100,7 +100,7 @@ class GcsDownload(Kind):
             raise ParamError("'src' must look like gs://bucket/prefix", "src")
         if ".." in PurePosixPath(_split(params["src"])[1]).parts:
             raise ParamError("'src' must not contain '..'", "src")
-        _manifest.validate_local_dir(params["dest"], "dest")
+        manifest.validate_local_dir(params["dest"], "dest")
         if params["dest"].rstrip("/") in ("", "~"):
             raise ParamError("'dest' must be a directory of its own, not / or ~", "dest")
         for key in ("workers", "chunked_above_mib"):
@@ -109,17 +109,17 @@ class GcsDownload(Kind):
         endpoint = params["endpoint"]
         if endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", endpoint):
             raise ParamError("'endpoint' must look like http://HOST:PORT", "endpoint")
-        _expect.validate_expect(params["expect"])
+        expect.validate_expect(params["expect"])
 
     def describe(self, params: dict[str, Any]) -> str:
         via = f" via {params['endpoint']}" if params["endpoint"] else ""
         return f"download {params['src']} -> {params['dest']} ({params['workers']} workers{via})"
 
     def check(self, ctx: StepContext) -> Check:
-        return _manifest.check(ctx, ctx.params["src"], ctx.path(ctx.params["dest"]))
+        return manifest.check(ctx, ctx.params["src"], ctx.path(ctx.params["dest"]))
 
     def run(self, ctx: StepContext) -> None:
-        _manifest.forget(ctx)
+        manifest.forget(ctx)
         dest = ctx.path(ctx.params["dest"])
         partial = dest.with_name(dest.name + ".partial")
         client = _client(ctx.params)
@@ -159,10 +159,10 @@ class GcsDownload(Kind):
                 f"{len(wrong)} of {len(files)} files missing or of the wrong size in {dest}: "
                 + ", ".join(wrong[:_SHOWN])
             )
-        failures = _expect.failed_expectations(dest, ctx.params["expect"])
+        failures = expect.failed_expectations(dest, ctx.params["expect"])
         if failures:
             raise StepFailed("expect: " + "; ".join(failures))
-        _manifest.record(ctx, ctx.params["src"], dest, files, objects=listing["objects"])
+        manifest.record(ctx, ctx.params["src"], dest, files, objects=listing["objects"])
 
 
 @dataclass(frozen=True)

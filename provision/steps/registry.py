@@ -1,7 +1,8 @@
 """Find step kinds by name: the kind `foo` is `provision.steps.foo.KIND`.
 
-There is no central list to edit: a new kind is a new module. Modules of this package that are
-not kinds (`base`, `registry`, private helpers starting with `_`) are skipped.
+There is no central list to edit: a new kind is a new module. What is not a kind is skipped by
+what it is, not by its name's spelling: `base` (the kinds' contract) and `registry`, and every
+subpackage (`provision.steps.common`, the helpers the kinds share).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ def kind_names() -> list[str]:
     return sorted(
         m.name
         for m in pkgutil.iter_modules(package.__path__)
-        if m.name not in _NOT_KINDS and not m.name.startswith("_")
+        if not m.ispkg and m.name not in _NOT_KINDS
     )
 
 
 def get_kind(name: str) -> Kind | None:
     """The kind called `name`, or None when there is none."""
-    if name in _NOT_KINDS or name.startswith("_") or not name.replace("_", "").isalnum():
+    if name in _NOT_KINDS or not name.isidentifier():
         return None
     try:
         module = importlib.import_module(f"provision.steps.{name}")
@@ -35,5 +36,7 @@ def get_kind(name: str) -> Kind | None:
         if exc.name == f"provision.steps.{name}":
             return None
         raise
+    if hasattr(module, "__path__"):  # a package: helpers, not a kind
+        return None
     kind = getattr(module, "KIND", None)
     return kind if isinstance(kind, Kind) else None

@@ -88,8 +88,9 @@ from provision.agent.gpus import GpuLeases, gpu_set, gpus_text, gpus_value, sess
 from provision.checkpoints import restore
 from provision.checkpoints.spec import parse_checkpoints
 from provision.errors import StepFailed
-from provision.steps import _joblog
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common import joblog
+from provision.steps.common.environ import swapped_environ
 from provision.watch import guard
 from provision.watch.spec import parse_on_finish, parse_watch
 
@@ -326,13 +327,13 @@ def launch_script(
         lines.append(f"export CUDA_VISIBLE_DEVICES={q(gpus_value(gpus) or '')}")
     lines += [
         "finish() {",
-        f'  printf {q(_joblog.EXITED_FORMAT + nl)} {launch} "$1" >> {q(str(log))}',
+        f'  printf {q(joblog.EXITED_FORMAT + nl)} {launch} "$1" >> {q(str(log))}',
         f'  printf "%s %s\\n" "$1" {launch} > {tmp} && mv -f {tmp} {status}',
         '  exit "$1"',
         "}",
         f"cd {q(str(cwd))} 2>> {q(str(log))} || finish 1",
         f'printf "%s %s\\n" "$$" {launch} > {q(str(workdir / PID_FILE))}',
-        f"printf {q(_joblog.STARTED_FORMAT + nl)} {launch} {session} >> {q(str(log))}",
+        f"printf {q(joblog.STARTED_FORMAT + nl)} {launch} {session} >> {q(str(log))}",
         "{",
         "set -e",
         command,
@@ -420,15 +421,8 @@ def _client_environ(ctx: StepContext) -> Iterator[None]:
     A tmux server started by this client keeps its environment for every session it ever runs,
     so secrets stay out of it; the job gets them from the env file instead.
     """
-    saved = dict(os.environ)
-    env = _tmux_client_env(ctx.env, ctx.secrets)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
+    with swapped_environ(_tmux_client_env(ctx.env, ctx.secrets)):
         yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _tmux_client_env(env: Mapping[str, str], secrets: Collection[str]) -> dict[str, str]:
@@ -487,7 +481,7 @@ def _wait_started(workdir: Path, launch: str, server: Any, session: str, log: Pa
             return int(fields[0])
         rc = _exit_status(workdir, launch)
         if rc is not None:
-            last = _joblog.last_message(tail_lines(log, 5))
+            last = joblog.last_message(tail_lines(log, 5))
             raise StepFailed(
                 f"the launch script exited with status {rc} before the job"
                 + (f": {last}" if last else "")
@@ -555,8 +549,8 @@ def _job_failed(reason: str, log: Path, ctx: StepContext) -> StepFailed:
         ctx.log(f"last lines of {log}:")
         for line in lines:
             ctx.log(f"  {line}")
-    found = _joblog.diagnose("\n".join(lines))
-    shown = found.line if found is not None else _joblog.last_message(lines)
+    found = joblog.diagnose("\n".join(lines))
+    shown = found.line if found is not None else joblog.last_message(lines)
     return StepFailed(reason + (f": {shown}" if shown else ""), found.hint if found else None)
 
 

@@ -41,21 +41,28 @@ from typing import Any
 
 from provision.agent.files import read_json, write_json_atomic
 from provision.errors import StepFailed
-from provision.steps._pyproject import (
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common.pyproject import (
     PyprojectError,
     ensure_overrides,
     read_overrides,
     requirement_name,
 )
-from provision.steps._uv import UV_PARAMS, ensure_uv, index_args, run_uv, uv_env, validate_index
-from provision.steps._uvlock import Interpreter, box_interpreter, source_build_traps
-from provision.steps._venv import (
+from provision.steps.common.uv import (
+    UV_PARAMS,
+    ensure_uv,
+    index_args,
+    run_uv,
+    uv_env,
+    validate_index,
+)
+from provision.steps.common.uvlock import Interpreter, box_interpreter, source_build_traps
+from provision.steps.common.venv import (
     IMPORT_PROBE,
     python_of,
     run_probe,
     version_matches_prefix,
 )
-from provision.steps.base import Check, Kind, Param, ParamError, StepContext
 
 _MARKER = "synced.json"
 _HASHED = ("uv.lock", "pyproject.toml")
@@ -139,7 +146,7 @@ class UvSync(Kind):
             raise StepFailed(
                 f"no pyproject.toml in {project}", hint="is `project` the repository's root?"
             )
-        uv = str(ensure_uv(ctx, params))
+        uv = str(ensure_uv(ctx, params["uv"]))
         env = uv_env(ctx)
         common = index_args(params) + (["--python", params["python"]] if params["python"] else [])
         edited = _apply_overrides(ctx, project, params["overrides"])

@@ -78,11 +78,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.agent import catalog
 from provision.agent.files import read_json, write_json_atomic
 from provision.errors import ConfigError, StepFailed
-from provision.monitor import catalog
-from provision.steps import _joblog
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.common import joblog
 
 #: Without a step timeout, wait at most this long.
 DEFAULT_TIMEOUT_S = 3600.0
@@ -286,10 +286,10 @@ class Tracker:
 
     def feed(self, line: str) -> bool:
         """Take one line; True when it completes the markers."""
-        if _joblog.STARTED_RE.match(line):
+        if joblog.STARTED_RE.match(line):
             self.reset()
             return False
-        exited = _joblog.EXITED_RE.match(line)
+        exited = joblog.EXITED_RE.match(line)
         if exited:
             self.fail(f"the job exited with status {exited.group('rc')} before {self.waiting()}")
         hit_any = False
@@ -401,7 +401,7 @@ def check_text(
 ) -> Verdict:
     """A finished log's verdict under `wait_log`'s rules (the latest launch only); offline."""
     lines = re.split(r"\r\n|\r|\n", text)
-    starts = [i for i, line in enumerate(lines) if _joblog.STARTED_RE.match(line)]
+    starts = [i for i, line in enumerate(lines) if joblog.STARTED_RE.match(line)]
     tracker = Tracker(spec, [re.compile(p) for p in fail_on], ignore, source)
     try:
         for line in lines[starts[-1] if starts else 0 :]:
@@ -572,7 +572,7 @@ class _Follower:
         self._seek(0)
         start = 0
         for line, begin, _end in self._drain():
-            if _joblog.STARTED_RE.match(line):
+            if joblog.STARTED_RE.match(line):
                 start = begin
         self._seek(start)
         return True

@@ -29,7 +29,7 @@ from typing import Any
 
 from provision.agent.files import read_json, tail_lines
 from provision.monitor import snapshot
-from provision.steps import _joblog
+from provision.steps.common import joblog
 from provision.watch.record import WATCH_FILE
 from provision.watch.spec import WatchSpec
 
@@ -93,8 +93,8 @@ class Watcher:
         elif gone:
             state = "crashed"
             tail = tail_lines(Path(self.log), 40)
-            diagnosis = _joblog.diagnose("\n".join(tail))
-            job["diagnosis"] = diagnosis.line if diagnosis else _joblog.last_message(tail)
+            diagnosis = joblog.diagnose("\n".join(tail))
+            job["diagnosis"] = diagnosis.line if diagnosis else joblog.last_message(tail)
             job["hint"] = diagnosis.hint if diagnosis else None
             why = f"exited with status {rc}" if rc is not None else "is gone without an exit status"
             message = f"the job {why}" + (f": {job['diagnosis']}" if job["diagnosis"] else "")

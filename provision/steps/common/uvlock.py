@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from provision.steps._venv import canonical_name
+from provision.steps.common.venv import canonical_name
 
 #: Packages that build from source only against a newer system library than boxes have: name ->
 #: (first major version that needs it, versions whose wheels were removed from PyPI).

@@ -16,12 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from provision.agent.paths import tools_bin
 from provision.errors import StepFailed
 from provision.steps import box_tool
 from provision.steps.base import Param, ParamError, StepContext
-
-#: Absolute places uv usually lives, searched before PATH: bootstrap's own first.
-UV_CANDIDATES = (f"{box_tool.TOOLS_BIN}/uv", *box_tool.TOOLS["uv"].places)
 
 #: Environment every uv call gets unless the step's `env` says otherwise: no git-lfs downloads
 #: while resolving git dependencies, and copies instead of hardlinks into uv's cache (patching a
@@ -75,7 +73,8 @@ def locate_uv(ctx: StepContext, explicit: str | None) -> Path | None:
     if explicit:
         path = ctx.path(explicit)
         return path if _is_executable(path) else None
-    for candidate in UV_CANDIDATES:
+    # The absolute places uv usually lives are searched before PATH, bootstrap's own first.
+    for candidate in (str(tools_bin() / "uv"), *box_tool.TOOLS["uv"].places):
         path = ctx.path(candidate)
         if _is_executable(path):
             return path
@@ -83,14 +82,15 @@ def locate_uv(ctx: StepContext, explicit: str | None) -> Path | None:
     return Path(found).absolute() if found else None
 
 
-def ensure_uv(ctx: StepContext, params: dict[str, Any]) -> Path:
-    """uv's absolute path: the `uv` param's, else the box's, else installed (`box_tool`: the
-    engine provides it before the step as `tool-uv`; a kind run on its own gets it here)."""
-    found = locate_uv(ctx, params["uv"])
+def ensure_uv(ctx: StepContext, explicit: str | None) -> Path:
+    """uv's absolute path: `explicit` (a kind's `uv` param), else the box's, else installed
+    (`box_tool`: the engine provides it before the step as `tool-uv`; a kind run on its own
+    gets it here)."""
+    found = locate_uv(ctx, explicit)
     if found:
         return found
-    if params["uv"]:
-        raise StepFailed(f"uv not found at {params['uv']}", hint="fix the `uv` param or drop it")
+    if explicit:
+        raise StepFailed(f"uv not found at {explicit}", hint="fix the `uv` param or drop it")
     return box_tool.provide(ctx, "uv")
 
 

@@ -7,7 +7,7 @@ to the same log) and when the job has ended:
     [bootstrap] job 3f2a9c1b7d04 started in tmux session waypoint_ae
     [bootstrap] job 3f2a9c1b7d04 exited with status 1
 
-`diagnose` asks the known-issues catalog (`provision.monitor.catalog`) what a log line or tail
+`diagnose` asks the known-issues catalog (`provision.agent.catalog`) what a log line or tail
 means. Standard library only: both kinds use this on the box's plain python3.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
+from provision.agent import catalog
 from provision.errors import ConfigError
-from provision.monitor import catalog
 
 #: printf formats the launch script uses (launch id, then session name or exit status).
 STARTED_FORMAT = "[bootstrap] job %s started in tmux session %s"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.files import read_json, write_json_atomic
+from provision.agent.units import human_bytes
 from provision.steps.base import Check, ParamError, StepContext
 
 MANIFEST = "manifest.json"
@@ -64,15 +65,6 @@ def check(ctx: StepContext, src: str, dest: Path) -> Check:
         return Check(False, f"{len(changed)} files changed size: {_some(changed)}")
     total = sum(files.values())
     return Check(True, f"{len(files)} files ({human_bytes(total)}) present as fetched from {src}")
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _some(items: list[str]) -> str:

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from provision.steps._venv import canonical_name
+from provision.steps.common.venv import canonical_name
 
 try:
     import tomllib

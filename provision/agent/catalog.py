@@ -7,7 +7,7 @@ ships a JSON copy next to it (`provision/known_issues.json`, written with `catal
 API (what other modules use):
 
 ```python
-from provision.monitor import catalog
+from provision.agent import catalog
 
 catalog.hint_for(log_tail)          # "diagnosis — fix" of the first match, or None (never raises)
 cat = catalog.load_catalog()        # the packaged catalog (cached: default_catalog())
