@@ -75,6 +75,8 @@ def test_agent_zipapp_runs_on_a_bare_interpreter(tmp_path: Path) -> None:
     pyz.write_bytes(agent.data)
     names = zipfile.ZipFile(pyz).namelist()
     assert "provision/known_issues.json" in names and "provision/cli.py" not in names
+    shipped = {f"provision/{p.relative_to(PACKAGE)}" for p in SHIPPED}
+    assert {n for n in names if n.endswith(".py") and n != "__main__.py"} == shipped
     assert "provision/model.py" in names, "the agent core reads and writes the run model"
     result = subprocess.run(
         [sys.executable, "-I", "-S", str(pyz), "status"],

@@ -8,7 +8,7 @@ the end of each run, tells the `notify:` URLs of the plan's `tmux_launch` steps:
 - **setup failed**, once per failed attempt (the event is the step and the time its last attempt
   started: retries within a run are one event, a `rerun` that fails again is a new one): the
   step, its reason, the catalog's diagnosis and fix for its log's tail
-  (provision/monitor/catalog.py), its last log lines, what it blocks, and `bootstrap rerun HOST
+  (provision/agent/catalog.py), its last log lines, what it blocks, and `bootstrap rerun HOST
   STEP`. A job that launched and then ended (the launch step failing because its job exited)
   is the guard's news ("training crashed", with the same diagnosis), not told twice;
 - **training verified**, once per launch: a `wait_log` step that needs the launch step saw its
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from provision import dag
-from provision.steps import _joblog
-from provision.steps.base import read_json
+from provision.agent.files import read_json, tail_lines
+from provision.steps.common import joblog
 from provision.watch.notify import Notifier
 
 #: Log lines quoted in a setup-failed message.
@@ -148,8 +148,8 @@ def _failure(
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     message = f"step {sid} {rec.get('status')}{tries}: {rec.get('reason') or 'no reason given'}"
     lines: list[str] = []
-    tail = _joblog.tail_lines(run_dir / "logs" / f"{sid}.log", 200)
-    found = _joblog.diagnose("\n".join(tail))
+    tail = tail_lines(run_dir / "logs" / f"{sid}.log", 200)
+    found = joblog.diagnose("\n".join(tail))
     if found is not None:
         lines.append(f"diagnosis: {found.diagnosis}")
         lines.append(f"fix: {found.fix}")
