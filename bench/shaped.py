@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import re
 import shutil
 import statistics
@@ -75,6 +76,8 @@ class World:
     urls: dict[str, str]
     payload: dict[str, int] = field(default_factory=dict)  # bytes per track that must cross
     ckpt_objects: dict[str, bytes] = field(default_factory=dict)
+    logs: Path | None = None  # where each box's run directory is copied, for profiling
+    link_mode: str = "copy"  # UV_LINK_MODE of the box's uv steps
 
 
 @contextlib.contextmanager
@@ -97,7 +100,6 @@ def world(work: Path, rate: float) -> Iterator[World]:
         serve_git(git_root, "x-access-token", TOKEN) as git,
     ):
         try:
-            upload(gcs.endpoint, "openpi-assets", objects)
             git_port = int(git.url.rsplit(":", 1)[1])
             urls = {
                 "index_url": f"http://127.0.0.1:{shaper.front(index_port, 'index')}/simple",
@@ -105,7 +107,9 @@ def world(work: Path, rate: float) -> Iterator[World]:
                 "rclone_url": f"http://127.0.0.1:{shaper.front(drive_port, 'rclone')}/",
                 "gcs_endpoint": f"http://127.0.0.1:{shaper.front(gcs.port, 'gcs')}",
             }
-            shaper.set_rate(0)  # the lock's metadata requests are setup, not the box's
+            shaper.set_rate(0)  # setting the world up is not the box's traffic
+            # Through the link's port: the emulator keeps the upload's Host in each mediaLink.
+            upload(urls["gcs_endpoint"], "openpi-assets", objects)
             bare = shaped_repo.build_repo(git_root, urls["index_url"], UV, shaped_repo.uv_env())
             shaper.set_rate(rate * MB)
             lock = subprocess.run(
@@ -134,64 +138,74 @@ def _is_extra(wheel: str) -> bool:
 # ------------------------------------------------------------------ the CPU parts, measured alone
 
 
-def cpu_parts(w: World) -> dict[str, float]:
-    """Seconds of the CPU work that follows the bytes, each measured alone on this machine:
-    uv linking the venv from a warm cache (copy mode, as on the box), the extra install from a
+class CpuParts:
+    """The CPU work that follows the bytes, measured alone on this machine between the rounds:
+    uv linking the venv from a warm cache (in the box's link mode), the extra install from a
     warm cache, the conversion, and the trainer from its start to step 0."""
-    scratch = w.work / "cpu"
-    scratch.mkdir()
-    env = {
-        **shaped_repo.uv_env(),
-        "UV_CACHE_DIR": str(scratch / "uv-cache"),
-        "UV_LINK_MODE": "copy",
-        "UV_PYTHON_DOWNLOADS": "never",
-        "UV_INDEX_URL": w.urls["index_url"],
-    }
-    repo = scratch / "openpi"
-    subprocess.run(
-        ["git", "clone", "-q", str(w.work / "git" / "openpi.git"), str(repo)], check=True
-    )
-    w.shaper.set_rate(0)
-    try:
-        sync = [UV, "sync", "--locked", "--python", "/usr/bin/python3.11"]
-        extra = [UV, "pip", "install", "--python", ".venv/bin/python", *pyindex.EXTRA_WHEELS]
-        harness.check(_timed(sync, repo, env)[1], "uv sync (filling the cache)")
-        harness.check(_timed(extra, repo, env)[1], "uv pip install (filling the cache)")
-        shutil.rmtree(repo / ".venv")
-        venv_s, done = _timed(sync, repo, env)
-        harness.check(done, "uv sync from a warm cache")
-        extra_s, done = _timed(extra, repo, env)
-        harness.check(done, "uv pip install from a warm cache")
-    finally:
-        w.shaper.set_rate(w.rate)
-    ckpt = scratch / "pi05_base"
-    for name, content in w.ckpt_objects.items():
-        path = ckpt / name.split("pi05_base/", 1)[1]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    python = str(repo / ".venv" / "bin" / "python")
-    convert = [python, "examples/convert_jax_model_to_pytorch.py", "--checkpoint_dir", str(ckpt),
-               "--config_name", "pi05_libero", "--output_path", str(scratch / "model"),
-               "--passes", str(CONVERT_PASSES)]  # fmt: skip
-    convert_s, done = _timed(convert, repo, env)
-    harness.check(done, "the conversion stand-in")
-    stats = scratch / "stats.json"
-    stats.write_text("{}")
-    return {
-        "venv": venv_s,
-        "extra": extra_s,
-        "convert": convert_s,
-        "launch": _until_step0(python, repo, scratch / "model" / "model.safetensors", stats),
-    }
+
+    def __init__(self, w: World, link_mode: str) -> None:
+        self.scratch = w.work / "cpu"
+        self.scratch.mkdir()
+        self.env = {
+            **shaped_repo.uv_env(),
+            "PATH": f"{Path(UV).parent}:{os.environ['PATH']}",  # the box's python3.11 first
+            "UV_CACHE_DIR": str(self.scratch / "uv-cache"),
+            "UV_LINK_MODE": link_mode,
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_INDEX_URL": w.urls["index_url"],
+        }
+        self.repo = self.scratch / "openpi"
+        bare = str(w.work / "git" / "openpi.git")
+        subprocess.run(["git", "clone", "-q", bare, str(self.repo)], check=True)
+        self.ckpt = self.scratch / "pi05_base"
+        for name, content in w.ckpt_objects.items():
+            path = self.ckpt / name.split("pi05_base/", 1)[1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        self.stats = self.scratch / "stats.json"
+        self.stats.write_text("{}")
+        w.shaper.set_rate(0)  # filling this machine's uv cache is no box's traffic
+        try:
+            self._run(self.sync, "uv sync (filling the cache)")
+            self._run(self.extra, "uv pip install (filling the cache)")
+        finally:
+            w.shaper.set_rate(w.rate)
+
+    @property
+    def sync(self) -> list[str]:
+        return [UV, "sync", "--locked", "--python", "3.11"]
+
+    @property
+    def extra(self) -> list[str]:
+        return [UV, "pip", "install", "--python", ".venv/bin/python", *pyindex.EXTRA_WHEELS]
+
+    def _run(self, argv: list[str], what: str) -> float:
+        start = time.perf_counter()
+        done = subprocess.run(
+            argv, cwd=self.repo, env=self.env, capture_output=True, text=True, check=False
+        )
+        harness.check(done, what)
+        return time.perf_counter() - start
+
+    def measure(self) -> dict[str, float]:
+        """Seconds of each part, once (a fresh venv from the warm cache)."""
+        shutil.rmtree(self.repo / ".venv", ignore_errors=True)
+        shutil.rmtree(self.scratch / "model", ignore_errors=True)
+        python = str(self.repo / ".venv" / "bin" / "python")
+        convert = [python, "examples/convert_jax_model_to_pytorch.py", "--checkpoint_dir",
+                   str(self.ckpt), "--config_name", "pi05_libero", "--output_path",
+                   str(self.scratch / "model"), "--passes", str(CONVERT_PASSES)]  # fmt: skip
+        return {
+            "venv": self._run(self.sync, "uv sync from a warm cache"),
+            "extra": self._run(self.extra, "uv pip install from a warm cache"),
+            "convert": self._run(convert, "the conversion stand-in"),
+            "launch": _until_step0(
+                python, self.repo, self.scratch / "model" / "model.safetensors", self.stats
+            ),
+        }
 
 
 CONVERT_PASSES = 4
-
-
-def _timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    return time.perf_counter() - start, done
 
 
 def _until_step0(python: str, repo: Path, model: Path, stats: Path) -> float:
@@ -238,6 +252,7 @@ class Result:
     scenario: str
     step0_s: float  # from `up` starting to the trainer's step-0 line
     up_s: float  # until `up` returned
+    start: float  # epoch time `up` started
     received: dict[str, int]
     steps: dict[str, dict[str, Any]]
 
@@ -269,6 +284,7 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
         "data": str(ws / "data"),
         "models": str(ws / "models"),
         "convert_passes": CONVERT_PASSES,
+        "uv_link_mode": w.link_mode,
         **w.urls,
     }
     project.secrets = {"GIT_TOKEN": {"value": TOKEN}}
@@ -281,6 +297,9 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
             f"bootstrap up ({scenario}) failed:\n{done.stdout[-4000:]}{done.stderr}"
         )
     received, _sent = w.shaper.counts()
+    if w.logs:
+        runs = box.home / ".bootstrap" / "runs"
+        shutil.copytree(runs, w.logs / box.name, dirs_exist_ok=True)
     log = (ws / "openpi" / "logs" / "waypoint_ae_bench.log").read_text()
     found = STEP0.search(log)
     if not found:
@@ -289,6 +308,7 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
         scenario,
         _clock(found, start) - start,
         up_s,
+        start,
         received,
         project.steps(box.name, "shaped.yaml"),
     )
@@ -314,68 +334,110 @@ def _timeline(result: Result) -> None:
     if not steps:
         return
     t0 = min(s["started"] for s in steps)
-    print(f"  profile of one {result.scenario} run (seconds from the first step's start):")
+    print(
+        f"  profile of one {result.scenario} run (seconds from the first step's start, which"
+        f" came {t0 - result.start:.2f} s after `up` started):"
+    )
     for s in sorted(steps, key=lambda s: s["started"]):
         print(f"    {s['id']:<16} {s['started'] - t0:7.2f} -> {s['ended'] - t0:7.2f}"
               f"  ({s['ended'] - s['started']:6.2f} s)  {s['status']}")  # fmt: skip
 
 
-def report(results: list[Result], payload: dict[str, int], rate: float, cpu: dict[str, float],
-           loads: list[str]) -> None:  # fmt: skip
-    by: dict[str, list[Result]] = {}
-    for r in results:
-        by.setdefault(r.scenario, []).append(r)
-    limit = cold_limit(payload, rate, cpu)
+def report(rounds: list[Round], payload: dict[str, int], rate: float, loads: list[str]) -> None:
+    """Print the figures: medians over the rounds, each ratio taken within its round."""
     total = sum(payload.values())
-    print(f"\n== time to step 0 on a shaped network ({rate:g} MB/s for the box, "
-          f"{len(by.get('cold', []))} rounds; load average {', '.join(loads)})")  # fmt: skip
-    print("  bytes that must cross the link: "
-          + ", ".join(f"{k} {v / MB:.0f} MB" for k, v in payload.items())
-          + f"; {total / MB:.0f} MB = {total / rate / MB:.1f} s at {rate:g} MB/s")  # fmt: skip
-    print("  CPU parts alone (same run): " + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items()))
     print(
-        f"  cold limit: {limit['limit']:.1f} s (all bytes {limit['link']:.1f} s; everything the"
-        f" trainer needs ready at {limit['ready']:.1f} s; + launch to step 0 {cpu['launch']:.1f} s)"
+        f"\n== time to step 0 on a shaped network ({rate:g} MB/s for the box, {len(rounds)} rounds;"
+        f" load average {loads[0]} at the start, {loads[-1]} at the end)"
     )
-    medians = {k: statistics.median(r.step0_s for r in v) for k, v in by.items()}
     print(
-        f"  {'scenario':<28} {'step 0, median (min-max)':>28} {'up returned':>12} {'received':>10}"
+        "  bytes that must cross the link: "
+        + ", ".join(f"{k} {v / MB:.0f} MB" for k, v in payload.items())
+        + f"; {total / MB:.0f} MB = {total / rate / MB:.1f} s at {rate:g} MB/s"
     )
-    for name, runs in by.items():
-        s0 = [r.step0_s for r in runs]
-        ups = statistics.median(r.up_s for r in runs)
-        got = statistics.median(sum(r.received.values()) for r in runs) / MB
-        print(f"  {LABELS[name]:<28} {medians[name]:9.1f} s ({min(s0):.1f} - {max(s0):.1f})"
-              f"{ups:11.1f} s {got:8.0f} MB")  # fmt: skip
-    cold = medians.get("cold")
-    if cold:
-        ratio = cold / limit["limit"]
+    for name in ("venv", "extra", "convert", "launch"):
+        values = [r.cpu[name] for r in rounds]
+        print(f"  CPU alone, {CPU_LABELS[name]:<44} {_spread(values)}")
+    limits = [cold_limit(payload, rate, r.cpu)["limit"] for r in rounds]
+    print(f"  cold limit (bytes / bandwidth + the CPU after them)  {_spread(limits)}")
+    print(
+        f"  {'scenario':<34} {'step 0: median (min-max)':>26} {'up returned':>12} {'received':>10}"
+    )
+    scenarios = [name for name in LABELS if any(name in r.results for r in rounds)]
+    for name in scenarios:
+        runs = [r.results[name] for r in rounds if name in r.results]
+        ups = statistics.median(x.up_s for x in runs)
+        got = statistics.median(sum(x.received.values()) for x in runs) / MB
         print(
-            f"  cold / its limit            {ratio:6.2f}x  (goal <= 1.15: {'MET' if ratio <= 1.15 else 'MISSED'})"
+            f"  {LABELS[name]:<34} {_spread([x.step0_s for x in runs]):>26}"
+            f" {ups:10.1f} s {got:7.0f} MB"
         )
-    if cold and "serial" in medians:
-        print(f"  serial (by hand) / cold     {medians['serial'] / cold:6.2f}x  (the DAG's gain)")
-    if cold and "warm" in medians:
-        warm = medians["warm"]
-        print(
-            f"  warm / cold                 {warm / cold:6.2f}x  (goal <= 0.35: {'MET' if warm / cold <= 0.35 else 'MISSED'})"
+    ratios = {
+        "cold / its limit": (
+            [r.results["cold"].step0_s / limit for r, limit in zip(rounds, limits, strict=True)],
+            1.15,
+        ),
+        "serial (by hand) / cold": (
+            [
+                r.results["serial"].step0_s / r.results["cold"].step0_s
+                for r in rounds
+                if "serial" in r.results
+            ],
+            None,
+        ),
+        "warm / cold": (
+            [
+                r.results["warm"].step0_s / r.results["cold"].step0_s
+                for r in rounds
+                if "warm" in r.results
+            ],
+            0.35,
+        ),
+    }
+    for label, (values, goal) in ratios.items():
+        if not values:
+            continue
+        median = statistics.median(values)
+        verdict = (
+            "" if goal is None else f"  goal <= {goal}: {'MET' if median <= goal else 'MISSED'}"
         )
+        spread = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {label:<26} {median:5.2f}x (rounds: {spread}){verdict}")
     for name in ("cold", "warm"):
-        if by.get(name):
-            _timeline(sorted(by[name], key=lambda r: r.step0_s)[len(by[name]) // 2])
-    for name, runs in by.items():
-        got: dict[str, int] = {}
-        for r in runs:
-            for k, v in r.received.items():
-                got[k] = got.get(k, 0) + v // len(runs)
-        print(
-            f"  received per service, {name}: "
-            + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in sorted(got.items()))
-        )
+        runs = [r.results[name] for r in rounds if name in r.results]
+        if runs:
+            _timeline(sorted(runs, key=lambda x: x.step0_s)[len(runs) // 2])
+    for name in scenarios:
+        runs = [r.results[name] for r in rounds if name in r.results]
+        got: dict[str, float] = {}
+        for x in runs:
+            for k, v in x.received.items():
+                got[k] = got.get(k, 0) + v / len(runs)
+        per = ", ".join(f"{k} {v / MB:.1f} MB" for k, v in sorted(got.items()))
+        print(f"  received per service, {name}: {per}")
 
 
-LABELS = {"cold": "cold (fresh box, no cache)", "warm": "warm (cache filled by cold)",
-          "serial": "serial, one step at a time"}  # fmt: skip
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.1f} s ({min(values):.1f} - {max(values):.1f})"
+
+
+LABELS = {
+    "cold": "cold (fresh box, empty cache)",
+    "warm": "warm (fresh box, cache filled)",
+    "serial": "serial: one step at a time",
+}
+CPU_LABELS = {
+    "venv": "uv sync into a fresh venv, warm uv cache",
+    "extra": "the extra install, warm uv cache",
+    "convert": "the conversion",
+    "launch": "the trainer, start to step 0",
+}
+
+
+@dataclass
+class Round:
+    cpu: dict[str, float]
+    results: dict[str, Result] = field(default_factory=dict)
 
 
 def main() -> None:
@@ -383,21 +445,31 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="MB/s towards the box")
     parser.add_argument("--runs", type=int, default=3, help="rounds (each: cold, warm, serial)")
     parser.add_argument("--no-serial", action="store_true", help="skip the serial baseline")
+    parser.add_argument(
+        "--link-mode", default="copy", choices=("copy", "hardlink"), help="UV_LINK_MODE on the box"
+    )
+    parser.add_argument("--logs", type=Path, help="copy each box's run directory here")
     args = parser.parse_args()
     scenarios = ["cold"] + ([] if args.no_serial else ["serial"])
     with harness.workspace() as work, world(work, args.rate) as w:
         key = make_key(work / "id_ed25519")
+        w.logs = args.logs
+        w.link_mode = args.link_mode
         loads = [_load()]
-        cpu = cpu_parts(w)
-        results: list[Result] = []
+        parts = CpuParts(w, args.link_mode)
+        rounds: list[Round] = []
         for i in range(args.runs):
-            order = scenarios if i % 2 == 0 else scenarios[::-1]
-            for scenario in order:
-                results.append(run_scenario(w, key, scenario, i))
-                print(f"  round {i + 1} {scenario}: step 0 at {results[-1].step0_s:.1f} s "
-                      f"(load {_load()})", flush=True)  # fmt: skip
-                loads.append(_load())
-        report(results, w.payload, args.rate, cpu, [loads[0], loads[-1]])
+            rounds.append(Round(cpu=parts.measure()))
+            for scenario in scenarios if i % 2 == 0 else scenarios[::-1]:
+                result = run_scenario(w, key, scenario, i)
+                rounds[-1].results[scenario] = result
+                print(
+                    f"  round {i + 1} {scenario}: step 0 at {result.step0_s:.1f} s"
+                    f" (load {_load()})",
+                    flush=True,
+                )
+            loads.append(_load())
+        report(rounds, w.payload, args.rate, loads)
 
 
 if __name__ == "__main__":
