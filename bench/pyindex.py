@@ -122,9 +122,15 @@ def write_simple(wheels: Path, root: Path) -> Path:
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as PyPI's CDN
+    seen: list[str] | None = None
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def send_head(self) -> object:
+        if self.seen is not None:
+            self.seen.append(self.path)
+        return super().send_head()
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -133,9 +139,11 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serve_dir(root: Path) -> Iterator[int]:
-    """Serve `root` over HTTP on a free loopback port (yielded) until the block ends."""
-    handler = functools.partial(_Quiet, directory=str(root))
+def serve_dir(root: Path, seen: list[str] | None = None) -> Iterator[int]:
+    """Serve `root` over HTTP on a free loopback port (yielded) until the block ends; the path
+    of every GET and HEAD is appended to `seen` when given."""
+    handler_class = type("Handler", (_Quiet,), {"seen": seen})
+    handler = functools.partial(handler_class, directory=str(root))
     server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import re
 import shutil
@@ -49,7 +50,7 @@ import shaped_repo
 import uv as uv_package
 import yaml
 from boxes import Box, make_key, start_box
-from gcs_emulator import EmulatorProcess, pi05_like, upload
+from gcs_emulator import EmulatorProcess, free_port, pi05_like, upload, wait_for_port
 from githttp import serve_git
 from project import Project
 from shaper import Shaper, shaped
@@ -78,6 +79,8 @@ class World:
     ckpt_objects: dict[str, bytes] = field(default_factory=dict)
     logs: Path | None = None  # where each box's run directory is copied, for profiling
     link_mode: str = "copy"  # UV_LINK_MODE of the box's uv steps
+    cache_url: str | None = None  # the step cache's WebDAV server, behind the link
+    cache_dir: Path | None = None  # what it serves
 
 
 @contextlib.contextmanager
@@ -93,7 +96,10 @@ def world(work: Path, rate: float) -> Iterator[World]:
     git_root = work / "git"
     git_root.mkdir()
     gcs = EmulatorProcess(threaded=True)
+    cache_dir = work / "stepcache"
+    cache_dir.mkdir()
     with (
+        webdav(cache_dir) as cache_port,
         shaped(rate * MB) as shaper,
         pyindex.serve_dir(index) as index_port,
         pyindex.serve_dir(drive) as drive_port,
@@ -107,6 +113,7 @@ def world(work: Path, rate: float) -> Iterator[World]:
                 "rclone_url": f"http://127.0.0.1:{shaper.front(drive_port, 'rclone')}/",
                 "gcs_endpoint": f"http://127.0.0.1:{shaper.front(gcs.port, 'gcs')}",
             }
+            cache_url = f"http://127.0.0.1:{shaper.front(cache_port, 'cache')}/"
             shaper.set_rate(0)  # setting the world up is not the box's traffic
             # Through the link's port: the emulator keeps the upload's Host in each mediaLink.
             upload(urls["gcs_endpoint"], "openpi-assets", objects)
@@ -125,9 +132,51 @@ def world(work: Path, rate: float) -> Iterator[World]:
                 "ckpt": sum(len(v) for v in objects.values()),
                 "data": sum(p.stat().st_size for p in drive.rglob("*") if p.is_file()),
             }
-            yield World(shaper, rate * MB, work, urls, payload, objects)
+            yield World(
+                shaper, rate * MB, work, urls, payload, objects,
+                cache_url=cache_url if playbook_caches() else None, cache_dir=cache_dir,
+            )  # fmt: skip
         finally:
             gcs.stop()
+
+
+def playbook_caches() -> bool:
+    """Whether the bench playbook has cached steps (the remote step cache, issue 16)."""
+    book = yaml.safe_load(PLAYBOOK.read_text())
+    return any(step.get("cache") for step in book["steps"])
+
+
+@contextlib.contextmanager
+def webdav(root: Path) -> Iterator[int]:
+    """`rclone serve webdav ROOT` on a free loopback port (yielded): the step cache's bucket."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["rclone", "serve", "webdav", str(root), "--addr", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def restore_cpu(cache_dir: Path, root: str, scratch: Path) -> dict[str, tuple[int, float]]:
+    """Per cached step of the round: (archive bytes, seconds to unpack it alone here)."""
+    out: dict[str, tuple[int, float]] = {}
+    for entry_path in sorted((cache_dir / root / "entries").glob("*.json")):
+        entry = json.loads(entry_path.read_text())
+        archive = cache_dir / root / entry["object"]
+        dest = scratch / entry["step"]
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        decompress = "zstd -dc" if entry["codec"] == "zstd" else "gzip -dc"
+        start = time.perf_counter()
+        subprocess.run(f"{decompress} {archive} | tar -x -C {dest}", shell=True, check=True)
+        out[entry["step"]] = (archive.stat().st_size, time.perf_counter() - start)
+        shutil.rmtree(dest, ignore_errors=True)
+    return out
 
 
 def _is_extra(wheel: str) -> bool:
@@ -244,6 +293,21 @@ def cold_limit(payload: dict[str, int], rate: float, cpu: dict[str, float]) -> d
     return {"link": everything, "ready": ready, "limit": ready + cpu["launch"]}
 
 
+def warm_limit(
+    payload: dict[str, int], restore: dict[str, tuple[int, float]], rate: float, launch: float
+) -> dict[str, float]:
+    """The earliest step 0 on a fresh box whose cache holds the round's archives: every
+    archive and the uncached downloads (checkpoint, data) cross the link; a restore unpacks
+    while it downloads (streamed), so each archive is ready after the longer of its transfer
+    and its unpacking measured alone; the trainer needs all."""
+    bw = rate * MB
+    archives = sum(size for size, _ in restore.values())
+    everything = (archives + payload["ckpt"] + payload["data"]) / bw
+    chains = [max(size / bw, seconds) for size, seconds in restore.values()]
+    ready = max([everything, *chains])
+    return {"link": everything, "ready": ready, "limit": ready + launch}
+
+
 # ------------------------------------------------------------------ one scenario on a fresh box
 
 
@@ -255,20 +319,35 @@ class Result:
     start: float  # epoch time `up` started
     received: dict[str, int]
     steps: dict[str, dict[str, Any]]
+    saved_after_s: float | None = None  # the cache's saves ended this long after `up` returned
 
 
 def run_scenario(w: World, key: Path, scenario: str, round_no: int) -> Result:
-    """`bootstrap up` of the bench playbook on a new box; the box is torn down afterwards."""
+    """`bootstrap up` of the bench playbook on a new box; the box is torn down afterwards.
+    cold and warm share the round's cache root (cold fills it); serial runs without one."""
     box = start_box(w.work / "boxes" / f"{scenario}{round_no}", key, f"{scenario[:4]}{round_no}")
+    cache_root = f"stepcache:round{round_no}" if w.cache_url and scenario != "serial" else None
     try:
-        return _up_on(w, box, scenario)
+        return _up_on(w, box, scenario, cache_root)
     finally:
         with contextlib.suppress(Exception):
             box.close()
 
 
-def _up_on(w: World, box: Box, scenario: str) -> Result:
-    (box.home / ".bashrc").write_text(f'export PATH="{Path(UV).parent}:$PATH"\n')
+def _up_on(w: World, box: Box, scenario: str, cache_root: str | None) -> Result:
+    # Every box works in the same directory, as every rented box has /workspace: a restored
+    # venv only works at the path it was made at (its scripts and pyvenv.cfg hold it).
+    ws = w.work / "workspace"
+    shutil.rmtree(ws, ignore_errors=True)
+    ws.mkdir()
+    os.chown(ws, box_uid(box), -1)
+    bashrc = f'export PATH="{Path(UV).parent}:$PATH"\n'
+    if w.cache_url:  # the step cache's remote, defined in the environment (needs no file)
+        bashrc += (
+            "export RCLONE_CONFIG_STEPCACHE_TYPE=webdav RCLONE_CONFIG_STEPCACHE_VENDOR=other"
+            f" RCLONE_CONFIG_STEPCACHE_URL={w.cache_url}\n"
+        )
+    (box.home / ".bashrc").write_text(bashrc)
     project = Project(
         root=w.work / f"project-{box.name}", env=harness.controller_env(w.work / box.name)
     )
@@ -277,7 +356,6 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
     if scenario == "serial":
         book["max_parallel"] = 1
     project.playbook(yaml.safe_dump(book, sort_keys=False), "shaped.yaml")
-    ws = box.home / "workspace"
     project.host_vars = {
         "agent_python": sys.executable,  # has the agent kinds' libraries (see bench/README.md)
         "repo": str(ws / "openpi"),
@@ -286,6 +364,7 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
         "convert_passes": CONVERT_PASSES,
         "uv_link_mode": w.link_mode,
         **w.urls,
+        "cache_remote": cache_root,
     }
     project.secrets = {"GIT_TOKEN": {"value": TOKEN}}
     w.shaper.reset_counts()
@@ -296,6 +375,8 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
         raise harness.ToolFailed(
             f"bootstrap up ({scenario}) failed:\n{done.stdout[-4000:]}{done.stderr}"
         )
+    step0 = time.time()
+    saved = wait_for_saves(project, box) if cache_root else None
     received, _sent = w.shaper.counts()
     if w.logs:
         runs = box.home / ".bootstrap" / "runs"
@@ -311,7 +392,26 @@ def _up_on(w: World, box: Box, scenario: str) -> Result:
         start,
         received,
         project.steps(box.name, "shaped.yaml"),
+        None if saved is None else saved - step0,
     )
+
+
+def box_uid(box: Box) -> int:
+    import pwd
+
+    return pwd.getpwnam(box.user).pw_uid
+
+
+def wait_for_saves(project: Project, box: Box, timeout: float = 600) -> float:
+    """Wait until no cached step of the box is still saving; returns when (epoch)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = project.steps(box.name, "shaped.yaml").values()
+        states = [(s.get("cache") or {}).get("state") for s in steps if s.get("cache")]
+        if all(state not in ("queued", "saving") for state in states):
+            return time.time()
+        time.sleep(0.5)
+    raise harness.ToolFailed("the step cache was still saving after 10 minutes")
 
 
 def _clock(found: re.Match[str], near: float) -> float:
@@ -360,6 +460,19 @@ def report(rounds: list[Round], payload: dict[str, int], rate: float, loads: lis
         print(f"  CPU alone, {CPU_LABELS[name]:<44} {_spread(values)}")
     limits = [cold_limit(payload, rate, r.cpu)["limit"] for r in rounds]
     print(f"  cold limit (bytes / bandwidth + the CPU after them)  {_spread(limits)}")
+    warm_rounds = [r for r in rounds if r.restore and "warm" in r.results]
+    warm_limits = [
+        warm_limit(payload, r.restore, rate, r.cpu["launch"])["limit"] for r in warm_rounds
+    ]
+    for step in sorted({s for r in warm_rounds for s in r.restore}):
+        sizes = [r.restore[step][0] / MB for r in warm_rounds if step in r.restore]
+        unpack = [r.restore[step][1] for r in warm_rounds if step in r.restore]
+        print(
+            f"  cache archive of {step:<12} {statistics.median(sizes):6.0f} MB, unpacked alone in"
+            f" {_spread(unpack)}"
+        )
+    if warm_limits:
+        print(f"  warm limit (archives + uncached bytes, unpacking)    {_spread(warm_limits)}")
     print(
         f"  {'scenario':<34} {'step 0: median (min-max)':>26} {'up returned':>12} {'received':>10}"
     )
@@ -384,6 +497,13 @@ def report(rounds: list[Round], payload: dict[str, int], rate: float, loads: lis
                 if "serial" in r.results
             ],
             None,
+        ),
+        "warm / its limit": (
+            [
+                r.results["warm"].step0_s / lim
+                for r, lim in zip(warm_rounds, warm_limits, strict=True)
+            ],
+            1.15,
         ),
         "warm / cold": (
             [
@@ -438,6 +558,7 @@ CPU_LABELS = {
 class Round:
     cpu: dict[str, float]
     results: dict[str, Result] = field(default_factory=dict)
+    restore: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 def main() -> None:
@@ -450,7 +571,8 @@ def main() -> None:
     )
     parser.add_argument("--logs", type=Path, help="copy each box's run directory here")
     args = parser.parse_args()
-    scenarios = ["cold"] + ([] if args.no_serial else ["serial"])
+    scenarios = ["cold", "warm"] if playbook_caches() else ["cold"]
+    scenarios += [] if args.no_serial else ["serial"]
     with harness.workspace() as work, world(work, args.rate) as w:
         key = make_key(work / "id_ed25519")
         w.logs = args.logs
@@ -460,9 +582,16 @@ def main() -> None:
         rounds: list[Round] = []
         for i in range(args.runs):
             rounds.append(Round(cpu=parts.measure()))
-            for scenario in scenarios if i % 2 == 0 else scenarios[::-1]:
+            # cold fills the cache warm reads: it always comes first of the two
+            paired = [x for x in scenarios if x != "serial"]
+            order = (
+                scenarios if i % 2 == 0 or len(paired) == len(scenarios) else ["serial", *paired]
+            )
+            for scenario in order:
                 result = run_scenario(w, key, scenario, i)
                 rounds[-1].results[scenario] = result
+                if scenario == "cold" and w.cache_dir and w.cache_url:
+                    rounds[-1].restore = restore_cpu(w.cache_dir, f"round{i}", work / "unpack")
                 print(
                     f"  round {i + 1} {scenario}: step 0 at {result.step0_s:.1f} s"
                     f" (load {_load()})",
