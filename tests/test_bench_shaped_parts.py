@@ -15,9 +15,10 @@ from pathlib import Path
 import uv as uv_package
 from pywheels import build_wheel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import pyindex  # noqa: E402
-from shaper import shaped  # noqa: E402
+# Appended, not first: bench/ holds modules (stats, tools, run) that must shadow nothing.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
+import pyindex
+from shaper import shaped
 
 UV = uv_package.find_uv_bin()
 MB = 1_000_000
