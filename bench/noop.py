@@ -35,6 +35,9 @@ class Setup:
     #: bootstrap again with a directory prepended to PYTHONPATH (another typer, say), timed
     #: beside the rest: what a change of the controller's dependencies would buy.
     alt: tools.Bootstrap | None = None
+    #: bootstrap over its second transport (`connection: paramiko`): no ControlMaster, so every
+    #: command of a new process pays a handshake.
+    paramiko: tools.Bootstrap | None = None
 
     def variants(self, label: str) -> dict[str, tools.Bootstrap]:
         """The bootstrap contenders: as installed, and the PYTHONPATH variant if any."""
@@ -58,6 +61,9 @@ def prepare(
     playbook = runbook.bootstrap_project(work / "bootstrap", boxes)
     config = runbook.ansible_project(work / "ansible", boxes)
     inventory, deploy = runbook.pyinfra_project(work / "pyinfra", boxes)
+    over_paramiko = runbook.write_inventory(
+        work / "bootstrap", boxes, "bootstrap", "paramiko", "inventory-paramiko.yaml"
+    )
     alt = None
     if alt_pythonpath is not None:
         alt_env = dict(env, PYTHONPATH=str(alt_pythonpath.resolve()))
@@ -70,6 +76,7 @@ def prepare(
         tools.Ansible(venv_bin, config, env),
         tools.Pyinfra(venv_bin, inventory, deploy, env),
         alt,
+        tools.Bootstrap(work / "bootstrap", env, over_paramiko),
     )
 
 
@@ -106,6 +113,15 @@ def measure_noop(setup: Setup, runs: int) -> None:
             "bootstrap up (cold: no ssh master)": (
                 bs.cold,
                 bs.up(box.name, setup.playbook, noop=True),
+            ),
+            **(
+                {
+                    "bootstrap up (paramiko, connection: paramiko)": setup.paramiko.up(
+                        box.name, setup.playbook, noop=True
+                    )
+                }
+                if setup.paramiko is not None
+                else {}
             ),
             "Ansible (pipelining, ControlPersist, no facts)": setup.ansible.play(
                 noop=True, limit=box.name

@@ -143,11 +143,21 @@ def bootstrap_project(path: Path, boxes: list[Box]) -> Path:
     return playbook
 
 
-def write_inventory(path: Path, boxes: list[Box], tool: str) -> Path:
-    """A bootstrap inventory of the boxes (group `fleet`), `root` set per host."""
-    hosts = {b.name: {**b.inventory_entry(), "vars": {"root": root_for(b, tool)}} for b in boxes}
+def write_inventory(
+    path: Path, boxes: list[Box], tool: str, connection: str = "ssh", name: str = "inventory.yaml"
+) -> Path:
+    """A bootstrap inventory of the boxes (group `fleet`), `root` set per host, each reached
+    over `connection` (ssh: the OpenSSH client, or paramiko)."""
+    hosts = {
+        b.name: {
+            **b.inventory_entry(),
+            "connection": connection,
+            "vars": {"root": root_for(b, tool)},
+        }
+        for b in boxes
+    }
     data = {"hosts": hosts, "groups": {"fleet": [b.name for b in boxes]}}
-    inventory = path / "inventory.yaml"
+    inventory = path / name
     inventory.write_text(yaml.safe_dump(data))
     return inventory
 

@@ -24,9 +24,11 @@ from harness import ToolFailed, bootstrap_argv, check, close_masters, run
 class Bootstrap:
     """The bootstrap CLI with its own controller config dir, run in a project directory."""
 
-    def __init__(self, project: Path, env: dict[str, str]) -> None:
+    def __init__(self, project: Path, env: dict[str, str], inventory: Path | None = None) -> None:
         self.project = project
         self.env = env
+        #: An inventory other than the project's inventory.yaml (`-i`).
+        self.inventory = inventory
 
     @property
     def config_dir(self) -> Path:
@@ -48,7 +50,9 @@ class Bootstrap:
                 os.environ["BOOTSTRAP_CONFIG_DIR"] = saved
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return run([*bootstrap_argv(), *args], env=self.env, cwd=self.project, timeout=timeout)
+        inventory = ["-i", str(self.inventory)] if self.inventory else []
+        argv = [*bootstrap_argv(), *args, *inventory]
+        return run(argv, env=self.env, cwd=self.project, timeout=timeout)
 
     def up(self, target: str, playbook: Path, noop: bool) -> Callable[[], None]:
         """`bootstrap up TARGET -p PLAYBOOK`; with `noop`, fail if any step ran."""

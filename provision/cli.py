@@ -636,7 +636,8 @@ def kinds(name: Annotated[str | None, typer.Argument(help="a kind to describe")]
 
 def _forget(target: str, inventory: Path | None) -> int:
     from provision.inventory import load_inventory, resolve_targets
-    from provision.transport.ssh import forget_host_key, parse_forget_target
+    from provision.transport import for_host
+    from provision.transport.ssh import parse_forget_target
 
     if inventory is not None and not inventory.exists():
         raise ProvisionError(f"{inventory}: no such inventory file")
@@ -644,13 +645,14 @@ def _forget(target: str, inventory: Path | None) -> int:
     named = target in inv.hosts or target in inv.groups
     # An inventory name: its key is stored under the host and port it names.
     hosts = (
-        [h for h in resolve_targets([target], inv) if h.connection == "ssh"]
+        [h for h in resolve_targets([target], inv) if h.connection != "local"]
         if named
         else [parse_forget_target(target)]
     )
     for host in hosts:
         label = f"{host.name} ({host.address})" if named else target
-        print(f"{'forgot' if forget_host_key(host) else 'no key stored for'} {label}")
+        forgot = for_host(host).forget_host_key()
+        print(f"{'forgot' if forgot else 'no key stored for'} {label}")
     return 0
 
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import shlex
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -422,4 +421,4 @@ def checkpoints(
 
 def interactive(box: Box, command: str) -> int:
     """Run a command on the box attached to this terminal (e.g. `tmux attach`)."""
-    return subprocess.call(box.transport.interactive_argv(command))
+    return box.transport.interactive(command)

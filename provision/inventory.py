@@ -20,6 +20,8 @@ from provision.errors import ConfigError, TargetError
 from provision.yamlsrc import LineMap, load_yaml
 
 _HOST_KEYS = {"host", "port", "user", "key", "connection", "vars", "ssh_options"}
+#: How a host is reached: the OpenSSH client, paramiko, or this machine (provision/transport/).
+CONNECTIONS = ("ssh", "paramiko", "local")
 _TOP_KEYS = {"hosts", "groups", "vars", "secrets"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -29,7 +31,7 @@ class Host:
     """One box to provision."""
 
     name: str
-    connection: str = "ssh"  # "ssh" or "local"
+    connection: str = "ssh"  # one of CONNECTIONS
     host: str | None = None
     port: int | None = None
     user: str | None = None
@@ -107,8 +109,15 @@ def load_inventory(path: Path | None) -> Inventory:
             )
     inv = Inventory(path=path)
     inv.vars = dict(_mapping(data.get("vars") or LineMap(), "vars", src, data.line_of("vars")))
+    default = inv.vars.get("connection", "ssh")
+    if default not in CONNECTIONS or default == "local":
+        raise ConfigError(
+            "vars: connection (every host's default) must be ssh or paramiko",
+            file=src,
+            line=data.line_of("vars"),
+        )
     for name, spec in _mapping(data.get("hosts") or LineMap(), "hosts", src, data.line).items():
-        inv.hosts[name] = _host(name, spec, src, data["hosts"].line_of(name))
+        inv.hosts[name] = _host(name, spec, src, data["hosts"].line_of(name), default)
     for name, members in _mapping(
         data.get("groups") or LineMap(), "groups", src, data.line
     ).items():
@@ -145,7 +154,7 @@ def _mapping(value: Any, what: str, src: str, line: int) -> LineMap:
     return value  # type: ignore[return-value]
 
 
-def _host(name: str, spec: Any, src: str, line: int) -> Host:
+def _host(name: str, spec: Any, src: str, line: int, default: str = "ssh") -> Host:
     if not _NAME.match(str(name)):
         raise ConfigError(f"bad host name '{name}'", file=src, line=line)
     if not isinstance(spec, dict):
@@ -157,10 +166,15 @@ def _host(name: str, spec: Any, src: str, line: int) -> Host:
                 file=src,
                 line=spec.line_of(key) if isinstance(spec, LineMap) else line,
             )
-    connection = spec.get("connection", "ssh")
-    if connection not in ("ssh", "local"):
-        raise ConfigError(f"host '{name}': connection must be ssh or local", file=src, line=line)
-    if connection == "ssh" and not spec.get("host"):
+    connection = spec.get("connection", default)
+    if connection not in CONNECTIONS:
+        raise ConfigError(
+            f"host '{name}': connection must be {', '.join(CONNECTIONS[:-1])} or "
+            f"{CONNECTIONS[-1]} (got {connection!r})",
+            file=src,
+            line=spec.line_of("connection") if isinstance(spec, LineMap) else line,
+        )
+    if connection != "local" and not spec.get("host"):
         raise ConfigError(f"host '{name}' needs 'host' (or connection: local)", file=src, line=line)
     for key in ("host", "user", "key"):
         where = spec.line_of(key) if isinstance(spec, LineMap) else line
@@ -257,8 +271,11 @@ def _resolve_one(target: str, inv: Inventory) -> list[Host]:
         return [inv.hosts[m] for m in inv.groups[target]]
     if target == "local":
         return [Host(name="local", connection="local")]
+    connection = str(inv.vars.get("connection", "ssh"))
     if target.startswith("ssh ") or target.startswith("ssh\t"):
-        return [_from_ssh_command(target)]
+        pasted = _from_ssh_command(target)
+        pasted.connection = connection
+        return [pasted]
     match = re.match(r"^(?:([^@\s]+)@)?([A-Za-z0-9_.-]+|\[[0-9a-fA-F:]+\])(?::(\d+))?$", target)
     if match and ("@" in target or ":" in target or "." in target or _in_ssh_config(target)):
         user, host, port = match.groups()
@@ -267,7 +284,13 @@ def _resolve_one(target: str, inv: Inventory) -> list[Host]:
                 f"bad target '{target}': a user or host must not be blank or start with '-'"
             )
         return [
-            Host(name=target, host=host.strip("[]"), port=int(port) if port else None, user=user)
+            Host(
+                name=target,
+                host=host.strip("[]"),
+                port=int(port) if port else None,
+                user=user,
+                connection=connection,
+            )
         ]
     known = sorted([*inv.hosts, *inv.groups])
     listing = f" (inventory: {', '.join(known)})" if known else " (no inventory loaded)"

@@ -89,7 +89,21 @@ def controller_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+#: Transport ids, as a test parametrizes `transport` (indirect=True) to run over each.
+TRANSPORTS = ("openssh", "paramiko")
+
+
 @pytest.fixture
-def project(tmp_path: Path, controller_env: dict[str, str], box: Box) -> Project:
-    """A bootstrap project directory whose inventory holds one fresh box (`box1`)."""
-    return Project(tmp_path / "project", controller_env, [box])
+def transport(request: pytest.FixtureRequest) -> str:
+    """How the project's boxes are reached: 'openssh' (the default: `connection: ssh`) or
+    'paramiko' (`connection: paramiko`). A test runs over both, as testinfra runs a test per
+    backend, with `@pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)`."""
+    return str(getattr(request, "param", "openssh"))
+
+
+@pytest.fixture
+def project(tmp_path: Path, controller_env: dict[str, str], box: Box, transport: str) -> Project:
+    """A bootstrap project directory whose inventory holds one fresh box (`box1`), reached
+    over `transport`."""
+    connection = "paramiko" if transport == "paramiko" else "ssh"
+    return Project(tmp_path / "project", controller_env, [box], connection=connection)

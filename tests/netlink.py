@@ -73,12 +73,12 @@ class Link:
     def restore(self) -> None:
         self._ip("link", "set", self.outer, "up")
 
-    def entry(self) -> dict[str, str | int]:
-        """The box as an inventory host reached over the link."""
-        return dict(self.box.inventory_entry(), host=self.box_addr)
+    def entry(self, connection: str = "ssh") -> dict[str, str | int]:
+        """The box as an inventory host reached over the link (with `connection`)."""
+        return dict(self.box.inventory_entry(), host=self.box_addr, connection=connection)
 
-    def inventory(self, path: Path) -> Path:
-        path.write_text(json.dumps({"hosts": {self.box.name: self.entry()}}))
+    def inventory(self, path: Path, connection: str = "ssh") -> Path:
+        path.write_text(json.dumps({"hosts": {self.box.name: self.entry(connection)}}))
         return path
 
     def cli_argv(self, *args: str) -> list[str]:

@@ -28,6 +28,8 @@ class Project:
     boxes: list[Box] = field(default_factory=list)
     host_vars: dict[str, Any] = field(default_factory=dict)
     secrets: dict[str, Any] = field(default_factory=dict)
+    #: Every box's `connection` in the inventory ('ssh': the OpenSSH client, or 'paramiko').
+    connection: str = "ssh"
 
     def playbook(self, text: str, name: str = "test.yaml") -> Path:
         """Write a playbook (dedented) and return its path."""
@@ -43,8 +45,17 @@ class Project:
         return path
 
     def write_inventory(self) -> Path:
-        hosts = {b.name: {**b.inventory_entry(), "vars": dict(self.host_vars)} for b in self.boxes}
+        hosts = {
+            b.name: {
+                **b.inventory_entry(),
+                "connection": self.connection,
+                "vars": dict(self.host_vars),
+            }
+            for b in self.boxes
+        }
         data: dict[str, Any] = {"hosts": hosts, "groups": {"fleet": [b.name for b in self.boxes]}}
+        if self.connection != "ssh":  # the default of targets outside the inventory too
+            data["vars"] = {"connection": self.connection}
         if self.secrets:
             data["secrets"] = self.secrets
         path = self.root / "inventory.yaml"

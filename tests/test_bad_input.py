@@ -290,7 +290,7 @@ CASES = [
     ),
     Case(
         "inventory-connection",
-        "connection must be ssh or local",
+        "connection must be ssh, paramiko or local",
         inventory="hosts: {box9: {host: x, connection: docker}}\n",
         target="box9",
     ),

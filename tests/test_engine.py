@@ -12,7 +12,14 @@ import time
 
 import pytest
 from boxes import Box
+from conftest import TRANSPORTS
 from project import Project, count, wait_for
+
+#: The tests that run over both transports (`transport` ids openssh/paramiko): those whose
+#: guarantee rides on the link (the followed stream, the agent shipped on stdin, a killed
+#: controller, status/logs, unreachable and changed-key errors). The rest exercise the runner,
+#: which does not know how it was reached, and run over OpenSSH only.
+both_transports = pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)
 
 TWO_TRACKS = """
 name: tracks
@@ -35,6 +42,7 @@ def _overlap(s1: dict, s2: dict) -> bool:
     return s1["started"] < s2["ended"] and s2["started"] < s1["ended"]
 
 
+@both_transports
 def test_parallel_tracks_and_completion_noticed_at_once(project: Project, box: Box) -> None:
     project.playbook(TWO_TRACKS.format(parallel=4))
     result = project.up("box1")
@@ -54,6 +62,7 @@ def test_max_parallel_bounds_concurrency(project: Project) -> None:
     assert not _overlap(steps["a"], steps["b"])
 
 
+@both_transports
 def test_second_up_is_a_noop_and_plan_says_why(project: Project, box: Box) -> None:
     project.playbook(
         """
@@ -226,6 +235,7 @@ steps:
 """
 
 
+@both_transports
 def test_killing_the_controller_does_not_stop_the_run(project: Project, box: Box) -> None:
     project.playbook(SLOW)
     project.write_inventory()
@@ -279,6 +289,7 @@ def test_second_up_attaches_to_the_running_runner(project: Project, box: Box) ->
     assert runners == []
 
 
+@both_transports
 def test_rerun_resets_step_and_downstream_only(project: Project, box: Box) -> None:
     project.playbook(
         """
@@ -311,6 +322,7 @@ def test_rerun_resets_step_and_downstream_only(project: Project, box: Box) -> No
     assert [count(box, n) for n in ("a", "b", "c", "side")] == [1, 3, 2, 1]
 
 
+@both_transports
 def test_status_json_shape_logs_and_agent_shipped_once(project: Project, box: Box) -> None:
     project.playbook(TWO_TRACKS.format(parallel=2))
     assert project.up("box1").returncode == 0
@@ -391,6 +403,7 @@ def test_bad_playbooks_are_one_line_exit_2_and_touch_nothing(
     assert not (box.home / ".bootstrap").exists()
 
 
+@both_transports
 def test_unreachable_and_unknown_targets(project: Project, box: Box) -> None:
     from project import one_line_error
 
@@ -403,6 +416,7 @@ def test_unreachable_and_unknown_targets(project: Project, box: Box) -> None:
     box.start()
 
 
+@both_transports
 def test_changed_host_key_is_refused_with_the_forget_command(project: Project, box: Box) -> None:
     from project import one_line_error
 

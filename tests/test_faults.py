@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 from boxes import Box
+from conftest import TRANSPORTS
 from netlink import Link
 from project import Project, count, one_line_error, wait_for
 
@@ -504,12 +505,13 @@ def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
     assert [count(box, n) for n in ("first", "long", "last")] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)
 def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(
     project: Project, box: Box, tmp_path: Path
 ) -> None:
     project.playbook(LONG.format(seconds=8))
     with Link(box) as link:
-        inventory = link.inventory(tmp_path / "linked.yaml")
+        inventory = link.inventory(tmp_path / "linked.yaml", project.connection)
         args = ("-p", "playbooks/test.yaml", "-i", str(inventory))
 
         def cli(*words: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -518,7 +520,7 @@ def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(
                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
             )  # fmt: skip
 
-        # A ControlMaster from `up --detach` still rides the link when it goes silent.
+        # OpenSSH: a ControlMaster from `up --detach` still rides the link when it goes silent.
         assert cli("up", "box1", "--detach").returncode == 0
         wait_for(lambda: count(box, "first") == 1, what="the first step")
         link.cut()

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 from provision.errors import TargetError
-from provision.transport import Result
+from provision.transport import Result, Stream
 
 
 class LocalTransport:
@@ -44,11 +44,15 @@ class LocalTransport:
         proc.stdin.close()
         return proc
 
-    def check_stream(self, proc: subprocess.Popen[bytes], stderr: str) -> None:
+    def check_stream(self, proc: Stream, stderr: str) -> None:
         return None
 
     def open_early(self) -> None:
         """Nothing to open: the box is this machine."""
 
-    def interactive_argv(self, command: str) -> list[str]:
-        return ["sh", "-c", command]
+    def interactive(self, command: str) -> int:
+        return subprocess.call(["sh", "-c", command])
+
+    def forget_host_key(self) -> bool:
+        """No key: nothing to forget."""
+        return False

@@ -25,10 +25,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from provision.errors import HostKeyError, ProvisionError, TargetError
+from provision.errors import ProvisionError, TargetError
 from provision.home import control_dir, known_hosts
 from provision.inventory import Host
-from provision.transport import Result
+from provision.transport import Result, Stream
+from provision.transport import known_hosts as trusted
+from provision.transport.failures import auth_failed, host_key_changed, unreachable
 
 #: ssh exits 255 for its own errors; these stderr fragments say which.
 _UNREACHABLE = (
@@ -133,7 +135,8 @@ class SSHTransport:
                 return Result(proc.returncode, proc.stdout, stderr)
             waited = time.monotonic() - start
             if not _auth_failed(stderr) or waited >= self.auth_wait:
-                raise connection_error(self.host, stderr, waited if self.auth_wait else None)
+                # The wait asked for, not the time measured (its last attempt may end late).
+                raise connection_error(self.host, stderr, self.auth_wait or None)
             time.sleep(min(delay, self.auth_wait - waited))
             delay = min(delay * 2, 10.0)
 
@@ -155,13 +158,20 @@ class SSHTransport:
             pass
         return proc
 
-    def check_stream(self, proc: subprocess.Popen[bytes], stderr: str) -> None:
+    def check_stream(self, proc: Stream, stderr: str) -> None:
         if proc.returncode == 255:
             raise connection_error(self.host, stderr)
 
     def interactive_argv(self, command: str) -> list[str]:
+        """argv that runs `command` on the box attached to this terminal (with a pty)."""
         self._await_early()
         return [*self.base_argv(tty=True), command]
+
+    def interactive(self, command: str) -> int:
+        return subprocess.call(self.interactive_argv(command))
+
+    def forget_host_key(self) -> bool:
+        return forget_host_key(self.host)
 
 
 def _auth_failed(stderr: str) -> bool:
@@ -176,24 +186,15 @@ def connection_error(host: Host, stderr: str, waited: float | None = None) -> Ta
         or "Host key verification failed" in stderr
     ):
         real = effective(host)
-        return HostKeyError(
-            f"{host.name}: the host key of {host.address} changed since it was first trusted "
-            f"(vast.ai reuses addresses). If the box was replaced, run: bootstrap forget "
-            f"{real.address}:{real.port} (or pass --accept-new-host-key)"
-        )
+        return host_key_changed(host, real.address, real.port)
     if _auth_failed(stderr):
-        tried = f" (tried for {waited:.0f}s)" if waited is not None else ""
-        return TargetError(
-            f"{host.name}: authentication failed for {host.address} with {_keys(host)}{tried}; "
-            "a new vast.ai box may still be installing your key: retry in a minute, or give "
-            "`up --auth-wait SECONDS`"
-        )
+        return auth_failed(host, _keys(host), waited)
     for fragment in _UNREACHABLE:
         if fragment in stderr:
-            return TargetError(f"{host.name}: unreachable ({host.address}): {fragment.lower()}")
+            return unreachable(host, fragment.lower())
     if not text:
         # ssh reports a dead link ("Timeout, server not responding") below LogLevel=ERROR.
-        return TargetError(f"{host.name}: unreachable ({host.address}): the connection was lost")
+        return unreachable(host, "the connection was lost")
     return TargetError(f"{host.name}: ssh to {host.address} failed: {text[-200:]}")
 
 
@@ -241,7 +242,8 @@ def effective(host: Host) -> Effective:
         key, _, value = line.partition(" ")
         config.setdefault(key, []).append(value)
     address = config.get("hostkeyalias") or config.get("hostname") or [host.host or host.name]
-    port = int((config.get("port") or [host.port or 22])[0])
+    ports = config.get("port")
+    port = int(ports[0]) if ports else host.port or 22
     keys = list(dict.fromkeys(os.path.expanduser(k) for k in config.get("identityfile", [])))
     return Effective(address[0], port, keys, (config.get("proxyjump") or [""])[0])
 
@@ -260,16 +262,7 @@ def _keys(host: Host) -> str:
 def forget_host_key(host: Host) -> bool:
     """Remove a host's key from bootstrap's known_hosts; True when one was removed."""
     real = effective(host)
-    entry = f"[{real.address}]:{real.port}" if real.port != 22 else real.address
-    path = known_hosts()
-    if not path.exists():
-        return False
-    proc = subprocess.run(
-        ["ssh-keygen", "-R", entry, "-f", str(path)], capture_output=True, text=True
-    )
-    old = path.with_name(path.name + ".old")
-    old.unlink(missing_ok=True)
-    return proc.returncode == 0 and "updated" in proc.stdout + proc.stderr
+    return trusted.remove(known_hosts(), trusted.entry_name(real.address, real.port))
 
 
 def parse_forget_target(text: str) -> Host:
