@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provision.agent.units import human_bytes
 from provision.cache.archive import ArchiveError, codec_for, unpack
 from provision.cache.key import Probe, expand, is_implicit, step_key
 from provision.cache.store import Store, StoreError
@@ -83,7 +84,7 @@ def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt
     return Attempt(
         key,
         True,
-        f"restored from cache (key {short(key)}, {human(int(entry.get('packed_bytes', 0)))} "
+        f"restored from cache (key {short(key)}, {human_bytes(int(entry.get('packed_bytes', 0)))} "
         f"in {time.monotonic() - started:.1f}s)",
         time.monotonic() - started,
         int(entry.get("packed_bytes", 0)),
@@ -104,7 +105,9 @@ def preview(run_dir: Path, step: dict[str, Any], env: dict[str, str], will_run: 
         return f"cache unreachable ({exc})"
     if entry is None:
         return f"cache miss: key {short(key)}"
-    return f"cache hit: restores key {short(key)} ({human(int(entry.get('packed_bytes', 0)))})"
+    return (
+        f"cache hit: restores key {short(key)} ({human_bytes(int(entry.get('packed_bytes', 0)))})"
+    )
 
 
 def place(store: Store, entry: dict[str, Any], outputs: list[str]) -> None:
@@ -157,13 +160,3 @@ def _replace(staged: str, path: str) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.unlink(old)
-
-
-def human(n: int) -> str:
-    """A byte count for a person: `7.2 GB`."""
-    value = float(n)
-    for unit in ("B", "KB", "MB"):
-        if value < 1000:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"

@@ -28,11 +28,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from provision.agent.files import write_json_atomic
+from provision.agent.units import human_bytes
 from provision.cache.archive import ArchiveError, Codec, codec_for, pack
 from provision.cache.key import expand, walk
-from provision.cache.restore import human, short
+from provision.cache.restore import short
 from provision.cache.store import Store, StoreError
-from provision.agent.files import write_json_atomic
 
 SAVE_FILE = "_cache_save.json"
 SAVE_LOG = "_cache_save.log"
@@ -124,15 +125,15 @@ class Saver:
         if size > self.max_bytes:
             self.report(
                 "skipped",
-                f"not saved: the outputs are {human(size)}, above the cache's limit of "
-                f"{human(self.max_bytes)} (cache: max_size_gb)",
+                f"not saved: the outputs are {human_bytes(size)}, above the cache's limit of "
+                f"{human_bytes(self.max_bytes)} (cache: max_size_gb)",
             )
             return "skipped"
         codec = codec_for(None, self.env)
         if codec is None:
             self.report("skipped", "not saved: neither zstd nor gzip is on the box")
             return "skipped"
-        self.report("saving", f"uploading {human(size)} ({codec.name})")
+        self.report("saving", f"uploading {human_bytes(size)} ({codec.name})")
         return self._upload(paths, size, codec, secrets)
 
     def _upload(self, paths: list[str], size: int, codec: Codec, secrets: list[str]) -> str:
@@ -200,7 +201,7 @@ class Saver:
             self.store.delete(str(old["object"]))
         self.report(
             "saved",
-            f"saved {human(size)} as {human(int(entry['packed_bytes']))} in {seconds:.1f}s",
+            f"saved {human_bytes(size)} as {human_bytes(int(entry['packed_bytes']))} in {seconds:.1f}s",
             packed_bytes=entry["packed_bytes"],
             raw_bytes=entry["raw_bytes"],
             seconds=round(seconds, 3),
