@@ -40,7 +40,7 @@ def codecs() -> list[archive.Codec]:
     zstd, gzip = shutil.which("zstd"), shutil.which("gzip")
     found = [archive.Codec("none", "tar", ("cat",), ("cat",))]
     if zstd:
-        for level in (1, 3, 6):
+        for level in (1, 3, 6, 9):
             found.append(
                 archive.Codec(
                     f"zstd -{level}",
@@ -82,17 +82,19 @@ def _measure_once(
     return packed.raw_bytes, packed.packed_bytes, pack_s, unpack_s
 
 
-def build_venv(work: Path) -> tuple[Path, Path]:
-    """A venv of PACKAGES made by uv (and uv's cache it came from)."""
+def build_venv(work: Path) -> tuple[Path, Path, float]:
+    """A venv of PACKAGES made by uv from PyPI with an empty cache (and that cache), and how
+    long that took: what a box without the step cache pays (on this machine's link)."""
     venv, cache = work / "venv", work / "uv-cache"
     env = {**os.environ, "UV_CACHE_DIR": str(cache), "UV_LINK_MODE": "copy"}
+    started = time.perf_counter()
     subprocess.run(["uv", "venv", "-q", "-p", sys.executable, str(venv)], check=True, env=env)
     subprocess.run(
         ["uv", "pip", "install", "-q", "-p", str(venv / "bin" / "python"), *PACKAGES],
         check=True,
         env=env,
     )
-    return venv, cache
+    return venv, cache, time.perf_counter() - started
 
 
 def fake_model(work: Path, mb: int) -> Path:
@@ -128,7 +130,7 @@ def report(title: str, paths: list[str], work: Path) -> None:
     print("restore = max(packed / bandwidth, unpack time); NNx = against tar alone, same run")
 
 
-def venv_vs_cache(venv: Path, cache: Path, work: Path) -> None:
+def venv_vs_cache(venv: Path, cache: Path, cold_s: float, work: Path) -> None:
     zstd = next(c for c in codecs() if c.name == "zstd -3")
     _, venv_packed, _, venv_unpack = measure([str(venv)], zstd, work)
     _, cache_packed, _, cache_unpack = measure([str(cache)], zstd, work)
@@ -145,6 +147,7 @@ def venv_vs_cache(venv: Path, cache: Path, work: Path) -> None:
     shutil.rmtree(fresh)
     print("\n## a venv: the venv itself vs uv's cache + install (zstd -3 both)")
     print(f"venv itself:   {venv_packed / 1e6:6.0f} MB, restore {venv_unpack:5.1f}s (baseline)")
+    print(f"no cache:      uv from PyPI, empty cache: {cold_s:.1f}s ({cold_s / venv_unpack:.2f}x)")
     total = cache_unpack + install_s
     print(
         f"uv's cache:    {cache_packed / 1e6:6.0f} MB ({cache_packed / venv_packed:.2f}x), "
@@ -164,9 +167,9 @@ def main() -> None:
         if args.venv:
             report(f"tree {args.venv}", [str(args.venv.resolve())], work)
         else:
-            venv, cache = build_venv(work)
+            venv, cache, cold_s = build_venv(work)
             report(f"venv of {', '.join(PACKAGES)} (uv)", [str(venv)], work)
-            venv_vs_cache(venv, cache, work)
+            venv_vs_cache(venv, cache, cold_s, work)
         if args.model_mb:
             model = fake_model(work, args.model_mb)
             report(f"bf16-like model.safetensors, {args.model_mb} MB", [str(model)], work)

@@ -41,7 +41,7 @@ from provision.agent.execute import (
     step_env,
     stop_group,
 )
-from provision.agent.files import read_json, tail_text
+from provision.agent.files import read_json, tail_text, write_json_atomic
 from provision.agent.paths import venv_python
 from provision.agent.redact import Redactor
 from provision.agent.state import (
@@ -577,11 +577,22 @@ class CacheHook:
     in the step's own `agent exec`; here, a restored step's unit is remembered, and a step that
     ran is saved, detached, once the steps cached `with` it are done too."""
 
+    #: A save awaiting its unit, on disk: a runner that restarts meanwhile still starts it.
+    PENDING = "_cache_pending.json"
+
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.restored: dict[str, set[str]] = {}
         #: Steps that ran, awaiting their unit: (key, whether the entry there is to be replaced).
         self.to_save: dict[str, tuple[str, bool]] = {}
+        for sid, step in runner.steps.items():
+            pending = (
+                read_json(runner.run.step_dir(sid) / self.PENDING, None)
+                if step.get("cache")
+                else None
+            )
+            if isinstance(pending, dict) and pending.get("key"):
+                self.to_save[sid] = (str(pending["key"]), bool(pending.get("replace")))
 
     def restored_for(self, step_id: str) -> set[str]:
         """The needs of `step_id` restored from the cache with it in their unit."""
@@ -591,10 +602,18 @@ class CacheHook:
         """A step is done (ran, restored, or found done); start the saves it completes."""
         step = self.runner.steps[step_id]
         if outcome and outcome.get("key") and step.get("cache"):
+            pending = self.runner.run.step_dir(step_id) / self.PENDING
             if outcome.get("restored"):
                 self.restored[step_id] = set(step["cache"].get("with") or [])
+                self.to_save.pop(step_id, None)
+                with contextlib.suppress(OSError):
+                    pending.unlink()
             else:
                 self.to_save[step_id] = (str(outcome["key"]), bool(outcome.get("replace")))
+                with contextlib.suppress(OSError):
+                    write_json_atomic(
+                        pending, {"key": outcome["key"], "replace": outcome.get("replace")}
+                    )
         for sid, (key, replace) in list(self.to_save.items()):
             members = [sid, *(self.runner.steps[sid]["cache"].get("with") or [])]
             if all(self.runner.status(m) == "done" for m in members):
@@ -606,6 +625,8 @@ class CacheHook:
 
         runner = self.runner
         step = runner.steps[step_id]
+        with contextlib.suppress(OSError):
+            (runner.run.step_dir(step_id) / self.PENDING).unlink()
         try:
             save.spawn(
                 runner.run.path,

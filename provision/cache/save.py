@@ -34,6 +34,7 @@ from provision.cache.archive import ArchiveError, Codec, codec_for, pack
 from provision.cache.key import expand, walk
 from provision.cache.restore import short
 from provision.cache.store import Store, StoreError
+from provision.checkpoints.remote import nice_prefix
 
 SAVE_FILE = "_cache_save.json"
 SAVE_LOG = "_cache_save.log"
@@ -228,8 +229,9 @@ def spawn(
         {"state": "queued", "key": key, "reason": "about to save", "at": time.time()},
     )
     with open(step_dir / SAVE_LOG, "ab") as log:
+        # Niced (CPU and disk) like the checkpoint uploader: a training may be starting.
         proc = subprocess.Popen(
-            [*argv_prefix, "cache-save", "--run", run_name, step["id"]],
+            [*nice_prefix(), *argv_prefix, "cache-save", "--run", run_name, step["id"]],
             stdin=subprocess.PIPE,
             stdout=log,
             stderr=subprocess.STDOUT,
