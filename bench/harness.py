@@ -165,11 +165,14 @@ def versions() -> dict[str, str]:
         "typer (controller)": version("typer"),
         "OpenSSH": run(["ssh", "-V"]).stderr.strip(),
         "box python3": run(["/usr/bin/python3", "--version"]).stdout.strip(),
+        "fabric / paramiko (controller: connection: paramiko)": (
+            f"{version('fabric')} / {version('paramiko')}"
+        ),
     }
     pip = run([str(VENV / "bin" / "python"), "-m", "pip", "list", "--format=freeze"]).stdout
     pinned = dict(line.split("==", 1) for line in pip.split() if "==" in line)
     for name in ("ansible-core", "pyinfra", "paramiko", "gevent"):
-        out[name] = pinned.get(name, "?")
+        out[name if name != "paramiko" else "paramiko (pyinfra's)"] = pinned.get(name, "?")
     return out
 
 

@@ -5,7 +5,8 @@ Against, on the same boxes in the same run: Ansible (ansible-core, pipelining, C
 fact gathering), pyinfra (defaults), and the floor: one plain `ssh` per box running the 15
 checks (or, for a first converge, the 15 actions) in one bash. bootstrap's own ssh keeps a
 ControlMaster for 60 s after each command (Ansible's is given 10 min here), so bootstrap is
-timed with and without a warm one, and so is the floor.
+timed with and without a warm one, and so is the floor. The no-op is also timed over bootstrap's
+second transport (`connection: paramiko`), which opens a new connection in each process.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The first run installs ansible-core and pyinfra (pinned, see harness.TOOLS) into
 never into the project's environment. Measures (names for --only):
 
   startup    `bootstrap --version` vs the bare interpreter (and the other tools' --version)
-  transport  OpenSSH client vs paramiko for the exec path (bench/ssh_roundtrip.py)
+  transport  `true` over both of bootstrap's transports vs ssh and fabric (bench/ssh_roundtrip.py)
   noop       1. no-op rerun of the 15-step runbook, one box: bootstrap, Ansible, pyinfra, floor
   fleet      2. the same on --boxes boxes at once
   status     5. `bootstrap status` vs `ssh box cat state.json`

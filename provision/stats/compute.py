@@ -75,8 +75,7 @@ def chunk_actions(actions: np.ndarray, horizon: int) -> np.ndarray:
     if steps == 0:
         return actions
     index = np.minimum(np.arange(steps)[:, None] + np.arange(horizon)[None, :], steps - 1)
-    rows: np.ndarray = actions[index].reshape(-1, actions.shape[1])
-    return rows
+    return actions[index].reshape(-1, actions.shape[1])
 
 
 @dataclass

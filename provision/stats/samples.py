@@ -341,7 +341,7 @@ def _ragged_lengths(total: int, count: int, empty: int, seed: int) -> list[int]:
     weights = rng.uniform(0.6, 1.4, filled)
     lengths = np.floor(weights / weights.sum() * total).astype(int)
     lengths[: total - int(lengths.sum())] += 1
-    out: list[int] = lengths.tolist()
+    out = lengths.tolist()
     # spread the empty episodes through the set rather than bunching them at one end
     for k in range(empty):
         out.insert((k * 7 + 3) % (len(out) + 1), 0)
@@ -602,15 +602,15 @@ def write_preset(
             "shards": sample.shards,
         }
     if preset in ("lerobot", "lerobot_v3"):
-        robot = LeRobotSample() if preset == "lerobot" else LeRobotSample(version="v3.0")
-        robot = replace(robot, **overrides)
-        write_lerobot(root, robot)
+        base = LeRobotSample() if preset == "lerobot" else LeRobotSample(version="v3.0")
+        sample = replace(base, **overrides)
+        write_lerobot(root, sample)
         return {
             "path": str(root),
             "format": "lerobot",
-            "version": robot.version,
-            "episodes": robot.episodes,
-            "steps": robot.frames,
+            "version": sample.version,
+            "episodes": sample.episodes,
+            "steps": sample.frames,
         }
     raise ValueError(f"unknown preset {preset!r}")
 

@@ -184,16 +184,14 @@ def _split(src: str) -> tuple[str, str]:
 
 def _client(params: dict[str, Any]) -> Any:
     import google.auth
-    from google.auth.credentials import AnonymousCredentials, Credentials
+    from google.auth.credentials import AnonymousCredentials
     from google.auth.exceptions import DefaultCredentialsError
     from google.auth.transport.requests import AuthorizedSession
     from google.cloud import storage
     from requests.adapters import HTTPAdapter
 
-    credentials: Credentials
-    project: str | None = None
     if params["anonymous"]:
-        credentials = AnonymousCredentials()
+        credentials, project = AnonymousCredentials(), None
     else:
         try:
             credentials, project = google.auth.default(scopes=storage.Client.SCOPE)

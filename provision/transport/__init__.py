@@ -101,10 +101,6 @@ class Transport(Protocol):
         ...
 
 
-#: The values of an inventory host's `connection`.
-CONNECTIONS = ("ssh", "paramiko", "local")
-
-
 def kind_of(host: Host) -> str:
     """Which transport reaches `host`: 'local', 'openssh' or 'paramiko' (an SSH host, when
     this machine has no OpenSSH client)."""
