@@ -45,6 +45,7 @@ BOX_STDLIB = (
     "formats/*.py",
     "checkpoints/*.py",
     "watch/*.py",
+    "cache/*.py",
     "stats/__init__.py",
     "stats/errors.py",
     "stats/formats.py",

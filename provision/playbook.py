@@ -26,6 +26,7 @@ import jinja2
 import jinja2.meta
 
 from provision import dag
+from provision.cache import plan as step_cache
 from provision.errors import ConfigError
 from provision.inventory import Host, Inventory
 from provision.steps import box_tool
@@ -47,8 +48,10 @@ COMMON_KEYS = (
     "tags",
     "estimate",
     "description",
+    "outputs",
+    "cache",
 )
-TOP_KEYS = ("name", "description", "vars", "steps", "max_parallel")
+TOP_KEYS = ("name", "description", "vars", "steps", "max_parallel", "cache")
 _ID = re.compile(r"^[a-z0-9_-]+$")
 #: Step ids and the playbook's name name files and directories on the box (`logs/ID.log`,
 #: `.ID.json.PID.tmp`): well under the 255 bytes a file name may have.
@@ -86,6 +89,9 @@ class Playbook:
     steps: list[Step]
     max_parallel: int = 8
     description: str = ""
+    #: The playbook's `cache:` mapping as written (remote, max_size_gb, rclone_config).
+    cache: dict[str, Any] = field(default_factory=dict)
+    cache_line: int = 0
 
     def step(self, step_id: str) -> Step:
         for s in self.steps:
@@ -134,8 +140,17 @@ def load_playbook(path: Path) -> Playbook:
         )
     steps = [_step(raw, src, raw_steps, i) for i, raw in enumerate(raw_steps)]
     _check_graph(steps, src)
+    book_cache = step_cache.check_playbook(data.get("cache"), src, data.line_of("cache"))
+    step_cache.check_units(steps, src)
     return Playbook(
-        path, name, dict(pvars), steps, max_parallel, str(data.get("description") or "")
+        path,
+        name,
+        dict(pvars),
+        steps,
+        max_parallel,
+        str(data.get("description") or ""),
+        book_cache,
+        data.line_of("cache"),
     )
 
 
@@ -207,6 +222,7 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
     for key in ("creates", "done_when"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise err(f"'{key}' must be a string", key)
+    step_cache.check_step(raw, err)
     return Step(step_id, kind_name, raw, raw.line, needs, tags)
 
 
@@ -476,6 +492,7 @@ def resolve(
     steps[0:0] = tool_steps
     selected.update(s["id"] for s in tool_steps)
     _order_after_installs(steps, selected)
+    step_cache.attach(_render_tree(book.cache, context, src, None), context, steps, src)
     for step in steps:
         step["selected"] = step["id"] in selected
     return {
@@ -568,7 +585,14 @@ def _resolve_step(
         "tags": list(step.tags),
         "line": step.line,
     }
+    if step.raw.get("outputs") is not None:
+        resolved["outputs"] = step_cache.render_paths(
+            _render_tree(step.raw["outputs"], context, src, step), "outputs", src, step
+        )
     resolved["fingerprint"] = fingerprint(resolved)
+    spec = step_cache.step_spec(_render_tree(step.raw.get("cache"), context, src, step), step, src)
+    if spec is not None:
+        resolved["cache"] = spec  # completed (or dropped, with no remote) by step_cache.attach
     return resolved
 
 
@@ -633,7 +657,8 @@ def _tool_steps(steps: list[dict[str, Any]], selected: set[str]) -> list[dict[st
         kind = get_kind(step["kind"])
         if kind is None or step["id"] not in selected:
             continue
-        for tool in box_tool.installable(kind.required_tools(step["params"])):
+        wanted = kind.required_tools(step["params"]) + (("rclone",) if step.get("cache") else ())
+        for tool in box_tool.installable(wanted):
             users.setdefault(tool, []).append(step)
     made = []
     for tool in sorted(users):

@@ -22,7 +22,8 @@ class LineMap(dict):  # type: ignore[type-arg]
 
     def line_of(self, key: Any) -> int:
         """Line of `key`, or of the mapping when the key is absent."""
-        return getattr(self, "key_lines", {}).get(key, self.line)
+        lines: dict[Any, int] = getattr(self, "key_lines", {})
+        return lines.get(key, self.line)
 
 
 class LineList(list):  # type: ignore[type-arg]

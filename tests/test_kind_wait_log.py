@@ -119,7 +119,9 @@ def test_passes_on_the_trainer_lines_of_one_and_two_ranks(tmp_path: Path, writer
 def test_two_ranks_really_interleave(tmp_path: Path) -> None:
     # Rank 1 builds its data pipeline while rank 0 is still in wandb.init: the order the old
     # ordered markers (and seed 003 §13.1) assumed does not hold.
-    lines = trainer_output(tmp_path, "--steps", "1", ranks=2).splitlines()
+    # Rank 0 pauses in wandb.init for --startup-sleep: long enough here that rank 1's process
+    # has started and run ahead even on a loaded machine (0.02 s lost the race at load 17).
+    lines = trainer_output(tmp_path, "--steps", "1", "--startup-sleep", "3", ranks=2).splitlines()
     tfds = [i for i, line in enumerate(lines) if "Constructing tf.data.Dataset" in line]
     wandb = next(i for i, line in enumerate(lines) if "View run at" in line)
     model = next(i for i, line in enumerate(lines) if "Model: 3617.8M" in line)

@@ -265,7 +265,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # what the step runs reads nothing from the runner
     os.close(devnull)
-    return exec_step(RunDir(args.run), step, list(handoff.get("redact") or []))
+    restore = bool(handoff.get("restore", True))
+    return exec_step(RunDir(args.run), step, list(handoff.get("redact") or []), restore)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -275,11 +276,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from provision.steps.registry import get_kind
 
     out = []
+    will_run: set[str] = set()
     for step_id, decision in runner.evaluate():
         step = runner.steps[step_id]
         kind = get_kind(step["kind"])
         describe = kind.describe(step.get("params") or {}) if kind else step["kind"]
-        reason, does = runner.redact(decision.reason), runner.redact(describe)
+        reason = decision.reason
+        if not decision.done:
+            if step.get("cache") and decision.reason != "rerun requested":
+                from provision.cache.restore import preview
+
+                env = step_env(step, runner.secrets)
+                reason = f"{reason}; {preview(runner.run.path, step, env, will_run)}"
+            will_run.add(step_id)
+        reason, does = runner.redact(reason), runner.redact(describe)
         out.append({"id": step_id, "run": not decision.done, "reason": reason, "does": does})
     skipped = [s["id"] for s in plan["steps"] if not s.get("selected", True)]
     print(json.dumps({"steps": out, "skipped": skipped}))
@@ -379,6 +389,20 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_save(args: argparse.Namespace) -> int:
+    """Save a cached step's outputs (started detached by the runner; see provision.cache.save)."""
+    from provision.cache import save
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the runner's session may end first
+    try:
+        payload = json.loads(sys.stdin.buffer.read() or b"null")
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        return EXIT_ERROR
+    return save.main(RunDir(args.run).path, args.step, payload)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent")
     sub = p.add_subparsers(dest="command", required=True)
@@ -410,6 +434,10 @@ def parser() -> argparse.ArgumentParser:
     gd = sub.add_parser("guard")
     gd.add_argument("dir")
     gd.set_defaults(func=cmd_guard)
+    cs = sub.add_parser("cache-save")
+    cs.add_argument("--run", required=True)
+    cs.add_argument("step")
+    cs.set_defaults(func=cmd_cache_save)
     ac = sub.add_parser("active")
     ac.add_argument("--run")
     ac.set_defaults(func=cmd_active)

@@ -27,7 +27,7 @@ from provision.agent.redact import Redactor
 from provision.agent.state import RunDir
 from provision.agent.versions import pyz_path
 from provision.errors import StepFailed
-from provision.steps.base import StepContext
+from provision.steps.base import Kind, StepContext
 from provision.steps.registry import get_kind
 
 #: Exit codes of `agent exec`: the step ran and failed, or it could not run at all.
@@ -75,11 +75,14 @@ def make_context(
     )
 
 
-def exec_step(run: RunDir, step: dict[str, Any], redact_values: list[str]) -> int:
+def exec_step(
+    run: RunDir, step: dict[str, Any], redact_values: list[str], restore: bool = True
+) -> int:
     """Run and verify one step (as the runner handed it over); returns the exit code.
 
     `redact_values` are all the run's secret values: a reason or warning may quote a line
-    holding any of them (a job's log read by a watcher).
+    holding any of them (a job's log read by a watcher). A cached step is restored from the
+    cache instead when it can be, unless `restore` is False (`rerun`: it runs).
     """
     step_id = step["id"]
     result_path = run.step_dir(step_id) / "_result.json"
@@ -96,6 +99,12 @@ def exec_step(run: RunDir, step: dict[str, Any], redact_values: list[str]) -> in
     ctx = make_context(run, step, secrets, deadline)
     redact = Redactor(redact_values)
     started = time.time()
+    cached = None
+    if step.get("cache"):
+        cached = _restore(run, step, ctx, kind) if restore else _key_only(run, step, ctx)
+    if cached is not None and cached.get("restored"):
+        write_json_atomic(result_path, {"reason": cached["reason"], "cache": cached})
+        return 0
     try:
         kind.run(ctx)
         kind.verify(ctx)
@@ -114,8 +123,57 @@ def exec_step(run: RunDir, step: dict[str, Any], redact_values: list[str]) -> in
         return EXIT_ERROR
     finally:
         _redact_warnings(run.step_dir(step_id) / "_warnings.json", redact)
-    write_json_atomic(result_path, {"reason": f"ran in {time.time() - started:.1f}s"})
+    reason = f"ran in {time.time() - started:.1f}s"
+    result: dict[str, Any] = {"reason": reason}
+    if cached is not None:
+        result.update(reason=f"{reason} ({cached['reason']})", cache=cached)
+    write_json_atomic(result_path, result)
     return 0
+
+
+def _restore(run: RunDir, step: dict[str, Any], ctx: StepContext, kind: Kind) -> dict[str, Any]:
+    """Restore a cached step and verify it as after a run: {key, restored, reason}.
+
+    Not restored (a miss, an unusable copy, a failed verification): the reason says why, and
+    the step runs."""
+    from provision.cache.restore import restore
+
+    attempt = restore(run.path, step, ctx.env)
+    restored, reason = attempt.restored, attempt.reason
+    # An entry that is there but unusable is replaced by what this run makes.
+    replace = attempt.found
+    if restored:
+        try:
+            kind.verify(ctx)
+            failed = _failed_check(step, ctx, kind)
+        except StepFailed as exc:
+            failed = exc.reason
+        except Exception as exc:  # a crashing verify on a restored copy: run the step
+            failed = f"{type(exc).__name__}: {exc}"
+        if failed:
+            restored, reason = False, f"restored copy failed verification ({failed}): ran"
+    ctx.log(f"cache: {reason}")
+    return {"key": attempt.key, "restored": restored, "reason": reason, "replace": replace}
+
+
+def _key_only(run: RunDir, step: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """A cached step that runs without looking in the cache (`rerun`): its key, to save it."""
+    from provision.cache.restore import compute_key, short
+
+    try:
+        key: str | None = compute_key(run.path, step)
+    except OSError as exc:
+        return {"key": None, "restored": False, "reason": f"cache key unknown ({exc})"}
+    reason = f"rerun: not restored from the cache, saved as key {short(str(key))}"
+    ctx.log(f"cache: {reason}")
+    return {"key": key, "restored": False, "reason": reason, "replace": True}
+
+
+def _failed_check(step: dict[str, Any], ctx: StepContext, kind: Kind) -> str | None:
+    """`creates`, `done_when` and the kind's own check on a restored copy: why one fails,
+    None when all hold (after its `verify` passed: what a run must pass, and more)."""
+    result = box_checks(step, ctx, kind)
+    return None if result.done else result.reason
 
 
 def _redact_warnings(path: Path, redact: Redactor) -> None:

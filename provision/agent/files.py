@@ -47,9 +47,8 @@ def atomic_writer(
     try:
         if mode is not None:
             os.fchmod(fd, mode)  # os.open applied the umask; the exact mode before any byte
-        with os.fdopen(
-            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
-        ) as fh:
+        fh: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+        with fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

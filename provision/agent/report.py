@@ -70,6 +70,14 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
         if status == "running":
             progress = read_json(run.step_dir(step["id"]) / "_progress.json", None)
         extra = _expected(state, step)
+        warnings = list(rec.get("warnings") or [])
+        if step.get("cache"):
+            # What the detached saver did last (provision/cache/save.py); one that did not
+            # save is a warning of the step, as `status` shows warnings.
+            saved = read_json(run.step_dir(step["id"]) / "_cache_save.json", None)
+            extra["cache"] = saved
+            if isinstance(saved, dict) and saved.get("state") in ("skipped", "failed"):
+                warnings.append(f"cache: {saved.get('reason')}")
         if step["kind"] == "tmux_launch":
             # What the job's guard saw last (provision/watch/watcher.py), for its whole life.
             extra["watch"] = read_watch(run.step_dir(step["id"]))
@@ -88,7 +96,7 @@ def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any
                 "progress": progress,
                 "reason": rec.get("reason"),
                 "hint": rec.get("hint"),
-                "warnings": rec.get("warnings") or [],
+                "warnings": warnings,
                 "log_tail": files.tail_lines(run.log(step["id"]), tail_lines),
             }
         )

@@ -41,7 +41,7 @@ from provision.agent.execute import (
     step_env,
     stop_group,
 )
-from provision.agent.files import read_json, tail_text
+from provision.agent.files import read_json, tail_text, write_json_atomic
 from provision.agent.paths import venv_python
 from provision.agent.redact import Redactor
 from provision.agent.state import (
@@ -112,6 +112,7 @@ class Runner:
         # Steps the current pass's sorter has handed out and not yet been told are done: a
         # step still running from before a restart (a rerun request) may end before its turn.
         self.passed: set[str] = set()
+        self.cache = CacheHook(self)
 
     # ----------------------------------------------------------------- deciding, without running
 
@@ -126,9 +127,13 @@ class Runner:
         """Is the step done? `rerun` holds the steps that ran (or will run) this session."""
         step = self.steps[step_id]
         ctx = make_context(self.run, step, self.secrets)
-        rerun_needs = [n for n in self.needs[step_id] if n in rerun]
+        # A step restored from the cache `with` this one brought this one's work along: it is
+        # judged by its checks, not re-run because that need "ran".
+        exempt = self.cache.restored_for(step_id)
+        rerun_needs = [n for n in self.needs[step_id] if n in rerun and n not in exempt]
         rec = self.state.get("steps", {}).get(step_id)
-        return checks.decide(step, rec, self.gens(step_id), ctx, rerun_needs)
+        gens = {n: g for n, g in self.gens(step_id).items() if n not in exempt}
+        return checks.decide(step, rec, gens, ctx, rerun_needs)
 
     def evaluate(self) -> list[tuple[str, checks.Decision]]:
         """Decide every selected step in order as if all that must run succeeded (for `plan`)."""
@@ -154,6 +159,7 @@ class Runner:
             fingerprint=self.steps[step_id]["fingerprint"],
         )
         rec.pop("hint", None)
+        self.cache.step_done(step_id, None)
 
     def mark_skipped(self) -> None:
         """Steps not selected are `skipped`, unless they are done from an earlier run."""
@@ -358,7 +364,9 @@ class Runner:
         is killed). The step comes from the runner's own plan, never from a `plan.json` that a
         newer `up` may have replaced meanwhile."""
         assert proc.stdin is not None
-        handoff = {"step": step, "redact": sorted(self.secrets.values())}
+        handoff: dict[str, Any] = {"step": step, "redact": sorted(self.secrets.values())}
+        if record(self.state, step["id"]).get("forced"):
+            handoff["restore"] = False  # `rerun` means run it, not fetch it from the cache
         try:
             with proc.stdin:
                 proc.stdin.write(json.dumps(handoff).encode())
@@ -458,6 +466,7 @@ class Runner:
                 reason=self.redact(reason) if reason else reason,
             )
             rec.pop("forced", None)
+            self.cache.step_done(step_id, result.get("cache"))
             self.settle(sorter, step_id)
         else:
             # A kind's reason may quote the command's last output line: redact like the log.
@@ -561,6 +570,78 @@ class Runner:
             self.final.discard(sid)
             self.executed.discard(sid)
             self.started.discard(sid)
+
+
+class CacheHook:
+    """What the runner does for the remote step cache (provision/cache/): the restore happens
+    in the step's own `agent exec`; here, a restored step's unit is remembered, and a step that
+    ran is saved, detached, once the steps cached `with` it are done too."""
+
+    #: A save awaiting its unit, on disk: a runner that restarts meanwhile still starts it.
+    PENDING = "_cache_pending.json"
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.restored: dict[str, set[str]] = {}
+        #: Steps that ran, awaiting their unit: (key, whether the entry there is to be replaced).
+        self.to_save: dict[str, tuple[str, bool]] = {}
+        for sid, step in runner.steps.items():
+            pending = (
+                read_json(runner.run.step_dir(sid) / self.PENDING, None)
+                if step.get("cache")
+                else None
+            )
+            if isinstance(pending, dict) and pending.get("key"):
+                self.to_save[sid] = (str(pending["key"]), bool(pending.get("replace")))
+
+    def restored_for(self, step_id: str) -> set[str]:
+        """The needs of `step_id` restored from the cache with it in their unit."""
+        return {n for n, unit in self.restored.items() if step_id in unit}
+
+    def step_done(self, step_id: str, outcome: dict[str, Any] | None) -> None:
+        """A step is done (ran, restored, or found done); start the saves it completes."""
+        step = self.runner.steps[step_id]
+        if outcome and outcome.get("key") and step.get("cache"):
+            pending = self.runner.run.step_dir(step_id) / self.PENDING
+            if outcome.get("restored"):
+                self.restored[step_id] = set(step["cache"].get("with") or [])
+                self.to_save.pop(step_id, None)
+                with contextlib.suppress(OSError):
+                    pending.unlink()
+            else:
+                self.to_save[step_id] = (str(outcome["key"]), bool(outcome.get("replace")))
+                with contextlib.suppress(OSError):
+                    write_json_atomic(
+                        pending, {"key": outcome["key"], "replace": outcome.get("replace")}
+                    )
+        for sid, (key, replace) in list(self.to_save.items()):
+            members = [sid, *(self.runner.steps[sid]["cache"].get("with") or [])]
+            if all(self.runner.status(m) == "done" for m in members):
+                del self.to_save[sid]
+                self.spawn(sid, key, replace)
+
+    def spawn(self, step_id: str, key: str, replace: bool) -> None:
+        from provision.cache import save
+
+        runner = self.runner
+        step = runner.steps[step_id]
+        with contextlib.suppress(OSError):
+            (runner.run.step_dir(step_id) / self.PENDING).unlink()
+        try:
+            save.spawn(
+                runner.run.path,
+                runner.run.name,
+                step,
+                key,
+                replace,
+                step_env(step, {}),
+                sorted(runner.secrets.values()),
+                [sys.executable, str(pyz_path())],
+            )
+        except OSError as exc:  # not saved is never a failure of the step
+            record(runner.state, step_id).setdefault("warnings", []).append(
+                f"cache: could not start the save: {exc}"
+            )
 
 
 def _signal_group(pgid: int, sig: int) -> None:

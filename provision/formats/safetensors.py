@@ -75,7 +75,7 @@ class Header:
     file_bytes: int
 
 
-def read_header(path: str | os.PathLike) -> Header:
+def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at `path`.
 
     Raises OSError when the file cannot be read and SafetensorsError when it is malformed:
@@ -165,7 +165,7 @@ def _check_tiling(tensors: Sequence[TensorInfo], buffer_bytes: int) -> None:
 
 
 def write_file(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     tensors: Mapping[str, tuple[str, Sequence[int], bytes | None]],
     metadata: Mapping[str, str] | None = None,
 ) -> None:

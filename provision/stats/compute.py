@@ -75,7 +75,8 @@ def chunk_actions(actions: np.ndarray, horizon: int) -> np.ndarray:
     if steps == 0:
         return actions
     index = np.minimum(np.arange(steps)[:, None] + np.arange(horizon)[None, :], steps - 1)
-    return actions[index].reshape(-1, actions.shape[1])
+    rows: np.ndarray = actions[index].reshape(-1, actions.shape[1])
+    return rows
 
 
 @dataclass

@@ -57,7 +57,8 @@ def masked(crc: int) -> int:
 def masked_many(crcs: np.ndarray) -> np.ndarray:
     """`masked` of each value of a uint32 array (uint32 arithmetic wraps as required)."""
     crcs = crcs.astype(np.uint32)
-    return ((crcs >> np.uint32(15)) | (crcs << np.uint32(17))) + np.uint32(_MASK_DELTA)
+    out: np.ndarray = ((crcs >> np.uint32(15)) | (crcs << np.uint32(17))) + np.uint32(_MASK_DELTA)
+    return out
 
 
 def crc32c_small(data: bytes | memoryview) -> int:
@@ -91,7 +92,8 @@ def crc32c_many(
     linear = _linear_many(buffers, lengths)
     # The register starts at 0xFFFFFFFF: its effect is that value carried over `length` bytes.
     init = _shift_bytes(np.full(len(lengths), _U32, dtype=np.uint32), lengths)
-    return linear ^ init ^ np.uint32(_U32)
+    crcs: np.ndarray = linear ^ init ^ np.uint32(_U32)
+    return crcs
 
 
 # --- GF(2) operators ------------------------------------------------------------------------
@@ -99,12 +101,13 @@ def crc32c_many(
 
 def _apply(tables: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Apply a linear operator stored as four byte-indexed tables to each uint32 of `x`."""
-    return (
+    out: np.ndarray = (
         tables[0][x & 0xFF]
         ^ tables[1][(x >> 8) & 0xFF]
         ^ tables[2][(x >> 16) & 0xFF]
         ^ tables[3][x >> 24]
     )
+    return out
 
 
 def _tables_from_columns(columns: np.ndarray) -> np.ndarray:
@@ -206,7 +209,7 @@ def _linear_many(
 
 def _prefix_combine(per_block: np.ndarray, log2_block: int) -> np.ndarray:
     """Inclusive prefix scan: element k becomes the linear CRC of blocks 0..k joined."""
-    prefix = per_block.copy()
+    prefix: np.ndarray = per_block.copy()
     step = 1
     level = log2_block
     while step < len(prefix):

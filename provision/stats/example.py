@@ -18,7 +18,7 @@ bytes are never touched. Packed floats become numpy views of the record (no copy
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -30,12 +30,14 @@ class ProtoError(ValueError):
     """The bytes are not a well-formed tf.train.Example."""
 
 
-def parse_example(buf: bytes, keys: Collection[str] | None = None) -> dict[str, np.ndarray | list]:
+def parse_example(
+    buf: bytes, keys: Collection[str] | None = None
+) -> dict[str, np.ndarray | list[bytes]]:
     """Decode the features of one serialized Example; only `keys` when given.
 
     Each value is a float32 or int64 array, or the list of byte strings.
     """
-    out: dict[str, np.ndarray | list] = {}
+    out: dict[str, np.ndarray | list[bytes]] = {}
     try:
         for field, start, end in _fields(buf, 0, len(buf)):
             if field == 1:
@@ -50,7 +52,7 @@ def _parse_features(
     start: int,
     end: int,
     keys: Collection[str] | None,
-    out: dict[str, np.ndarray | list],
+    out: dict[str, np.ndarray | list[bytes]],
 ) -> None:
     for field, entry_start, entry_end in _fields(buf, start, end):
         if field != 1:
@@ -67,8 +69,8 @@ def _parse_features(
         out[key] = _parse_feature(buf, *value_span) if value_span else []
 
 
-def _parse_feature(buf: bytes, start: int, end: int) -> np.ndarray | list:
-    value: np.ndarray | list = []
+def _parse_feature(buf: bytes, start: int, end: int) -> np.ndarray | list[bytes]:
+    value: np.ndarray | list[bytes] = []
     for field, list_start, list_end in _fields(buf, start, end):
         if field == 1:
             value = [buf[s:e] for f, s, e in _fields(buf, list_start, list_end) if f == 1]
@@ -142,7 +144,7 @@ def _varints(raw: np.ndarray) -> np.ndarray:
     return values.view(np.int64)
 
 
-def _fields(buf: bytes, pos: int, end: int):
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """Yield (field number, start, end) of each length-delimited field; skip the others."""
     while pos < end:
         tag, pos = _varint(buf, pos)

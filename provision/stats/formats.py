@@ -22,8 +22,8 @@ from typing import Any
 from provision.stats.errors import DatasetError
 
 SCHEMAS = ("ae", "vlm", "openpi")
-STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
-OPENPI_STAT_NAMES = ("mean", "std", "q01", "q99")
+STAT_NAMES: tuple[str, ...] = ("mean", "std", "q01", "q99", "min", "max")
+OPENPI_STAT_NAMES: tuple[str, ...] = ("mean", "std", "q01", "q99")
 #: Names the roles ("action", "state") take in each schema's file.
 ROLE_NAMES = {
     "ae": {"action": "action", "state": "proprio"},

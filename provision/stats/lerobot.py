@@ -289,7 +289,7 @@ def _column_rows(column: pa.ChunkedArray, dims: int, where: str) -> np.ndarray:
         values = array.flatten()
         if values.null_count:
             raise DatasetError(f"{where} has null values")
-        flat = values.to_numpy(zero_copy_only=False)
+        flat: np.ndarray = values.to_numpy(zero_copy_only=False)
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
         flat = array.to_numpy(zero_copy_only=False)
     else:

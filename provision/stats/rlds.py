@@ -269,7 +269,8 @@ def _rows(field: StepField, value: Any, where: str) -> np.ndarray:
             f"{size} dims per step (features.json does not match the data)"
         )
     # a copy: a view would keep the whole record (images and all) alive until the end
-    return flat.reshape(-1, size).copy()
+    rows: np.ndarray = flat.reshape(-1, size).copy()
+    return rows
 
 
 def _listing(missing: str, fields: dict[str, StepField]) -> str:

@@ -341,7 +341,7 @@ def _ragged_lengths(total: int, count: int, empty: int, seed: int) -> list[int]:
     weights = rng.uniform(0.6, 1.4, filled)
     lengths = np.floor(weights / weights.sum() * total).astype(int)
     lengths[: total - int(lengths.sum())] += 1
-    out = lengths.tolist()
+    out: list[int] = lengths.tolist()
     # spread the empty episodes through the set rather than bunching them at one end
     for k in range(empty):
         out.insert((k * 7 + 3) % (len(out) + 1), 0)
@@ -602,15 +602,15 @@ def write_preset(
             "shards": sample.shards,
         }
     if preset in ("lerobot", "lerobot_v3"):
-        base = LeRobotSample() if preset == "lerobot" else LeRobotSample(version="v3.0")
-        sample = replace(base, **overrides)
-        write_lerobot(root, sample)
+        robot = LeRobotSample() if preset == "lerobot" else LeRobotSample(version="v3.0")
+        robot = replace(robot, **overrides)
+        write_lerobot(root, robot)
         return {
             "path": str(root),
             "format": "lerobot",
-            "version": sample.version,
-            "episodes": sample.episodes,
-            "steps": sample.frames,
+            "version": robot.version,
+            "episodes": robot.episodes,
+            "steps": robot.frames,
         }
     raise ValueError(f"unknown preset {preset!r}")
 

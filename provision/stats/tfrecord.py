@@ -60,7 +60,9 @@ def read_records(path: Path) -> list[bytes]:
     return records
 
 
-def _check_data_crcs(path: Path, records: list[bytes], offsets: list[int], stored: list[int]):
+def _check_data_crcs(
+    path: Path, records: list[bytes], offsets: list[int], stored: list[int]
+) -> None:
     computed = masked_many(crc32c_many(records))
     bad = np.flatnonzero(computed != np.array(stored, dtype=np.uint32))
     if bad.size:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import io
 import os
 import subprocess
 import sys
@@ -269,11 +270,13 @@ class StepContext:
         if input is not None and proc.stdin:
             proc.stdin.write(input.encode())
             proc.stdin.close()
-        assert proc.stdout is not None
+        # A pipe's stream is a BufferedReader (typeshed says IO[bytes], which has no read1).
+        stdout = proc.stdout
+        assert isinstance(stdout, io.BufferedReader)
         # Pass output on as it comes, not a line at a time: a progress bar redrawn with `\r`
         # shows while it runs, and a 10 MB line is never held whole.
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        for raw in iter(lambda: proc.stdout.read1(SH_CHUNK), b""):  # type: ignore[union-attr]
+        for raw in iter(lambda: stdout.read1(SH_CHUNK), b""):
             text = decoder.decode(raw)
             stream.write(text)
             stream.flush()

@@ -184,14 +184,16 @@ def _split(src: str) -> tuple[str, str]:
 
 def _client(params: dict[str, Any]) -> Any:
     import google.auth
-    from google.auth.credentials import AnonymousCredentials
+    from google.auth.credentials import AnonymousCredentials, Credentials
     from google.auth.exceptions import DefaultCredentialsError
     from google.auth.transport.requests import AuthorizedSession
     from google.cloud import storage
     from requests.adapters import HTTPAdapter
 
+    credentials: Credentials
+    project: str | None = None
     if params["anonymous"]:
-        credentials, project = AnonymousCredentials(), None
+        credentials = AnonymousCredentials()
     else:
         try:
             credentials, project = google.auth.default(scopes=storage.Client.SCOPE)

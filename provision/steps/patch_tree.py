@@ -159,7 +159,7 @@ def package_dir(ctx: StepContext, *, cached: bool) -> Path:
 
 def source_files(src: Path) -> list[str]:
     """Relative paths of the files under `src`, sorted; bytecode caches are left out."""
-    files = []
+    files: list[str] = []
     for root, dirs, names in os.walk(src):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         base = Path(root).relative_to(src)

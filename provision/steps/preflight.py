@@ -175,13 +175,14 @@ class Preflight(Kind):
 
     def run(self, ctx: StepContext) -> None:
         rows = preflight.run_preflight(self._params(ctx), env=ctx.env, run=ctx.run_dir.name)
+        shown = [r.to_dict() for r in rows]
         result = {
             "ok": all(r.ok for r in rows),
             "at": time.time(),
-            "rows": [r.to_dict() for r in rows],
+            "rows": shown,
             "failed": [r.check for r in rows if not r.ok],
         }
-        ctx.log(render_rows(result["rows"]).rstrip("\n"))
+        ctx.log(render_rows(shown).rstrip("\n"))
         write_json_atomic(ctx.workdir / RESULT, result)
         failed = [r for r in rows if not r.ok]
         if failed:

@@ -180,7 +180,7 @@ def _rclone_args(ctx: StepContext) -> list[str]:
                 hint="render it with a `template` step and list that step under `needs:`",
             )
         args += ["--config", str(path)]
-    return args + ctx.params["extra_args"]
+    return [*args, *ctx.params["extra_args"]]
 
 
 def _quoted(args: list[str]) -> list[str]:

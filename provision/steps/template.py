@@ -135,10 +135,10 @@ class Template(Kind):
 
 def _text(params: dict[str, Any]) -> str:
     if params.get("src") is None:
-        return params["content"]
+        return str(params["content"])
     if params.get("_content") is None:
         raise StepFailed(f"template {params['src']!r} was not rendered by the controller")
-    return params["_content"]
+    return str(params["_content"])
 
 
 def _fill(ctx: StepContext, text: str) -> str:

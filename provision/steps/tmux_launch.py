@@ -81,7 +81,7 @@ import time
 import uuid
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provision.agent.files import read_json, tail_lines, write_json_atomic
 from provision.agent.gpus import GpuLeases, gpu_set, gpus_text, gpus_value, session_members
@@ -93,6 +93,9 @@ from provision.steps.common import joblog
 from provision.steps.common.environ import swapped_environ
 from provision.watch import guard
 from provision.watch.spec import parse_on_finish, parse_watch
+
+if TYPE_CHECKING:
+    import libtmux
 
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -200,8 +203,6 @@ class TmuxLaunch(Kind):
         return Check(False, f"tmux session {session} is gone and the job left no exit status")
 
     def run(self, ctx: StepContext) -> None:
-        import libtmux
-
         p = ctx.params
         session = p["session"]
         cwd = ctx.path(p["cwd"])
@@ -228,9 +229,9 @@ class TmuxLaunch(Kind):
         with _client_environ(ctx), claim_gpus as claim:
             if isinstance(previous, dict) and _runs_elsewhere(previous, session, p["socket"]):
                 # Renamed or moved since the last launch: that job must not keep the GPUs.
-                old = libtmux.Server(**_socket_kwargs(previous.get("socket")))
+                old = _tmux_server(previous.get("socket"))
                 _stop_session(old, previous["session"], ctx)
-            server = libtmux.Server(**_socket_kwargs(p["socket"]))
+            server = _tmux_server(p["socket"])
             _stop_session(server, session, ctx)
             for name in (PID_FILE, STATUS_FILE):
                 (ctx.workdir / name).unlink(missing_ok=True)
@@ -385,7 +386,7 @@ def _runs_elsewhere(previous: dict[str, Any], session: str, socket: str | None) 
     where = (previous["session"], previous.get("socket"))
     if where == (session, socket):
         return False
-    return session_launch(*where) == previous["launch_id"]
+    return bool(session_launch(*where) == previous["launch_id"])
 
 
 def _playbook_name(ctx: StepContext) -> str:
@@ -406,12 +407,15 @@ def _socket_args(socket: str | None) -> list[str]:
     return ["-S", os.path.expanduser(socket)] if "/" in socket else ["-L", socket]
 
 
-def _socket_kwargs(socket: str | None) -> dict[str, str]:
+def _tmux_server(socket: str | None) -> libtmux.Server:
+    """libtmux's client of the tmux server at `socket` (a path, a `-L` name, or the default)."""
+    import libtmux  # the agent venv's (the kind lists it in `pip`)
+
     if not socket:
-        return {}
+        return libtmux.Server()
     if "/" in socket:
-        return {"socket_path": os.path.expanduser(socket)}
-    return {"socket_name": socket}
+        return libtmux.Server(socket_path=os.path.expanduser(socket))
+    return libtmux.Server(socket_name=socket)
 
 
 @contextlib.contextmanager
@@ -514,9 +518,10 @@ def _stop_session(server: Any, session: str, ctx: StepContext) -> None:
     ctx.log(f"killing the existing tmux session {session}")
     server.cmd("kill-session", "-t", f"={session}")
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        for pid in session_members(sids) if sig is not None else ():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+        if sig is not None:  # first the grace of kill-session's SIGHUP alone
+            for pid in session_members(sids):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
         deadline = time.monotonic() + _STOP_GRACE_S
         while time.monotonic() < deadline and session_members(sids):
             time.sleep(0.1)

