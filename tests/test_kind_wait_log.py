@@ -391,7 +391,10 @@ def test_carriage_returns_end_lines(tmp_path: Path) -> None:
         ([{"regex": "loss=(?P<loss>.*)", "ranges": {"lr": [0, 1]}}], "no group (?P<lr>"),
         ([{"regex": "loss=(?P<loss>.*)", "ranges": {"loss": [2, 1]}}], "low > high"),
         ([{"regex": "loss=(?P<loss>.*)", "ranges": {"loss": [1]}}], "[low, high]"),
-        ([{"regex": "a", "rangez": {}}], "unknown keys"),
+        (
+            [{"regex": "a", "rangez": {}}],
+            "unknown key 'rangez' in marker 1 (did you mean 'ranges'?)",
+        ),
         ([{"any_of": ["a", 3]}], "alternative 2"),
         ([7], "regex or a mapping"),
         ([{"name": "a", "regex": "a", "after": ["b"]}], "'after' names 'b', not another marker"),

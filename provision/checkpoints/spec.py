@@ -27,7 +27,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from provision.steps.base import MAX_POLL_S, ParamError
+from provision.steps.base import MAX_POLL_S, ParamError, check_keys
 
 #: rclone remote names: letters, digits, `_`, `-`, `.`, space (not first); or `:backend,opts:`.
 _RCLONE_REMOTE_RE = re.compile(r"^(?::[A-Za-z0-9]+(?:,[^:]*)?|[A-Za-z0-9_][A-Za-z0-9_. -]*):")
@@ -93,12 +93,7 @@ def parse_checkpoints(raw: Any) -> CheckpointSpec:
     """Validate a `checkpoints:` mapping; raises ParamError keyed `checkpoints.KEY`."""
     if not isinstance(raw, dict):
         raise ParamError("'checkpoints' must be a mapping with at least 'dir'", "checkpoints")
-    for key in raw:
-        if key not in _KEYS:
-            raise ParamError(
-                f"unknown key '{key}' in 'checkpoints'; its keys: {', '.join(_KEYS)}",
-                f"checkpoints.{key}",
-            )
+    check_keys(raw, _KEYS, "'checkpoints'", "checkpoints", dotted=True)
     directory = _string(raw, "dir", required=True)
     assert directory is not None
     if directory.startswith("/") or ".." in directory.split("/"):

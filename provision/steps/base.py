@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -138,6 +138,24 @@ class Kind:
 
     def verify(self, ctx: StepContext) -> None:
         """Prove the work took effect; raise StepFailed with the reason otherwise."""
+
+
+def check_keys(
+    raw: Iterable[Any], known: Sequence[str], where: str, key: str, *, dotted: bool = False
+) -> None:
+    """Raise ParamError for the first key of a nested mapping (`watch:`, `checkpoints:`, a
+    marker) that is not in `known`, with the closest known one as a hint and the whole list.
+
+    The error is keyed `key` (the param holding the mapping), or `key.NAME` with `dotted`.
+    """
+    for name in raw:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ParamError(
+                f"unknown key '{name}' in {where}{hint}; its keys: {', '.join(known)}",
+                f"{key}.{name}" if dotted else key,
+            )
 
 
 def validate_params(kind: Kind, raw: Mapping[str, Any]) -> dict[str, Any]:

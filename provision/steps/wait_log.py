@@ -81,7 +81,7 @@ from typing import Any
 from provision.agent import catalog
 from provision.agent.files import read_json, write_json_atomic
 from provision.errors import ConfigError, StepFailed
-from provision.steps.base import Check, Kind, Param, ParamError, StepContext
+from provision.steps.base import Check, Kind, Param, ParamError, StepContext, check_keys
 from provision.steps.common import joblog
 
 #: Without a step timeout, wait at most this long.
@@ -93,7 +93,7 @@ _LINE_END_RE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
 
 SUCCESS_FILE = "success.json"
 MARKERS_FILE = "markers.json"
-_MARKER_KEYS = {"name", "regex", "ranges", "any_of", "hint", "after"}
+_MARKER_KEYS = ("name", "regex", "ranges", "any_of", "hint", "after")
 
 
 @dataclass
@@ -174,9 +174,7 @@ def _parse_marker(item: Any, where: str, key: str) -> Marker:
         return Marker(item, [_parse_alternative(item, where, key)])
     if not isinstance(item, dict):
         raise ParamError(f"{where} must be a regex or a mapping", key)
-    unknown = set(item) - _MARKER_KEYS
-    if unknown:
-        raise ParamError(f"{where}: unknown keys {sorted(unknown)}", key)
+    check_keys(item, _MARKER_KEYS, where, key)
     if ("regex" in item) == ("any_of" in item):
         raise ParamError(f"{where} needs either 'regex' or 'any_of'", key)
     if "any_of" in item:
@@ -211,9 +209,7 @@ def _parse_alternative(item: Any, where: str, key: str) -> _Alternative:
         item = {"regex": item}
     if not isinstance(item, dict) or not isinstance(item.get("regex"), str):
         raise ParamError(f"{where}: expected a regex string or {{regex, ranges}}", key)
-    unknown = set(item) - {"regex", "ranges"}
-    if unknown:
-        raise ParamError(f"{where}: unknown keys {sorted(unknown)}", key)
+    check_keys(item, ("regex", "ranges"), where, key)
     try:
         regex = re.compile(item["regex"])
     except re.error as exc:

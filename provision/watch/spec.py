@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from provision.monitor.alerts import merge_thresholds
-from provision.steps.base import MAX_POLL_S, ParamError
+from provision.steps.base import MAX_POLL_S, ParamError, check_keys
 
 _WATCH_KEYS = ("notify", "poll", "stall_factor", "stall_min_s", "finish_grace_s", "repeat_s",
                "thresholds")  # fmt: skip
@@ -72,12 +72,7 @@ def parse_watch(raw: Any) -> WatchSpec:
         return WatchSpec()
     if not isinstance(raw, dict):
         raise ParamError("'watch' must be a mapping", "watch")
-    for key in raw:
-        if key not in _WATCH_KEYS:
-            raise ParamError(
-                f"unknown key '{key}' in 'watch'; its keys: {', '.join(_WATCH_KEYS)}",
-                f"watch.{key}",
-            )
+    check_keys(raw, _WATCH_KEYS, "'watch'", "watch", dotted=True)
     numbers = {}
     for key, low, high in (("poll", 1, MAX_POLL_S), ("stall_factor", 1.5, 1000),
                            ("stall_min_s", 1, 10**6), ("finish_grace_s", 0, 10**6),

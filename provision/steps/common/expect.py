@@ -22,7 +22,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from provision.steps.base import ParamError
+from provision.steps.base import ParamError, check_keys
 
 #: The keys a check may hold besides `path`.
 _TESTS = ("exists", "entries", "contains")
@@ -36,10 +36,7 @@ def validate_expect(checks: list[Any], key: str = "expect") -> None:
         where = f"'{key}[{i}]'"
         if not isinstance(check, dict):
             raise ParamError(f"{where} must be a mapping like {{path: ..., exists: true}}", key)
-        unknown = set(check) - {"path", *_TESTS}
-        if unknown:
-            known = ", ".join(("path", *_TESTS))
-            raise ParamError(f"{where} has unknown key(s) {sorted(unknown)}; known: {known}", key)
+        check_keys(check, ("path", *_TESTS), where, key)
         path = check.get("path")
         if not isinstance(path, str) or not path.strip():
             raise ParamError(f"{where} needs 'path' (relative to the destination)", key)
