@@ -204,6 +204,28 @@ def test_save_then_restore_through_a_local_remote(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".bootstrap-restore-*")), "the staging directory is removed"
 
 
+def test_the_units_markers_travel_with_the_outputs(tmp_path: Path) -> None:
+    """What the unit's kinds keep in their step directories (what their checks read) is
+    restored into the other box's run, wherever that box keeps it; the runner's files not."""
+    out, remote = tmp_path / "out", tmp_path / "remote"
+    _tree(out)
+    step = _step(out, str(remote))
+    step["cache"]["with"] = ["m"]
+    run = tmp_path / "box1" / "runs" / "r"
+    for sid, name in (("s", "synced.json"), ("m", "installed.json")):
+        (run / "steps" / sid).mkdir(parents=True)
+        (run / "steps" / sid / name).write_text(json.dumps({"by": sid}))
+        (run / "steps" / sid / "_result.json").write_text("{}")
+    assert _save(run, step) == "saved"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    other = tmp_path / "box2" / "runs" / "r"
+    assert restore(other, step, dict(os.environ)).restored
+    assert json.loads((other / "steps" / "s" / "synced.json").read_text()) == {"by": "s"}
+    assert json.loads((other / "steps" / "m" / "installed.json").read_text()) == {"by": "m"}
+    assert not (other / "steps" / "m" / "_result.json").exists()
+    assert not (tmp_path / "box2" / "runs" / "r" / "steps" / "s" / "_result.json").exists()
+
+
 def test_restore_says_miss_and_corrupt(tmp_path: Path) -> None:
     out, remote = tmp_path / "out", tmp_path / "remote"
     _tree(out)

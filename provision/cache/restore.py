@@ -78,7 +78,7 @@ def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt
         reason = f"cache entry is {entry.get('codec')}, not on this box: ran"
         return Attempt(key, False, reason)
     try:
-        place(store, entry, [expand(p) for p in step.get("outputs") or []])
+        place(store, entry, [expand(p) for p in step.get("outputs") or []], run_dir / "steps")
     except (ArchiveError, StoreError, OSError) as exc:
         return Attempt(key, False, f"cached copy unusable ({exc}): ran", found=True)
     return Attempt(
@@ -110,11 +110,15 @@ def preview(run_dir: Path, step: dict[str, Any], env: dict[str, str], will_run: 
     )
 
 
-def place(store: Store, entry: dict[str, Any], outputs: list[str]) -> None:
+def place(
+    store: Store, entry: dict[str, Any], outputs: list[str], steps_dir: Path | None = None
+) -> None:
     """Extract the entry's archive beside the first output and move every path into place.
 
     Paths the entry adds to the step's outputs (a uv-managed interpreter a venv points at)
-    are put in place only where the box has none: that is the same interpreter already.
+    are put in place only where the box has none: that is the same interpreter already. The
+    unit's kinds' markers go into this run's step directories (`steps_dir`), wherever the
+    saving box kept its own.
     """
     paths = [str(p) for p in entry.get("paths") or []]
     if not paths or not set(outputs) <= set(paths):
@@ -134,8 +138,19 @@ def place(store: Store, entry: dict[str, Any], outputs: list[str]) -> None:
             if path not in outputs and os.path.lexists(path):
                 continue
             _replace(staged, path)
+        if steps_dir is not None:
+            _place_markers(staging, entry.get("markers") or {}, steps_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _place_markers(staging: str, markers: dict[str, list[str]], steps_dir: Path) -> None:
+    for sid, files in markers.items():
+        os.makedirs(steps_dir / sid, exist_ok=True)
+        for saved in files:
+            staged = os.path.join(staging, str(saved).lstrip("/"))
+            if os.path.isfile(staged):
+                os.replace(staged, steps_dir / sid / os.path.basename(saved))
 
 
 def _replace(staged: str, path: str) -> None:

@@ -121,8 +121,9 @@ class Saver:
         if missing:
             self.report("skipped", f"not saved: {missing[0]} is missing")
             return "skipped"
+        markers = self.markers()
         paths = outputs + uv_interpreters(outputs, self.env)
-        size = _size_of(paths)
+        size = _size_of(paths) + _size_of([f for files in markers.values() for f in files])
         if size > self.max_bytes:
             self.report(
                 "skipped",
@@ -135,11 +136,39 @@ class Saver:
             self.report("skipped", "not saved: neither zstd nor gzip is on the box")
             return "skipped"
         self.report("saving", f"uploading {human_bytes(size)} ({codec.name})")
-        return self._upload(paths, size, codec, secrets)
+        return self._upload(paths, markers, size, codec, secrets)
 
-    def _upload(self, paths: list[str], size: int, codec: Codec, secrets: list[str]) -> str:
+    def markers(self) -> dict[str, list[str]]:
+        """The files the unit's kinds keep in their step directories (`uv_sync`'s
+        synced.json, `pip_install`'s installed.json: what their checks read), which travel
+        with the outputs they describe; the runner's own files (`_*`) do not."""
+        steps_dir = self.step_dir.parent
+        found: dict[str, list[str]] = {}
+        for sid in [self.step["id"], *(self.step["cache"].get("with") or [])]:
+            try:
+                names = sorted(os.listdir(steps_dir / sid))
+            except OSError:
+                continue
+            files = [
+                str(steps_dir / sid / n)
+                for n in names
+                if not n.startswith(("_", ".")) and (steps_dir / sid / n).is_file()
+            ]
+            if files:
+                found[sid] = files
+        return found
+
+    def _upload(
+        self,
+        paths: list[str],
+        markers: dict[str, list[str]],
+        size: int,
+        codec: Codec,
+        secrets: list[str],
+    ) -> str:
         started = time.monotonic()
-        before = _signature(paths)
+        members = paths + [f for files in markers.values() for f in files]
+        before = _signature(members)
         tmp = f"tmp/{self.key}.{self.upload_id}.partial"
         proc = self.store.upload(tmp)
         stdin = proc.stdin
@@ -150,11 +179,11 @@ class Saver:
 
         try:
             try:
-                packed = pack(paths, send, codec, max_bytes=self.max_bytes, secrets=secrets)
+                packed = pack(members, send, codec, max_bytes=self.max_bytes, secrets=secrets)
             finally:
                 stdin.close()
             self.store.finish_upload(proc)
-            if _signature(paths) != before:
+            if _signature(members) != before:
                 raise ArchiveError("the outputs changed while they were saved")
             seen = self.store.stat(tmp)
             md5 = (seen or {}).get("hashes", {}).get("md5")
@@ -176,6 +205,7 @@ class Saver:
             "raw_bytes": packed.raw_bytes,
             "packed_bytes": packed.packed_bytes,
             "paths": paths,
+            "markers": markers,
             "step": self.step["id"],
             "upload": self.upload_id,
             "host": socket.gethostname(),
