@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from boxes import Box
+from conftest import TRANSPORTS
 from project import Project, count
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,7 @@ def _status_lines(result) -> dict[str, dict]:  # type: ignore[no-untyped-def]
     return {snap["host"]: snap for snap in map(json.loads, result.stdout.splitlines())}
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)  # parallel connections
 def test_fleet_runs_in_parallel_and_one_bad_box_hides_nothing(
     project: Project, fleet: list[Box]
 ) -> None:
