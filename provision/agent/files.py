@@ -15,10 +15,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+#: The name of `atomic_writer`'s temp file, `.NAME.PID.tmp`: group 1 is the writer's PID.
+TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
 #: How much of a log's end `tail_lines` reads by default.
 TAIL_LINES_BYTES = 64 * 1024
 

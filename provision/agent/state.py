@@ -19,21 +19,18 @@ import errno
 import fcntl
 import json
 import os
-import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from provision.agent.files import read_json, write_json_atomic
+from provision.agent.files import TEMP_NAME, read_json, write_json_atomic
 from provision.agent.paths import agent_root
 
 #: Every status a step can have. `error`: it could not run (crash, missing interpreter), as
 #: opposed to `failed`: it ran and failed. `blocked`: an upstream step failed or errored.
 #: Disk space the runner keeps aside for writing the state once the disk is full.
 RESERVE_BYTES = 256 * 1024
-#: A temp file of an atomic write: `.NAME.PID.tmp`.
-_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")
 STATUSES = ("pending", "running", "done", "failed", "error", "blocked", "skipped")
 BAD = ("failed", "error", "blocked")
 
@@ -265,7 +262,7 @@ def remove_stale_temps(run: RunDir) -> None:
         except FileNotFoundError:
             continue
         for name in names:
-            match = _TEMP.match(name)
+            match = TEMP_NAME.match(name)
             if match and not _alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
                     (directory / name).unlink()
