@@ -81,11 +81,14 @@ def test_stalled_then_finished_and_on_finish(
 ) -> None:
     use_fake_gpus(monkeypatch, "training")
     watcher, log = _watcher(tmp_path, waypoint_log("AE", range(0, 101, 50), total=200))
+    started = time.monotonic()
     watcher.observe(None, False, {})
     time.sleep(0.05)
     log.write_text(waypoint_log("AE", range(0, 151, 50), total=200))
     watcher.observe(None, False, {})
-    time.sleep(1.2)  # no new step for > stall_min_s and > 3x the usual gap
+    # The usual gap is the time between the two observations (slow on a loaded machine: the
+    # fake nvidia-smi runs in each); wait past stall_min_s and past 3x that gap.
+    time.sleep(max(1.2, 3.5 * (time.monotonic() - started)))
     doc = watcher.observe(None, False, {})
     stalled = [ln for ln in _render(doc).splitlines() if "stalled: no new step" in ln]
     assert len(stalled) == 1 and stalled[0].startswith("    ! stalled: no new step for ")
