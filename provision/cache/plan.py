@@ -31,6 +31,7 @@ from typing import Any
 from provision import dag
 from provision.cache.key import FACTS
 from provision.errors import ConfigError
+from provision.steps.base import ParamError, check_keys
 
 STEP_CACHE_KEYS = ("facts", "inputs", "with", "max_size_gb")
 PLAYBOOK_CACHE_KEYS = ("remote", "max_size_gb", "rclone_config")
@@ -69,11 +70,10 @@ def check_step(raw: Any, err: Err) -> None:
     if cache is not True and not hasattr(cache, "items"):
         raise err("'cache' must be true, false or a mapping (facts, inputs, with)", "cache")
     if hasattr(cache, "items"):
-        for key in cache:
-            if key not in STEP_CACHE_KEYS:
-                raise err(
-                    f"unknown key '{key}' in cache (keys: {', '.join(STEP_CACHE_KEYS)})", "cache"
-                )
+        try:
+            check_keys(cache, STEP_CACHE_KEYS, "cache", "cache")
+        except ParamError as exc:
+            raise err(str(exc), "cache") from None
         facts = cache.get("facts", [])
         if not _str_list(facts) and facts != []:
             raise err("'cache.facts' must be a list of box facts", "cache")
@@ -135,13 +135,12 @@ def check_playbook(value: Any, src: str, line: int) -> dict[str, Any]:
         return {}
     if not hasattr(value, "items"):
         raise ConfigError("'cache' must be a mapping (remote, max_size_gb)", file=src, line=line)
-    for key in value:
-        if key not in PLAYBOOK_CACHE_KEYS:
-            raise ConfigError(
-                f"unknown key '{key}' in cache (keys: {', '.join(PLAYBOOK_CACHE_KEYS)})",
-                file=src,
-                line=value.line_of(key) if hasattr(value, "line_of") else line,
-            )
+    try:
+        check_keys(value, PLAYBOOK_CACHE_KEYS, "cache", "cache", dotted=True)
+    except ParamError as exc:
+        bad = (exc.key or "").partition(".")[2]
+        where = value.line_of(bad) if hasattr(value, "line_of") else line
+        raise ConfigError(str(exc), file=src, line=where) from None
     size = value.get("max_size_gb")
     if size is not None and not _is_gb(size) and not _templated(size):
         raise ConfigError("'cache.max_size_gb' must be a positive number", file=src, line=line)
