@@ -348,9 +348,10 @@ def _up_on(w: World, box: Box, scenario: str, cache_root: str | None) -> Result:
             f" RCLONE_CONFIG_STEPCACHE_URL={w.cache_url}\n"
         )
     (box.home / ".bashrc").write_text(bashrc)
-    project = Project(
-        root=w.work / f"project-{box.name}", env=harness.controller_env(w.work / box.name)
-    )
+    env = harness.controller_env(w.work / box.name)
+    # The CLI of this checkout, not whatever the editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(harness.ROOT), env.get("PYTHONPATH")]))
+    project = Project(root=w.work / f"project-{box.name}", env=env)
     project.boxes = [box]
     book = yaml.safe_load(PLAYBOOK.read_text())
     if scenario == "serial":
