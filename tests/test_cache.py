@@ -25,7 +25,8 @@ from provision.cache import archive, key
 from provision.cache.restore import compute_key, restore
 from provision.cache.save import Saver
 from provision.errors import ConfigError
-from provision.playbook import load_playbook
+from provision.inventory import Host, Inventory
+from provision.playbook import load_playbook, resolve
 
 PY312 = "/root/.pyenv/versions/3.12.1/bin/python3"
 
@@ -123,6 +124,39 @@ def test_key_changes_with_what_shapes_the_outputs(tmp_path: Path) -> None:
     k_fact = key.step_key("s", with_fact["cache"]["graph"], probe)
     probe._facts["python"] = "cpython-3.12.1"
     assert key.step_key("s", with_fact["cache"]["graph"], probe) != k_fact
+
+
+def test_a_step_below_a_unit_keys_it_by_the_units_own_key(tmp_path: Path) -> None:
+    # convert needs uv-sync, whose unit holds extra; convert does not need extra (the openpi
+    # playbooks' shape: the conversion below the environment unit, beside TensorFlow).
+    out = tmp_path / "o"
+    book = _book(
+        tmp_path,
+        f"""\
+        - id: uv-sync
+          kind: shell
+          run: x
+          outputs: [{out}/venv]
+          cache: {{with: [extra]}}
+        - id: extra
+          kind: shell
+          run: y
+          needs: [uv-sync]
+        - id: convert
+          kind: shell
+          run: z
+          needs: [uv-sync]
+          outputs: [{out}/model]
+          cache: true
+        """,
+        top=f"cache: {{remote: {tmp_path / 'remote'}}}\n",
+    )
+    plan = resolve(load_playbook(book), Inventory(path=None), Host(name="b", host="h"))
+    steps = {step["id"]: step for step in plan["steps"]}
+    probe = key.Probe()
+    unit_key = key.step_key("uv-sync", steps["uv-sync"]["cache"]["graph"], probe)
+    material = key.material("convert", steps["convert"]["cache"]["graph"], probe)
+    assert material["needs"] == {"uv-sync": "cache:" + unit_key}
 
 
 def test_box_facts_read_this_box() -> None:

@@ -241,11 +241,30 @@ def attach(
                     "inputs": node_spec["inputs"],
                     "with": node_spec["with"],
                 }
-    # Upstream cached steps key by their own key: their node carries their spec too.
-    for step in steps:
-        if not step.get("cache"):
+    # Upstream cached steps key by their own key: their node carries their spec, and the
+    # graph holds their own graph too (their unit's members are hashed into their key, and a
+    # member need not be upstream of this step). Until nothing changes: chains of units.
+    changed = True
+    while changed:
+        changed = False
+        for step in steps:
+            if step.get("cache"):
+                changed |= _merge_upstream_units(step, by_id)
+
+
+def _merge_upstream_units(step: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> bool:
+    """Give `step`'s key graph each upstream cached step's spec and graph; True if it grew."""
+    graph = step["cache"]["graph"]
+    grew = False
+    for sid in list(graph):
+        up = by_id[sid].get("cache")
+        if not up or sid == step["id"]:
             continue
-        for sid, node in step["cache"]["graph"].items():
-            up = by_id[sid].get("cache")
-            if up and node["cache"] is None:
-                node["cache"] = dict(up["graph"][sid]["cache"])
+        if graph[sid]["cache"] is None:
+            graph[sid]["cache"] = dict(up["graph"][sid]["cache"])
+            grew = True
+        for other_id, other in up["graph"].items():
+            if other_id not in graph:
+                graph[other_id] = {**other, "cache": other["cache"] and dict(other["cache"])}
+                grew = True
+    return grew
