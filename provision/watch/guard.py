@@ -43,11 +43,10 @@ from provision.checkpoints.remote import Remote, nice_prefix
 from provision.checkpoints.spec import CheckpointSpec
 from provision.checkpoints.upload import Uploader, read_status
 from provision.watch.notify import Notifier
-from provision.watch.record import WATCH_FILE
+from provision.watch.record import CONFIG_FILE, WATCH_FILE
 from provision.watch.spec import FinishAction, WatchSpec
 from provision.watch.watcher import Watcher
 
-CONFIG_FILE = "guard.json"
 DONE_FILE = "guard.done"
 PID_FILE = "guard.pid"
 LOG_FILE = "guard.log"

@@ -12,6 +12,9 @@ from typing import Any
 from provision.agent.files import read_json
 
 WATCH_FILE = "watch.json"
+#: A guard's config, beside its step's files: one exists for every step that had a guard (so
+#: `agent up` can tell whether any guard may need reviving without importing the guard).
+CONFIG_FILE = "guard.json"
 
 
 def read_watch(workdir: Path) -> dict[str, Any] | None:
