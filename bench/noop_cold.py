@@ -10,6 +10,7 @@ issue 16: cold `up` <= 1.5x the plain floor (2.31x before the early master).
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import harness
@@ -42,7 +43,13 @@ def main() -> None:
         master = tools.master_options(work / "floor-cm")
         other = {}
         if args.compare_pythonpath is not None:
-            alt_env = dict(bs.env, PYTHONPATH=str(args.compare_pythonpath.resolve()))
+            # Its own config dir: the two trees' agents differ, and one dir would rebuild and
+            # ship the agent on every run (the box keeps both side by side).
+            shutil.copytree(bs.config_dir, work / "controller-compared", symlinks=True)
+            alt_env = dict(
+                harness.controller_env(work, "controller-compared"),
+                PYTHONPATH=str(args.compare_pythonpath.resolve()),
+            )
             alt = tools.Bootstrap(bs.project, alt_env)
             label = f"{COLD}, PYTHONPATH={args.compare_pythonpath}"
             other[label] = (alt.cold, alt.up(box.name, playbook, noop=True))

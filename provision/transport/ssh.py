@@ -74,7 +74,8 @@ class SSHTransport:
         if accept_new_host_key:
             forget_host_key(host)
 
-    def base_argv(self, tty: bool = False) -> list[str]:
+    def base_argv(self, tty: bool = False, no_command: bool = False) -> list[str]:
+        """ssh's command line up to the destination; `no_command`: `-N`, the connection alone."""
         h = self.host
         argv = [
             "ssh",
@@ -88,6 +89,8 @@ class SSHTransport:
             self._proxy = _proxy_command(effective(h).jump)
         argv += self._proxy
         argv.append("-t" if tty else "-T")
+        if no_command:
+            argv.append("-N")
         if h.port:
             argv += ["-p", str(h.port)]
         if h.user:
@@ -105,9 +108,12 @@ class SSHTransport:
             self._early.start()
 
     def _open(self) -> None:
-        # A failure is not reported here: the command that needs the box tries again and says.
+        # `-N`: the master alone, no session (a `true` would cost the box a shell and a round
+        # trip); with ControlPersist, ssh returns once the master listens, or at once when one
+        # already does. A failure is not reported here: the command that needs the box tries
+        # again and says.
         with contextlib.suppress(ProvisionError):
-            self.run("true", timeout=30)
+            self._ssh(self.base_argv(no_command=True), b"", timeout=30)
 
     def _await_early(self) -> None:
         """Wait for the early handshake: a second client started meanwhile would make its own
@@ -118,13 +124,15 @@ class SSHTransport:
 
     def run(self, command: str, stdin: bytes = b"", timeout: float = 60) -> Result:
         self._await_early()
+        return self._ssh([*self.base_argv(), command], stdin, timeout)
+
+    def _ssh(self, argv: list[str], stdin: bytes, timeout: float) -> Result:
+        """Run ssh, retrying a refused key for `auth_wait` seconds."""
         start = time.monotonic()
         delay = 1.0
         while True:
             try:
-                proc = subprocess.run(
-                    [*self.base_argv(), command], input=stdin, capture_output=True, timeout=timeout
-                )
+                proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise TargetError(
                     f"{self.name}: unreachable (no answer within {timeout:.0f}s)"
