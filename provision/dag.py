@@ -29,9 +29,9 @@ def topo_order(needs: Mapping[str, Iterable[str]]) -> list[str]:
     try:
         sorter.prepare()
     except graphlib.CycleError as exc:
-        # graphlib reports the cycle as [a, b, ..., a] walking *needs* edges; show it in the
-        # order the steps run (dependency first).
-        raise CycleFound(list(reversed(exc.args[1]))) from None
+        # graphlib lists the cycle so that each node is a predecessor (a need) of the next:
+        # the order the steps would run in, dependency first.
+        raise CycleFound(list(exc.args[1])) from None
     order: list[str] = []
     while sorter.is_active():
         ready = sorted(sorter.get_ready(), key=lambda n: position.get(n, len(position)))

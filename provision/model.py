@@ -169,11 +169,16 @@ class PlannedStep:
     line: int = 0
     fingerprint: str = ""
     selected: bool = True
+    #: The paths the step makes (`outputs:`), for the remote step cache (provision/cache/).
+    outputs: list[str] | None = None
+    #: The step's cache spec, completed by provision/cache/plan.py; the cache reads it.
+    cache: _Json | None = None
     extra: _Json = field(default_factory=dict)
 
     _KEYS = (
         "id", "kind", "params", "needs", "creates", "done_when", "timeout", "retries", "poll",
-        "estimate", "env", "secrets", "tags", "line", "fingerprint", "selected",
+        "estimate", "env", "secrets", "tags", "line", "fingerprint", "selected", "outputs",
+        "cache",
     )  # fmt: skip
 
     def to_json(self) -> _Json:
@@ -195,6 +200,7 @@ class PlannedStep:
             "line": self.line,
             "fingerprint": self.fingerprint,
             "selected": self.selected,
+            **_present([("outputs", self.outputs), ("cache", self.cache)]),
             **self.extra,
         }
 
@@ -224,6 +230,8 @@ class PlannedStep:
                 line=_take(data, "line", (int,), 0),
                 fingerprint=_take(data, "fingerprint", (str,), ""),
                 selected=_take(data, "selected", (bool,), True),
+                outputs=_strings(data, "outputs") if "outputs" in data else None,
+                cache=_take(data, "cache", (dict,)),
                 extra=_extra(data, cls._KEYS),
             )
         except ModelError as exc:
@@ -492,9 +500,11 @@ class RunnerRecord:
     ended: float | None = None
     #: `crashed`: the exception, in one line (its traceback is in `runner.log`).
     error: str | None = None
+    #: When an `up` last found every step done and settled them without starting a runner.
+    checked: float | None = None
     extra: _Json = field(default_factory=dict)
 
-    _KEYS = ("status", "pid", "host", "started", "ended", "error")
+    _KEYS = ("status", "pid", "host", "started", "ended", "error", "checked")
 
     def to_json(self) -> _Json:
         out = _present(
@@ -505,6 +515,7 @@ class RunnerRecord:
                 ("started", self.started),
                 ("ended", self.ended),
                 ("error", self.error),
+                ("checked", self.checked),
             ]
         )
         return {**out, **self.extra}
@@ -520,6 +531,7 @@ class RunnerRecord:
             started=_take(data, "started", _NUMBER),
             ended=_take(data, "ended", _NUMBER),
             error=_take(data, "error", (str,)),
+            checked=_take(data, "checked", _NUMBER),
             extra=_extra(data, cls._KEYS),
         )
 
@@ -661,6 +673,10 @@ class StepSnapshot:
     #: How long the step is expected to take, and from what: "measured" or "estimate".
     expected_s: float | None = None
     expected_from: str | None = None
+    #: A cached step reports what its detached save did last (`cache`, provision/cache/save.py;
+    #: null before the first); for other steps the key is absent.
+    cached: bool = False
+    cache: _Json | None = None
     #: A step that runs a job under a guard (`tmux_launch`) reports what the guard saw last
     #: (`watch`, null before its first look); for other steps the key is absent.
     guarded: bool = False
@@ -668,13 +684,15 @@ class StepSnapshot:
     extra: _Json = field(default_factory=dict)
 
     _KEYS = (
-        "expected_s", "expected_from", "watch", "id", "kind", "needs", "status", "attempts",
-        "started", "ended", "duration_s", "rc", "progress", "reason", "hint", "warnings",
-        "log_tail",
+        "expected_s", "expected_from", "cache", "watch", "id", "kind", "needs", "status",
+        "attempts", "started", "ended", "duration_s", "rc", "progress", "reason", "hint",
+        "warnings", "log_tail",
     )  # fmt: skip
 
     def to_json(self) -> _Json:
         out: _Json = {"expected_s": self.expected_s, "expected_from": self.expected_from}
+        if self.cached:
+            out["cache"] = self.cache
         if self.guarded:
             out["watch"] = self.watch
         out.update(
@@ -716,6 +734,8 @@ class StepSnapshot:
             log_tail=_strings(data, "log_tail"),
             expected_s=_take(data, "expected_s", _NUMBER),
             expected_from=_take(data, "expected_from", (str,)),
+            cached="cache" in data,
+            cache=_take(data, "cache", (dict,)),
             guarded="watch" in data,
             watch=_take(data, "watch", (dict,)),
             extra=_extra(data, cls._KEYS),

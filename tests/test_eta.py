@@ -190,10 +190,10 @@ def test_a_damaged_duration_history_is_dropped_and_announced(tmp_path: Path) -> 
     run.make()
     run.state.write_text(json.dumps({"runner": {"status": "idle"}, "steps": {}, "durations": [1]}))
     loaded = agent_state.load_state(run)
-    assert "durations" not in loaded and "durations" in loaded["damage"]
-    agent_state.remember_duration(loaded, "a", 2.0)
-    agent_state.remember_duration(loaded, "a", 4.0)
-    assert agent_state.expected_duration(loaded, "a") == 3.0
+    assert loaded.durations == {} and loaded.damage and "durations" in loaded.damage
+    loaded.remember_duration("a", 2.0)
+    loaded.remember_duration("a", 4.0)
+    assert loaded.expected_duration("a") == 3.0
 
 
 SLEEPY = """

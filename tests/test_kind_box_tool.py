@@ -21,6 +21,7 @@ from provision.agent import checks
 from provision.agent.paths import tools_bin
 from provision.errors import StepFailed
 from provision.inventory import Host, Inventory
+from provision.model import PlannedStep, StepRecord, StepStatus
 from provision.playbook import load_playbook, resolve
 from provision.steps.base import StepContext, validate_params
 from provision.steps.box_tool import KIND
@@ -209,9 +210,9 @@ def test_a_step_that_gained_a_tool_need_stays_done_after_an_upgrade(tmp_path: Pa
     """A box finished by an older bootstrap: its steps' records lack the new `tool-*` needs.
     Those did not run "since" (the tool step was found done): nothing re-runs, no training is
     relaunched; a need that did produce a new result still re-runs the step."""
-    step = {"id": "clone", "kind": "shell", "fingerprint": "f", "needs": ["tool-git"]}
+    step = PlannedStep(id="clone", kind="shell", fingerprint="f", needs=["tool-git"])
     ctx = StepContext(step_id="clone", params={}, run_dir=tmp_path)
-    before_upgrade = {"status": "done", "fingerprint": "f", "upstream": {}}
+    before_upgrade = StepRecord(status=StepStatus.DONE, fingerprint="f")
     assert checks.decide(step, before_upgrade, {"tool-git": 1}, ctx).done
-    ran_since = {"status": "done", "fingerprint": "f", "upstream": {"tool-git": 1}}
+    ran_since = StepRecord(status=StepStatus.DONE, fingerprint="f", upstream={"tool-git": 1})
     assert not checks.decide(step, ran_since, {"tool-git": 2}, ctx).done

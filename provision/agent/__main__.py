@@ -41,6 +41,7 @@ from provision.agent.state import (
     write_secrets,
 )
 from provision.agent.versions import prune_agents, pyz_path
+from provision.model import ModelError, Plan, PlannedStep, RunnerStatus, StepStatus
 from provision.watch.record import CONFIG_FILE
 
 
@@ -87,8 +88,8 @@ class Refused(Exception):
 
 def cmd_up(args: argparse.Namespace) -> int:
     payload = _read_payload()
-    plan = payload["plan"]
-    run = RunDir(plan["name"])
+    plan = Plan.from_json(payload["plan"])
+    run = RunDir(plan.name)
     try:
         run.make()
         _revive_guards(run, plan, payload.get("secrets") or {})
@@ -104,13 +105,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     prune_agents()
     if args.detach:
-        report.emit("final" if not started else "snapshot", report.snapshot(run))
+        report.emit("final" if not started else "snapshot", report.snapshot(run).to_json())
         return 0
     report.follow(run)
     return 0
 
 
-def _revive_guards(run: RunDir, plan: dict[str, Any], secrets: dict[str, str]) -> None:
+def _revive_guards(run: RunDir, plan: Plan, secrets: dict[str, str]) -> None:
     """A job's guard killed (kill -9, a reboot of the box) comes back with the next `up`, in
     the environment the runner gives its step (the guard keeps no secret on disk)."""
     # Most runs launch no job: the guard's imports (checkpoints, monitor) would cost every
@@ -119,7 +120,7 @@ def _revive_guards(run: RunDir, plan: dict[str, Any], secrets: dict[str, str]) -
         return
     from provision.watch.guard import revive_all
 
-    steps = {s["id"]: s for s in plan.get("steps", [])}
+    steps = {s.id: s for s in plan.steps}
     revive_all(run.path, lambda sid: step_env(steps[sid], secrets) if sid in steps else None)
 
 
@@ -181,9 +182,7 @@ def _start_or_attach(run: RunDir, payload: dict[str, Any], detach: bool) -> bool
 
 def _other_plan(run: RunDir, then: str) -> str:
     """The message for an `up` whose plan differs from the one of the run in progress."""
-    running = [
-        k for k, r in load_state(run).get("steps", {}).items() if r.get("status") == "running"
-    ]
+    running = [k for k, r in load_state(run).steps.items() if r.status is StepStatus.RUNNING]
     now = f" (running: {', '.join(sorted(running))})" if running else ""
     return (
         f"a run of '{run.name}' from another plan is in progress{now}; "
@@ -193,11 +192,11 @@ def _other_plan(run: RunDir, then: str) -> str:
 
 def _runner_alive(run: RunDir) -> bool:
     """Whether the state names a running runner whose process exists."""
-    runner = load_state(run).get("runner") or {}
-    if runner.get("status") != "running" or not runner.get("pid"):
+    runner = load_state(run).runner
+    if runner.status is not RunnerStatus.RUNNING or not runner.pid:
         return False
     try:
-        os.kill(int(runner["pid"]), 0)
+        os.kill(runner.pid, 0)
     except OSError:
         return False
     return True
@@ -217,7 +216,8 @@ def _start_unless_done(run: RunDir, lock: RunLock) -> bool:
         for step_id, decision in decisions:
             runner.mark_done(step_id, decision.reason)
         runner.mark_skipped()
-        runner.state.setdefault("runner", {}).update(status="idle", checked=time.time())
+        runner.state.runner.status = RunnerStatus.IDLE
+        runner.state.runner.checked = time.time()
         save_state(run, runner.state)
         forget_secrets(run)
         return False
@@ -264,8 +264,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         handoff = json.loads(sys.stdin.buffer.read() or b"null")
     except ValueError:
         handoff = None
-    step = handoff.get("step") if isinstance(handoff, dict) else None
-    if not isinstance(step, dict) or step.get("id") != args.step:
+    try:
+        step = PlannedStep.from_json(handoff.get("step") if isinstance(handoff, dict) else None)
+    except ModelError:
+        return EXIT_ERROR
+    if step.id != args.step:
         return EXIT_ERROR
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # what the step runs reads nothing from the runner
@@ -276,27 +279,27 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     payload = _read_payload()
-    plan = payload["plan"]
-    runner = Runner(RunDir(plan["name"]), plan=plan, secrets=payload.get("secrets") or {})
+    plan = Plan.from_json(payload["plan"])
+    runner = Runner(RunDir(plan.name), plan=plan, secrets=payload.get("secrets") or {})
     from provision.steps.registry import get_kind
 
     out = []
     will_run: set[str] = set()
     for step_id, decision in runner.evaluate():
         step = runner.steps[step_id]
-        kind = get_kind(step["kind"])
-        describe = kind.describe(step.get("params") or {}) if kind else step["kind"]
+        kind = get_kind(step.kind)
+        describe = kind.describe(step.params) if kind else step.kind
         reason = decision.reason
         if not decision.done:
-            if step.get("cache") and decision.reason != "rerun requested":
+            if step.cache and decision.reason != "rerun requested":
                 from provision.cache.restore import preview
 
                 env = step_env(step, runner.secrets)
-                reason = f"{reason}; {preview(runner.run.path, step, env, will_run)}"
+                reason = f"{reason}; {preview(runner.run.path, step.to_json(), env, will_run)}"
             will_run.add(step_id)
         reason, does = runner.redact(reason), runner.redact(describe)
         out.append({"id": step_id, "run": not decision.done, "reason": reason, "does": does})
-    skipped = [s["id"] for s in plan["steps"] if not s.get("selected", True)]
+    skipped = [s.id for s in plan.steps if not s.selected]
     print(json.dumps({"steps": out, "skipped": skipped}))
     return 0
 
@@ -312,8 +315,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"error": "no bootstrap run on this box", "run": args.run}))
         return 0
     snap = report.snapshot(run, args.lines)
-    snap["gpu_leases"] = [lease.to_dict() for lease in GpuLeases().live()]
-    print(json.dumps(snap))
+    snap.gpu_leases = [lease.to_dict() for lease in GpuLeases().live()]
+    print(json.dumps(snap.to_json()))
     return 0
 
 

@@ -21,8 +21,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from provision.model import PlannedStep, StepRecord, StepStatus
 from provision.steps.base import Check, Kind, StepContext
 from provision.steps.registry import get_kind
 
@@ -38,43 +38,22 @@ class Decision:
     reason: str
 
 
-def unsuccessful_attempt(rec: dict[str, Any] | None) -> str | None:
-    """How the step's last attempt ended badly (`failed`, `error`, `interrupted`), or None when
-    it succeeded or there is no attempt on record.
-
-    `outcome` is written by the runner at every start and end of an attempt; a record written
-    before that field existed is read from its status and reason.
-    """
-    if not rec:
-        return None
-    outcome = rec.get("outcome")
-    if outcome is None:
-        status = rec.get("status")
-        if status in ("failed", "error"):
-            return str(status)
-        if status == "running" or str(rec.get("reason") or "").startswith("interrupted"):
-            return "interrupted"
-        return None
-    if outcome == "running":  # it never ended: the runner died under it
-        return "interrupted"
-    return None if outcome == "ok" else str(outcome)
-
-
-def has_own_checks(step: dict[str, Any], kind: Kind | None) -> bool:
+def has_own_checks(step: PlannedStep, kind: Kind | None) -> bool:
     """Whether the step can tell it is done by looking at the box (not only at its record)."""
     overrides = kind is not None and type(kind).check is not Kind.check
-    return bool(step.get("creates") or step.get("done_when") or overrides)
+    return bool(step.creates or step.done_when or overrides)
 
 
-def box_checks(step: dict[str, Any], ctx: StepContext, kind: Kind | None) -> Check:
-    """Run `creates`, `done_when` and the kind's check; the first that fails decides."""
+def box_checks(step: PlannedStep, ctx: StepContext, kind: Kind | None) -> Check:
+    """Run `creates`, `done_when` and the kind's check (None: only the first two); the first
+    that fails decides."""
     held: list[str] = []
-    creates = step.get("creates")
+    creates = step.creates
     if creates:
         if not Path(os.path.expanduser(creates)).exists():
             return Check(False, f"creates missing: {creates}")
         held.append("creates exists")
-    done_when = step.get("done_when")
+    done_when = step.done_when
     if done_when:
         rc = run_done_when(done_when, ctx)
         if rc != 0:
@@ -122,8 +101,8 @@ def run_done_when(command: str, ctx: StepContext) -> int:
 
 
 def decide(
-    step: dict[str, Any],
-    rec: dict[str, Any] | None,
+    step: PlannedStep,
+    rec: StepRecord | None,
     upstream_gens: dict[str, int],
     ctx: StepContext,
     rerun_needs: list[str] | None = None,
@@ -133,37 +112,37 @@ def decide(
     `upstream_gens` are its needs' current generations; `rerun_needs` are needs that ran (or,
     for a plan, will run) in this session — then the step runs again too.
     """
-    rec = rec or {}
-    if rec.get("forced"):
+    if rec is not None and rec.forced:
         return Decision(False, "rerun requested")
     if rerun_needs:
-        if rec and rec.get("status") == "done":
+        if rec is not None and rec.status is StepStatus.DONE:
             return Decision(False, f"upstream ran again: {', '.join(sorted(rerun_needs))}")
-        if rec and rec.get("status") in ("failed", "error"):
-            return Decision(False, f"last attempt {rec['status']}")
+        if rec is not None and rec.status in (StepStatus.FAILED, StepStatus.ERROR):
+            return Decision(False, f"last attempt {rec.status}")
         return Decision(False, "never ran")
-    ran = bool(rec and rec.get("fingerprint"))
-    if ran and rec["fingerprint"] != step["fingerprint"]:
+    ran = rec is not None and bool(rec.fingerprint)
+    if rec is not None and ran and rec.fingerprint != step.fingerprint:
         return Decision(False, "params changed")
-    unsuccessful = unsuccessful_attempt(rec)
+    unsuccessful = rec.unsuccessful() if rec is not None else None
     if unsuccessful:
         return Decision(False, f"last attempt {unsuccessful}")
-    if ran and rec.get("status") == "done":
+    succeeded = rec is not None and ran and rec.status is StepStatus.DONE
+    if rec is not None and succeeded:
         # A need missing from the record was added to the plan after the step ran (a new
         # edge, or an implicit `tool-*` step of a newer bootstrap): it did not run "since";
         # one that runs in this session is in `rerun_needs` above.
-        recorded = rec.get("upstream", {})
+        recorded = rec.upstream
         changed = [n for n, g in upstream_gens.items() if n in recorded and recorded[n] != g]
         if changed:
             return Decision(False, f"upstream ran again: {', '.join(sorted(changed))}")
-    kind = get_kind(step["kind"])
+    kind = get_kind(step.kind)
     if has_own_checks(step, kind):
         result = box_checks(step, ctx, kind)
         if not result.done:
             return Decision(False, result.reason)
-        if ran and rec.get("status") == "done":
+        if succeeded:
             return Decision(True, f"fingerprint matches and {result.reason}")
         return Decision(True, f"already satisfied: {result.reason}")
-    if ran and rec.get("status") == "done":
+    if succeeded:
         return Decision(True, "fingerprint matches (succeeded before)")
     return Decision(False, "never ran")

@@ -27,6 +27,7 @@ from provision.agent.redact import Redactor
 from provision.agent.state import RunDir
 from provision.agent.versions import pyz_path
 from provision.errors import StepFailed
+from provision.model import PlannedStep
 from provision.steps.base import Kind, StepContext
 from provision.steps.registry import get_kind
 
@@ -38,11 +39,11 @@ EXIT_ERROR = 3
 STOP_GROUP_S = 10.0
 
 
-def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
+def step_env(step: PlannedStep, secrets: dict[str, str]) -> dict[str, str]:
     """The environment a step sees: the runner's, its own `env`, and only its own secrets."""
     env = dict(os.environ)
-    env.update({k: str(v) for k, v in (step.get("env") or {}).items()})
-    for name in step.get("secrets") or []:
+    env.update(step.env)
+    for name in step.secrets:
         if name in secrets:
             env[name] = secrets[name]
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -59,24 +60,24 @@ def step_env(step: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
 
 def make_context(
     run: RunDir,
-    step: dict[str, Any],
+    step: PlannedStep,
     secrets: dict[str, str],
     deadline: float | None = None,
 ) -> StepContext:
     """The StepContext of `step` (for checks in the runner, and for running in `exec`)."""
     return StepContext(
-        step_id=step["id"],
-        params=dict(step.get("params") or {}),
+        step_id=step.id,
+        params=dict(step.params),
         run_dir=run.path,
         env=step_env(step, secrets),
-        secrets={n: secrets[n] for n in step.get("secrets") or [] if n in secrets},
-        poll=float(step.get("poll") or 5),
+        secrets={n: secrets[n] for n in step.secrets if n in secrets},
+        poll=float(step.poll or 5),
         deadline=deadline,
     )
 
 
 def exec_step(
-    run: RunDir, step: dict[str, Any], redact_values: list[str], restore: bool = True
+    run: RunDir, step: PlannedStep, redact_values: list[str], restore: bool = True
 ) -> int:
     """Run and verify one step (as the runner handed it over); returns the exit code.
 
@@ -84,15 +85,15 @@ def exec_step(
     holding any of them (a job's log read by a watcher). A cached step is restored from the
     cache instead when it can be, unless `restore` is False (`rerun`: it runs).
     """
-    step_id = step["id"]
+    step_id = step.id
     result_path = run.step_dir(step_id) / "_result.json"
     run.step_dir(step_id).mkdir(parents=True, exist_ok=True)
-    kind = get_kind(step["kind"])
+    kind = get_kind(step.kind)
     if kind is None:
-        write_json_atomic(result_path, {"reason": f"unknown kind '{step['kind']}' on the box"})
+        write_json_atomic(result_path, {"reason": f"unknown kind '{step.kind}' on the box"})
         return EXIT_ERROR
     # The runner passes the step's secrets in the environment; take only those the step names.
-    secrets = {n: os.environ[n] for n in step.get("secrets") or [] if n in os.environ}
+    secrets = {n: os.environ[n] for n in step.secrets if n in os.environ}
     deadline = (
         float(os.environ["BOOTSTRAP_DEADLINE"]) if "BOOTSTRAP_DEADLINE" in os.environ else None
     )
@@ -100,7 +101,7 @@ def exec_step(
     redact = Redactor(redact_values)
     started = time.time()
     cached = None
-    if step.get("cache"):
+    if step.cache:
         cached = _restore(run, step, ctx, kind) if restore else _key_only(run, step, ctx)
     if cached is not None and cached.get("restored"):
         write_json_atomic(result_path, {"reason": cached["reason"], "cache": cached})
@@ -131,14 +132,14 @@ def exec_step(
     return 0
 
 
-def _restore(run: RunDir, step: dict[str, Any], ctx: StepContext, kind: Kind) -> dict[str, Any]:
+def _restore(run: RunDir, step: PlannedStep, ctx: StepContext, kind: Kind) -> dict[str, Any]:
     """Restore a cached step and verify it as after a run: {key, restored, reason}.
 
     Not restored (a miss, an unusable copy, a failed verification): the reason says why, and
     the step runs."""
     from provision.cache.restore import restore
 
-    attempt = restore(run.path, step, ctx.env)
+    attempt = restore(run.path, step.to_json(), ctx.env)
     restored, reason = attempt.restored, attempt.reason
     # An entry that is there but unusable is replaced by what this run makes.
     replace = attempt.found
@@ -156,12 +157,12 @@ def _restore(run: RunDir, step: dict[str, Any], ctx: StepContext, kind: Kind) ->
     return {"key": attempt.key, "restored": restored, "reason": reason, "replace": replace}
 
 
-def _key_only(run: RunDir, step: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+def _key_only(run: RunDir, step: PlannedStep, ctx: StepContext) -> dict[str, Any]:
     """A cached step that runs without looking in the cache (`rerun`): its key, to save it."""
     from provision.cache.restore import compute_key, short
 
     try:
-        key: str | None = compute_key(run.path, step)
+        key: str | None = compute_key(run.path, step.to_json())
     except OSError as exc:
         return {"key": None, "restored": False, "reason": f"cache key unknown ({exc})"}
     reason = f"rerun: not restored from the cache, saved as key {short(str(key))}"
@@ -169,7 +170,7 @@ def _key_only(run: RunDir, step: dict[str, Any], ctx: StepContext) -> dict[str, 
     return {"key": key, "restored": False, "reason": reason, "replace": True}
 
 
-def _failed_check(step: dict[str, Any], ctx: StepContext, kind: Kind) -> str | None:
+def _failed_check(step: PlannedStep, ctx: StepContext, kind: Kind) -> str | None:
     """`creates`, `done_when` and the kind's own check on a restored copy: why one fails,
     None when all hold (after its `verify` passed: what a run must pass, and more)."""
     result = box_checks(step, ctx, kind)
@@ -182,11 +183,11 @@ def _redact_warnings(path: Path, redact: Redactor) -> None:
         write_json_atomic(path, [redact(str(w)) for w in warnings])
 
 
-def _post_checks(step: dict[str, Any], ctx: StepContext) -> str | None:
+def _post_checks(step: PlannedStep, ctx: StepContext) -> str | None:
     """After a run, `creates` must exist and `done_when` must pass: else the step failed."""
-    if not (step.get("creates") or step.get("done_when")):
+    if not (step.creates or step.done_when):
         return None
-    result = box_checks({k: step.get(k) for k in ("creates", "done_when")}, ctx, None)
+    result = box_checks(step, ctx, None)
     return None if result.done else f"ran, but {result.reason}"
 
 

@@ -1,7 +1,9 @@
 """What the controller reads from the box: status snapshots, the follow stream, step logs.
 
-A snapshot is the `status --json` object of DESIGN.md (less the controller's host name), built
-from `plan.json`, `state.json`, each step's progress file and log tail, in one process.
+A snapshot (`provision.model.Snapshot`) is the `status --json` object of DESIGN.md (less the
+controller's host name), built from `plan.json`, `state.json`, each step's progress file and
+log tail, in one process. The follow stream compares and patches snapshots as the JSON they
+travel as (`changes`, `apply_changes`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ from typing import Any
 from provision.agent import files
 from provision.agent.files import read_json
 from provision.agent.paths import runs_dir
-from provision.agent.state import (
-    RunDir,
-    expected_duration,
-    load_state,
-    runner_active,
+from provision.agent.state import RunDir, load_state, runner_active
+from provision.model import (
+    ModelError,
+    Plan,
+    PlannedStep,
+    RunnerStatus,
+    RunState,
+    Snapshot,
+    StepRecord,
+    StepSnapshot,
+    StepStatus,
 )
 from provision.watch.record import read_watch
 
@@ -47,89 +55,101 @@ def latest_run() -> str | None:
     return best[1] if best else None
 
 
-def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> dict[str, Any]:
-    """The run's status as one JSON-serialisable object."""
-    plan = read_json(run.plan, {})
+def snapshot(run: RunDir, tail_lines: int = DEFAULT_TAIL_LINES) -> Snapshot:
+    """The run's status, read from its files in this one process."""
+    plan = _plan_or_none(run)
     state = load_state(run)
     active = runner_active(run)
-    recorded = state.get("runner", {}).get("status")
+    recorded = state.runner.status
     # Dead: it stopped without ending the run (SIGKILL, a reboot, a crash); `up` recovers it.
-    runner = "running" if active else ("dead" if recorded in ("running", "crashed") else "idle")
-    now = time.time()
-    steps = []
-    for step in plan.get("steps", []):
-        rec = state.get("steps", {}).get(step["id"], {})
-        status = rec.get("status") or ("pending" if step.get("selected", True) else "skipped")
-        started, ended = rec.get("started"), rec.get("ended")
-        duration = rec.get("duration_s")
-        if status == "running" and started:
-            # Whole seconds: a follower gets a running step's record once a second, not at
-            # every look.
-            duration = float(int(now - float(started)))
-        progress = None
-        if status == "running":
-            progress = read_json(run.step_dir(step["id"]) / "_progress.json", None)
-        extra = _expected(state, step)
-        warnings = list(rec.get("warnings") or [])
-        if step.get("cache"):
-            # What the detached saver did last (provision/cache/save.py); one that did not
-            # save is a warning of the step, as `status` shows warnings.
-            saved = read_json(run.step_dir(step["id"]) / "_cache_save.json", None)
-            extra["cache"] = saved
-            if isinstance(saved, dict) and saved.get("state") in ("skipped", "failed"):
-                warnings.append(f"cache: {saved.get('reason')}")
-        if step["kind"] == "tmux_launch":
-            # What the job's guard saw last (provision/watch/watcher.py), for its whole life.
-            extra["watch"] = read_watch(run.step_dir(step["id"]))
-        steps.append(
-            {
-                **extra,
-                "id": step["id"],
-                "kind": step["kind"],
-                "needs": list(step.get("needs") or []),
-                "status": status,
-                "attempts": rec.get("attempts", 0),
-                "started": started,
-                "ended": ended,
-                "duration_s": duration,
-                "rc": rec.get("rc"),
-                "progress": progress,
-                "reason": rec.get("reason"),
-                "hint": rec.get("hint"),
-                "warnings": warnings,
-                "log_tail": files.tail_lines(run.log(step["id"]), tail_lines),
-            }
-        )
-    snap: dict[str, Any] = {
-        "playbook": plan.get("playbook"),
-        "run": run.name,
-        "box": socket.gethostname(),
-        "runner": runner,
-        "steps": steps,
-    }
-    notices = list(state.get("notices") or [])
-    if state.get("damage"):
-        notices.append(
-            f"state.json is damaged ({state['damage']}); the next `up` keeps it aside and "
+    dead = recorded in (RunnerStatus.RUNNING, RunnerStatus.CRASHED)
+    snap = Snapshot(
+        playbook=plan.playbook if plan else None,
+        run=run.name,
+        box=socket.gethostname(),
+        runner="running" if active else ("dead" if dead else "idle"),
+        steps=[_step(run, state, step, tail_lines) for step in (plan.steps if plan else [])],
+        notices=list(state.notices),
+    )
+    if state.damage:
+        snap.notices.append(
+            f"state.json is damaged ({state.damage}); the next `up` keeps it aside and "
             "decides the steps without a record by their checks"
         )
-    if notices:
-        snap["notices"] = notices
-    error = state.get("runner", {}).get("error")
-    if recorded == "crashed" and not active:
-        snap["runner_error"] = f"the runner crashed: {error}; its traceback is in {run.runner_log}"
+    if recorded is RunnerStatus.CRASHED and not active:
+        snap.runner_error = (
+            f"the runner crashed: {state.runner.error}; its traceback is in {run.runner_log}"
+        )
     return snap
 
 
-def _expected(state: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+def _plan_or_none(run: RunDir) -> Plan | None:
+    """The run's plan; None when it has none yet, or one a status cannot read."""
+    data = read_json(run.plan, None)
+    try:
+        return Plan.from_json(data) if data is not None else None
+    except ModelError:
+        return None
+
+
+def _step(run: RunDir, state: RunState, step: PlannedStep, tail_lines: int) -> StepSnapshot:
+    """One step's part of the snapshot."""
+    rec = state.steps.get(step.id) or StepRecord(
+        status=StepStatus.PENDING if step.selected else StepStatus.SKIPPED
+    )
+    duration = rec.duration_s
+    if rec.status is StepStatus.RUNNING and rec.started:
+        # Whole seconds: a follower gets a running step's record once a second, not at
+        # every look.
+        duration = float(int(time.time() - rec.started))
+    progress = None
+    if rec.status is StepStatus.RUNNING:
+        found = read_json(run.step_dir(step.id) / "_progress.json", None)
+        progress = found if isinstance(found, dict) else None
+    expected_s, expected_from = _expected(state, step)
+    warnings = list(rec.warnings)
+    saved = None
+    if step.cache:
+        # What the detached saver did last (provision/cache/save.py); one that did not save
+        # is a warning of the step, as `status` shows warnings.
+        saved = read_json(run.step_dir(step.id) / "_cache_save.json", None)
+        if isinstance(saved, dict) and saved.get("state") in ("skipped", "failed"):
+            warnings.append(f"cache: {saved.get('reason')}")
+    out = StepSnapshot(
+        id=step.id,
+        kind=step.kind,
+        status=rec.status,
+        needs=list(step.needs),
+        attempts=rec.attempts,
+        started=rec.started,
+        ended=rec.ended,
+        duration_s=duration,
+        rc=rec.rc,
+        progress=progress,
+        reason=rec.reason,
+        hint=rec.hint,
+        warnings=warnings,
+        log_tail=files.tail_lines(run.log(step.id), tail_lines),
+        expected_s=expected_s,
+        expected_from=expected_from,
+        cached=bool(step.cache),
+        cache=saved if isinstance(saved, dict) else None,
+    )
+    if step.kind == "tmux_launch":
+        # What the job's guard saw last (provision/watch/watcher.py), for its whole life.
+        out.guarded, out.watch = True, read_watch(run.step_dir(step.id))
+    return out
+
+
+def _expected(state: RunState, step: PlannedStep) -> tuple[float | None, str | None]:
     """How long the step is expected to take, for the controller's ETA: the median of its
     durations on this box's earlier runs of the playbook, else the playbook's `estimate:`."""
-    measured = expected_duration(state, step["id"])
+    measured = state.expected_duration(step.id)
     if measured is not None:
-        return {"expected_s": measured, "expected_from": "measured"}
-    if step.get("estimate"):
-        return {"expected_s": float(step["estimate"]), "expected_from": "estimate"}
-    return {"expected_s": None, "expected_from": None}
+        return measured, "measured"
+    if step.estimate:
+        return float(step.estimate), "estimate"
+    return None, None
 
 
 def emit(event: str, data: dict[str, Any]) -> None:
@@ -149,7 +169,7 @@ def follow(run: RunDir, tail_lines: int = 3, grace_s: float = 0.0) -> None:
     last: dict[str, Any] | None = None
     started = time.time()
     while True:
-        snap = snapshot(run, tail_lines)
+        snap = snapshot(run, tail_lines).to_json()
         active = snap["runner"] == "running" or time.time() - started < grace_s
         change = changes(last, snap) if last is not None else None
         if change is None:
@@ -160,7 +180,7 @@ def follow(run: RunDir, tail_lines: int = 3, grace_s: float = 0.0) -> None:
         if not active:
             break
         time.sleep(FOLLOW_INTERVAL_S)
-    emit("final", snapshot(run, DEFAULT_TAIL_LINES))
+    emit("final", snapshot(run, DEFAULT_TAIL_LINES).to_json())
 
 
 def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:

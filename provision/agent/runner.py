@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from provision import dag
@@ -45,18 +46,24 @@ from provision.agent.files import read_json, tail_text, write_json_atomic
 from provision.agent.paths import venv_python
 from provision.agent.redact import Redactor
 from provision.agent.state import (
-    BAD,
     RunDir,
     forget_secrets,
     load_state,
     make_reserve,
     read_secrets,
-    record,
-    remember_duration,
     remove_stale_temps,
     save_state,
 )
 from provision.agent.versions import pyz_path
+from provision.model import (
+    ModelError,
+    Outcome,
+    Plan,
+    PlannedStep,
+    RunnerRecord,
+    RunnerStatus,
+    StepStatus,
+)
 from provision.steps.registry import get_kind
 
 #: Seconds between SIGTERM and SIGKILL for a step that timed out or was cancelled.
@@ -86,25 +93,22 @@ class Runner:
     def __init__(
         self,
         run: RunDir,
-        plan: dict[str, Any] | None = None,
+        plan: Plan | None = None,
         secrets: dict[str, str] | None = None,
     ) -> None:
         self.run = run
-        plan = plan if plan is not None else read_json(run.plan, None)
-        if not isinstance(plan, dict):
-            raise RuntimeError(f"no plan at {run.plan}")
-        self.plan = plan
-        self.steps: dict[str, dict[str, Any]] = {s["id"]: s for s in plan["steps"]}
-        self.selected = [s["id"] for s in plan["steps"] if s.get("selected", True)]
-        self.needs = {sid: list(self.steps[sid].get("needs") or []) for sid in self.selected}
+        self.plan = plan if plan is not None else read_plan(run)
+        self.steps: dict[str, PlannedStep] = {s.id: s for s in self.plan.steps}
+        self.selected = [s.id for s in self.plan.selected]
+        self.needs = {sid: list(self.steps[sid].needs) for sid in self.selected}
         self.state = load_state(run)
-        self.state.pop("damage", None)  # set aside by `up` (with the lock) before it came here
+        self.state.damage = None  # set aside by `up` (with the lock) before it came here
         self.secrets = secrets if secrets is not None else read_secrets(run)
         self.redact = Redactor(self.secrets.values())
         self.events: queue.Queue[tuple[str, int, int]] = queue.Queue()
         self.procs: dict[str, Launched] = {}
         self.tokens = 0
-        self.max_parallel = int(plan.get("max_parallel") or DEFAULT_MAX_PARALLEL)
+        self.max_parallel = self.plan.max_parallel or DEFAULT_MAX_PARALLEL
         # Steps that ran successfully, started at least once, or ended badly in this runner's life.
         self.executed: set[str] = set()
         self.started: set[str] = set()
@@ -116,12 +120,11 @@ class Runner:
 
     # ----------------------------------------------------------------- deciding, without running
 
-    def status(self, step_id: str) -> str:
-        return str(self.state.get("steps", {}).get(step_id, {}).get("status", "pending"))
+    def status(self, step_id: str) -> StepStatus:
+        return self.state.status(step_id)
 
     def gens(self, step_id: str) -> dict[str, int]:
-        recs = self.state.get("steps", {})
-        return {n: int(recs.get(n, {}).get("gen", 0)) for n in self.needs.get(step_id, [])}
+        return {n: self.state.gen(n) for n in self.needs.get(step_id, [])}
 
     def decide(self, step_id: str, rerun: set[str]) -> checks.Decision:
         """Is the step done? `rerun` holds the steps that ran (or will run) this session."""
@@ -131,7 +134,7 @@ class Runner:
         # judged by its checks, not re-run because that need "ran".
         exempt = self.cache.restored_for(step_id)
         rerun_needs = [n for n in self.needs[step_id] if n in rerun and n not in exempt]
-        rec = self.state.get("steps", {}).get(step_id)
+        rec = self.state.steps.get(step_id)
         gens = {n: g for n, g in self.gens(step_id).items() if n not in exempt}
         return checks.decide(step, rec, gens, ctx, rerun_needs)
 
@@ -148,24 +151,16 @@ class Runner:
 
     def mark_done(self, step_id: str, reason: str) -> None:
         """Record a step found done without running it."""
-        rec = record(self.state, step_id)
-        if rec.get("status") != "done":
-            rec["gen"] = int(rec.get("gen", 0)) + 1
-            rec["upstream"] = self.gens(step_id)
-            rec["ended"] = rec.get("ended") or time.time()
-        rec.update(
-            status="done",
-            reason=self.redact(reason),
-            fingerprint=self.steps[step_id]["fingerprint"],
+        self.state.record(step_id).found_done(
+            self.redact(reason), self.steps[step_id].fingerprint, self.gens(step_id), time.time()
         )
-        rec.pop("hint", None)
         self.cache.step_done(step_id, None)
 
     def mark_skipped(self) -> None:
         """Steps not selected are `skipped`, unless they are done from an earlier run."""
         for step_id in self.steps:
-            if step_id not in self.needs and self.status(step_id) != "done":
-                record(self.state, step_id).update(status="skipped", reason="not selected")
+            if step_id not in self.needs and self.status(step_id) is not StepStatus.DONE:
+                self.state.record(step_id).skip()
 
     # ----------------------------------------------------------------------------- running
 
@@ -176,30 +171,30 @@ class Runner:
         forget_secrets(self.run)
         self.recover()
         self.apply_requests()
-        self.state["runner"] = {
-            "status": "running",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-        }
+        runner = self.state.runner = RunnerRecord(
+            status=RunnerStatus.RUNNING,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=time.time(),
+        )
         self.mark_skipped()
         remove_stale_temps(self.run)
         make_reserve(self.run)
         self.save()
-        outcome = {"status": "idle"}
         try:
             while self.schedule():
                 pass
         except Exception as exc:
             # A bug: say so in the state (its traceback goes to runner.log), not "idle".
-            outcome = {"status": "crashed", "error": f"{type(exc).__name__}: {exc}"}
+            runner.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self.stop_all("runner stopping")
-            self.state["runner"].update(outcome, ended=time.time(), pid=None)
+            runner.status = RunnerStatus.CRASHED if runner.error else RunnerStatus.IDLE
+            runner.ended, runner.pid = time.time(), None
             self.save()
         self.tell_news()
-        return all(self.status(s) == "done" for s in self.selected)
+        return all(self.status(s) is StepStatus.DONE for s in self.selected)
 
     def tell_news(self) -> None:
         """Notify the launch steps' `notify:` URLs of a setup that failed or of training
@@ -252,13 +247,11 @@ class Runner:
             if step_id in self.procs:
                 ready.remove(step_id)  # still running from before a restart: await its exit
                 continue
-            bad = [n for n in self.needs[step_id] if self.status(n) in BAD]
+            bad = [n for n in self.needs[step_id] if self.status(n).bad]
             if bad or step_id in self.final:
                 ready.remove(step_id)
                 if bad:
-                    rec = record(self.state, step_id)
-                    rec.update(status="blocked", reason=f"blocked by {', '.join(bad)}")
-                    rec.pop("hint", None)
+                    self.state.record(step_id).block(bad)
                 self.settle(sorter, step_id)
                 settled = True
                 continue
@@ -288,11 +281,7 @@ class Runner:
         try:
             self.launch(step_id, why)
         except (OSError, StillRunning) as exc:
-            rec = record(self.state, step_id)
-            rec.update(
-                status="error", outcome="error", ended=time.time(), reason=f"could not start: {exc}"
-            )
-            rec.pop("pid", None)
+            self.state.record(step_id).could_not_start(f"could not start: {exc}", time.time())
             self.final.add(step_id)
             return False
         return True
@@ -303,35 +292,23 @@ class Runner:
         Raises OSError, or StillRunning when its previous attempt's processes cannot be ended.
         """
         step = self.steps[step_id]
-        rec = record(self.state, step_id)
-        self.end_previous(step_id, rec)
-        attempts = int(rec.get("attempts", 0)) + 1 if step_id in self.started else 1
+        rec = self.state.record(step_id)
+        self.end_previous(step_id, rec.pgid or rec.pid)
+        attempts = rec.attempts + 1 if step_id in self.started else 1
         self.started.add(step_id)
-        rec.update(
-            status="running",
-            outcome="running",
-            attempts=attempts,
-            started=time.time(),
-            ended=None,
-            rc=None,
-            duration_s=None,
-            reason=self.redact(why),
-            warnings=[],
-        )
-        rec.pop("hint", None)
+        rec.begin_attempt(attempts, self.redact(why), time.time())
         clear_reports(self.run, step_id)
         log_path = self.run.log(step_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        timeout = step.get("timeout")
-        deadline = time.time() + float(timeout) if timeout else None
+        deadline = time.time() + float(step.timeout) if step.timeout else None
         env = step_env(step, self.secrets)
         env.update(BOOTSTRAP_RUN=self.run.name, BOOTSTRAP_STEP=step_id)
         if deadline:
             env["BOOTSTRAP_DEADLINE"] = repr(deadline)
         argv = [self.python_for(step), str(pyz_path()), "exec", "--run", self.run.name, step_id]
-        mode = "ab" if rec["attempts"] > 1 else "wb"
+        mode = "ab" if attempts > 1 else "wb"
         with contextlib.suppress(OSError), open(log_path, mode) as log:  # disk full: run anyway
-            log.write(f"=== {step_id}: attempt {rec['attempts']} ({why}) ===\n".encode())
+            log.write(f"=== {step_id}: attempt {attempts} ({why}) ===\n".encode())
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -343,7 +320,7 @@ class Runner:
         )
         # Its group is on disk before it gets its work: a runner killed from here on leaves a
         # group the next runner finds (and before that, a child that reads EOF and stops).
-        rec["pid"] = rec["pgid"] = proc.pid
+        rec.pid = rec.pgid = proc.pid
         self.save()
         self.hand_over(proc, step)
         self.tokens += 1
@@ -359,13 +336,13 @@ class Runner:
         pump.start()
         waiter.start()
 
-    def hand_over(self, proc: subprocess.Popen[bytes], step: dict[str, Any]) -> None:
+    def hand_over(self, proc: subprocess.Popen[bytes], step: PlannedStep) -> None:
         """Give `agent exec` its step and the values to redact; raises OSError (then the child
         is killed). The step comes from the runner's own plan, never from a `plan.json` that a
         newer `up` may have replaced meanwhile."""
         assert proc.stdin is not None
-        handoff: dict[str, Any] = {"step": step, "redact": sorted(self.secrets.values())}
-        if record(self.state, step["id"]).get("forced"):
+        handoff: dict[str, Any] = {"step": step.to_json(), "redact": sorted(self.secrets.values())}
+        if self.state.record(step.id).forced:
             handoff["restore"] = False  # `rerun` means run it, not fetch it from the cache
         try:
             with proc.stdin:
@@ -375,26 +352,25 @@ class Runner:
             proc.wait()
             raise
 
-    def end_previous(self, step_id: str, rec: dict[str, Any]) -> None:
+    def end_previous(self, step_id: str, pgid: int | None) -> None:
         """Kill and wait for what is left of the step's previous process group, if anything."""
-        pgid = rec.get("pgid") or rec.get("pid")
         if not pgid:
             return
-        survivors = stop_group(int(pgid), self.run.name, step_id)
+        survivors = stop_group(pgid, self.run.name, step_id)
         if survivors:
             raise StillRunning(
                 f"processes {survivors} of its previous attempt survive SIGKILL; "
                 "end them, then rerun the step"
             )
 
-    def python_for(self, step: dict[str, Any]) -> str:
+    def python_for(self, step: PlannedStep) -> str:
         """The interpreter for a step: the box's python3, or the agent venv's for library kinds."""
-        kind = get_kind(step["kind"])
+        kind = get_kind(step.kind)
         if kind is not None and kind.pip:
-            return str(self.plan.get("agent_python") or venv_python())
+            return self.plan.agent_python or str(venv_python())
         return sys.executable
 
-    def _pump(self, proc: subprocess.Popen[bytes], log_path: Any, tail: output.Tail) -> None:
+    def _pump(self, proc: subprocess.Popen[bytes], log_path: Path, tail: output.Tail) -> None:
         """Copy a child's output into its log and `tail`, through the redactor."""
         assert proc.stdout is not None
         output.pump(proc.stdout, log_path, self.redact, tail)
@@ -440,48 +416,33 @@ class Runner:
             # The step's own process is gone; what it left in its group must not outlive it.
             _signal_group(launched.proc.pid, signal.SIGKILL)
         step = self.steps[step_id]
-        rec = record(self.state, step_id)
+        rec = self.state.record(step_id)
         result = read_result(self.run, step_id)
         warnings = read_json(self.run.step_dir(step_id) / "_warnings.json", [])
-        now = time.time()
-        rec.update(
-            rc=rc,
-            ended=now,
-            duration_s=round(now - float(rec.get("started") or now), 3),
-            warnings=[self.redact(str(w)) for w in warnings] if isinstance(warnings, list) else [],
-            fingerprint=step["fingerprint"],
-        )
-        rec.pop("pid", None)
+        said = [self.redact(str(w)) for w in warnings] if isinstance(warnings, list) else []
+        rec.end_attempt(rc, time.time(), said, step.fingerprint)
         if rc == 0 and not launched.cancelled:
-            # `rerun --only` keeps the generation: what depends on the step stays done.
-            if rec.get("forced") != "only":
-                rec["gen"] = int(rec.get("gen", 0)) + 1
+            if rec.forced != "only":  # `rerun --only`: what depends on the step stays done
                 self.executed.add(step_id)
-            remember_duration(self.state, step_id, float(rec["duration_s"]))
+            self.state.remember_duration(step_id, rec.duration_s or 0.0)
             reason = result.get("reason")
-            rec.update(
-                status="done",
-                outcome="ok",
-                upstream=self.gens(step_id),
-                reason=self.redact(reason) if reason else reason,
-            )
-            rec.pop("forced", None)
+            rec.succeed(self.redact(str(reason)) if reason else None, self.gens(step_id))
             self.cache.step_done(step_id, result.get("cache"))
             self.settle(sorter, step_id)
         else:
             # A kind's reason may quote the command's last output line: redact like the log.
             reason = self.redact(launched.cancelled or result.get("reason") or f"exited {rc}")
             hint = result.get("hint") or self.diagnose(step_id, launched.tail)
-            rec.update(reason=reason, hint=self.redact(hint) if hint else hint)
-            if int(rec.get("attempts", 1)) <= int(step.get("retries") or 0):
+            rec.reason, rec.hint = reason, self.redact(str(hint)) if hint else None
+            if rec.attempts <= step.retries:
                 self.save()
                 if self.start(step_id, f"retry after: {reason}"):
                     return
                 self.settle(sorter, step_id)
                 self.save()
                 return
-            rec["status"] = "error" if rc == EXIT_ERROR and not launched.cancelled else "failed"
-            rec["outcome"] = rec["status"]
+            could_not_run = rc == EXIT_ERROR and not launched.cancelled
+            rec.fail(StepStatus.ERROR if could_not_run else StepStatus.FAILED, reason, rec.hint)
             self.final.add(step_id)
             self.settle(sorter, step_id)
         self.save()
@@ -503,8 +464,7 @@ class Runner:
                 _signal_group(launched.proc.pid, signal.SIGKILL)
                 launched.kill_at = None
             elif launched.deadline is not None and now >= launched.deadline:
-                timeout = self.steps[step_id].get("timeout")
-                launched.cancelled = f"timed out after {timeout}s"
+                launched.cancelled = f"timed out after {self.steps[step_id].timeout}s"
                 launched.deadline = None
                 launched.kill_at = now + KILL_GRACE_S
                 _signal_group(launched.proc.pid, signal.SIGTERM)
@@ -513,9 +473,7 @@ class Runner:
         """Kill every running step (runner shutting down)."""
         for step_id, launched in list(self.procs.items()):
             _kill_group(launched.proc)
-            rec = record(self.state, step_id)
-            rec.update(status="pending", outcome="interrupted", reason=f"interrupted: {why}")
-            rec.pop("pid", None)
+            self.state.record(step_id).interrupt(f"interrupted: {why}")
         self.procs.clear()
 
     # ----------------------------------------------------------------- recovery and requests
@@ -524,15 +482,13 @@ class Runner:
         """Steps left `running` by a runner that died: kill what is left of their process
         groups (a step's shell outlives its `agent exec` dying on the broken pipe), and mark
         them interrupted, so they run again whatever their checks say."""
-        for step_id, rec in self.state.get("steps", {}).items():
-            if rec.get("status") != "running" and rec.get("outcome") != "running":
+        for step_id, rec in self.state.steps.items():
+            if rec.status is not StepStatus.RUNNING and rec.outcome is not Outcome.RUNNING:
                 continue
-            pgid = rec.pop("pid", None) or rec.get("pgid")
+            pgid = rec.pid or rec.pgid
             if pgid:
-                stop_group(int(pgid), self.run.name, step_id)
-            rec.update(
-                status="pending", outcome="interrupted", reason="interrupted: the runner stopped"
-            )
+                stop_group(pgid, self.run.name, step_id)
+            rec.interrupt("interrupted: the runner stopped")
 
     def apply_requests(self) -> bool:
         """Apply rerun requests queued by `agent up --reset`; True when any step was reset."""
@@ -546,7 +502,7 @@ class Runner:
             path = self.run.requests / name
             request = read_json(path, {})
             path.unlink(missing_ok=True)
-            if isinstance(request, dict) and request.get("reset"):
+            if isinstance(request, dict) and isinstance(request.get("reset"), str):
                 self.reset(request["reset"], bool(request.get("only")))
                 changed = True
         if changed:
@@ -560,13 +516,11 @@ class Runner:
             if sid not in self.steps:
                 continue
             launched = self.procs.pop(sid, None)
-            rec = record(self.state, sid)
+            rec = self.state.record(sid)
             if launched is not None:
                 _kill_group(launched.proc)
-                rec.update(outcome="interrupted")
-                rec.pop("pid", None)
-            rec.update(status="pending", forced="only" if only else True, reason="rerun requested")
-            rec.pop("hint", None)
+                rec.outcome, rec.pid = Outcome.INTERRUPTED, None
+            rec.force(only)
             self.final.discard(sid)
             self.executed.discard(sid)
             self.started.discard(sid)
@@ -587,9 +541,7 @@ class CacheHook:
         self.to_save: dict[str, tuple[str, bool]] = {}
         for sid, step in runner.steps.items():
             pending = (
-                read_json(runner.run.step_dir(sid) / self.PENDING, None)
-                if step.get("cache")
-                else None
+                read_json(runner.run.step_dir(sid) / self.PENDING, None) if step.cache else None
             )
             if isinstance(pending, dict) and pending.get("key"):
                 self.to_save[sid] = (str(pending["key"]), bool(pending.get("replace")))
@@ -601,10 +553,10 @@ class CacheHook:
     def step_done(self, step_id: str, outcome: dict[str, Any] | None) -> None:
         """A step is done (ran, restored, or found done); start the saves it completes."""
         step = self.runner.steps[step_id]
-        if outcome and outcome.get("key") and step.get("cache"):
+        if outcome and outcome.get("key") and step.cache:
             pending = self.runner.run.step_dir(step_id) / self.PENDING
             if outcome.get("restored"):
-                self.restored[step_id] = set(step["cache"].get("with") or [])
+                self.restored[step_id] = set(step.cache.get("with") or [])
                 self.to_save.pop(step_id, None)
                 with contextlib.suppress(OSError):
                     pending.unlink()
@@ -615,8 +567,8 @@ class CacheHook:
                         pending, {"key": outcome["key"], "replace": outcome.get("replace")}
                     )
         for sid, (key, replace) in list(self.to_save.items()):
-            members = [sid, *(self.runner.steps[sid]["cache"].get("with") or [])]
-            if all(self.runner.status(m) == "done" for m in members):
+            members = [sid, *((self.runner.steps[sid].cache or {}).get("with") or [])]
+            if all(self.runner.status(m) is StepStatus.DONE for m in members):
                 del self.to_save[sid]
                 self.spawn(sid, key, replace)
 
@@ -631,7 +583,7 @@ class CacheHook:
             save.spawn(
                 runner.run.path,
                 runner.run.name,
-                step,
+                step.to_json(),
                 key,
                 replace,
                 step_env(step, {}),
@@ -639,9 +591,18 @@ class CacheHook:
                 [sys.executable, str(pyz_path())],
             )
         except OSError as exc:  # not saved is never a failure of the step
-            record(runner.state, step_id).setdefault("warnings", []).append(
-                f"cache: could not start the save: {exc}"
-            )
+            runner.state.record(step_id).warnings.append(f"cache: could not start the save: {exc}")
+
+
+def read_plan(run: RunDir) -> Plan:
+    """The run's `plan.json`; raises RuntimeError when there is none or it does not fit."""
+    data = read_json(run.plan, None)
+    if not isinstance(data, dict):
+        raise RuntimeError(f"no plan at {run.plan}")
+    try:
+        return Plan.from_json(data)
+    except ModelError as exc:
+        raise RuntimeError(f"{run.plan}: {exc}") from None
 
 
 def _signal_group(pgid: int, sig: int) -> None:

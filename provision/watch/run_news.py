@@ -30,6 +30,7 @@ from typing import Any
 
 from provision import dag
 from provision.agent.files import read_json, tail_lines
+from provision.model import Plan, PlannedStep, RunState, StepRecord, StepStatus
 from provision.steps.common import joblog
 from provision.watch.notify import Notifier
 
@@ -41,40 +42,42 @@ STATUS_FILE = "job.status"
 PID_FILE = "job.pid"
 GUARD_FILE = "guard.json"
 WAIT_SUCCESS_FILE = "success.json"
-FAILED = ("failed", "error")
+FAILED = (StepStatus.FAILED, StepStatus.ERROR)
+#: What a step without a record is read as.
+_NO_RECORD = StepRecord()
 
 
 def tell_run_end(
     run_dir: Path,
-    plan: dict[str, Any],
-    state: dict[str, Any],
+    plan: Plan,
+    state: RunState,
     secrets: dict[str, str],
-    python_for: Callable[[dict[str, Any]], str],
+    python_for: Callable[[PlannedStep], str],
     log: Callable[[str], None],
     redact: Callable[[str], str] = lambda s: s,
 ) -> None:
     """Send what this run's end is news of (see the module doc); never raises for a delivery."""
-    steps = {s["id"]: s for s in plan.get("steps", [])}
-    records: dict[str, dict[str, Any]] = state.get("steps", {})
-    needs = {sid: list(s.get("needs") or []) for sid, s in steps.items()}
-    host = str(plan.get("host") or "TARGET")
+    steps = {s.id: s for s in plan.steps}
+    records = state.steps
+    needs = {sid: list(s.needs) for sid, s in steps.items()}
+    host = plan.host or "TARGET"
     told: set[tuple[str, str]] = set()  # (URLs, event): one message per URL set
     for launch_id, step in steps.items():
         urls = _urls(step, secrets)
         if urls is None:
             continue
         workdir = run_dir / "steps" / launch_id
-        where = f"{host} · {plan.get('name')}"
+        where = f"{host} · {plan.name}"
         notifier = Notifier(urls, workdir, where, log, python_for(step))
         for sid in sorted(dag.upstream(needs, [launch_id]) | _waits_on(steps, launch_id)):
-            rec = records.get(sid) or {}
-            if rec.get("status") not in FAILED or not steps[sid].get("selected", True):
+            rec = records.get(sid) or _NO_RECORD
+            if rec.status not in FAILED or not steps[sid].selected:
                 continue
             if sid != launch_id and launch_id in needs[sid] and _job_ended(workdir):
                 continue  # the job ran and ended: the guard tells it
             if sid == launch_id and _launched_this_attempt(workdir, rec):
                 continue
-            event = f"setup_failed:{sid}@{float(rec.get('started') or 0):.3f}"
+            event = f"setup_failed:{sid}@{float(rec.started or 0):.3f}"
             if (urls, event) in told:
                 continue
             told.add((urls, event))
@@ -85,21 +88,17 @@ def tell_run_end(
             notifier.tell(verified[0], "verified", redact(verified[1]))
 
 
-def _urls(step: dict[str, Any], secrets: dict[str, str]) -> str | None:
+def _urls(step: PlannedStep, secrets: dict[str, str]) -> str | None:
     """The apprise URLs of a selected tmux_launch step with `notify:`, when the secret is here."""
-    if step.get("kind") != "tmux_launch" or not step.get("selected", True):
+    if step.kind != "tmux_launch" or not step.selected:
         return None
-    name = (step.get("params") or {}).get("notify")
+    name = step.params.get("notify")
     return secrets.get(name) if name else None
 
 
-def _waits_on(steps: dict[str, dict[str, Any]], launch_id: str) -> set[str]:
+def _waits_on(steps: dict[str, PlannedStep], launch_id: str) -> set[str]:
     """The `wait_log` steps that need the launch step (they verify its job started)."""
-    return {
-        sid
-        for sid, s in steps.items()
-        if s.get("kind") == "wait_log" and launch_id in (s.get("needs") or [])
-    }
+    return {sid for sid, s in steps.items() if s.kind == "wait_log" and launch_id in s.needs}
 
 
 def _launch(workdir: Path) -> dict[str, Any]:
@@ -107,14 +106,14 @@ def _launch(workdir: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _launched_this_attempt(workdir: Path, rec: dict[str, Any]) -> bool:
+def _launched_this_attempt(workdir: Path, rec: StepRecord) -> bool:
     """Whether the launch step's last attempt started its job and the job's guard (which then
     tells how it ended)."""
     launch = _launch(workdir)
     guarded = read_json(workdir / GUARD_FILE, {})
     if not launch.get("launch_id") or not isinstance(guarded, dict):
         return False
-    fresh = float(launch.get("started") or 0) >= float(rec.get("started") or 0)
+    fresh = float(launch.get("started") or 0) >= float(rec.started or 0)
     return fresh and guarded.get("launch_id") == launch["launch_id"]
 
 
@@ -138,29 +137,29 @@ def _job_ended(workdir: Path) -> bool:
 def _failure(
     run_dir: Path,
     sid: str,
-    rec: dict[str, Any],
+    rec: StepRecord,
     needs: dict[str, list[str]],
-    records: dict[str, dict[str, Any]],
+    records: dict[str, StepRecord],
     host: str,
 ) -> tuple[str, str]:
     """The message and its details for a failed step."""
-    attempts = int(rec.get("attempts") or 1)
+    attempts = rec.attempts or 1
     tries = f" after {attempts} attempts" if attempts > 1 else ""
-    message = f"step {sid} {rec.get('status')}{tries}: {rec.get('reason') or 'no reason given'}"
+    message = f"step {sid} {rec.status}{tries}: {rec.reason or 'no reason given'}"
     lines: list[str] = []
     tail = tail_lines(run_dir / "logs" / f"{sid}.log", 200)
     found = joblog.diagnose("\n".join(tail))
     if found is not None:
         lines.append(f"diagnosis: {found.diagnosis}")
         lines.append(f"fix: {found.fix}")
-    elif rec.get("hint"):
-        lines.append(f"hint: {rec['hint']}")
+    elif rec.hint:
+        lines.append(f"hint: {rec.hint}")
     shown = [ln for ln in tail if not ln.startswith("=== ")][-TAIL_LINES:]
     lines += [f"| {ln[:300]}" for ln in shown]
     blocked = sorted(
         s
         for s in dag.downstream(needs, [sid]) - {sid}
-        if (records.get(s) or {}).get("status") == "blocked"
+        if (records.get(s) or _NO_RECORD).status is StepStatus.BLOCKED
     )
     if blocked:
         lines.append(f"blocked: {', '.join(blocked)}")
@@ -170,21 +169,22 @@ def _failure(
 
 def _verified(
     run_dir: Path,
-    steps: dict[str, dict[str, Any]],
-    records: dict[str, dict[str, Any]],
+    steps: dict[str, PlannedStep],
+    records: dict[str, StepRecord],
     launch_id: str,
     workdir: Path,
 ) -> tuple[str, str] | None:
     """(event, message) when a wait_log step verified the current launch's job started."""
     launch = _launch(workdir)
-    if not launch.get("launch_id") or (records.get(launch_id) or {}).get("status") != "done":
+    done = StepStatus.DONE
+    if not launch.get("launch_id") or (records.get(launch_id) or _NO_RECORD).status is not done:
         return None
     for sid in sorted(_waits_on(steps, launch_id)):
-        rec = records.get(sid) or {}
+        rec = records.get(sid) or _NO_RECORD
         seen = read_json(run_dir / "steps" / sid / WAIT_SUCCESS_FILE, None)
-        if rec.get("status") != "done" or not isinstance(seen, dict):
+        if rec.status is not done or not isinstance(seen, dict):
             continue
-        if float(rec.get("ended") or 0) < float(launch.get("started") or 0):
+        if float(rec.ended or 0) < float(launch.get("started") or 0):
             continue  # it verified an earlier launch
         values = seen.get("values") or {}
         shown = ", ".join(f"{k} {v}" for k, v in values.items())
