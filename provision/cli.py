@@ -14,12 +14,15 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from provision import __version__
 from provision.errors import ProvisionError, TargetError
+
+if TYPE_CHECKING:
+    from provision.model import Plan, PlannedStep, Snapshot
 
 app = typer.Typer(
     add_completion=False,
@@ -162,7 +165,7 @@ class Loaded:
 
         self.book = load_playbook(self.playbook_path)
 
-    def plans(self, tags: list[str] | None, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def plans(self, tags: list[str] | None, extra: dict[str, Any]) -> "dict[str, Plan]":
         from provision.playbook import resolve
 
         return {
@@ -244,14 +247,16 @@ def _each_box(
     return results, errors
 
 
-def _exit_for(finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> int:
+def _exit_for(finals: "dict[str, Snapshot]", errors: dict[str, str]) -> int:
+    from provision.model import StepStatus
+
     if errors:
         return 2
-    if any(snap.get("runner_error") for snap in finals.values()):
+    if any(snap.runner_error for snap in finals.values()):
         return 3  # a bug in bootstrap: the runner on the box crashed
     for snap in finals.values():
-        for step in snap.get("steps", []):
-            if step["status"] not in ("done", "skipped"):
+        for step in snap.steps:
+            if step.status not in (StepStatus.DONE, StepStatus.SKIPPED):
                 return 1
     return 0
 
@@ -281,7 +286,7 @@ class _LateView:
         finally:
             self._ready.set()
 
-    def update(self, host: str, snap: dict[str, Any]) -> None:
+    def update(self, host: str, snap: "Snapshot") -> None:
         """Take a box's snapshot (from its thread)."""
         self._ready.wait()
         if self._view is not None:
@@ -311,7 +316,7 @@ def _run_up(
         loaded.book.step(reset["step"])
     plans = loaded.plans(tags, _extra_vars(variables))
     secrets = {name: controller.secrets_for(plan, loaded.inventory) for name, plan in plans.items()}
-    names = {plan["name"] for plan in plans.values()}
+    names = {plan.name for plan in plans.values()}
     view = _LateView(
         _redactor([v for s in secrets.values() for v in s.values()]),
         {n: timings.expected(n) for n in names},
@@ -339,7 +344,7 @@ def _run_up(
 
     out = view.out
     for snap in finals.values():
-        timings.record(str(snap.get("run")), snap.get("steps", []))
+        timings.record(snap.run, snap.steps)
     if detach:
         for host in finals:
             console.wait_hint(
@@ -352,14 +357,14 @@ def _run_up(
     return _exit_for(finals, errors)
 
 
-def _crashes(out: Any, snaps: dict[str, dict[str, Any]]) -> None:
+def _crashes(out: Any, snaps: "dict[str, Snapshot]") -> None:
     """One line per box whose runner crashed, naming the log that holds the traceback, and
     one per notice about the run itself (a damaged state kept aside)."""
     for host, snap in snaps.items():
-        for notice in snap.get("notices") or []:
+        for notice in snap.notices:
             sys.stderr.write(f"warning: {host}: {notice}\n")
-        if snap.get("runner_error"):
-            out.error(f"{host}: {snap['runner_error']}")
+        if snap.runner_error:
+            out.error(f"{host}: {snap.runner_error}")
 
 
 def _guard(fn: Any, *args: Any, **kwargs: Any) -> NoReturn:
@@ -477,7 +482,7 @@ def _status(
         ordered = [snaps[h.name] for h in loaded.hosts if h.name in snaps]
         if as_json:
             for snap in ordered:
-                print(json.dumps(snap), flush=True)
+                print(json.dumps(snap.to_json()), flush=True)
         else:
             if watch:
                 out.console.clear()
@@ -717,22 +722,22 @@ def forget(
     _guard(_forget, target, inventory)
 
 
-def _launch_steps(plan: dict[str, Any], step_id: str | None) -> dict[str, Any]:
+def _launch_steps(plan: "Plan", step_id: str | None) -> "PlannedStep":
     """The tmux_launch step named `step_id`, or the first selected one."""
-    launches = [s for s in plan["steps"] if s["kind"] == "tmux_launch"]
+    launches = [s for s in plan.steps if s.kind == "tmux_launch"]
     if step_id is not None:
-        launches = [s for s in launches if s["id"] == step_id]
+        launches = [s for s in launches if s.id == step_id]
         if not launches:
-            raise ProvisionError(f"no tmux_launch step '{step_id}' in {plan['playbook']}")
+            raise ProvisionError(f"no tmux_launch step '{step_id}' in {plan.playbook}")
     else:
-        launches = [s for s in launches if s.get("selected", True)] or launches
+        launches = [s for s in launches if s.selected] or launches
     if not launches:
-        raise ProvisionError(f"{plan['playbook']} has no tmux_launch step")
+        raise ProvisionError(f"{plan.playbook} has no tmux_launch step")
     return launches[0]
 
 
-def _training_log(step: dict[str, Any]) -> str:
-    params = step["params"]
+def _training_log(step: "PlannedStep") -> str:
+    params = step.params
     return _under_cwd(
         params, params.get("log") or f"~/.bootstrap/runs/logs/{params['session']}.log"
     )
@@ -745,16 +750,16 @@ def _under_cwd(params: dict[str, Any], path: str) -> str:
     return f"{params.get('cwd') or '~'}/{path}"
 
 
-def _checkpoint_spec(plan: dict[str, Any], step: dict[str, Any]) -> dict[str, Any] | None:
+def _checkpoint_spec(plan: "Plan", step: "PlannedStep") -> dict[str, Any] | None:
     """The checkpoint directory `monitor` forecasts the disk for: the launch step's
     `checkpoints:` block (`dir` relative to its cwd, `keep`, `step`, `complete`), else the
     plan's preflight `checkpoint_dir` with its `checkpoint_keep` and `checkpoint_gb`."""
-    block = step["params"].get("checkpoints")
+    block = step.params.get("checkpoints")
     if isinstance(block, dict) and block.get("dir"):
         spec = {k: block.get(k) for k in ("keep", "step", "complete")}
-        return dict(spec, dir=_under_cwd(step["params"], str(block["dir"])))
-    for other in plan["steps"]:
-        params = other["params"] if other["kind"] == "preflight" else {}
+        return dict(spec, dir=_under_cwd(step.params, str(block["dir"])))
+    for other in plan.steps:
+        params = other.params if other.kind == "preflight" else {}
         if params.get("checkpoint_dir"):
             keep, size = params.get("checkpoint_keep"), params.get("checkpoint_gb")
             return {"dir": params["checkpoint_dir"], "keep": keep, "size_gb": size}
@@ -768,17 +773,19 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
     loaded = Loaded(playbook, inventory, targets)
     plans = loaded.plans(None, {})
 
-    def preflight(name: str) -> dict[str, Any]:
-        steps = [s for s in plans[name]["steps"] if s["kind"] == "preflight"]
-        return steps[0] if steps else {"params": {}, "env": {}}
+    from provision.model import PlannedStep
+
+    def preflight(name: str) -> PlannedStep:
+        steps = [s for s in plans[name].steps if s.kind == "preflight"]
+        return steps[0] if steps else PlannedStep(id="preflight", kind="preflight")
 
     reports, errors = _each_box(
         loaded.hosts,
         lambda box: controller.check(
             box,
-            preflight(box.name)["params"],
-            preflight(box.name)["env"],
-            plans[box.name]["name"],
+            preflight(box.name).params,
+            preflight(box.name).env,
+            plans[box.name].name,
         ),
     )
     for host in loaded.hosts:
@@ -833,11 +840,9 @@ def _monitor(
     # A training's own figures (training_expect: {STEP: ...}) warn when it is off them, and may
     # set its own thresholds (the waypoint VLM runs at 93-95 % of GPU memory by design).
     try:
-        expect = parse_expectations((context_vars.get("training_expect") or {}).get(step["id"]))
+        expect = parse_expectations((context_vars.get("training_expect") or {}).get(step.id))
     except ValueError as exc:
-        raise ProvisionError(
-            f"{loaded.playbook_path}: training_expect: {step['id']}: {exc}"
-        ) from None
+        raise ProvisionError(f"{loaded.playbook_path}: training_expect: {step.id}: {exc}") from None
     thresholds = {**(context_vars.get("alert_thresholds") or {}), **expect["alert_thresholds"]}
     try:
         merge_thresholds(thresholds)
@@ -850,8 +855,8 @@ def _monitor(
     while True:
         try:
             snap = controller.monitor(
-                box, _training_log(step), batch, thresholds, step["env"], checkpoints,
-                watch=(plan["name"], step["id"]),
+                box, _training_log(step), batch, thresholds, step.env, checkpoints,
+                watch=(plan.name, step.id),
             )  # fmt: skip
         except TargetError:
             if keep is None or not keep():
@@ -862,11 +867,11 @@ def _monitor(
             a.to_dict() for a in expectation_alerts(snap, expect)
         ]
         if as_json:
-            print(json.dumps(dict(snap, host=host.name, step=step["id"])), flush=True)
+            print(json.dumps(dict(snap, host=host.name, step=step.id)), flush=True)
         else:
-            print(f"{host.name} · {step['id']}")
+            print(f"{host.name} · {step.id}")
             print(render_snapshot(snap), flush=True)
-            console.print_watch(console.Out(), step["id"], snap.get("watch"))
+            console.print_watch(console.Out(), step.id, snap.get("watch"))
         if not watch:
             return 1 if snap.get("alerts") else 0
         time.sleep(interval)
@@ -925,20 +930,19 @@ def _checkpoints(
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
     plan = loaded.plans(None, {})[host.name]
-    launches = [s for s in plan["steps"] if s["kind"] == "tmux_launch"]
-    launches = [s for s in launches if (s.get("params") or {}).get("checkpoints")]
+    launches = [s for s in plan.steps if s.kind == "tmux_launch" and s.params.get("checkpoints")]
     if step_id is not None:
-        launches = [s for s in launches if s["id"] == step_id]
+        launches = [s for s in launches if s.id == step_id]
     if not launches:
         which = f"step '{step_id}'" if step_id else "no tmux_launch step"
         raise ProvisionError(f"{loaded.playbook_path}: {which} declares checkpoints")
     step = launches[0]
-    env = {**step["env"], **{n: loaded.inventory.secret(n) for n in step.get("secrets", [])}}
-    report = controller.checkpoints(controller.connect(host), plan["name"], step, env)
+    env = {**step.env, **{n: loaded.inventory.secret(n) for n in step.secrets}}
+    report = controller.checkpoints(controller.connect(host), plan.name, step, env)
     if as_json:
-        print(json.dumps(dict(report, host=host.name, step=step["id"])))
+        print(json.dumps(dict(report, host=host.name, step=step.id)))
     else:
-        print(f"{host.name} · {step['id']}")
+        print(f"{host.name} · {step.id}")
         print(render_report(report, only))
     failing = (report.get("uploader") or {}).get("failing")
     return 1 if failing or report.get("remote_error") else 0
@@ -1007,13 +1011,13 @@ def _diagnose_step(
         raise ProvisionError(f"{path}: no such playbook file")
     book = load_playbook(path)
     step = resolve_step(book, step_id, _extra_vars(variables))
-    if step["kind"] != "wait_log":
+    if step.kind != "wait_log":
         waits = ", ".join(s.id for s in book.steps if s.kind == "wait_log") or "none"
         raise ProvisionError(
-            f"{path}:{step['line']}: step '{step_id}' is a {step['kind']} step; --step takes a "
+            f"{path}:{step.line}: step '{step_id}' is a {step.kind} step; --step takes a "
             f"wait_log step ({waits})"
         )
-    verdict = check_step_log(text, step["params"], name)
+    verdict = check_step_log(text, step.params, name)
     matches = [] if verdict.met else diagnose_command(text)
     if as_json:
         out = {
@@ -1055,7 +1059,7 @@ def _attach(target: str, session: str | None, playbook: Path | None, inventory: 
     socket = None
     if session is None:
         step = _launch_steps(loaded.plans(None, {})[host.name], None)
-        session, socket = step["params"]["session"], step["params"].get("socket")
+        session, socket = step.params["session"], step.params.get("socket")
     return controller.interactive(controller.connect(host), tmux_attach_command(session, socket))
 
 
@@ -1329,19 +1333,17 @@ def _checkpoints_unsafe(target: str, playbook: Path, inventory: Path | None) -> 
     host = loaded.hosts[0]
     plan = loaded.plans(None, {})[host.name]
     box = controller.connect(host)
-    launches = [
-        s for s in plan["steps"] if s["kind"] == "tmux_launch" and s["params"].get("checkpoints")
-    ]
+    launches = [s for s in plan.steps if s.kind == "tmux_launch" and s.params.get("checkpoints")]
     if not launches:
         return None
     for step in launches:
-        env = {**step["env"], **{n: loaded.inventory.secret(n) for n in step.get("secrets", [])}}
+        env = {**step.env, **{n: loaded.inventory.secret(n) for n in step.secrets}}
         try:
-            why = checkpoints_unsafe(controller.checkpoints(box, plan["name"], step, env))
+            why = checkpoints_unsafe(controller.checkpoints(box, plan.name, step, env))
         except ProvisionError as exc:
             why = f"cannot read its checkpoints: {exc}"
         if why:
-            return f"step '{step['id']}': {why}"
+            return f"step '{step.id}': {why}"
     return ""
 
 

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from provision import eta
 from provision.agent.units import human_bytes
+from provision.model import Snapshot, StepSnapshot, StepStatus
 
 STYLE = {
     "pending": "dim",
@@ -69,18 +70,17 @@ class Out:
         sys.stdout.flush()
 
 
-def _duration(step: dict[str, Any]) -> str:
-    value = step.get("duration_s")
-    if value is None:
+def _duration(step: StepSnapshot) -> str:
+    if step.duration_s is None:
         return ""
-    value = float(value)
+    value = float(step.duration_s)
     if value < 60:
         return f"{value:.1f}s"
     return f"{int(value // 60)}m{int(value % 60):02d}s"
 
 
-def _progress(step: dict[str, Any]) -> str:
-    p = step.get("progress") or {}
+def _progress(step: StepSnapshot) -> str:
+    p = step.progress or {}
     if not p:
         return ""
     parts = []
@@ -102,16 +102,13 @@ def _progress(step: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _detail(step: dict[str, Any]) -> str:
-    status = step["status"]
-    if status == "running":
-        progress = _progress(step)
-        tail = (step.get("log_tail") or [""])[-1]
-        return progress or tail
-    if status in ("failed", "error", "blocked"):
-        return step.get("reason") or ""
-    if status == "done" and step.get("warnings"):
-        return f"{len(step['warnings'])} warning(s): {step['warnings'][0]}"
+def _detail(step: StepSnapshot) -> str:
+    if step.status is StepStatus.RUNNING:
+        return _progress(step) or (step.log_tail or [""])[-1]
+    if step.status.bad:
+        return step.reason or ""
+    if step.status is StepStatus.DONE and step.warnings:
+        return f"{len(step.warnings)} warning(s): {step.warnings[0]}"
     return ""
 
 
@@ -119,35 +116,36 @@ def _detail(step: dict[str, Any]) -> str:
 BAR_WIDTH = 20
 
 
-def _timing(step: dict[str, Any], fallback: Mapping[str, float]) -> eta.StepTiming:
+def _timing(step: StepSnapshot, fallback: Mapping[str, float]) -> eta.StepTiming:
     """What the ETA knows of a snapshot's step: the box's own measure of it first, then what
     this controller saw on other boxes (`fallback`), then the playbook's `estimate:`."""
-    expected = step.get("expected_s")
-    if step.get("expected_from") != "measured":
-        expected = fallback.get(step["id"], expected)
+    expected = step.expected_s
+    if step.expected_from != "measured":
+        expected = fallback.get(step.id, expected)
+    running = step.status is StepStatus.RUNNING
     return eta.StepTiming(
-        status=step["status"],
-        elapsed=step.get("duration_s") if step["status"] == "running" else None,
+        status=step.status.value,
+        elapsed=step.duration_s if running else None,
         expected=None if expected is None else float(expected),
-        progress=step.get("progress"),
+        progress=step.progress,
     )
 
 
-def eta_line(snap: dict[str, Any], fallback: Mapping[str, float] | None = None) -> str | None:
+def eta_line(snap: Snapshot, fallback: Mapping[str, float] | None = None) -> str | None:
     """The run's one line, `step 0 expected in ~4m10s (...)`, from the critical path of what is
     left (None once it is reached, or when a step on the way failed)."""
-    steps = snap.get("steps", [])
-    needs = {s["id"]: list(s.get("needs") or []) for s in steps}
-    timings = {s["id"]: _timing(s, fallback or {}) for s in steps}
-    kinds = {s["id"]: s.get("kind", "") for s in steps if s["status"] != "skipped"}
+    steps = snap.steps
+    needs = {s.id: list(s.needs) for s in steps}
+    timings = {s.id: _timing(s, fallback or {}) for s in steps}
+    kinds = {s.id: s.kind for s in steps if s.status is not StepStatus.SKIPPED}
     targets = eta.targets_of(kinds)
     step0 = any(kind == "wait_log" for kind in kinds.values())
     return eta.line(eta.eta(needs, timings, targets), step0)
 
 
-def _fraction(step: dict[str, Any], timing: eta.StepTiming) -> float | None:
+def _fraction(step: StepSnapshot, timing: eta.StepTiming) -> float | None:
     """How far a running step is, 0..1: bytes, else files, else time against its expected."""
-    p = step.get("progress") or {}
+    p = step.progress or {}
     if p.get("total") and p.get("done") is not None:
         return min(float(p["done"]) / float(p["total"]), 1.0)
     if p.get("files_total"):
@@ -158,9 +156,7 @@ def _fraction(step: dict[str, Any], timing: eta.StepTiming) -> float | None:
     return None
 
 
-def _running_detail(
-    step: dict[str, Any], fallback: Mapping[str, float], text: str
-) -> RenderableType:
+def _running_detail(step: StepSnapshot, fallback: Mapping[str, float], text: str) -> RenderableType:
     """A running step's bar (bytes, rate, time left) beside its progress or last log line."""
     timing = _timing(step, fallback)
     fraction = _fraction(step, timing)
@@ -177,13 +173,12 @@ def _running_detail(
 
 
 def status_table(
-    snap: dict[str, Any],
+    snap: Snapshot,
     redact: Callable[[str], str],
     fallback: Mapping[str, float] | None = None,
 ) -> Table:
     """One box's steps as a table (a running step with progress or an expected time: a bar)."""
-    runner = snap.get("runner", "?")
-    title = f"{snap.get('host')} · {snap.get('run')} · runner {runner}"
+    title = f"{snap.host} · {snap.run} · runner {snap.runner}"
     # The detail (a log line, a reason) takes the width the other columns leave and is cut
     # with an ellipsis: a long log line never squeezes the step's id and status away.
     table = Table(title=escape(title), title_justify="left", expand=True, show_edge=False)
@@ -192,16 +187,15 @@ def status_table(
     table.add_column("tries", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     table.add_column("detail", overflow="ellipsis", no_wrap=True, ratio=1)
-    steps = snap.get("steps", [])
-    for step in steps:
-        status = step["status"]
+    for step in snap.steps:
+        status = step.status.value
         detail: RenderableType = escape(redact(_detail(step)))
-        if status == "running":
+        if step.status is StepStatus.RUNNING:
             detail = _running_detail(step, fallback or {}, redact(_detail(step)))
         table.add_row(
-            escape(step["id"]),
+            escape(step.id),
             Text(f"{ICON.get(status, '?')} {status}", style=STYLE.get(status, "")),
-            str(step.get("attempts") or ""),
+            str(step.attempts or ""),
             _duration(step),
             detail,
         )
@@ -223,8 +217,8 @@ class RunView:
         self.expected = expected or {}
         self.etas: dict[str, str | None] = {}
         self.live_mode = out.console.is_terminal if live is None else live
-        self.snaps: dict[str, dict[str, Any]] = {}
-        self.seen: dict[tuple[str, str], str] = {}
+        self.snaps: dict[str, Snapshot] = {}
+        self.seen: dict[tuple[str, str], StepStatus] = {}
         self.lock = threading.Lock()
         self.live: Live | None = None
 
@@ -241,8 +235,8 @@ class RunView:
             self.live.update(self._render())
             self.live.__exit__(None, None, None)
 
-    def _fallback(self, snap: dict[str, Any]) -> Mapping[str, float]:
-        return self.expected.get(str(snap.get("run")), {})
+    def _fallback(self, snap: Snapshot) -> Mapping[str, float]:
+        return self.expected.get(snap.run, {})
 
     def _render(self) -> Group:
         parts: list[RenderableType] = []
@@ -253,7 +247,7 @@ class RunView:
                 parts.append(Text(self.out.redact(line), style="bold"))
         return Group(*parts)
 
-    def update(self, host: str, snap: dict[str, Any]) -> None:
+    def update(self, host: str, snap: Snapshot) -> None:
         """Take a snapshot from a box (called from the box's thread)."""
         with self.lock:
             self.snaps[host] = snap
@@ -261,21 +255,21 @@ class RunView:
                 self.live.update(self._render())
                 return
             changed = False
-            for step in snap.get("steps", []):
-                key = (host, step["id"])
+            for step in snap.steps:
+                key = (host, step.id)
                 previous = self.seen.get(key)
-                if previous != step["status"]:
-                    self.seen[key] = step["status"]
-                    if previous is None and step["status"] in ("pending", "skipped"):
+                if previous != step.status:
+                    self.seen[key] = step.status
+                    if previous is None and step.status in (StepStatus.PENDING, StepStatus.SKIPPED):
                         continue
                     extra = _duration(step)
-                    reason = step.get("reason") or ""
+                    reason = step.reason or ""
                     suffix = (
                         f" ({extra}{', ' if extra and reason else ''}{reason})"
                         if extra or reason
                         else ""
                     )
-                    self.out.line(f"[{host}] {step['id']}: {step['status']}{suffix}")
+                    self.out.line(f"[{host}] {step.id}: {step.status}{suffix}")
                     changed = True
             line = eta_line(snap, self._fallback(snap)) if changed else None
             if line and line != self.etas.get(host):
@@ -283,49 +277,49 @@ class RunView:
                 self.out.line(f"[{host}] {line}")
 
 
-def print_summary(out: Out, finals: dict[str, dict[str, Any]], errors: dict[str, str]) -> None:
+def print_summary(out: Out, finals: Mapping[str, Snapshot], errors: dict[str, str]) -> None:
     """After `up`: per box, what ended badly, with log tail and hint."""
     for host, snap in finals.items():
-        steps = snap.get("steps", [])
         counts: dict[str, int] = {}
-        for step in steps:
-            counts[step["status"]] = counts.get(step["status"], 0) + 1
+        for step in snap.steps:
+            counts[step.status.value] = counts.get(step.status.value, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         out.line(f"{host}: {summary}", style="bold")
-        for step in steps:
-            if step["status"] in ("failed", "error"):
+        for step in snap.steps:
+            if step.status in (StepStatus.FAILED, StepStatus.ERROR):
                 out.line(
-                    f"  {step['status']}: {step['id']} — {step.get('reason') or ''}",
-                    style=STYLE[step["status"]],
+                    f"  {step.status}: {step.id} — {step.reason or ''}",
+                    style=STYLE[step.status.value],
                 )
-                for line in step.get("log_tail") or []:
+                for line in step.log_tail:
                     out.line(f"    | {line}", style="dim")
-                if step.get("hint"):
-                    out.line(f"    hint: {step['hint']}", style="yellow")
-                out.line(f"    rerun: bootstrap rerun {host} {step['id']}", style="dim")
-            for warning in step.get("warnings") or []:
-                out.line(f"  warning: {step['id']}: {warning}", style="yellow")
+                if step.hint:
+                    out.line(f"    hint: {step.hint}", style="yellow")
+                out.line(f"    rerun: bootstrap rerun {host} {step.id}", style="dim")
+            for warning in step.warnings:
+                out.line(f"  warning: {step.id}: {warning}", style="yellow")
     for host, message in errors.items():
         out.error(f"{host}: {message}" if not message.startswith(host) else message)
 
 
-def print_status(out: Out, snaps: list[dict[str, Any]], verbose_tail: int = 0) -> None:
+def print_status(out: Out, snaps: list[Snapshot], verbose_tail: int = 0) -> None:
     """`bootstrap status` output."""
+    shown = (StepStatus.FAILED, StepStatus.ERROR, StepStatus.RUNNING)
     for snap in snaps:
         out.console.print(status_table(snap, out.redact))
         line = eta_line(snap)
         if line:
             out.line(line, style="bold")
-        for lease in snap.get("gpu_leases") or []:
+        for lease in snap.gpu_leases or []:
             out.line(f"  {_lease_line(lease)}", style="cyan")
-        for step in snap.get("steps", []):
-            print_watch(out, step["id"], step.get("watch"))
-        for step in snap.get("steps", []):
-            if step.get("hint"):
-                out.line(f"  hint for {step['id']}: {step['hint']}", style="yellow")
-            if verbose_tail and step["status"] in ("failed", "error", "running"):
-                for line in (step.get("log_tail") or [])[-verbose_tail:]:
-                    out.cut(f"  {step['id']} | {line}", style="dim")
+        for step in snap.steps:
+            print_watch(out, step.id, step.watch)
+        for step in snap.steps:
+            if step.hint:
+                out.line(f"  hint for {step.id}: {step.hint}", style="yellow")
+            if verbose_tail and step.status in shown:
+                for line in step.log_tail[-verbose_tail:]:
+                    out.cut(f"  {step.id} | {line}", style="dim")
 
 
 #: A guard that has not looked at its running job for this long is probably dead (its poll is

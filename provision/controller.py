@@ -17,6 +17,7 @@ import re
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from provision.agent import blobs as agent_blobs
@@ -25,6 +26,7 @@ from provision.bundle import Agent, build_agent
 from provision.errors import ProvisionError, TargetError
 from provision.home import config_dir
 from provision.inventory import Host, Inventory
+from provision.model import Plan, PlannedStep, Snapshot
 from provision.transport import Result, Transport, for_host
 
 _PRELUDE = r"""
@@ -94,7 +96,7 @@ def connect(host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.
 # ------------------------------------------------------------------------------ agent shipping
 
 
-def _cache_file(box: Box) -> Any:
+def _cache_file(box: Box) -> Path:
     key = hashlib.sha256(box.host.address.encode()).hexdigest()[:16]
     return config_dir() / "hosts" / f"{key}.agent"
 
@@ -138,8 +140,8 @@ class PlanPayload:
     blobs: dict[str, bytes]
 
     @classmethod
-    def of(cls, plan: dict[str, Any], **rest: Any) -> PlanPayload:
-        refs, found = agent_blobs.split(plan)
+    def of(cls, plan: Plan, **rest: Any) -> PlanPayload:
+        refs, found = agent_blobs.split(plan.to_json())
         return cls({"plan": refs, **rest}, found)
 
     def encode(self, box: Box, everything: bool) -> bytes:
@@ -282,22 +284,22 @@ def agent_stream(
 # ------------------------------------------------------------------------------ commands
 
 
-def secrets_for(plan: dict[str, Any], inv: Inventory) -> dict[str, str]:
+def secrets_for(plan: Plan, inv: Inventory) -> dict[str, str]:
     """Values of the secrets the plan's selected steps name (resolved now, on the controller)."""
-    names = {n for s in plan["steps"] if s.get("selected", True) for n in s.get("secrets", [])}
+    names = {n for s in plan.selected for n in s.secrets}
     return {n: inv.secret(n) for n in sorted(names)}
 
 
 def up(
     box: Box,
-    plan: dict[str, Any],
+    plan: Plan,
     secrets: dict[str, str],
     *,
     reset: dict[str, Any] | None = None,
     detach: bool = False,
-    on_snapshot: Callable[[str, dict[str, Any]], None] | None = None,
+    on_snapshot: Callable[[str, Snapshot], None] | None = None,
     on_notice: Callable[[str, str], None] | None = None,
-) -> dict[str, Any]:
+) -> Snapshot:
     """Ship the plan, start (or attach to) the run, follow it; returns the final snapshot.
 
     `on_notice` gets what the box says about the run itself (e.g. that it waits for a run of
@@ -305,7 +307,7 @@ def up(
     """
     payload = PlanPayload.of(plan, secrets=secrets, reset=reset)
     argv = ["up", "--detach"] if detach else ["up"]
-    final: dict[str, Any] | None = None
+    final: Snapshot | None = None
     current: dict[str, Any] = {}
     for event in agent_stream(box, argv, payload):
         if event.get("event") == "refused":
@@ -320,7 +322,7 @@ def up(
             current = report.apply_changes(current, event)
         else:
             current = event
-        snap = dict(current, host=box.name, event=event.get("event"))
+        snap = Snapshot.from_json(dict(current, host=box.name, event=event.get("event")))
         if on_snapshot is not None:
             on_snapshot(box.name, snap)
         if event.get("event") == "final" or detach:
@@ -330,7 +332,7 @@ def up(
     return final
 
 
-def status(box: Box, run: str | None, lines: int = 10) -> dict[str, Any]:
+def status(box: Box, run: str | None, lines: int = 10) -> Snapshot:
     """The run's status on the box, in one round trip."""
     command = f"{_python(box)} {_AGENT} status -n {int(lines)}" + (
         f" --run {shlex.quote(run)}" if run else ""
@@ -345,13 +347,21 @@ def status(box: Box, run: str | None, lines: int = 10) -> dict[str, Any]:
     data = json.loads(result.stdout)
     if "error" in data:
         raise TargetError(f"{box.name}: {data['error']}" + (f" named '{run}'" if run else ""))
-    return dict(data, host=box.name)
+    return Snapshot.from_json(dict(data, host=box.name))
 
 
-def plan(box: Box, plan: dict[str, Any], secrets: dict[str, str]) -> dict[str, Any]:
+def plan(box: Box, plan: Plan, secrets: dict[str, str]) -> dict[str, Any]:
     """What `up` would do on the box and why; changes nothing there."""
     result = agent_run(box, ["plan"], PlanPayload.of(plan, secrets=secrets), ephemeral=True)
-    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return _last_json(result.stdout)
+
+
+def _last_json(stdout: bytes) -> dict[str, Any]:
+    """The JSON object an agent command printed last."""
+    data = json.loads(stdout.decode().strip().splitlines()[-1])
+    if not isinstance(data, dict):
+        raise TypeError(f"the agent answered {type(data).__name__}, not an object")
+    return data
 
 
 def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> int:
@@ -386,7 +396,7 @@ def check(
     preflight step's params and env."""
     payload = json.dumps({"params": params, "env": env, "run": run}).encode()
     result = agent_run(box, ["check"], payload, timeout=60)
-    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return _last_json(result.stdout)
 
 
 def monitor(
@@ -406,17 +416,16 @@ def monitor(
     if watch is not None:
         payload["run"], payload["step"] = watch
     result = agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
-    snap: dict[str, Any] = json.loads(result.stdout.decode().strip().splitlines()[-1])
-    return snap
+    return _last_json(result.stdout)
 
 
 def checkpoints(
-    box: Box, run: str | None, step: dict[str, Any], env: dict[str, str]
+    box: Box, run: str | None, step: PlannedStep, env: dict[str, str]
 ) -> dict[str, Any]:
     """A tmux_launch step's checkpoints on the box and on its remote (see checkpoints/listing)."""
-    payload = {"run": run, "step": step, "env": env}
+    payload = {"run": run, "step": step.to_json(), "env": env}
     result = agent_run(box, ["checkpoints"], json.dumps(payload).encode(), timeout=300)
-    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return _last_json(result.stdout)
 
 
 def interactive(box: Box, command: str) -> int:

@@ -29,6 +29,7 @@ from provision import dag
 from provision.cache import plan as step_cache
 from provision.errors import ConfigError
 from provision.inventory import Host, Inventory
+from provision.model import Plan, PlannedStep
 from provision.steps import box_tool
 from provision.steps.base import MAX_POLL_S, SECRET_MARK, ParamError, validate_params
 from provision.steps.registry import get_kind, kind_names
@@ -69,7 +70,7 @@ class Step:
 
     id: str
     kind: str
-    raw: dict[str, Any]
+    raw: LineMap
     line: int
     needs: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
@@ -223,7 +224,7 @@ def _step(raw: Any, src: str, seq: Any, index: int) -> Step:
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise err(f"'{key}' must be a string", key)
     step_cache.check_step(raw, err)
-    return Step(step_id, kind_name, raw, raw.line, needs, tags)
+    return Step(step_id, str(kind_name), raw, raw.line, needs, tags)
 
 
 NUMBER_KEYS = ("timeout", "estimate", "retries", "poll")
@@ -328,7 +329,7 @@ class _Tools:
             ) from None
         context = dict(self.context)
         context["secrets"] = _SecretMarks()
-        return _render(text, context, str(path), self.step)
+        return str(_render(text, context, str(path), self.step))
 
     def read_local(self, path: str) -> bytes:
         full = self.book.path.parent / path
@@ -478,7 +479,7 @@ def resolve(
     *,
     tags: list[str] | None = None,
     extra_vars: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Plan:
     """The plan for one host: resolved, validated, selected and fingerprinted steps."""
     context = host_context(book, inv, host, extra_vars or {})
     src = str(book.path)
@@ -490,20 +491,30 @@ def resolve(
         selected.add(AGENT_VENV_ID)
     tool_steps = _tool_steps(steps, selected)
     steps[0:0] = tool_steps
-    selected.update(s["id"] for s in tool_steps)
+    selected.update(s.id for s in tool_steps)
     _order_after_installs(steps, selected)
-    step_cache.attach(_render_tree(book.cache, context, src, None), context, steps, src)
+    steps = _cache_attached(steps, _render_tree(book.cache, context, src, None), context, src)
     for step in steps:
-        step["selected"] = step["id"] in selected
-    return {
-        "version": 1,
-        "name": book.name,
-        "playbook": str(book.path),
-        "host": host.name,
-        "max_parallel": book.max_parallel,
-        "agent_python": context.get("agent_python"),
-        "steps": steps,
-    }
+        step.selected = step.id in selected
+    agent_python = context.get("agent_python")
+    return Plan(
+        name=book.name,
+        steps=steps,
+        playbook=str(book.path),
+        host=host.name,
+        max_parallel=book.max_parallel,
+        agent_python=str(agent_python) if agent_python else None,
+    )
+
+
+def _cache_attached(
+    steps: list[PlannedStep], book_cache: dict[str, Any], context: dict[str, Any], src: str
+) -> list[PlannedStep]:
+    """The steps with their cache specs completed, or dropped with no remote (provision/cache/
+    plan.py works on the steps as plan.json holds them)."""
+    held = [s.to_json() for s in steps]
+    step_cache.attach(book_cache, context, held, src)
+    return [PlannedStep.from_json(s) for s in held]
 
 
 def _param_line(raw: LineMap, key: str) -> int:
@@ -524,7 +535,7 @@ class _AnyName(dict):  # type: ignore[type-arg]
 
 def resolve_step(
     book: Playbook, step_id: str, extra_vars: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> PlannedStep:
     """One step resolved without an inventory or secrets (the playbook's vars and `extra_vars`,
     on a `local` host): for offline use, such as `bootstrap diagnose LOG --step STEP`."""
     step = book.step(step_id)
@@ -535,7 +546,7 @@ def resolve_step(
 
 def _resolve_step(
     book: Playbook, step: Step, context: dict[str, Any], src: str, inv: Inventory
-) -> dict[str, Any]:
+) -> PlannedStep:
     kind = get_kind(step.kind)
     assert kind is not None  # checked at load
     raw = step.params()
@@ -572,33 +583,50 @@ def _resolve_step(
                 line=step.raw.line_of("secrets"),
                 step=step.id,
             )
-    resolved = {
-        "id": step.id,
-        "kind": step.kind,
-        "params": params,
-        "needs": list(step.needs),
-        "creates": common["creates"],
-        "done_when": common["done_when"],
-        **numbers,
-        "env": env,
-        "secrets": secrets,
-        "tags": list(step.tags),
-        "line": step.line,
-    }
+    resolved = PlannedStep(
+        id=step.id,
+        kind=step.kind,
+        params=params,
+        needs=list(step.needs),
+        creates=_text(common, "creates", step, src),
+        done_when=_text(common, "done_when", step, src),
+        timeout=numbers["timeout"],
+        retries=numbers["retries"],
+        poll=numbers["poll"],
+        estimate=numbers["estimate"],
+        env=env,
+        secrets=secrets,
+        tags=list(step.tags),
+        line=step.line,
+    )
     if step.raw.get("outputs") is not None:
-        resolved["outputs"] = step_cache.render_paths(
+        resolved.outputs = step_cache.render_paths(
             _render_tree(step.raw["outputs"], context, src, step), "outputs", src, step
         )
-    resolved["fingerprint"] = fingerprint(resolved)
-    spec = step_cache.step_spec(_render_tree(step.raw.get("cache"), context, src, step), step, src)
-    if spec is not None:
-        resolved["cache"] = spec  # completed (or dropped, with no remote) by step_cache.attach
+    resolved.fingerprint = fingerprint(resolved)
+    # Completed (or dropped, with no remote) by step_cache.attach.
+    resolved.cache = step_cache.step_spec(
+        _render_tree(step.raw.get("cache"), context, src, step), step, src
+    )
     return resolved
 
 
-def fingerprint(step: dict[str, Any]) -> str:
+def _text(common: dict[str, Any], key: str, step: Step, src: str) -> str | None:
+    """A rendered `creates`/`done_when`: text (a `{{ var }}` may render to another type)."""
+    value = common[key]
+    if value is None or isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"'{key}' must render to a string, not {type(value).__name__} {value!r}",
+        file=src,
+        line=step.raw.line_of(key),
+        step=step.id,
+    )
+
+
+def fingerprint(step: PlannedStep) -> str:
     """Hash of what the step does: changing any of it re-runs the step (not timeouts or tags)."""
-    what = {k: step.get(k) for k in ("kind", "params", "creates", "done_when", "env", "secrets")}
+    what = step.fingerprinted()
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -622,20 +650,20 @@ def select(book: Playbook, tags: list[str] | None) -> set[str]:
 
 
 def _agent_venv(
-    steps: list[dict[str, Any]], selected: set[str], host: Host, context: dict[str, Any]
-) -> dict[str, Any] | None:
+    steps: list[PlannedStep], selected: set[str], host: Host, context: dict[str, Any]
+) -> PlannedStep | None:
     """The implicit step creating the agent's venv, made a need of the library kinds' steps."""
     users = []
     requirements: set[str] = set()
     for step in steps:
-        kind = get_kind(step["kind"])
-        wants = AGENT_VENV_ID in step["needs"] or (kind is not None and kind.pip)
-        if wants and step["id"] in selected:
+        kind = get_kind(step.kind)
+        wants = AGENT_VENV_ID in step.needs or (kind is not None and kind.pip)
+        if wants and step.id in selected:
             users.append(step)
             requirements.update(kind.pip if kind is not None else ())
     if not users or context.get("agent_python"):
         for step in steps:  # an explicit need of the venv is met by the given interpreter
-            step["needs"] = [n for n in step["needs"] if n != AGENT_VENV_ID]
+            step.needs = [n for n in step.needs if n != AGENT_VENV_ID]
         return None
     local = host.connection == "local"
     params = {
@@ -645,19 +673,19 @@ def _agent_venv(
     }
     step = _implicit_step(AGENT_VENV_ID, "agent_venv", params, timeout=900, estimate=30)
     for user in users:
-        if AGENT_VENV_ID not in user["needs"]:
-            user["needs"] = [AGENT_VENV_ID, *user["needs"]]
+        if AGENT_VENV_ID not in user.needs:
+            user.needs = [AGENT_VENV_ID, *user.needs]
     return step
 
 
-def _tool_steps(steps: list[dict[str, Any]], selected: set[str]) -> list[dict[str, Any]]:
+def _tool_steps(steps: list[PlannedStep], selected: set[str]) -> list[PlannedStep]:
     """One implicit `box_tool` step per tool the selected steps' kinds run, made their need."""
-    users: dict[str, list[dict[str, Any]]] = {}
+    users: dict[str, list[PlannedStep]] = {}
     for step in steps:
-        kind = get_kind(step["kind"])
-        if kind is None or step["id"] not in selected:
+        kind = get_kind(step.kind)
+        if kind is None or step.id not in selected:
             continue
-        wanted = kind.required_tools(step["params"]) + (("rclone",) if step.get("cache") else ())
+        wanted = kind.required_tools(step.params) + (("rclone",) if step.cache else ())
         for tool in box_tool.installable(wanted):
             users.setdefault(tool, []).append(step)
     made = []
@@ -666,49 +694,36 @@ def _tool_steps(steps: list[dict[str, Any]], selected: set[str]) -> list[dict[st
         step = _implicit_step(tool_id, "box_tool", {"tool": tool}, timeout=900, estimate=10)
         made.append(step)
         for user in users[tool]:
-            if tool_id not in user["needs"]:
-                user["needs"] = [tool_id, *user["needs"]]
+            if tool_id not in user.needs:
+                user.needs = [tool_id, *user.needs]
     return made
 
 
-def _order_after_installs(steps: list[dict[str, Any]], selected: set[str]) -> None:
+def _order_after_installs(steps: list[PlannedStep], selected: set[str]) -> None:
     """Make each step whose kind `runs_after` some kinds need the selected steps of those kinds,
     except the ones that depend on it (that edge would be a cycle)."""
     by_kind: dict[str, list[str]] = {}
     for step in steps:
-        if step["id"] in selected:
-            by_kind.setdefault(step["kind"], []).append(step["id"])
+        if step.id in selected:
+            by_kind.setdefault(step.kind, []).append(step.id)
     for step in steps:
-        kind = get_kind(step["kind"])
-        if kind is None or step["id"] not in selected or not kind.runs_after:
+        kind = get_kind(step.kind)
+        if kind is None or step.id not in selected or not kind.runs_after:
             continue
-        needs = {s["id"]: s["needs"] for s in steps}
-        after = dag.downstream(needs, [step["id"]])
+        needs = {s.id: s.needs for s in steps}
+        after = dag.downstream(needs, [step.id])
         for other_kind in kind.runs_after:
             for other in by_kind.get(other_kind, []):
-                if other not in after and other not in step["needs"]:
-                    step["needs"] = [*step["needs"], other]
+                if other not in after and other not in step.needs:
+                    step.needs = [*step.needs, other]
 
 
 def _implicit_step(
     step_id: str, kind: str, params: dict[str, Any], *, timeout: int, estimate: int
-) -> dict[str, Any]:
-    """A step the engine adds (no line in the playbook)."""
-    step = {
-        "id": step_id,
-        "kind": kind,
-        "params": params,
-        "needs": [],
-        "creates": None,
-        "done_when": None,
-        "timeout": timeout,
-        "retries": 1,
-        "poll": None,
-        "env": {},
-        "secrets": [],
-        "tags": [],
-        "estimate": estimate,
-        "line": 0,
-    }
-    step["fingerprint"] = fingerprint(step)
+) -> PlannedStep:
+    """A step the engine adds (no line in the playbook): retried once, like a flaky mirror."""
+    step = PlannedStep(
+        id=step_id, kind=kind, params=params, timeout=timeout, retries=1, estimate=estimate
+    )
+    step.fingerprint = fingerprint(step)
     return step

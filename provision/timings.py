@@ -12,11 +12,12 @@ import json
 import os
 import re
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from provision.home import config_dir
+from provision.model import StepSnapshot, StepStatus
 
 #: Runs kept per step (the newest).
 HISTORY = 5
@@ -54,16 +55,16 @@ def expected(playbook: str) -> dict[str, float]:
     return {k: float(statistics.median(d for _, d in v)) for k, v in load(playbook).items() if v}
 
 
-def record(playbook: str, steps: Iterable[Mapping[str, Any]]) -> None:
+def record(playbook: str, steps: Iterable[StepSnapshot]) -> None:
     """Keep the durations of the snapshot's steps that ended done (a damaged or unwritable file
     is left as it is: the ETA is a help, never a reason for a command to fail)."""
     kept = load(playbook)
     changed = False
     for step in steps:
-        ended, seconds = step.get("ended"), step.get("duration_s")
-        if step.get("status") != "done" or ended is None or seconds is None:
+        ended, seconds = step.ended, step.duration_s
+        if step.status is not StepStatus.DONE or ended is None or seconds is None:
             continue
-        runs = kept.setdefault(str(step["id"]), [])
+        runs = kept.setdefault(step.id, [])
         if any(abs(a - float(ended)) < 1e-6 for a, _ in runs):
             continue
         runs.append([float(ended), float(seconds)])

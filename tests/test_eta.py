@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from provision import console, eta, timings
 from provision.agent import state as agent_state
+from provision.model import Snapshot, StepSnapshot, StepStatus
 
 #: Seed 003's environment track beside its checkpoint track, then the training's step-0 wait.
 NEEDS = {
@@ -113,11 +115,13 @@ def test_expected_is_the_median_and_history_keeps_the_newest() -> None:
     assert history == [3, 4, 5, 6, 7]
 
 
-def _snap(**steps: dict[str, Any]) -> dict[str, Any]:
+def _snap(**steps: dict[str, Any]) -> Snapshot:
     rows = []
     for sid, extra in steps.items():
         rows.append({"id": sid, "kind": "shell", "needs": [], "status": "pending", **extra})
-    return {"host": "b1", "run": "seed", "runner": "running", "steps": rows}
+    return Snapshot.from_json(
+        {"host": "b1", "run": "seed", "box": "b1", "runner": "running", "steps": rows}
+    )
 
 
 def _plain_view() -> tuple[console.RunView, io.StringIO]:
@@ -174,11 +178,14 @@ def test_controller_history_fills_in_where_the_box_measured_nothing() -> None:
 
 def test_timings_record_each_finished_run_once(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("BOOTSTRAP_CONFIG_DIR", str(tmp_path))
-    step = {"id": "sync", "status": "done", "ended": 1000.0, "duration_s": 40.0}
+    step = StepSnapshot(
+        id="sync", kind="shell", status=StepStatus.DONE, ended=1000.0, duration_s=40.0
+    )
     timings.record("seed/003", [step])
     timings.record("seed/003", [step])  # the same run seen again (a no-op up)
-    timings.record("seed/003", [dict(step, ended=2000.0, duration_s=60.0)])
-    timings.record("seed/003", [{"id": "x", "status": "failed", "ended": 1, "duration_s": 9}])
+    timings.record("seed/003", [replace(step, ended=2000.0, duration_s=60.0)])
+    failed = StepSnapshot(id="x", kind="shell", status=StepStatus.FAILED, ended=1, duration_s=9)
+    timings.record("seed/003", [failed])
     assert timings.load("seed/003") == {"sync": [[1000.0, 40.0], [2000.0, 60.0]]}
     assert timings.expected("seed/003") == {"sync": 50.0}
     next(tmp_path.glob("durations/*.json")).write_text("{not json")

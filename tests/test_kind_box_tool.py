@@ -193,17 +193,17 @@ def test_the_engine_puts_each_tool_before_the_steps_that_run_it(tmp_path: Path) 
     path = tmp_path / "tools.yaml"
     path.write_text(PLAYBOOK)
     plan = resolve(load_playbook(path), Inventory(), Host("box", host="h"))
-    steps = {s["id"]: s for s in plan["steps"]}
+    steps = {s.id: s for s in plan.steps}
     assert {"tool-git", "tool-tmux", "tool-uv"} <= set(steps)
     assert "tool-rclone" not in steps  # no selected step runs rclone
-    assert steps["tool-uv"]["kind"] == "box_tool" and steps["tool-uv"]["params"] == {"tool": "uv"}
-    assert "tool-git" in steps["clone"]["needs"] and "tool-uv" in steps["sync"]["needs"]
-    assert "tool-uv" not in steps["pinned-sync"]["needs"]  # the user's own uv
+    assert steps["tool-uv"].kind == "box_tool" and steps["tool-uv"].params == {"tool": "uv"}
+    assert "tool-git" in steps["clone"].needs and "tool-uv" in steps["sync"].needs
+    assert "tool-uv" not in steps["pinned-sync"].needs  # the user's own uv
     # preflight checks tools after they are installed: the tool steps and the apt steps before
     # it, but not the apt step that needs it (a cycle)
-    assert {"tool-git", "tool-tmux", "base"} <= set(steps["check"]["needs"])
-    assert "late-apt" not in steps["check"]["needs"]
-    assert all(steps[t]["selected"] for t in ("tool-git", "tool-tmux", "tool-uv"))
+    assert {"tool-git", "tool-tmux", "base"} <= set(steps["check"].needs)
+    assert "late-apt" not in steps["check"].needs
+    assert all(steps[t].selected for t in ("tool-git", "tool-tmux", "tool-uv"))
 
 
 def test_a_step_that_gained_a_tool_need_stays_done_after_an_upgrade(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def _plan(**host_vars: Any) -> dict[str, dict[str, Any]]:
     inv = Inventory(path=None)
     inv.secret_sources = {name: {"value": "x"} for name in SECRETS}
     plan = resolve(load_playbook(PLAYBOOK), inv, Host(name="box1", host="h", vars=host_vars))
-    return {step["id"]: step for step in plan["steps"]}
+    return {step.id: step.to_json() for step in plan.steps}  # as plan.json holds them
 
 
 def test_seed_figures_and_paths_are_the_defaults() -> None:

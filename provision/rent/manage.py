@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ProvisionError, TargetError
+from provision.model import StepStatus
 from provision.rent import store
 from provision.rent.renter import LABEL_PREFIX
 from provision.rent.vast import Instance, Vast
@@ -94,10 +95,8 @@ def runs(items: list[Listed]) -> dict[str, str]:
         except TargetError as exc:
             found[name] = f"? ({exc})"
             return
-        done = sum(1 for s in snap["steps"] if s["status"] in ("done", "skipped"))
-        found[name] = (
-            f"{snap.get('playbook')}: {done}/{len(snap['steps'])} done, runner {snap.get('runner')}"
-        )
+        done = sum(1 for s in snap.steps if s.status in (StepStatus.DONE, StepStatus.SKIPPED))
+        found[name] = f"{snap.playbook}: {done}/{len(snap.steps)} done, runner {snap.runner}"
 
     live = [i.name for i in items if i.instance.status == "running" and i.name in rented]
     threads = [threading.Thread(target=ask, args=(n,), daemon=True) for n in live]
@@ -130,9 +129,11 @@ def run_finished(rented: store.Rented) -> str:
         snap = controller.status(box, None, lines=0)
     except TargetError as exc:
         return f"cannot check its run: {exc}"
-    pending = [s["id"] for s in snap["steps"] if s["status"] not in ("done", "skipped")]
-    if snap.get("runner") == "running" or pending:
-        return f"its run '{snap.get('playbook')}' is not finished (not done: {', '.join(pending) or 'runner busy'})"
+    finished = (StepStatus.DONE, StepStatus.SKIPPED)
+    pending = [s.id for s in snap.steps if s.status not in finished]
+    if snap.runner == "running" or pending:
+        not_done = ", ".join(pending) or "runner busy"
+        return f"its run '{snap.playbook}' is not finished (not done: {not_done})"
     return ""
 
 
