@@ -16,12 +16,11 @@ import json
 import re
 import shlex
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from provision.agent import blobs as agent_blobs
-from provision.agent import report
 from provision.bundle import Agent, build_agent
 from provision.errors import ProvisionError, TargetError
 from provision.home import config_dir
@@ -308,7 +307,7 @@ def up(
     payload = PlanPayload.of(plan, secrets=secrets, reset=reset)
     argv = ["up", "--detach"] if detach else ["up"]
     final: Snapshot | None = None
-    current: dict[str, Any] = {}
+    current: Snapshot | None = None
     for event in agent_stream(box, argv, payload):
         if event.get("event") == "refused":
             raise TargetError(f"{box.name}: {event.get('error')}")
@@ -318,11 +317,11 @@ def up(
             continue
         # The box sends a snapshot, then only what changes (a 2,000-step run: kilobytes per
         # change, not the whole run each time).
-        if event.get("event") == "changes" and current:
-            current = report.apply_changes(current, event)
+        if event.get("event") == "changes" and current is not None:
+            current = current.patched(event)
         else:
-            current = event
-        snap = Snapshot.from_json(dict(current, host=box.name, event=event.get("event")))
+            current = Snapshot.from_json(event)
+        snap = replace(current, host=box.name, event=event.get("event"))
         if on_snapshot is not None:
             on_snapshot(box.name, snap)
         if event.get("event") == "final" or detach:

@@ -768,12 +768,18 @@ class Snapshot:
     )  # fmt: skip
 
     def to_json(self) -> _Json:
+        out = self._head()
+        out["steps"] = [s.to_json() for s in self.steps]
+        return out
+
+    def _head(self) -> _Json:
+        """The JSON object less the steps' records (`steps` is empty, in its place)."""
         out: _Json = {
             "playbook": self.playbook,
             "run": self.run,
             "box": self.box,
             "runner": self.runner,
-            "steps": [s.to_json() for s in self.steps],
+            "steps": [],
         }
         if self.notices:
             out["notices"] = list(self.notices)
@@ -806,6 +812,16 @@ class Snapshot:
             event=_take(data, "event", (str,)),
             extra=_extra(data, cls._KEYS),
         )
+
+    def patched(self, change: Mapping[str, Any]) -> Snapshot:
+        """The snapshot a `changes` event of the follow stream (provision/agent/report.py)
+        turns this one into. Only the records it carries are read: following a 2,000-step
+        run costs what changed, not the whole run at each event."""
+        top = {k: v for k, v in change.items() if k not in ("steps", "event")}
+        new = Snapshot.from_json({**self._head(), **top})
+        changed = {s.id: s for s in map(StepSnapshot.from_json, change.get("steps") or [])}
+        new.steps = [changed.get(s.id, s) for s in self.steps]
+        return new
 
     def step(self, step_id: str) -> StepSnapshot | None:
         """The snapshot of one step, or None."""

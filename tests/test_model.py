@@ -297,3 +297,18 @@ def test_status_values_are_the_documented_ones() -> None:
         StepStatus.BLOCKED,
     }
     assert f"{StepStatus.DONE}" == "done" and json.dumps([StepStatus.DONE]) == '["done"]'
+
+
+def test_a_changes_event_patches_the_snapshot_as_the_json_is_patched() -> None:
+    """`up` keeps a Snapshot and applies each `changes` event to it (only the records the event
+    carries are read); the result is what report.apply_changes makes of the JSON."""
+    from provision.agent.report import apply_changes
+
+    old = _load("status-finished.json")
+    record = dict(old["steps"][0], status="running", attempts=2, log_tail=["again"])
+    change = {"event": "changes", "runner": "running", "steps": [record]}
+    patched = Snapshot.from_json(old).patched(change)
+    assert patched.to_json() == Snapshot.from_json(apply_changes(old, change)).to_json()
+    assert patched.runner == "running" and patched.steps[0].attempts == 2
+    assert patched.steps[1:] == Snapshot.from_json(old).steps[1:]
+    assert Snapshot.from_json(old).patched({"event": "changes"}) == Snapshot.from_json(old)
