@@ -331,7 +331,7 @@ def _run_up(
                 reset=reset,
                 detach=detach,
                 on_snapshot=view.update,
-                on_notice=lambda host, text: sys.stderr.write(f"{host}: {text}\n"),
+                on_notice=_notice,
             ),
             accept_new,
             auth_wait,
@@ -355,6 +355,11 @@ def _run_up(
     console.print_summary(out, finals, errors)
     _crashes(out, finals)
     return _exit_for(finals, errors)
+
+
+def _notice(host: str, text: str) -> None:
+    """What a box says about the run itself (it waits for another plan's run to end)."""
+    sys.stderr.write(f"{host}: {text}\n")
 
 
 def _crashes(out: Any, snaps: "dict[str, Snapshot]") -> None:
@@ -1161,7 +1166,9 @@ def _rent_request(query: str, options: dict[str, Any], playbook: str | None = No
     from provision.rent.renter import DEFAULT_IMAGE, Request
 
     fields = {k: v for k, v in options.items() if k not in ("key", "image", "speed_urls")}
-    extra = {"speed_urls": tuple(options["speed_urls"])} if options.get("speed_urls") else {}
+    extra: dict[str, Any] = (
+        {"speed_urls": tuple(options["speed_urls"])} if options.get("speed_urls") else {}
+    )
     return Request(
         query=query, key=_default_key(options.get("key")), image=options.get("image") or DEFAULT_IMAGE,
         playbook=playbook, **fields, **extra,
