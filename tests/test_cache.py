@@ -152,7 +152,7 @@ def test_a_step_below_a_unit_keys_it_by_the_units_own_key(tmp_path: Path) -> Non
         top=f"cache: {{remote: {tmp_path / 'remote'}}}\n",
     )
     plan = resolve(load_playbook(book), Inventory(path=None), Host(name="b", host="h"))
-    steps = {step["id"]: step for step in plan["steps"]}
+    steps = {step.id: step.to_json() for step in plan.steps}  # as plan.json holds them
     probe = key.Probe()
     unit_key = key.step_key("uv-sync", steps["uv-sync"]["cache"]["graph"], probe)
     material = key.material("convert", steps["convert"]["cache"]["graph"], probe)
