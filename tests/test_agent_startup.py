@@ -14,6 +14,7 @@ import pytest
 
 from provision.agent import __main__ as agent_main
 from provision.agent.state import RunDir
+from provision.model import Plan, PlannedStep
 from provision.watch import guard
 from provision.watch.record import CONFIG_FILE
 
@@ -56,5 +57,6 @@ def test_up_revives_guards_only_where_a_step_had_one(
     (run.path / "steps" / "train").mkdir(parents=True)
     if has_guard:
         (run.path / "steps" / "train" / CONFIG_FILE).write_text("{}")
-    agent_main._revive_guards(run, {"steps": [{"id": "train"}]}, {})
+    plan = Plan(name="r", steps=[PlannedStep(id="train", kind="tmux_launch")])
+    agent_main._revive_guards(run, plan, {})
     assert calls == ([run.path] if has_guard else [])
