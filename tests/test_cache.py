@@ -23,7 +23,7 @@ from project import Project, count, one_line_error, wait_for
 
 from provision.cache import archive, key
 from provision.cache.restore import compute_key, restore
-from provision.cache.save import Saver
+from provision.cache.save import Saver, signature
 from provision.errors import ConfigError
 from provision.inventory import Host, Inventory
 from provision.playbook import load_playbook, resolve
@@ -157,6 +157,22 @@ def test_a_step_below_a_unit_keys_it_by_the_units_own_key(tmp_path: Path) -> Non
     unit_key = key.step_key("uv-sync", steps["uv-sync"]["cache"]["graph"], probe)
     material = key.material("convert", steps["convert"]["cache"]["graph"], probe)
     assert material["needs"] == {"uv-sync": "cache:" + unit_key}
+
+
+def test_a_pycache_appearing_in_outputs_being_saved_is_no_change(tmp_path: Path) -> None:
+    # A dependent importing from a venv while the saver reads it writes __pycache__ dirs into
+    # the package directories (never archived): the outputs did not change.
+    root = tmp_path / "venv"
+    _tree(root)
+    before = signature([str(root)])
+    (root / "sub" / "__pycache__").mkdir()
+    (root / "sub" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"x")
+    assert signature([str(root)]) == before
+    (root / "sub" / "new.py").write_text("")
+    assert signature([str(root)]) != before
+    (root / "sub" / "new.py").unlink()
+    (root / "a.txt").write_text("changed\n")
+    assert signature([str(root)]) != before
 
 
 def test_box_facts_read_this_box() -> None:
@@ -311,7 +327,7 @@ def test_two_boxes_filling_one_key_leave_one_valid_entry(tmp_path: Path) -> None
     results: list[str] = []
     # Each saver is its own process, as on two boxes (the upload ids differ).
     code = (
-        "import json, os, sys; from pathlib import Path; from provision.cache.save import Saver;"
+        "import json, os, sys; from pathlib import Path; from provision.cache.save import Saver, signature;"
         "s = json.loads(sys.argv[1]); run = Path(sys.argv[2]); d = run / 'steps' / 's';"
         "d.mkdir(parents=True); print(Saver(d, s, sys.argv[3], dict(os.environ)).run([]))"
     )

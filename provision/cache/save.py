@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -66,9 +67,20 @@ def uv_interpreters(outputs: list[str], env: dict[str, str]) -> list[str]:
     return found
 
 
-def _signature(paths: list[str]) -> list[tuple[str, int, int, int]]:
+def signature(paths: list[str]) -> list[tuple[str, int, int, int]]:
+    """Every entry under `paths` with its mode, and for files and links their size and mtime.
+
+    A directory's own size and mtime are left out: they change when an entry appears in it,
+    which the listing shows anyway, unless it is a skipped one (the `__pycache__` a dependent
+    importing from a venv being saved creates is not a change of the outputs)."""
     return [
-        (f"{p}/{rel}", st.st_mode, st.st_size, st.st_mtime_ns) for p in paths for rel, st in walk(p)
+        (
+            f"{p}/{rel}",
+            st.st_mode,
+            *((0, 0) if stat.S_ISDIR(st.st_mode) else (st.st_size, st.st_mtime_ns)),
+        )
+        for p in paths
+        for rel, st in walk(p)
     ]
 
 
@@ -168,7 +180,7 @@ class Saver:
     ) -> str:
         started = time.monotonic()
         members = paths + [f for files in markers.values() for f in files]
-        before = _signature(members)
+        before = signature(members)
         tmp = f"tmp/{self.key}.{self.upload_id}.partial"
         proc = self.store.upload(tmp)
         stdin = proc.stdin
@@ -183,7 +195,7 @@ class Saver:
             finally:
                 stdin.close()
             self.store.finish_upload(proc)
-            if _signature(members) != before:
+            if signature(members) != before:
                 raise ArchiveError("the outputs changed while they were saved")
             seen = self.store.stat(tmp)
             md5 = (seen or {}).get("hashes", {}).get("md5")
