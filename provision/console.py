@@ -386,8 +386,9 @@ def print_watch(
         words = [f"checkpoints -> {uploads['remote']}: {len(verified)} verified"]
         if verified:
             words[0] += f" (newest {verified[-1]})"
-        if uploads.get("uploading"):
-            words.append(f"uploading {uploads['uploading']}")
+        sending = uploads.get("uploading")
+        if sending:
+            words.append(f"uploading {sending if isinstance(sending, str) else ', '.join(sending)}")
         if uploads.get("pending"):
             words.append(f"pending {', '.join(uploads['pending'])}")
         if uploads.get("last_upload"):

@@ -48,11 +48,18 @@ def trainer_command(save_dir: str, interval: int, steps: int, *extra: str) -> st
 
 
 def manifest(root: Path) -> dict[str, dict]:
-    """The manifest entries under a local remote directory `root`."""
+    """The manifest entries under a local remote directory `root` (one being written, not yet
+    whole, is left out: rclone's local backend writes in place)."""
     folder = root / ".bootstrap" / "manifest"
     if not folder.is_dir():
         return {}
-    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    found = {}
+    for path in folder.glob("*.json"):
+        try:
+            found[path.stem] = json.loads(path.read_text())
+        except ValueError:
+            continue
+    return found
 
 
 @contextmanager

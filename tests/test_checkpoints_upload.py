@@ -216,22 +216,41 @@ def _guard_config(tmp_path: Path, spec: CheckpointSpec, launch: str = "abc123") 
     return {"launch_id": launch, "cwd": str(tmp_path), "checkpoints": spec.to_dict()}
 
 
+def _done_files(root: Path, box: Path) -> dict[Path, int]:
+    """The remote's files that rclone finished (the box's size and modification time): a
+    later sync skips those, so their ctime stays; {path: ctime}."""
+    done = {}
+    for path in root.rglob("*"):
+        if not path.is_file() or ".bootstrap" in path.parts:
+            continue
+        mine = box / path.relative_to(root)
+        if mine.is_file():
+            theirs, ours = path.stat(), mine.stat()
+            if theirs.st_size == ours.st_size and int(theirs.st_mtime) == int(ours.st_mtime):
+                done[path] = theirs.st_ctime_ns
+    return done
+
+
 def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
     spec, env, root = make(tmp_path, bwlimit="2M", poll=1)
-    train(tmp_path, 20, 10, "--ckpt-bytes", str(3 << 20))
+    train(tmp_path, 30, 10, "--ckpt-bytes", str(3 << 20))
     work = tmp_path / "step"
     work.mkdir()
     pid = guard.start(work, _guard_config(tmp_path, spec), env)
-    wait_for(lambda: manifest(root).keys() == {"10"}, timeout=60, what="checkpoint 10 uploaded")
-    wait_for(lambda: (root / "20").exists(), timeout=30, what="checkpoint 20 begun")
-    os.kill(pid, signal.SIGKILL)
+    box = tmp_path / "ck"
+    wait_for(lambda: _done_files(root, box), timeout=60, what="a first file sent")
+    # The guard and its rclone (its session) die mid-pass, before anything is recorded.
+    os.killpg(pid, signal.SIGKILL)
     wait_for(lambda: guard.guard_pid(work) is None, timeout=10, what="the guard dead")
-    assert "20" not in manifest(root)  # partial on the remote: not recorded
-    stamps = {p: p.stat().st_ctime_ns for p in (root / "10").rglob("*")}
+    assert manifest(root) == {}  # partial on the remote: nothing recorded
+    done = _done_files(root, box)
+    assert done and len(done) < sum(1 for p in box.rglob("*") if p.is_file()) - 1
     assert guard.revive(work, env) is not None
-    wait_for(lambda: manifest(root).keys() == {"10", "20"}, timeout=60, what="20 after revive")
-    assert {p: p.stat().st_ctime_ns for p in (root / "10").rglob("*")} == stamps
-    assert "uploading checkpoint 10" not in (work / guard.LOG_FILE).read_text().split("follows")[-1]
+    wait_for(lambda: manifest(root).keys() == {"10", "20", "30"}, timeout=90, what="all three")
+    assert {p: p.stat().st_ctime_ns for p in done} == done  # not sent again
+    for name in ("10", "20", "30"):
+        for path in (box / name).iterdir():
+            assert (root / name / path.name).read_bytes() == path.read_bytes()
     (work / "job.status").write_text("0 abc123\n")
     wait_for(lambda: guard.guard_pid(work) is None, timeout=30, what="guard ends after the job")
     assert (work / guard.DONE_FILE).exists()

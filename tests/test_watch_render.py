@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from gpu_fake import use_fake_gpus, waypoint_log
 from rich.console import Console
 
 from provision import console
+from provision.watch import watcher as watcher_module
 from provision.watch.spec import WatchSpec
 from provision.watch.watcher import Watcher
 
@@ -80,15 +82,14 @@ def test_stalled_then_finished_and_on_finish(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     use_fake_gpus(monkeypatch, "training")
+    clock = [time.time()]  # the watcher's clock: a look may take a second on a busy machine
+    monkeypatch.setattr(watcher_module, "time", SimpleNamespace(time=lambda: clock[0]))
     watcher, log = _watcher(tmp_path, waypoint_log("AE", range(0, 101, 50), total=200))
-    started = time.monotonic()
     watcher.observe(None, False, {})
-    time.sleep(0.05)
+    clock[0] += 0.05
     log.write_text(waypoint_log("AE", range(0, 151, 50), total=200))
     watcher.observe(None, False, {})
-    # The usual gap is the time between the two observations (slow on a loaded machine: the
-    # fake nvidia-smi runs in each); wait past stall_min_s and past 3x that gap.
-    time.sleep(max(1.2, 3.5 * (time.monotonic() - started)))
+    clock[0] += 1.2  # no new step for > stall_min_s and > 3x the usual gap
     doc = watcher.observe(None, False, {})
     stalled = [ln for ln in _render(doc).splitlines() if "stalled: no new step" in ln]
     assert len(stalled) == 1 and stalled[0].startswith("    ! stalled: no new step for ")
@@ -96,8 +97,8 @@ def test_stalled_then_finished_and_on_finish(
     log.write_text(waypoint_log("AE", range(0, 200, 50), total=200) + waypoint_log(
         "AE", [199], total=200))  # fmt: skip
     doc = watcher.observe(0, True, {})
-    doc["on_finish"] = {"outcome": "finished", "action": "run", "rc": 0, "at": time.time()}
-    text = _render(doc)
+    doc["on_finish"] = {"outcome": "finished", "action": "run", "rc": 0, "at": clock[0]}
+    text = _render(doc, clock[0])
     assert text.splitlines()[0].startswith("  train-ae: finished · step 199/200")
     assert "    the job finished with status 0 (last step 199/200)" in text
     assert "    on_finish run after the run finished: rc 0" in text

@@ -24,13 +24,13 @@ def checkpoint_report(
     remote_list: list[dict[str, Any]] = []
     error = None
     # Read before and after the survey: an upload may start or end while it lists.
-    uploading = {read_status(workdir).get("uploading")}
+    uploading = _uploading(workdir)
     if spec.remote is not None:
         try:
             remote_list = [c.to_dict() for c in survey(Remote(spec, env), spec)]
         except RemoteError as exc:
             error = str(exc)
-    uploading.add(read_status(workdir).get("uploading"))
+    uploading |= _uploading(workdir)
     for item in remote_list:
         if item["state"] == "partial" and item["name"] in uploading and guard is not None:
             item["state"], item["detail"] = "uploading", "the guard is sending it now"
@@ -52,6 +52,12 @@ def checkpoint_report(
         "uploader": read_status(workdir),
         "guard": guard,
     }
+
+
+def _uploading(workdir: Path) -> set[str]:
+    """The checkpoints the uploader is sending now (a list; one name before batches)."""
+    names = read_status(workdir).get("uploading") or []
+    return {names} if isinstance(names, str) else set(names)
 
 
 def render_report(report: dict[str, Any], only_step: int | None = None) -> str:

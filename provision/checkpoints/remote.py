@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class Remote:
         self.rclone = rclone or find_rclone(self.env)
         self._config = os.path.expanduser(spec.rclone_config) if spec.rclone_config else None
         self._hash_type: str | None = None  # "" once asked: the remote has none
+        self._slow_hash = False
 
     def path(self, rel: str) -> str:
         """The rclone path of `rel` under the remote root."""
@@ -115,10 +117,13 @@ class Remote:
 
     # -- transfers ------------------------------------------------------------------------
 
-    def upload_dir(self, local: Path, name: str) -> None:
-        """Make the remote's `name` hold exactly `local`'s files (`rclone sync`): files already
-        there with the same size and time are not sent again, stray ones are removed."""
-        self._run(["sync", str(local), self.path(name), *self._transfer_flags()], timeout=None)
+    def upload_dirs(self, parent: Path, names: list[str]) -> None:
+        """Make each remote directory `name` hold exactly `parent/name`'s files, in one `rclone
+        sync` (one start-up, one listing for them all): files already there with the same size
+        and time are not sent again, stray ones in those directories are removed, nothing else
+        on the remote is looked at."""
+        args = ["sync", str(parent), self.root, *_only(names), *self._transfer_flags()]
+        self._run(args, timeout=None)
 
     def upload_file(self, local: Path, rel: str) -> None:
         """Copy one file to `rel` under the root."""
@@ -143,26 +148,50 @@ class Remote:
         data (the local disk, sftp) each type is a full pass over a 22 GB checkpoint, and
         `--hash` alone asks for nine of them.
         """
-        if self._hash_type is None:
-            out = self._run(["backend", "features", self.root])
-            offered = [str(h).lower() for h in (json.loads(out or "{}").get("Hashes") or [])]
-            preferred = [h for h in ("md5", "sha1", "crc32c") if h in offered]
-            self._hash_type = (preferred or offered or [""])[0]
+        self._features()
         return self._hash_type or None
 
+    def slow_hash(self) -> bool:
+        """Whether the remote computes its hashes by reading the data (rclone's `SlowHash`:
+        the local disk, sftp) rather than keeping them with each object."""
+        self._features()
+        return bool(self._slow_hash)
+
+    def _features(self) -> None:
+        if self._hash_type is not None:
+            return
+        out = json.loads(self._run(["backend", "features", self.root]) or "{}")
+        offered = [str(h).lower() for h in (out.get("Hashes") or [])]
+        preferred = [h for h in ("md5", "sha1", "crc32c") if h in offered]
+        self._slow_hash = bool((out.get("Features") or {}).get("SlowHash"))
+        self._hash_type = (preferred or offered or [""])[0]
+
     def listing(self, rel: str) -> dict[str, RemoteFile]:
-        """Every file under `rel` as {relative path: RemoteFile} with the remote's hash (see
-        `hash_type`); empty when `rel` is absent."""
-        return self._lsjson(self.path(rel))
+        """Every file under `rel` as {relative path: RemoteFile}, with the remote's hash (see
+        `hash_type`) where it keeps one (sizes only on a `slow_hash` remote: hashing there reads
+        every checkpoint back); empty when `rel` is absent."""
+        return self._lsjson(self.path(rel), hashed=not self.slow_hash())
 
     def local_listing(self, path: Path) -> dict[str, RemoteFile]:
         """The box's files under `path`, with the same hash as `listing` (computed by rclone,
         so it is the remote's very algorithm), to compare with the remote's."""
         return self._lsjson(str(path))
 
-    def _lsjson(self, where: str) -> dict[str, RemoteFile]:
-        kind = self.hash_type()
-        args = ["lsjson", "-R", "--files-only", where] + (["--hash-type", kind] if kind else [])
+    def listings(self, names: list[str]) -> dict[str, dict[str, RemoteFile]]:
+        """`listing` of several top-level directories in one call: {name: its files}."""
+        listed = self._lsjson(self.root, _only(names), hashed=not self.slow_hash())
+        return _split(listed, names)
+
+    def local_listings(self, parent: Path, names: list[str]) -> dict[str, dict[str, RemoteFile]]:
+        """`local_listing` of several directories of `parent` in one call."""
+        return _split(self._lsjson(str(parent), _only(names)), names)
+
+    def _lsjson(
+        self, where: str, only: Sequence[str] = (), hashed: bool = True
+    ) -> dict[str, RemoteFile]:
+        kind = self.hash_type() if hashed else None
+        args = ["lsjson", "-R", "--files-only", where, *only]
+        args += ["--hash-type", kind] if kind else []
         try:
             out = self._run(args, timeout=None)
         except RemoteError as exc:
@@ -211,6 +240,22 @@ class Remote:
         text = json.dumps(entry, sort_keys=True) + "\n"
         self._run(["rcat", self.path(f"{MANIFEST_DIR}/{entry['name']}.json")], stdin=text)
 
+    def write_entries(self, entries: list[dict[str, Any]], scratch: Path) -> None:
+        """`write_entry` for several checkpoints in one `rclone copy` (each entry one object,
+        written whole), staged as files in the empty directory `scratch`."""
+        if len(entries) == 1:
+            self.write_entry(entries[0])
+            return
+        shutil.rmtree(scratch, ignore_errors=True)  # left by a pass killed here
+        scratch.mkdir(parents=True)
+        try:
+            for entry in entries:
+                text = json.dumps(entry, sort_keys=True) + "\n"
+                (scratch / f"{entry['name']}.json").write_text(text, encoding="utf-8")
+            self._run(["copy", str(scratch), self.path(MANIFEST_DIR)])
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
     def probe_write(self) -> None:
         """Write and delete a small object: raises RemoteError when the remote rejects writes."""
         rel = f"{META_DIR}/write-probe-{os.getpid()}"
@@ -252,6 +297,25 @@ class Remote:
             )
         out: str = done.stdout
         return out
+
+
+def _only(names: list[str]) -> list[str]:
+    """rclone filter flags that select the top-level directories `names` (and nothing else)."""
+    flags = []
+    for name in names:
+        quoted = "".join("\\" + c if c in "\\*?[]{}" else c for c in name)
+        flags += ["--include", f"/{quoted}/**"]
+    return flags
+
+
+def _split(files: dict[str, RemoteFile], names: list[str]) -> dict[str, dict[str, RemoteFile]]:
+    """{`name/rel`: file} as {name: {rel: file}} (every name present, maybe empty)."""
+    out: dict[str, dict[str, RemoteFile]] = {name: {} for name in names}
+    for path, info in files.items():
+        head, _, rel = path.partition("/")
+        if head in out and rel:
+            out[head][rel] = info
+    return out
 
 
 def _last_error(stderr: str) -> str:

@@ -1,15 +1,21 @@
 """Upload each complete checkpoint, verify it, record it in the remote's manifest, then prune.
 
-One `sync()` pass, oldest step first, for every complete checkpoint the manifest lacks:
+One `sync()` pass, oldest step first, for every complete checkpoint the manifest lacks, in
+batches: the checkpoints waiting go together while they add up to at most `BATCH_BYTES` (small
+ones: each rclone start-up and listing costs as much as sending one), a bigger one alone (it is
+recorded as soon as it is verified, not after the others):
 
-1. `rclone sync` the directory (files already on the remote with the same size and time are
-   skipped, so a pass killed halfway resumes without sending a finished file twice), then the
-   `carry:` files to `.bootstrap/carry/<name>/`;
+1. `rclone sync` the batch's directories, in one call (files already on the remote with the
+   same size and time are skipped, so a pass killed halfway resumes without sending a finished
+   file twice), then the `carry:` files to `.bootstrap/carry/<name>/`;
 2. verify: the remote's listing must hold every file of the box's copy with its size and its
-   hash (the remote's own one type, `Remote.hash_type`: read from the object's metadata on
-   GCS, S3 or Drive, computed where the remote has to read the data), the box's side hashed
-   once by rclone with the same algorithm;
-3. write the manifest entry (the remote's sizes and hashes): from here on it is restorable;
+   hash (the remote's own one type, `Remote.hash_type`, read from the object's metadata on
+   GCS, S3 or Drive), the box's side hashed once by rclone with the same algorithm while the
+   sync runs. A remote that would have to read every file back to hash it (the local disk,
+   sftp: `Remote.slow_hash`) is checked by size: its hash is the one rclone's sync compared
+   with the box's after each transfer;
+3. write the manifest entries of the verified ones (the remote's sizes and hashes): from here on
+   each is restorable; one that does not verify is not recorded, and fails the pass;
 4. `keep`: delete the oldest complete checkpoints beyond `keep`, but only those the manifest
    holds (with a remote), never the newest, never an incomplete one.
 
@@ -34,6 +40,8 @@ from provision.checkpoints.remote import CARRY_DIR, Remote, RemoteError, RemoteF
 from provision.checkpoints.spec import CheckpointSpec
 
 STATUS_FILE = "checkpoints.json"
+#: The most bytes of checkpoints one rclone call sends before they are recorded.
+BATCH_BYTES = 1 << 30
 
 
 @dataclass
@@ -76,10 +84,9 @@ class Uploader:
         report = SyncReport()
         found = local.complete(self.directory, self.spec)
         try:
-            for ckpt in found:
-                if self.remote is not None and not self._on_remote(ckpt):
-                    self._upload(ckpt)
-                    report.uploaded.append(ckpt.name)
+            waiting = [c for c in found if self.remote is not None and not self._on_remote(c)]
+            for batch in _batches(waiting):
+                report.uploaded += self._upload(batch)
         except (RemoteError, OSError) as exc:
             report.error = str(exc)
             self.log(f"checkpoint upload failed: {exc}")
@@ -110,60 +117,86 @@ class Uploader:
         recorded = {k: int(v.get("size", -1)) for k, v in (entry.get("files") or {}).items()}
         return recorded == local.files(ckpt.path)
 
-    def _upload(self, ckpt: local.LocalCheckpoint) -> None:
+    def _upload(self, batch: list[local.LocalCheckpoint]) -> list[str]:
+        """Send, verify and record `batch` (see the module doc); the names recorded."""
         assert self.remote is not None
         started = time.time()
-        self.log(f"uploading checkpoint {ckpt.name} to {self.remote.url}")
-        write_json_atomic(self.status_path, {**read_status(self.workdir), "uploading": ckpt.name})
+        names = [c.name for c in batch]
+        self.log(f"uploading checkpoint {', '.join(names)} to {self.remote.url}")
+        write_json_atomic(self.status_path, {**read_status(self.workdir), "uploading": names})
         # The box's side is hashed while it uploads (a complete checkpoint no longer changes):
         # the pass then costs the transfer plus the remote's hashes, not a third read after it.
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            mine = pool.submit(self.remote.local_listing, ckpt.path)
-            self.remote.upload_dir(ckpt.path, ckpt.name)
-            carried = {}
-            for rel in self.spec.carry:
-                source = self.cwd / rel
-                if source.is_file():
-                    self.remote.upload_file(source, f"{CARRY_DIR}/{ckpt.name}/{rel}")
-                    carried[rel] = source.stat().st_size
-            files = self._verify(ckpt, carried, mine.result())
+            mine = pool.submit(self.remote.local_listings, self.directory, names)
+            self.remote.upload_dirs(self.directory, names)
+            carried = {c.name: self._carry(c) for c in batch}
+            theirs = self.remote.listings(names)
+            hashed = mine.result()
         finally:
             pool.shutdown(wait=False)
-        size = sum(f.size for f in files["files"].values())
-        entry = {
+        entries, problem = [], None
+        for ckpt in batch:
+            try:
+                entries.append(self._entry(ckpt, hashed[ckpt.name], theirs[ckpt.name],
+                                           carried[ckpt.name]))  # fmt: skip
+            except RemoteError as exc:
+                problem = exc
+                break
+        if entries:
+            self.remote.write_entries(entries, self.workdir / ".manifest-entries")
+            if self._entries is not None:
+                self._entries.update({e["name"]: e for e in entries})
+            size = sum(int(e["bytes"]) for e in entries)
+            done = ", ".join(e["name"] for e in entries)
+            seconds = time.time() - started
+            self.log(f"checkpoint {done} uploaded and verified ({size} bytes in {seconds:.1f}s)")
+        if problem is not None:
+            raise problem
+        return [e["name"] for e in entries]
+
+    def _carry(self, ckpt: local.LocalCheckpoint) -> dict[str, RemoteFile]:
+        """Send the files that travel with `ckpt`; the remote's copies, checked by size."""
+        assert self.remote is not None
+        carried = {}
+        for rel in self.spec.carry:
+            source = self.cwd / rel
+            if source.is_file():
+                self.remote.upload_file(source, f"{CARRY_DIR}/{ckpt.name}/{rel}")
+                carried[rel] = RemoteFile(source.stat().st_size)
+        if not carried:
+            return {}
+        there = self.remote.listing(f"{CARRY_DIR}/{ckpt.name}")
+        _same_files(f"the carry of {ckpt.name}", carried, there)
+        return {k: there[k] for k in carried}
+
+    def _entry(
+        self,
+        ckpt: local.LocalCheckpoint,
+        mine: dict[str, RemoteFile],
+        theirs: dict[str, RemoteFile],
+        carry: dict[str, RemoteFile],
+    ) -> dict[str, Any]:
+        """The manifest entry of `ckpt` once the remote's files match the box's (`mine`).
+
+        It records the hashes both sides agree on; on a `slow_hash` remote the listing has
+        sizes only, and the remote's hash is the one rclone's sync compared with the box's
+        after each transfer (it fails a file "corrupted on transfer" otherwise), so the entry
+        records the box's: a restore checks its download against them."""
+        _same_files(ckpt.name, mine, theirs)
+        files = {
+            k: RemoteFile(theirs[k].size, {**mine[k].hashes, **theirs[k].hashes}) for k in mine
+        }
+        return {
             "name": ckpt.name,
             "step": ckpt.step,
-            "files": {k: v.to_dict() for k, v in sorted(files["files"].items())},
-            "carry": {k: v.to_dict() for k, v in sorted(files["carry"].items())},
-            "bytes": size,
+            "files": {k: v.to_dict() for k, v in sorted(files.items())},
+            "carry": {k: v.to_dict() for k, v in sorted(carry.items())},
+            "bytes": sum(f.size for f in files.values()),
             "verified": time.time(),
             "box": socket.gethostname(),
             "launch": self.launch,
         }
-        self.remote.write_entry(entry)
-        if self._entries is not None:
-            self._entries[ckpt.name] = entry
-        seconds = time.time() - started
-        self.log(f"checkpoint {ckpt.name} uploaded and verified ({size} bytes in {seconds:.1f}s)")
-
-    def _verify(
-        self,
-        ckpt: local.LocalCheckpoint,
-        carried: dict[str, int],
-        mine: dict[str, RemoteFile],
-    ) -> dict[str, dict[str, RemoteFile]]:
-        """The remote's files of `ckpt` and its carry, once they match the box's (`mine`)."""
-        assert self.remote is not None
-        theirs = self.remote.listing(ckpt.name)
-        _same_files(ckpt.name, mine, theirs)
-        theirs = {k: theirs[k] for k in mine}
-        carry = self.remote.listing(f"{CARRY_DIR}/{ckpt.name}") if carried else {}
-        carry = {k: v for k, v in carry.items() if k in carried}
-        _same_files(
-            f"the carry of {ckpt.name}", {k: RemoteFile(v) for k, v in carried.items()}, carry
-        )
-        return {"files": theirs, "carry": carry}
 
     def _prune(self, found: list[local.LocalCheckpoint], safe: set[str]) -> list[str]:
         if self.spec.keep is None or len(found) <= self.spec.keep:
@@ -205,6 +238,20 @@ def read_status(workdir: Path) -> dict[str, Any]:
     """The uploader's last pass as `checkpoints.json` holds it ({} before the first)."""
     status = read_json(workdir / STATUS_FILE, {})
     return status if isinstance(status, dict) else {}
+
+
+def _batches(waiting: list[local.LocalCheckpoint]) -> list[list[local.LocalCheckpoint]]:
+    """`waiting` in order, cut into runs of at most BATCH_BYTES (a bigger checkpoint alone)."""
+    batches: list[list[local.LocalCheckpoint]] = []
+    size = 0
+    for ckpt in waiting:
+        bytes_ = sum(local.files(ckpt.path).values())
+        if not batches or size + bytes_ > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(ckpt)
+        size += bytes_
+    return batches
 
 
 def _same_files(what: str, mine: dict[str, RemoteFile], theirs: dict[str, RemoteFile]) -> None:
