@@ -10,7 +10,7 @@
 2. **Upload throughput vs `rclone copy`**: the uploader's pass (its niced `rclone sync` of the
    checkpoints waiting, the box's side hashed meanwhile, the remote's listing, the manifest
    entries) over `--count` checkpoints of `--size-mb` MiB, vs one plain `rclone copy` of the
-   same directories (baseline), and vs that copy under the uploader's own priority (`nice -n 19
+   same directories (baseline; files of `--shard-mb` MiB), and vs that copy under the uploader's own priority (`nice -n 19
    ionice -c 3`: on a busy machine the idle class waits for the others; on an idle box both
    copies are the same). Each measure `--upload-rounds` times, interleaved, median; to a local
    rclone remote (`local`: the remote must read a file back to hash it) and to a bucket on the
@@ -98,7 +98,13 @@ def upload_compare(
     for i in range(args.count):
         ckpt = work / "ck" / str((i + 1) * 10)
         ckpt.mkdir(parents=True)
-        (ckpt / "model.safetensors").write_bytes(os.urandom(args.size_mb << 20))
+        # Sharded as big checkpoints are (the emulator also refuses rclone's chunked uploads,
+        # which files over rclone's GCS chunk size get).
+        left, shard = args.size_mb, 0
+        while left > 0:
+            part = min(left, args.shard_mb)
+            (ckpt / f"model-{shard:05d}.safetensors").write_bytes(os.urandom(part << 20))
+            left, shard = left - part, shard + 1
         (ckpt / "metadata.pt").write_text(str(i))
     conf = work / "rclone.conf"
     conf.write_text("[store]\ntype = local\n")
@@ -149,6 +155,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--bwlimit", default=None, help="rclone --bwlimit for the guard")
     parser.add_argument("--upload-rounds", type=int, default=3)
+    parser.add_argument("--shard-mb", type=int, default=16, help="file size within a checkpoint")
     parser.add_argument("--remotes", default="local,gs", help="local, gs or both")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))

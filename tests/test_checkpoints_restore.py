@@ -82,6 +82,28 @@ def test_survey_and_restore_skip_partial_and_broken(tmp_path: Path) -> None:
     assert restore.before_launch(spec, box2, env, lines.append) is None
 
 
+def test_a_checkpoint_changed_on_the_remote_with_its_size_is_passed_over(tmp_path: Path) -> None:
+    # The local remote hashes by reading the data, so its listing is by size: only the
+    # download, checked against the manifest's hashes, shows the change.
+    spec, env, root = _setup(tmp_path, restore=True)
+    box1 = tmp_path / "box1"
+    box1.mkdir()
+    train(box1, 30, 10)
+    _upload(spec, env, box1)
+    model = root / "30" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0xFF
+    model.write_bytes(bytes(data))
+    box2 = tmp_path / "box2"
+    box2.mkdir()
+    lines: list[str] = []
+    got = restore.before_launch(spec, box2, env, lines.append)
+    assert got is not None and got.name == "20"
+    assert any("not restoring 30" in ln and "model.safetensors differs" in ln for ln in lines)
+    assert sorted(p.name for p in box2.iterdir()) == ["ck"]  # no staging left
+    assert sorted(p.name for p in (box2 / "ck").iterdir()) == ["20"]
+
+
 def test_first_run_on_an_empty_remote_restores_nothing(tmp_path: Path) -> None:
     spec, env, _root = _setup(tmp_path, restore=True)
     assert restore.before_launch(spec, tmp_path, env, print) is None

@@ -280,6 +280,11 @@ def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> Non
         os.killpg(starter.pid, signal.SIGKILL)  # the starter's group is gone with it
     assert os.getpgid(pid) != starter.pid
     assert guard.guard_pid(work) == pid
+    # The lowest CPU weight: its own nice, and its session's autogroup (else the scheduler
+    # gives the guard's session as much CPU as the training's).
+    assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 19
+    if Path("/proc/self/autogroup").exists():
+        assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "19"
     train(tmp_path, 10, 10)
     wait_for(lambda: "10" in manifest(root), timeout=30, what="upload by the detached guard")
     guard.stop(work)

@@ -88,7 +88,8 @@ def survey(remote: Remote, spec: CheckpointSpec) -> list[RemoteCheckpoint]:
 def restore_newest(
     spec: CheckpointSpec, cwd: Path, remote: Remote, log: Callable[[str], None]
 ) -> RemoteCheckpoint | None:
-    """Download the newest verified checkpoint into the checkpoint directory.
+    """Download the newest verified checkpoint into the checkpoint directory (one whose copy
+    does not match its manifest entry is passed over for the next newest).
 
     Returns it, or None when the remote holds no verified one. Raises RestoreError (the
     remote failed, the disk filled up) with nothing half-written left behind.
@@ -103,27 +104,38 @@ def restore_newest(
     for skipped in (c for c in found if c.state != "verified"):
         log(f"not restoring {skipped.name} from {remote.url}: {skipped.state} ({skipped.detail})")
     verified = [c for c in found if c.state == "verified"]
-    if not verified:
-        return None
-    newest = verified[-1]
-    staging = directory.parent / f".{directory.name}.restoring-{newest.name}"
-    log(f"restoring checkpoint {newest.name} ({newest.bytes} bytes) from {remote.url}")
+    for newest in reversed(verified):
+        if _download(newest, directory, remote, log):
+            _restore_carry(newest, cwd, remote, log)
+            return newest
+    return None
+
+
+def _download(
+    ckpt: RemoteCheckpoint, directory: Path, remote: Remote, log: Callable[[str], None]
+) -> bool:
+    """Bring `ckpt` into `directory` through a staging directory; False (nothing left) when
+    the copy does not match its manifest entry: a file changed on the remote since the upload
+    with its size kept, which a `slow_hash` remote's listing does not show. Raises
+    RestoreError when the remote or the disk fails."""
+    staging = directory.parent / f".{directory.name}.restoring-{ckpt.name}"
+    log(f"restoring checkpoint {ckpt.name} ({ckpt.bytes} bytes) from {remote.url}")
     try:
         staging.mkdir(parents=True)
-        _room_for(newest, staging)
-        remote.download_dir(newest.name, staging)
+        _room_for(ckpt, staging)
+        remote.download_dir(ckpt.name, staging)
         # Against the manifest: the sizes and hashes the upload verified, hashed here once.
-        problem = _mismatch(newest.entry, remote.local_listing(staging))
+        problem = _mismatch(ckpt.entry, remote.local_listing(staging))
         if problem:
-            raise RestoreError(f"checkpoint {newest.name} as downloaded: {problem}")
+            log(f"not restoring {ckpt.name} from {remote.url}: broken ({problem} as downloaded)")
+            return False
         directory.mkdir(parents=True, exist_ok=True)
-        staging.rename(directory / newest.name)
+        staging.rename(directory / ckpt.name)
     except (RemoteError, OSError) as exc:
-        raise RestoreError(f"downloading checkpoint {newest.name} failed: {exc}") from None
+        raise RestoreError(f"downloading checkpoint {ckpt.name} failed: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _restore_carry(newest, cwd, remote, log)
-    return newest
+    return True
 
 
 def _room_for(ckpt: RemoteCheckpoint, staging: Path) -> None:

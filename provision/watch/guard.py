@@ -3,7 +3,9 @@
 `tmux_launch` starts it right after the job (`start`): `python -m provision.agent guard DIR`
 in a new Unix session (outside the job's tmux session and process group, so killing the job or
 its session leaves it running, and so does the controller going away), at the lowest CPU and
-disk priority (`nice -n 19`, `ionice -c 3`); everything it starts inherits both.
+disk priority (`nice -n 19`, `ionice -c 3`, and the session's autogroup at nice 19, without
+which the scheduler would give the guard's session as much CPU as the job's); everything it
+starts inherits them.
 
 Its files, in the step's directory:
 
@@ -380,6 +382,20 @@ class Guard:
             self.stopping.wait(self.spec.poll if not ended else min(self.spec.poll * 2, 30))
 
 
+def yield_to_the_job() -> None:
+    """Put the guard's Unix session at the lowest CPU weight (its autogroup's nice value).
+
+    With autogroups (Linux's default on most distributions: `kernel.sched_autogroup_enabled`)
+    the scheduler shares the CPU between sessions first, each at the same weight whatever its
+    processes' nice values: the guard, in a session of its own, would get as much CPU as the
+    whole training. Raising the autogroup's nice is allowed to any user; without autogroups
+    the file is absent and `nice -n 19` alone does it.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text("19", encoding="utf-8")
+
+
 def main(workdir: str) -> int:
     """`agent guard DIR`: run the guard of the step whose directory is DIR."""
+    yield_to_the_job()
     return Guard(Path(workdir)).run()
