@@ -295,6 +295,16 @@ def test_restore_says_miss_and_corrupt(tmp_path: Path) -> None:
     assert _listing(out) == keep, "a refused archive leaves the outputs as they were"
 
 
+def test_an_unreachable_bucket_means_the_step_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _tree(out)
+    env = {**os.environ, "RCLONE_CONFIG": str(tmp_path / "none.conf")}
+    attempt = restore(tmp_path / "run", _step(out, "nosuchremote:cache"), env)
+    assert not attempt.restored and attempt.reason.startswith("cache unreachable ("), attempt
+    assert "didn't find section in config file" in attempt.reason
+    assert attempt.reason.endswith(": ran")
+
+
 def test_a_secret_never_reaches_the_bucket(tmp_path: Path) -> None:
     out, remote = tmp_path / "out", tmp_path / "remote"
     _tree(out)

@@ -30,8 +30,12 @@ from typing import Any
 
 from provision.checkpoints.remote import _last_error, find_rclone, rclone_path
 
-#: Seconds a small call (an entry, a listing, a rename) may take.
-QUICK_TIMEOUT_S = 120
+#: Seconds a small call (an entry, a listing, a rename) may take: a lookup sits on the
+#: critical path of the step it would restore, and a bucket that does not answer must cost
+#: little before the step simply runs.
+QUICK_TIMEOUT_S = 60
+#: rclone's own connect and idle timeouts, for every call.
+_TIMEOUTS = ["--contimeout", "10s", "--timeout", "60s"]
 CHUNK = 1 << 20
 
 
@@ -139,7 +143,7 @@ class Store:
     def _argv(self, args: list[str]) -> list[str]:
         if self.rclone is None:
             raise StoreError("rclone is not installed on the box (tool-rclone installs it)")
-        argv = [self.rclone, *args, "--retries", "2", "--low-level-retries", "3"]
+        argv = [self.rclone, *args, "--retries", "2", "--low-level-retries", "3", *_TIMEOUTS]
         if self.config:
             argv += ["--config", self.config]
         return argv
