@@ -18,6 +18,33 @@ from typing import Any
 import yaml
 from boxes import Box, run_cli
 
+#: One quick step: what a test that is about reaching the box runs.
+QUICK = """
+name: quick
+steps:
+  - id: hello
+    kind: shell
+    run: echo hello from $HOME
+"""
+
+#: first -> long (sleeps `{seconds}`) -> last, each counting its runs in ~/count-ID: a run to
+#: cut the link under (`AWAY.format(seconds=N)`).
+AWAY = """
+name: away
+steps:
+  - id: first
+    kind: shell
+    run: echo x >> ~/count-first
+  - id: long
+    kind: shell
+    needs: [first]
+    run: echo x >> ~/count-long; sleep {seconds}
+  - id: last
+    kind: shell
+    needs: [long]
+    run: echo x >> ~/count-last
+"""
+
 
 @dataclass
 class Project:

@@ -19,19 +19,11 @@ import pytest
 from boxes import Box, _free_port, _write_sshd_config
 from conftest import TRANSPORTS
 from netlink import Link
-from project import Project, one_line_error
+from project import QUICK, Project, one_line_error
 
 #: Every test here runs over both transports: each one's host-key, ~/.ssh/config and
 #: authentication handling is its own code.
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)]
-
-QUICK = """
-name: quick
-steps:
-  - id: hello
-    kind: shell
-    run: echo hello from $HOME
-"""
 
 
 def _move(box: Box, host: str) -> None:

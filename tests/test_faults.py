@@ -33,7 +33,7 @@ import pytest
 from boxes import Box
 from conftest import TRANSPORTS
 from netlink import Link
-from project import Project, count, one_line_error, wait_for
+from project import AWAY, Project, count, one_line_error, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -450,22 +450,6 @@ def test_disk_full_under_the_agent_state_keeps_state_and_logs_readable(
 
 # ------------------------------------------------------------------ the box unreachable
 
-LONG = """
-name: away
-steps:
-  - id: first
-    kind: shell
-    run: echo x >> ~/count-first
-  - id: long
-    kind: shell
-    needs: [first]
-    run: echo x >> ~/count-long; sleep {seconds}
-  - id: last
-    kind: shell
-    needs: [long]
-    run: echo x >> ~/count-last
-"""
-
 
 def _timed(fn: Callable[[], subprocess.CompletedProcess]) -> tuple[str, float]:
     start = time.monotonic()
@@ -485,7 +469,7 @@ def _all_done_on_box(box: Box, run: str) -> bool:
 def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
     project: Project, box: Box
 ) -> None:
-    project.playbook(LONG.format(seconds=4))
+    project.playbook(AWAY.format(seconds=4))
     assert project.up("box1", extra=["--detach"]).returncode == 0
     wait_for(lambda: count(box, "long") == 1, what="the long step")
     box.stop()
@@ -509,7 +493,7 @@ def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
 def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(
     project: Project, box: Box, tmp_path: Path
 ) -> None:
-    project.playbook(LONG.format(seconds=8))
+    project.playbook(AWAY.format(seconds=8))
     with Link(box) as link:
         inventory = link.inventory(tmp_path / "linked.yaml", project.connection)
         args = ("-p", "playbooks/test.yaml", "-i", str(inventory))

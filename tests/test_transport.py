@@ -22,37 +22,12 @@ from pathlib import Path
 import pytest
 from boxes import Box
 from conftest import TRANSPORTS
-from project import Project, count, one_line_error, wait_for
+from project import AWAY, QUICK, Project, count, one_line_error, wait_for
 
 from provision.errors import ConfigError, TargetError
 from provision.inventory import Host, load_inventory, resolve_targets
 from provision.transport import for_host, kind_of
 from provision.transport import known_hosts as trusted
-
-QUICK = """
-name: quick
-steps:
-  - id: hello
-    kind: shell
-    run: echo hello from $HOME
-"""
-
-LONG = """
-name: away
-steps:
-  - id: first
-    kind: shell
-    run: echo x >> ~/count-first
-  - id: long
-    kind: shell
-    needs: [first]
-    run: echo x >> ~/count-long; sleep 14
-  - id: last
-    kind: shell
-    needs: [long]
-    run: echo x >> ~/count-last
-"""
-
 
 # ------------------------------------------------------------------ no box needed
 
@@ -250,7 +225,7 @@ def _frozen_sshd(box: Box) -> Iterator[None]:
 def test_a_box_whose_sshd_stops_answering_is_unreachable_within_10s(
     project: Project, box: Box
 ) -> None:
-    project.playbook(LONG)
+    project.playbook(AWAY.format(seconds=14))
     project.write_inventory()
     follower = subprocess.Popen(
         [sys.executable, "-m", "provision.cli", "up", "box1", "-p", "playbooks/test.yaml"],
