@@ -576,7 +576,8 @@ def test_a_second_box_restores_and_verifies_instead_of_running(
     reason = cached.steps("box2")["build"]["reason"]
     assert "cached copy unusable" in reason and "corrupt or truncated" in reason, reason
     assert count(box2, "build") == 1
-    assert _saved(cached, "box2")["state"] == "saved"
+    saved = _saved(cached, "box2")
+    assert saved["state"] == "saved", saved
     assert len(_entries(remote)) == 1 and _objects(remote) != [obj]
     assert [str(p.relative_to(remote)) for p in _objects(remote)] == [
         json.loads(_entries(remote)[0].read_text())["object"]

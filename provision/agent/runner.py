@@ -539,6 +539,10 @@ class CacheHook:
         self.restored: dict[str, set[str]] = {}
         #: Steps that ran, awaiting their unit: (key, whether the entry there is to be replaced).
         self.to_save: dict[str, tuple[str, bool]] = {}
+        #: Per step that ran: the unit members not yet done since. A member's DONE status can
+        #: be an earlier run's, with the member about to run again and write into the outputs
+        #: the save would be reading.
+        self.unit_left: dict[str, set[str]] = {}
         for sid, step in runner.steps.items():
             pending = (
                 read_json(runner.run.step_dir(sid) / self.PENDING, None) if step.cache else None
@@ -562,14 +566,20 @@ class CacheHook:
                     pending.unlink()
             else:
                 self.to_save[step_id] = (str(outcome["key"]), bool(outcome.get("replace")))
+                self.unit_left[step_id] = set(step.cache.get("with") or [])
                 with contextlib.suppress(OSError):
                     write_json_atomic(
                         pending, {"key": outcome["key"], "replace": outcome.get("replace")}
                     )
+        for left in self.unit_left.values():
+            left.discard(step_id)
         for sid, (key, replace) in list(self.to_save.items()):
             members = [sid, *((self.runner.steps[sid].cache or {}).get("with") or [])]
-            if all(self.runner.status(m) is StepStatus.DONE for m in members):
+            if not self.unit_left.get(sid) and all(
+                self.runner.status(m) is StepStatus.DONE for m in members
+            ):
                 del self.to_save[sid]
+                self.unit_left.pop(sid, None)
                 self.spawn(sid, key, replace)
 
     def spawn(self, step_id: str, key: str, replace: bool) -> None:
