@@ -60,9 +60,14 @@ def fetch_wheels(cache: Path = CACHE) -> Path:
     if (wheels / ".complete").exists():
         return wheels
     wheels.mkdir(parents=True, exist_ok=True)
+    # Every glibc tag a 2.28 box accepts, named: pip 23's `--platform` takes a tag literally
+    # (jaxlib 0.10.2 ships manylinux_2_27 only, and `--platform manylinux_2_28_x86_64` alone
+    # finds no jaxlib there).
+    platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(28, 16, -1)]
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--only-binary", ":all:", "--dest",
-         str(wheels), "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
+         str(wheels), "--python-version", "3.11",
+         *(arg for tag in [*platforms, "manylinux2014_x86_64"] for arg in ("--platform", tag)),
          "--implementation", "cp", *WHEELS],
         check=True,
     )  # fmt: skip
