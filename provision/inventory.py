@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision import earlyssh
 from provision.errors import ConfigError, TargetError
 from provision.yamlsrc import LineMap, load_yaml
 
@@ -92,6 +93,8 @@ class Inventory:
 
 def load_inventory(path: Path | None) -> Inventory:
     """Load an inventory file; a missing default inventory is an empty one."""
+    if path is not None:
+        earlyssh.depends_on(str(path))  # a remembered ssh line holds while this file does
     if path is None or not path.exists():
         return Inventory(path=None)
     data = load_yaml(path)

@@ -342,9 +342,10 @@ def sweep_stale_users() -> None:
 def run_cli(
     args: Sequence[str], *, env: Mapping[str, str], timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the bootstrap CLI (`python -m provision.cli ARGS`) as a subprocess, output as text."""
+    """Run the bootstrap CLI (`python -m provision ARGS`, as the console script) as a
+    subprocess, output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "provision.cli", *args],
+        [sys.executable, "-m", "provision", *args],
         env=dict(env),
         cwd=cwd,
         stdin=subprocess.DEVNULL,

@@ -8,6 +8,8 @@
   open instead of a handshake.
 - `open_early` starts that master's handshake in a thread as soon as the targets are known, so
   it overlaps loading and resolving the playbook; every command waits for it, then rides it.
+  For a command line seen before, the master was already started at process start
+  (provision/earlyssh.py): `open_early` then waits for that one.
 - BatchMode: never a password prompt; the user's ~/.ssh/config (aliases, IdentityFile,
   ProxyJump) still applies, and messages name the address and keys ssh really used (`ssh -G`).
 - An authentication failure is retried with backoff for `auth_wait` seconds (a new vast.ai box
@@ -25,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from provision import earlyssh
 from provision.errors import ProvisionError, TargetError
 from provision.home import control_dir, known_hosts
 from provision.inventory import Host
@@ -112,8 +115,16 @@ class SSHTransport:
         # trip); with ControlPersist, ssh returns once the master listens, or at once when one
         # already does. A failure is not reported here: the command that needs the box tries
         # again and says.
+        argv = self.base_argv(no_command=True)
+        early = earlyssh.claim(argv)  # the same master, started before the CLI's imports
+        if early is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if early.wait(timeout=30) == 0:
+                    self._authenticated = True
+                    return
         with contextlib.suppress(ProvisionError):
-            self._ssh(self.base_argv(no_command=True), b"", timeout=30)
+            if self._ssh(argv, b"", timeout=30).rc == 0:
+                earlyssh.remember(argv)
 
     def _await_early(self) -> None:
         """Wait for the early handshake: a second client started meanwhile would make its own
