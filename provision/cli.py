@@ -1,7 +1,10 @@
 """The `bootstrap` command line (typer). The only module that exits.
 
-Exit codes: 0 every selected step done; 1 a step failed, errored or is blocked; 2 bad input
-(config, usage, unknown target, unreachable host, refused key) — printed as one line.
+Commands parse their arguments, build the objects the work needs and render through
+`console.py`; what they return or raise becomes the exit code in one place (`exit_codes`):
+0 every selected step done; 1 a step failed, errored or is blocked; 2 bad input (config, usage,
+unknown target, unreachable host, refused key), printed as one line; 3 a bug in bootstrap, one
+line naming the debug log that holds its traceback (see provision/bugs.py).
 Heavy modules are imported inside the commands, so `bootstrap --version` starts fast.
 """
 
@@ -9,23 +12,107 @@ Heavy modules are imported inside the commands, so `bootstrap --version` starts 
 # start-up (typing.get_type_hints), and postponed ones would be strings evaluated again each
 # time (~25 ms of CPU per command, any command).
 import contextlib
+import functools
+import importlib
 import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from provision import __version__
-from provision.errors import ProvisionError, TargetError
+from provision.errors import ProvisionError, TargetError, UsageError
+
+#: The exceptions of the click typer runs on (typer 0.2x vendors its own copy of click).
+click = importlib.import_module(typer.BadParameter.__module__)
+#: Raised for a bare `bootstrap` by click >= 8.2 (earlier ones print the help and exit).
+_NO_ARGS: Any = getattr(click, "NoArgsIsHelpError", ())
+
+
+def _error(line: str) -> None:
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def _usage_line(exc: Any) -> str:
+    """A click usage error as one line: what is wrong, and where the command's help is."""
+    path = exc.ctx.command_path if exc.ctx is not None else "bootstrap"
+    return f"{path}: {exc.format_message()} (see `{path} --help`)"
+
+
+def exit_codes(body: Callable[[], int | None]) -> Callable[[], int]:
+    """The one place where what a command returned or raised becomes its exit code.
+
+    Bad input (a ProvisionError, a usage error) is one line and its code (2); Ctrl-C detaches
+    (130); anything else is a bug: one line naming the debug log with its traceback, exit 3.
+    """
+
+    @functools.wraps(body)
+    def code() -> int:
+        try:
+            result = body()
+        except ProvisionError as exc:
+            _error(str(exc))
+            return exc.exit_code
+        except _NO_ARGS as exc:
+            exc.show()
+            return int(exc.exit_code)
+        except click.UsageError as exc:
+            _error(_usage_line(exc))
+            return 2
+        except typer.Exit as exc:
+            return int(exc.exit_code)
+        except click.ClickException as exc:
+            _error(exc.format_message())
+            return int(exc.exit_code)
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                "\ndetached: the run goes on on the box; see `bootstrap status TARGET`\n"
+            )
+            return 130
+        except typer.Abort:
+            _error("aborted")
+            return 1
+        except BrokenPipeError:
+            return 1  # the reader went away (`| head`): nothing more can be said to it
+        except Exception as exc:
+            from provision import bugs
+
+            _error(bugs.report(exc))
+            return 3
+        return result or 0
+
+    return code
+
+
+class _Bootstrap(TyperGroup):
+    """Runs a command line through `exit_codes` (click's own error boxes never show)."""
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **_: Any
+    ) -> NoReturn:
+        argv = list(sys.argv[1:] if args is None else args)
+
+        @exit_codes
+        def run() -> int | None:
+            with self.make_context(prog_name or "bootstrap", argv) as ctx:
+                result = self.invoke(ctx)
+            return result if isinstance(result, int) else None
+
+        sys.exit(run())
+
 
 if TYPE_CHECKING:
     from provision.model import Plan, PlannedStep, Snapshot
 
 app = typer.Typer(
+    cls=_Bootstrap,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -112,12 +199,6 @@ def main(
     """Take a rented GPU box from nothing to a running, verified training job."""
 
 
-def fail(error: ProvisionError | str, code: int = 2) -> NoReturn:
-    """Print one line (never a traceback) and exit."""
-    sys.stderr.write(f"error: {error}\n")
-    raise typer.Exit(code)
-
-
 def _playbook_path(path: Path | None) -> Path:
     if path is not None:
         return path
@@ -137,6 +218,22 @@ def _extra_vars(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _load_inventory(path: Path | None) -> Any:
+    """The inventory named by -i (it must exist), else ./inventory.yaml when there is one."""
+    from provision.inventory import load_inventory
+
+    if path is not None and not path.exists():
+        raise ProvisionError(f"{path}: no such inventory file")
+    return load_inventory(path if path is not None else DEFAULT_INVENTORY)
+
+
+def _inventory_given(path: Path | None) -> None:
+    """`-i` on a command that reads nothing from an inventory: the file must still be valid
+    (so one `-i` works on every command, and a wrong one is not silently ignored)."""
+    if path is not None:
+        _load_inventory(path)
+
+
 class Loaded:
     """Playbook, inventory and hosts for a command."""
 
@@ -149,12 +246,9 @@ class Loaded:
     ) -> None:
         """`on_hosts` gets the targets as soon as they are known, before the playbook loads
         (`up` starts their ssh handshakes there)."""
-        from provision.inventory import load_inventory, resolve_targets
+        from provision.inventory import resolve_targets
 
-        inv_path = inventory if inventory is not None else DEFAULT_INVENTORY
-        if inventory is not None and not inventory.exists():
-            raise ProvisionError(f"{inventory}: no such inventory file")
-        self.inventory = load_inventory(inv_path)
+        self.inventory = _load_inventory(inventory)
         _add_rented(self.inventory)
         self.playbook_path = _playbook_path(playbook)
         if not self.playbook_path.exists():
@@ -185,8 +279,11 @@ def _add_rented(inventory: Any) -> None:
 
 
 def _redactor(values: list[str]) -> Any:
+    """What hides the command's secret values on the terminal (and in the debug log)."""
+    from provision import bugs
     from provision.agent.redact import Redactor
 
+    bugs.register_secrets(values)
     return Redactor(values)
 
 
@@ -204,6 +301,21 @@ def _open_early(
     return start
 
 
+@dataclass
+class Boxes:
+    """What per-box work gave: each box's result, or its one-line error (`bugs`: the boxes
+    whose error is a bug, its traceback in the debug log)."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    bugs: set[str] = field(default_factory=set)
+
+    @property
+    def code(self) -> int:
+        """3 if a box hit a bug, 2 if one could not do the work (bad input, unreachable)."""
+        return 3 if self.bugs else 2 if self.errors else 0
+
+
 def _each_box(
     hosts: list[Any],
     work: Any,
@@ -211,17 +323,17 @@ def _each_box(
     auth_wait: float = 0.0,
     transports: dict[str, Any] | None = None,
     meanwhile: Callable[[], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run `work(box)` for every host in parallel (over `transports` opened early, when given);
-    returns results and one-line errors. `meanwhile` runs here once the boxes' threads started.
+) -> Boxes:
+    """Run `work(box)` for every host in parallel (over `transports` opened early, when given).
+    `meanwhile` runs here once the boxes' threads started.
 
     Each box is on its own: whatever goes wrong with one is reported for it, and the others
     carry on (a bug hit by one box included, rather than dropping it from the summary).
     """
+    from provision import bugs
     from provision.controller import Box, connect
 
-    results: dict[str, Any] = {}
-    errors: dict[str, str] = {}
+    done = Boxes()
     opened = transports or {}
 
     def one(host: Any) -> None:
@@ -231,11 +343,12 @@ def _each_box(
                 if host.name in opened
                 else connect(host, accept_new, auth_wait)
             )
-            results[host.name] = work(box)
+            done.results[host.name] = work(box)
         except ProvisionError as exc:
-            errors[host.name] = str(exc)
+            done.errors[host.name] = str(exc)
         except Exception as exc:
-            errors[host.name] = f"{host.name}: internal error: {type(exc).__name__}: {exc}"
+            done.errors[host.name] = bugs.report(exc, box=host.name)
+            done.bugs.add(host.name)
 
     threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
     for t in threads:
@@ -245,14 +358,14 @@ def _each_box(
     for t in threads:
         while t.is_alive():
             t.join(timeout=0.2)
-    return results, errors
+    return done
 
 
-def _exit_for(finals: "dict[str, Snapshot]", errors: dict[str, str]) -> int:
+def _exit_for(finals: "dict[str, Snapshot]", boxes: Boxes | None = None) -> int:
     from provision.model import StepStatus
 
-    if errors:
-        return 2
+    if boxes is not None and boxes.code:
+        return boxes.code
     if any(snap.runner_error for snap in finals.values()):
         return 3  # a bug in bootstrap: the runner on the box crashed
     for snap in finals.values():
@@ -323,7 +436,7 @@ def _run_up(
         {n: timings.expected(n) for n in names},
     )
     try:
-        finals, errors = _each_box(
+        boxes = _each_box(
             loaded.hosts,
             lambda box: controller.up(
                 box,
@@ -344,6 +457,7 @@ def _run_up(
     from provision import console
 
     out = view.out
+    finals = boxes.results
     for snap in finals.values():
         timings.record(snap.run, snap.steps)
     if detach:
@@ -351,11 +465,11 @@ def _run_up(
             console.wait_hint(
                 out, f"{host}: running on the box; follow with: bootstrap status {host} --watch"
             )
-        console.print_summary(out, {}, errors)
-        return 2 if errors else 0
-    console.print_summary(out, finals, errors)
+        console.print_summary(out, {}, boxes.errors)
+        return boxes.code
+    console.print_summary(out, finals, boxes.errors)
     _crashes(out, finals)
-    return _exit_for(finals, errors)
+    return _exit_for(finals, boxes)
 
 
 def _notice(host: str, text: str) -> None:
@@ -373,23 +487,11 @@ def _crashes(out: Any, snaps: "dict[str, Snapshot]") -> None:
             out.error(f"{host}: {snap.runner_error}")
 
 
-def _guard(fn: Any, *args: Any, **kwargs: Any) -> NoReturn:
-    """Run a command body; map bad input to one line and exit code 2, Ctrl-C to a detach."""
-    try:
-        code = fn(*args, **kwargs)
-    except ProvisionError as exc:
-        fail(exc, exc.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("\ndetached: the run goes on on the box; see `bootstrap status TARGET`\n")
-        raise typer.Exit(130) from None
-    raise typer.Exit(code or 0)
-
-
 def _up_and_end(*args: Any) -> NoReturn:
     """`_run_up`, then end the process without the interpreter's teardown: freeing typer's,
     rich's and jinja2's modules costs tens of ms of CPU a no-op `up` would wait for, and `up`
     has nothing left to clean up by then (its threads ended, its files are written, its
-    output is flushed here)."""
+    output is flushed here). An exception goes on to `exit_codes` as from any command."""
     code = _run_up(*args)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -431,22 +533,25 @@ def up(
         ),
     ] = False,
     check_every: CheckEveryOpt = 60.0,
-) -> None:
+) -> int:
     """Run the playbook on the targets (on the box: closing the laptop does not stop it)."""
     if rent is None and not targets:
-        fail("up needs a target (or --rent QUERY to rent one on vast.ai)")
+        raise UsageError("up needs a target (or --rent QUERY to rent one on vast.ai)")
     if keep_alive and rent is None:
-        fail("--keep-alive is for rented boxes: add --rent QUERY (or use monitor TARGET --watch)")
+        raise UsageError(
+            "--keep-alive is for rented boxes: add --rent QUERY (or use monitor TARGET --watch)"
+        )
     if rent is not None:
         options = dict(count=count, max_price=max_price, interruptible=interruptible, bid=bid,
                        disk_gb=disk, image=image, label=label, budget=budget, key=key)  # fmt: skip
         watch = check_every if keep_alive else None
-        _guard(
-            _rent_up, rent, options, targets or [], playbook, inventory, tags, var, detach,
+        return _rent_up(
+            rent, options, targets or [], playbook, inventory, tags, var, detach,
             auth_wait, watch,
         )  # fmt: skip
-    _guard(_up_and_end, targets, playbook, inventory, tags, var, detach, accept_new_host_key,
-           auth_wait)  # fmt: skip
+    _up_and_end(
+        targets or [], playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait
+    )
 
 
 @app.command()
@@ -464,14 +569,14 @@ def rerun(
     detach: Annotated[bool, typer.Option("--detach", "-d")] = False,
     accept_new_host_key: KeyOpt = False,
     auth_wait: AuthWaitOpt = 60.0,
-) -> None:
+) -> int:
     """Mark STEP (and everything downstream) pending on each target and run again."""
     if len(targets_and_step) < 2:
-        fail("rerun needs a target and a step: bootstrap rerun TARGET... STEP")
+        raise UsageError("rerun needs a target and a step: bootstrap rerun TARGET... STEP")
     *targets, step = targets_and_step
     reset = {"step": step, "only": only}
-    _guard(
-        _run_up, targets, playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait,
+    return _run_up(
+        targets, playbook, inventory, tags, var, detach, accept_new_host_key, auth_wait,
         reset,
     )  # fmt: skip
 
@@ -494,9 +599,10 @@ def _status(
     run = loaded.book.name if playbook is not None else None
     out = console.Out()
     while True:
-        snaps, errors = _each_box(
+        boxes = _each_box(
             loaded.hosts, lambda box: controller.status(box, run, lines), auth_wait=auth_wait
         )
+        snaps = boxes.results
         ordered = [snaps[h.name] for h in loaded.hosts if h.name in snaps]
         if as_json:
             for snap in ordered:
@@ -505,11 +611,11 @@ def _status(
             if watch:
                 out.console.clear()
             console.print_status(out, ordered, verbose_tail=3)
-        for message in errors.values():
+        for message in boxes.errors.values():
             out.error(message)
         _crashes(out, snaps)
         if not watch:
-            return 2 if errors else _exit_for(snaps, {})
+            return _exit_for(snaps, boxes)
         time.sleep(interval)
 
 
@@ -525,9 +631,9 @@ def status(
     ] = 2.0,
     lines: Annotated[int, typer.Option("--lines", "-n", help="log lines per step")] = 10,
     auth_wait: AuthWaitOpt = 0.0,
-) -> None:
+) -> int:
     """Show every step of the run on the targets (one SSH round trip each)."""
-    _guard(_status, targets, playbook, inventory, as_json, watch, interval, lines, auth_wait)
+    return _status(targets, playbook, inventory, as_json, watch, interval, lines, auth_wait)
 
 
 def _logs(
@@ -548,9 +654,9 @@ def logs(
     inventory: InventoryOpt = None,
     lines: Annotated[int, typer.Option("--lines", "-n")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
-) -> None:
+) -> int:
     """Print or follow a step's log."""
-    _guard(_logs, target, step, playbook, inventory, lines, follow)
+    return _logs(target, step, playbook, inventory, lines, follow)
 
 
 def _plan(
@@ -567,18 +673,19 @@ def _plan(
     plans = loaded.plans(tags, _extra_vars(variables))
     secrets = {name: controller.secrets_for(plan, loaded.inventory) for name, plan in plans.items()}
     out = console.Out(_redactor([v for s in secrets.values() for v in s.values()]))
-    results, errors = _each_box(
+    boxes = _each_box(
         loaded.hosts, lambda box: controller.plan(box, plans[box.name], secrets[box.name])
     )
+    results = boxes.results
     for host in loaded.hosts:
         if host.name in results:
             if as_json:
                 print(json.dumps(dict(results[host.name], host=host.name)))
             else:
                 console.print_plan(out, host.name, results[host.name])
-    for message in errors.values():
+    for message in boxes.errors.values():
         out.error(message)
-    return 2 if errors else 0
+    return boxes.code
 
 
 @app.command()
@@ -589,16 +696,15 @@ def plan(
     tags: TagsOpt = None,
     var: VarsOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
+) -> int:
     """Say, step by step, what `up` would do and why; change nothing on the box."""
-    _guard(_plan, targets, playbook, inventory, tags, var, as_json)
+    return _plan(targets, playbook, inventory, tags, var, as_json)
 
 
-def _graph(playbook: Path | None, fmt: str) -> int:
+def _graph(playbook: Path | None, inventory: Path | None, fmt: str) -> int:
     from provision import console, dag, timings
-    from provision.playbook import load_playbook
 
-    book = load_playbook(_playbook_path(playbook))
+    book = Loaded(playbook, inventory, None).book
     ids = {s.id for s in book.steps}
     needs = {k: [n for n in v if n in ids] for k, v in book.needs.items()}
     # Measured on earlier runs of this playbook (the boxes `up` followed), else `estimate:`.
@@ -660,12 +766,13 @@ def _graph(playbook: Path | None, fmt: str) -> int:
 @app.command()
 def graph(
     playbook: PlaybookOpt = None,
+    inventory: InventoryOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="tree | mermaid | dot")] = "tree",
-) -> None:
+) -> int:
     """Draw the playbook's DAG with its critical path (measured durations, else `estimate:`)."""
     if fmt not in ("tree", "mermaid", "dot"):
-        fail("--format must be tree, mermaid or dot")
-    _guard(_graph, playbook, fmt)
+        raise UsageError("--format must be tree, mermaid or dot")
+    return _graph(playbook, inventory, fmt)
 
 
 def _kinds(name: str | None) -> int:
@@ -702,19 +809,21 @@ def kind_example(name: str) -> str:
 
 
 @app.command()
-def kinds(name: Annotated[str | None, typer.Argument(help="a kind to describe")] = None) -> None:
+def kinds(
+    name: Annotated[str | None, typer.Argument(help="a kind to describe")] = None,
+    inventory: InventoryOpt = None,
+) -> int:
     """List step kinds, or describe one with its params and an example."""
-    _guard(_kinds, name)
+    _inventory_given(inventory)
+    return _kinds(name)
 
 
 def _forget(target: str, inventory: Path | None) -> int:
-    from provision.inventory import load_inventory, resolve_targets
+    from provision.inventory import resolve_targets
     from provision.transport import for_host
     from provision.transport.ssh import parse_forget_target
 
-    if inventory is not None and not inventory.exists():
-        raise ProvisionError(f"{inventory}: no such inventory file")
-    inv = load_inventory(inventory if inventory is not None else DEFAULT_INVENTORY)
+    inv = _load_inventory(inventory)
     named = target in inv.hosts or target in inv.groups
     # An inventory name: its key is stored under the host and port it names.
     hosts = (
@@ -735,9 +844,9 @@ def forget(
         str, typer.Argument(help="HOST[:PORT], or an inventory host or group, to forget")
     ],
     inventory: InventoryOpt = None,
-) -> None:
+) -> int:
     """Forget a host's trusted key (after vast.ai gave its address to a new box)."""
-    _guard(_forget, target, inventory)
+    return _forget(target, inventory)
 
 
 def _launch_steps(plan: "Plan", step_id: str | None) -> "PlannedStep":
@@ -797,7 +906,7 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
         steps = [s for s in plans[name].steps if s.kind == "preflight"]
         return steps[0] if steps else PlannedStep(id="preflight", kind="preflight")
 
-    reports, errors = _each_box(
+    boxes = _each_box(
         loaded.hosts,
         lambda box: controller.check(
             box,
@@ -806,6 +915,7 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
             plans[box.name].name,
         ),
     )
+    reports = boxes.results
     for host in loaded.hosts:
         if host.name not in reports:
             continue
@@ -816,10 +926,10 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
             verdict = "ready" if report["ok"] else f"NOT ready: {', '.join(report['failed'])}"
             print(f"{host.name}: {verdict}")
             print(render_rows(report["rows"]))
-    for message in errors.values():
-        sys.stderr.write(f"error: {message}\n")
-    if errors:
-        return 2
+    for message in boxes.errors.values():
+        _error(message)
+    if boxes.code:
+        return boxes.code
     return 0 if all(r["ok"] for r in reports.values()) else 1
 
 
@@ -829,9 +939,9 @@ def check(
     playbook: PlaybookOpt = None,
     inventory: InventoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
+) -> int:
     """Preflight the boxes: GPUs (ERR! rows fail), disk, RAM and cores, python, tmux."""
-    _guard(_check, targets, playbook, inventory, as_json)
+    return _check(targets, playbook, inventory, as_json)
 
 
 def _monitor(
@@ -929,9 +1039,9 @@ def monitor(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w")] = False,
     interval: Annotated[float, typer.Option("--interval", min=1, max=30)] = 10.0,
-) -> None:
+) -> int:
     """Training progress (step, loss, s/step, ETA), GPUs, host, and alerts (exit 1 if any)."""
-    _guard(_monitor, target, playbook, inventory, step, batch_size, as_json, watch, interval)
+    return _monitor(target, playbook, inventory, step, batch_size, as_json, watch, interval)
 
 
 def _checkpoints(
@@ -979,9 +1089,9 @@ def checkpoints(
         int | None, typer.Option("--at", help="only the checkpoint of this step")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
+) -> int:
     """A job's checkpoints on the box and on its remote: uploaded, partial, verified, broken."""
-    _guard(_checkpoints, target, step, playbook, inventory, only, as_json)
+    return _checkpoints(target, step, playbook, inventory, only, as_json)
 
 
 def _diagnose(
@@ -1062,10 +1172,12 @@ def diagnose(
     ] = None,
     var: VarsOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
+    inventory: InventoryOpt = None,
+) -> int:
     """Explain a log: the known-issues catalog (exit 1: nothing known), or with --step whether it
     shows that wait_log step's markers (exit 0 met, 1 not met)."""
-    _guard(_diagnose, source, as_json, playbook, step, var)
+    _inventory_given(inventory)
+    return _diagnose(source, as_json, playbook, step, var)
 
 
 def _attach(target: str, session: str | None, playbook: Path | None, inventory: Path | None) -> int:
@@ -1089,9 +1201,9 @@ def attach(
     ] = None,
     playbook: PlaybookOpt = None,
     inventory: InventoryOpt = None,
-) -> None:
+) -> int:
     """Open a training's tmux session interactively over SSH (detach with Ctrl-B D)."""
-    _guard(_attach, target, session, playbook, inventory)
+    return _attach(target, session, playbook, inventory)
 
 
 def _stats(
@@ -1122,9 +1234,11 @@ def stats(
     ] = None,
     action_key: Annotated[str | None, typer.Option("--action-key")] = None,
     state_key: Annotated[str | None, typer.Option("--state-key")] = None,
-) -> None:
+    inventory: InventoryOpt = None,
+) -> int:
     """Dataset statistics without TensorFlow: exact mean/std/min/max/q01/q99 per dimension."""
-    _guard(_stats, path, fmt, schema, output, action_key, state_key)
+    _inventory_given(inventory)
+    return _stats(path, fmt, schema, output, action_key, state_key)
 
 
 def _sample_data(output: str, preset: str, episodes: int | None, steps: int | None) -> int:
@@ -1145,9 +1259,11 @@ def sample_data(
     steps: Annotated[
         int | None, typer.Option("--steps", help="steps (RLDS) or frames (LeRobot) per episode")
     ] = None,
-) -> None:
+    inventory: InventoryOpt = None,
+) -> int:
     """Write a generated dataset in the runbook's on-disk layout (for trying things out)."""
-    _guard(_sample_data, output, preset, episodes, steps)
+    _inventory_given(inventory)
+    return _sample_data(output, preset, episodes, steps)
 
 
 # ------------------------------------------------------------------------------ vast.ai
@@ -1155,12 +1271,9 @@ def sample_data(
 
 def _vast(inventory: Path | None) -> Any:
     """The vast.ai account, its key from the inventory secret, the environment or vast's file."""
-    from provision.inventory import load_inventory
     from provision.rent.vast import Vast, api_key
 
-    if inventory is not None and not inventory.exists():
-        raise ProvisionError(f"{inventory}: no such inventory file")
-    inv = load_inventory(inventory if inventory is not None else DEFAULT_INVENTORY)
+    inv = _load_inventory(inventory)
     key, _source = api_key(inv.secret)
     return Vast(key)
 
@@ -1278,14 +1391,14 @@ def rent_command(
         float, typer.Option("--min-speed", min=0, help="lowest download Mbit/s")
     ] = 50.0,
     inventory: InventoryOpt = None,
-) -> None:
+) -> int:
     """Rent vast.ai box(es): best offers, SSH, a fitness check; a bad box is swapped."""
     options = dict(
         count=count, max_price=max_price, interruptible=interruptible, bid=bid, disk_gb=disk,
         image=image, label=label, budget=budget, key=key, order=order, ssh_timeout=ssh_timeout,
         speed_urls=speed_url, min_speed_mbps=min_speed,
     )  # fmt: skip
-    _guard(_rent, query, options, inventory)
+    return _rent(query, options, inventory)
 
 
 def _instances(inventory: Path | None, as_json: bool, key: Path | None) -> int:
@@ -1320,9 +1433,9 @@ def instances(
     inventory: InventoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per instance")] = False,
     key: SshKeyOpt = None,
-) -> None:
+) -> int:
     """bootstrap's vast.ai instances (from the API: also those rented elsewhere), cost so far."""
-    _guard(_instances, inventory, as_json, key)
+    return _instances(inventory, as_json, key)
 
 
 def _down(target: str, force: bool, playbook: Path | None, inventory: Path | None) -> int:
@@ -1375,10 +1488,10 @@ def down(
     ] = False,
     playbook: PlaybookOpt = None,
     inventory: InventoryOpt = None,
-) -> None:
+) -> int:
     """Destroy a rented box once its checkpoints are verified on the remote (or, with none
     declared, its run finished); billing stops."""
-    _guard(_down, target, force, playbook, inventory)
+    return _down(target, force, playbook, inventory)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ class ConfigError(ProvisionError):
     """A playbook, inventory or template that does not validate."""
 
 
+class UsageError(ProvisionError):
+    """A command line that does not make sense (a missing argument, options that conflict)."""
+
+
 class TargetError(ProvisionError):
     """A target that names no host, or a host that cannot be reached or authenticated."""
 

@@ -1,4 +1,5 @@
-"""Where bootstrap keeps its own files on the controller (known_hosts, agent cache, sockets)."""
+"""Where bootstrap keeps its own files on the controller (known_hosts, agent cache, sockets,
+the debug log)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ def config_dir() -> Path:
     path = Path(os.environ.get("BOOTSTRAP_CONFIG_DIR") or os.path.expanduser("~/.config/bootstrap"))
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
+
+
+def debug_log() -> Path:
+    """Where a bug's traceback goes (the terminal gets one line naming this file)."""
+    return config_dir() / "debug.log"
 
 
 def known_hosts() -> Path:
