@@ -33,7 +33,15 @@ class LineList(list):  # type: ignore[type-arg]
     item_lines: list[int]
 
 
-class _Loader(yaml.SafeLoader):
+#: libyaml's parser when PyYAML was built with it: the same nodes and marks, ~7x less CPU (a
+#: playbook parses in ~5 ms instead of ~35: a no-op `up` pays it before anything else).
+try:
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # PyYAML without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
+
+class _Loader(_SafeLoader):
     """SafeLoader building LineMap/LineList and refusing duplicate keys."""
 
     source = "<yaml>"
