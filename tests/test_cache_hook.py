@@ -63,3 +63,17 @@ def test_a_restored_step_is_not_saved(hook: tuple[CacheHook, list[Any]]) -> None
     cache.step_done("build", {"key": "k3", "restored": True})
     cache.step_done("finish", None)
     assert spawned == [] and cache.restored_for("finish") == {"build"}
+
+
+def test_a_save_left_pending_by_a_killed_runner_waits_for_this_run_s_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = _Runner(tmp_path)
+    (tmp_path / "build" / CacheHook.PENDING).write_text('{"key": "k4", "replace": false}')
+    spawned: list[Any] = []
+    cache = CacheHook(runner)  # type: ignore[arg-type]
+    monkeypatch.setattr(cache, "spawn", lambda *args: spawned.append(args))
+    cache.step_done("build", None)  # found done in the new run: its save is still owed
+    assert spawned == [], "finish, DONE from before the kill, has not been decided again"
+    cache.step_done("finish", None)
+    assert spawned == [("build", "k4", False)]

@@ -549,6 +549,8 @@ class CacheHook:
             )
             if isinstance(pending, dict) and pending.get("key"):
                 self.to_save[sid] = (str(pending["key"]), bool(pending.get("replace")))
+                # This run decides the members again (and may run them): wait for that too.
+                self.unit_left[sid] = set((step.cache or {}).get("with") or [])
 
     def restored_for(self, step_id: str) -> set[str]:
         """The needs of `step_id` restored from the cache with it in their unit."""
