@@ -295,7 +295,7 @@ def test_secrets_reach_no_argv_on_either_side(project: Project, box: Box) -> Non
         sampler.join()
     assert up.returncode == 0, up.stdout + up.stderr
     assert any("sleep 2" in cmd for cmd in seen), "the sampler saw the step run"
-    assert any("provision.cli up box1" in cmd for cmd in seen), "and the controller"
+    assert any("-m provision up box1" in cmd for cmd in seen), "and the controller"
     assert [cmd for cmd in seen if CANARY in cmd] == []
     log = box.home / ".bootstrap/runs/secret/logs/use.log"
     assert "got ***" in log.read_text() and CANARY not in log.read_text()
