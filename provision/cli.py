@@ -639,11 +639,14 @@ def status(
 def _logs(
     target: str, step: str, playbook: Path | None, inventory: Path | None, lines: int, follow: bool
 ) -> int:
-    from provision import controller
+    from provision import console, controller
 
     loaded = Loaded(playbook, inventory, [target])
     run = loaded.book.name if playbook is not None else None
-    return controller.logs(controller.connect(loaded.hosts[0]), run, step, lines, follow)
+    out = console.Out()
+    for text in controller.logs(controller.connect(loaded.hosts[0]), run, step, lines, follow):
+        out.raw(text)
+    return 0
 
 
 @app.command()

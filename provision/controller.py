@@ -5,8 +5,14 @@ header line on stdin, installs the agent zipapp that follows it when the box lac
 (the controller remembers what each box has, so usually nothing follows), then hands the rest
 of stdin (plan and secrets) to the agent. Versions sit side by side, named by their sha256
 (`~/.bootstrap/agents/<sha256>.pyz`; `current.pyz` links the newest): a runner in progress
-keeps importing from its own file while a newer controller installs another. `up` keeps that channel open to stream snapshots;
-closing it (Ctrl-C, a dropped link) does not stop the run, which belongs to the box.
+keeps importing from its own file while a newer controller installs another. `up` keeps that
+channel open to stream snapshots; closing it (Ctrl-C, a dropped link) does not stop the run,
+which belongs to the box.
+
+Every command reaches the agent that way (`agent_run`, `agent_stream`; the `box_python` host
+var names the interpreter), and every agent verb answers as `provision/agent/protocol.py`
+says: JSON lines and an exit code; a refusal becomes a TargetError (one line, exit 2), a crash
+a BoxBug (a bug: exit 3, the box's traceback in the debug log).
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent import blobs as agent_blobs
+from provision.agent import protocol
+from provision.bugs import BoxBug
 from provision.bundle import Agent, build_agent
-from provision.errors import ProvisionError, TargetError
+from provision.errors import TargetError
 from provision.home import config_dir
 from provision.inventory import Host, Inventory
 from provision.model import Plan, PlannedStep, Snapshot
-from provision.transport import Result, Transport, for_host
+from provision.transport import Transport, for_host
 
 _PRELUDE = r"""
 import sys,os,json
@@ -66,12 +74,6 @@ _OLD_PYTHON = b"BOOTSTRAP_OLD_PYTHON"
 _CUT_AGENT = b"BOOTSTRAP_CUT_AGENT"
 _NEED_BLOBS = agent_blobs.NEED_BLOBS.encode()
 _INSTALL_FAILED = b"BOOTSTRAP_INSTALL_FAILED"
-#: The newest agent installed on the box, resolved (the command keeps the file it started
-#: with); `agent.pyz` is where agents before side-by-side versions lived.
-_AGENT = (
-    '"$(r="${BOOTSTRAP_AGENT_DIR:-$HOME/.bootstrap}"; if [ -e "$r/current.pyz" ]; '
-    'then readlink -f "$r/current.pyz"; else echo "$r/agent.pyz"; fi)"'
-)
 
 
 @dataclass
@@ -118,7 +120,7 @@ def _python(box: Box) -> str:
     return shlex.quote(str(box.host.vars.get("box_python", "python3")))
 
 
-def _blob_cache(box: Box) -> Any:
+def _blob_cache(box: Box) -> Path:
     return _cache_file(box).with_suffix(".blobs")
 
 
@@ -168,6 +170,7 @@ def _command(box: Box) -> str:
 
 
 def _stdin(agent: Agent, argv: list[str], payload: bytes, ship: bool, ephemeral: bool) -> bytes:
+    """The header line, the agent when shipped, and the payload."""
     header = {
         "sha": agent.sha256,
         "len": len(agent.data) if ship else 0,
@@ -177,7 +180,48 @@ def _stdin(agent: Agent, argv: list[str], payload: bytes, ship: bool, ephemeral:
     return json.dumps(header).encode() + b"\n" + (agent.data if ship else b"") + payload
 
 
-def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
+class _Shipment:
+    """Ship-and-retry, for both ways of calling the agent: the agent zipapp goes with the
+    call only when the box lacks it (a first call says so: NEED_AGENT), and a plan's blobs
+    all go when the box lacks some (NEED_BLOBS); each at most once per call."""
+
+    def __init__(self, box: Box, argv: list[str], payload: bytes | PlanPayload, ephemeral: bool):
+        self.box, self.argv, self.payload, self.ephemeral = box, argv, payload, ephemeral
+        self.agent = build_agent()
+        self.ship = not _box_has(box, self.agent)
+        self.everything = False
+
+    def stdin(self) -> bytes:
+        """What the prelude reads: see `_stdin`."""
+        data = _payload_bytes(self.box, self.payload, self.everything)
+        return _stdin(self.agent, self.argv, data, self.ship, self.ephemeral)
+
+    def again(self, first_line: bytes) -> bool:
+        """Whether the call must be made again with more (the box asked for it)."""
+        if first_line.startswith(_NEED_AGENT) and not self.ship:
+            self.ship = True
+            return True
+        if first_line.startswith(_NEED_BLOBS) and not self.everything:
+            self.everything = True
+            return True
+        return False
+
+    def done(self) -> None:
+        """The call succeeded: the box holds this agent and the payload's blobs now."""
+        if self.ship and not self.ephemeral:
+            _remember(self.box, self.agent)
+        if isinstance(self.payload, PlanPayload):
+            self.payload.remember(self.box)
+
+
+def _agent_failed(box: Box, verb: str, out: bytes, err: str) -> Exception:
+    """What a failed agent call is: the agent's refusal or crash (its last JSON line), the
+    prelude's own message, or what the shell said."""
+    answer = protocol.last_answer(out)
+    if answer is not None and answer.get("bug"):
+        return BoxBug(box.name, f"{verb}: {answer.get('error')}", err, _step_of(verb, answer))
+    if answer is not None and answer.get("error"):
+        return TargetError(f"{box.name}: {answer['error']}")
     if out.startswith(_OLD_PYTHON):
         version = out.split()[1].decode() if len(out.split()) > 1 else "?"
         return TargetError(f"{box.name}: python3 on the box is {version}; bootstrap needs >= 3.9")
@@ -192,8 +236,17 @@ def _agent_failed(box: Box, out: bytes, err: str) -> ProvisionError:
         return TargetError(
             f"{box.name}: no python3 on the box (install python3, or set the host var box_python)"
         )
+    if "Traceback (most recent call last)" in err:
+        # Crashed before its answer could be written (an import in the zipapp).
+        last = err.strip().splitlines()[-1]
+        return BoxBug(box.name, f"{verb}: {last}", err)
     tail = " | ".join(err.strip().splitlines()[-3:]) or out.decode("utf-8", "replace")[-300:]
     return TargetError(f"{box.name}: the agent failed: {tail}")
+
+
+def _step_of(verb: str, answer: dict[str, Any]) -> str | None:
+    step = answer.get("step")
+    return str(step) if step else None
 
 
 def agent_run(
@@ -203,81 +256,63 @@ def agent_run(
     *,
     ephemeral: bool = False,
     timeout: float = 120,
-) -> Result:
-    """Run an agent command to completion, shipping the agent (and a plan's blobs) only if
-    the box lacks them."""
-    agent = build_agent()
-    ship = not _box_has(box, agent)
-    everything = False
+) -> dict[str, Any]:
+    """Run an agent verb to completion; its answer (the last JSON line it printed). Raises
+    TargetError when it refused, BoxBug when it crashed."""
+    call = _Shipment(box, argv, payload, ephemeral)
     while True:
-        data = _payload_bytes(box, payload, everything)
-        result = box.transport.run(
-            _command(box), _stdin(agent, argv, data, ship, ephemeral), timeout
-        )
-        if result.rc == 3 and result.stdout.startswith(_NEED_AGENT) and not ship:
-            ship = True
-        elif result.rc == 3 and result.stdout.startswith(_NEED_BLOBS) and not everything:
-            everything = True
-        else:
+        result = box.transport.run(_command(box), call.stdin(), timeout)
+        if not call.again(result.stdout):
             break
-    if result.rc != 0:
-        raise _agent_failed(box, result.stdout, result.stderr)
-    if ship and not ephemeral:
-        _remember(box, agent)
-    if isinstance(payload, PlanPayload):
-        payload.remember(box)
-    return result
+    answer = protocol.last_answer(result.stdout)
+    if result.rc != protocol.ANSWERED or answer is None:
+        raise _agent_failed(box, argv[0], result.stdout, result.stderr)
+    call.done()
+    return answer
 
 
 def agent_stream(
-    box: Box, argv: list[str], payload: bytes | PlanPayload
+    box: Box, argv: list[str], payload: bytes | PlanPayload = b""
 ) -> Iterator[dict[str, Any]]:
-    """Run an agent command and yield the JSON events it prints, as they come."""
-    agent = build_agent()
-    ship = not _box_has(box, agent)
-    everything = False
-    for _ in range(3):  # again with the agent, then with every blob, when the box lacks them
-        data = _payload_bytes(box, payload, everything)
-        proc = box.transport.stream(_command(box), _stdin(agent, argv, data, ship, False))
+    """Run an agent verb and yield the JSON lines it prints, as they come; a refusal or a
+    crash raises (TargetError, BoxBug) once the lines before it were yielded."""
+    call = _Shipment(box, argv, payload, False)
+    while True:
+        proc = box.transport.stream(_command(box), call.stdin())
         assert proc.stdout is not None
-        first = True
-        need_agent = need_blobs = False
-        head = b""  # the prelude's own message, if it refused to start the agent
-        ended = False
-        try:
-            for raw in iter(proc.stdout.readline, b""):
-                head = raw if first else head
-                if first and raw.startswith(_NEED_AGENT):
-                    need_agent = True
-                    break
-                if first and raw.startswith(_NEED_BLOBS):
-                    need_blobs = True
-                    break
-                first = False
-                if raw.startswith(b"{"):
-                    yield json.loads(raw)
-            ended = True
-        finally:
-            # At EOF ssh is about to exit with the remote status: wait for it. Terminating it
-            # then would turn a finished command into ssh's 255, read as a dropped connection.
-            if not (ended or need_agent or need_blobs) and proc.poll() is None:
-                proc.terminate()
+        first = proc.stdout.readline()
+        if call.again(first):
             proc.wait()
-        stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-        box.transport.check_stream(proc, stderr)
-        if need_agent and not ship:
-            ship = True
             continue
-        if need_blobs and not everything:
-            everything = True
-            continue
-        if proc.returncode != 0:
-            raise _agent_failed(box, head, stderr)
-        if ship:
-            _remember(box, agent)
-        if isinstance(payload, PlanPayload):
-            payload.remember(box)
-        return
+        break
+    last = first  # the prelude's message, or the agent's last line (a refusal, a crash)
+    ended = False
+    try:
+        raw = first
+        while raw:
+            last = raw
+            if raw.startswith(b"{"):
+                event = json.loads(raw)
+                if not _is_failure(event):
+                    yield event
+            raw = proc.stdout.readline()
+        ended = True
+    finally:
+        # At EOF ssh is about to exit with the remote status: wait for it. Terminating it
+        # then would turn a finished command into ssh's 255, read as a dropped connection.
+        if not ended and proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+    box.transport.check_stream(proc, stderr)
+    if proc.returncode != protocol.ANSWERED:
+        raise _agent_failed(box, argv[0], last, stderr)
+    call.done()
+
+
+def _is_failure(event: dict[str, Any]) -> bool:
+    """A refusal's or a crash's line (raised at the end), not an event of the answer."""
+    return "error" in event and "event" not in event
 
 
 # ------------------------------------------------------------------------------ commands
@@ -333,59 +368,20 @@ def up(
 
 def status(box: Box, run: str | None, lines: int = 10) -> Snapshot:
     """The run's status on the box, in one round trip."""
-    command = f"{_python(box)} {_AGENT} status -n {int(lines)}" + (
-        f" --run {shlex.quote(run)}" if run else ""
-    )
-    result = box.transport.run(command, b"", timeout=30)
-    if result.rc != 0:
-        if "can't open file" in result.stderr or "No such file" in result.stderr:
-            raise TargetError(
-                f"{box.name}: no bootstrap run on this box (run `bootstrap up` first)"
-            )
-        raise _agent_failed(box, result.stdout, result.stderr)
-    data = json.loads(result.stdout)
-    if "error" in data:
-        raise TargetError(f"{box.name}: {data['error']}" + (f" named '{run}'" if run else ""))
-    return Snapshot.from_json(dict(data, host=box.name))
+    argv = ["status", "-n", str(int(lines)), *(["--run", run] if run else [])]
+    return Snapshot.from_json(dict(agent_run(box, argv, timeout=30), host=box.name))
 
 
 def plan(box: Box, plan: Plan, secrets: dict[str, str]) -> dict[str, Any]:
     """What `up` would do on the box and why; changes nothing there."""
-    result = agent_run(box, ["plan"], PlanPayload.of(plan, secrets=secrets), ephemeral=True)
-    return _last_json(result.stdout)
+    return agent_run(box, ["plan"], PlanPayload.of(plan, secrets=secrets), ephemeral=True)
 
 
-def _last_json(stdout: bytes) -> dict[str, Any]:
-    """The JSON object an agent command printed last."""
-    data = json.loads(stdout.decode().strip().splitlines()[-1])
-    if not isinstance(data, dict):
-        raise TypeError(f"the agent answered {type(data).__name__}, not an object")
-    return data
-
-
-def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> int:
-    """Print (or follow) a step's log; returns the remote exit code."""
-    command = f"{_python(box)} {_AGENT} logs {shlex.quote(step)} -n {int(lines)}"
-    command += (f" --run {shlex.quote(run)}" if run else "") + (" -f" if follow else "")
-    proc = box.transport.stream(command)
-    assert proc.stdout is not None
-    import sys
-
-    for raw in iter(proc.stdout.readline, b""):
-        sys.stdout.write(raw.decode("utf-8", "replace"))
-        sys.stdout.flush()
-    proc.wait()
-    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    box.transport.check_stream(proc, stderr)
-    if proc.returncode != 0:
-        if "can't open file" in stderr:
-            raise TargetError(
-                f"{box.name}: no bootstrap run on this box (run `bootstrap up` first)"
-            )
-        raise TargetError(
-            f"{box.name}: {stderr.strip().splitlines()[-1] if stderr.strip() else 'logs failed'}"
-        )
-    return 0
+def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> Iterator[str]:
+    """A step's log tail, then (with `follow`) what is appended until its run ends."""
+    argv = ["logs", step, "-n", str(int(lines)), *(["--run", run] if run else [])]
+    for event in agent_stream(box, argv + (["-f"] if follow else [])):
+        yield str(event.get("text", ""))
 
 
 def check(
@@ -394,8 +390,7 @@ def check(
     """Preflight the box (GPUs, disk, RAM, tools, GPU leases of runs other than `run`) with a
     preflight step's params and env."""
     payload = json.dumps({"params": params, "env": env, "run": run}).encode()
-    result = agent_run(box, ["check"], payload, timeout=60)
-    return _last_json(result.stdout)
+    return agent_run(box, ["check"], payload, timeout=60)
 
 
 def monitor(
@@ -414,8 +409,7 @@ def monitor(
     payload["checkpoints"] = checkpoints
     if watch is not None:
         payload["run"], payload["step"] = watch
-    result = agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
-    return _last_json(result.stdout)
+    return agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
 
 
 def checkpoints(
@@ -423,8 +417,7 @@ def checkpoints(
 ) -> dict[str, Any]:
     """A tmux_launch step's checkpoints on the box and on its remote (see checkpoints/listing)."""
     payload = {"run": run, "step": step.to_json(), "env": env}
-    result = agent_run(box, ["checkpoints"], json.dumps(payload).encode(), timeout=300)
-    return _last_json(result.stdout)
+    return agent_run(box, ["checkpoints"], json.dumps(payload).encode(), timeout=300)
 
 
 def interactive(box: Box, command: str) -> int:

@@ -9,6 +9,7 @@ functions that run in the agent's venv).
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import zipfile
@@ -84,8 +85,8 @@ def test_agent_zipapp_runs_on_a_bare_interpreter(tmp_path: Path) -> None:
         text=True,
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
-    assert result.returncode == 0, result.stderr
-    assert "no bootstrap run" in result.stdout
+    assert result.returncode == 2, result.stderr  # it ran, and refused: no run on this box
+    assert json.loads(result.stdout)["reason"] == "no_run"
     catalog = subprocess.run(
         [
             sys.executable, "-I", "-S", "-c",

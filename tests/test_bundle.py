@@ -69,7 +69,8 @@ def test_another_bytecode_version_falls_back_to_the_sources(
         text=True,
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
-    assert status.returncode == 0 and "no bootstrap run" in status.stdout, status.stderr
+    # It ran (imports from source): it answers that this box has no run (see agent/protocol).
+    assert status.returncode == 2 and "no bootstrap run" in status.stdout, status.stderr
 
 
 def test_the_build_is_reproducible(tmp_path: Path) -> None:

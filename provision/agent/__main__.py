@@ -8,7 +8,9 @@
 - `run`: the runner itself (started by `up`, detached, without a pty).
 - `exec`: one step (started by the runner).
 - `guard`: the detached guard of a launched job (started by `tmux_launch`).
-- `status`, `logs`, `checkpoints`: read-only reports.
+- `status`, `logs`, `check`, `monitor`, `checkpoints`: read-only reports.
+
+Every verb the controller asks answers in JSON with a meaningful exit code: see `protocol`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provision.agent import blobs, report
+from provision.agent import blobs, protocol, report
 from provision.agent.execute import EXIT_ERROR, exec_step, step_env
 from provision.agent.files import write_json_atomic
 from provision.agent.gpus import GpuLeases
@@ -35,7 +37,6 @@ from provision.agent.state import (
     forget_secrets,
     load_state,
     remove_stale_temps,
-    runner_active,
     save_state,
     set_aside_damaged,
     write_secrets,
@@ -95,14 +96,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         _revive_guards(run, plan, payload.get("secrets") or {})
         started = _start_or_attach(run, payload, args.detach)
     except Refused as exc:
-        report.emit("refused", {"error": str(exc)})
-        return 0
+        report.emit("refused", {"error": str(exc), "reason": protocol.UP_REFUSED})
+        return protocol.REFUSED
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         error = f"the box's disk is full: cannot write under {run.path} ({exc.strerror})"
-        report.emit("refused", {"error": error})
-        return 0
+        report.emit("refused", {"error": error, "reason": protocol.UP_REFUSED})
+        return protocol.REFUSED
     prune_agents()
     if args.detach:
         report.emit("final" if not started else "snapshot", report.snapshot(run).to_json())
@@ -300,7 +301,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         reason, does = runner.redact(reason), runner.redact(describe)
         out.append({"id": step_id, "run": not decision.done, "reason": reason, "does": does})
     skipped = [s.id for s in plan.steps if not s.selected]
-    print(json.dumps({"steps": out, "skipped": skipped}))
+    protocol.emit({"steps": out, "skipped": skipped})
     return 0
 
 
@@ -309,28 +310,29 @@ def _run_for(name: str | None) -> RunDir | None:
     return RunDir(name) if name else None
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    run = _run_for(args.run)
+def _existing_run(name: str | None) -> RunDir:
+    """The run named (else the latest); a refusal when the box has none."""
+    run = _run_for(name)
     if run is None or not run.plan.exists():
-        print(json.dumps({"error": "no bootstrap run on this box", "run": args.run}))
-        return 0
+        named = f" named '{name}'" if name else ""
+        raise protocol.Refusal(
+            f"no bootstrap run{named} on this box (run `bootstrap up` first)",
+            protocol.NO_RUN,
+            run=name,
+        )
+    return run
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run = _existing_run(args.run)
     snap = report.snapshot(run, args.lines)
     snap.gpu_leases = [lease.to_dict() for lease in GpuLeases().live()]
-    print(json.dumps(snap.to_json()))
+    protocol.emit(snap.to_json())
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    run = _run_for(args.run)
-    if run is None:
-        sys.stderr.write("no bootstrap run on this box\n")
-        return 2
-    return report.print_log(run, args.step, args.lines, args.follow)
-
-
-def cmd_active(args: argparse.Namespace) -> int:
-    run = _run_for(args.run)
-    return 0 if run is not None and runner_active(run) else 1
+    return report.print_log(_existing_run(args.run), args.step, args.lines, args.follow)
 
 
 def _read_params() -> dict[str, Any]:
@@ -347,7 +349,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from provision.monitor.preflight import preflight_report
 
     payload = _read_params()
-    print(json.dumps(preflight_report(payload.get("params") or {}, run=payload.get("run"))))
+    protocol.emit(preflight_report(payload.get("params") or {}, run=payload.get("run")))
     return 0
 
 
@@ -367,7 +369,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
         run = _run_for(payload.get("run"))
         snap["watch"] = read_watch(run.step_dir(payload["step"])) if run is not None else None
-    print(json.dumps(snap))
+    protocol.emit(snap)
     return 0
 
 
@@ -393,7 +395,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     env = dict(os.environ)  # with the step's env and secrets from the payload
     cwd = Path(os.path.expanduser(params.get("cwd") or "~"))
     report_data = checkpoint_report(spec, cwd, env, workdir, guard_pid(workdir))
-    print(json.dumps(report_data))
+    protocol.emit(report_data)
     return 0
 
 
@@ -446,15 +448,24 @@ def parser() -> argparse.ArgumentParser:
     cs.add_argument("--run", required=True)
     cs.add_argument("step")
     cs.set_defaults(func=cmd_cache_save)
-    ac = sub.add_parser("active")
-    ac.add_argument("--run")
-    ac.set_defaults(func=cmd_active)
     return p
+
+
+#: The verbs only the runner and the kinds start (not the controller): a crash there is
+#: the runner's to record (`runner.log`, the step's record), not an answer.
+_INTERNAL = ("run", "exec", "guard", "cache-save")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.command in _INTERNAL:
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except protocol.Refusal as exc:
+        return protocol.refuse(exc)
+    except Exception as exc:
+        return protocol.crashed(exc)
 
 
 if __name__ == "__main__":

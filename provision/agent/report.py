@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from provision.agent import files
+from provision.agent import files, protocol
 from provision.agent.files import read_json
 from provision.agent.paths import runs_dir
 from provision.agent.state import RunDir, load_state, runner_active
@@ -204,24 +204,24 @@ def apply_changes(snap: dict[str, Any], change: dict[str, Any]) -> dict[str, Any
 
 
 def print_log(run: RunDir, step_id: str, lines: int, keep_following: bool) -> int:
-    """Print a step's log tail; with `keep_following`, keep printing what is appended."""
+    """Answer a step's log tail as `{"text": ...}` lines (see `protocol`); with
+    `keep_following`, keep answering what is appended until the runner ends."""
     path = run.log(step_id)
     if not path.exists():
-        sys.stderr.write(f"no log for step '{step_id}' in run '{run.name}'\n")
-        return 2
+        raise protocol.Refusal(
+            f"no log for step '{step_id}' in run '{run.name}'", protocol.NO_LOG, step=step_id
+        )
     for line in files.tail_lines(path, lines):
-        sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+        protocol.emit({"text": line + "\n"})
     if not keep_following:
-        return 0
+        return protocol.ANSWERED
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         while True:
             chunk = fh.read()
             if chunk:
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-                sys.stdout.flush()
+                protocol.emit({"text": chunk.decode("utf-8", "replace")})
             elif not runner_active(run):
-                return 0
+                return protocol.ANSWERED
             else:
                 time.sleep(0.5)
