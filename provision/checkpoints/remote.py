@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ MANIFEST_DIR = f"{META_DIR}/manifest"
 CARRY_DIR = f"{META_DIR}/carry"
 #: Seconds a listing, a manifest read or a manifest write may take.
 _QUICK_TIMEOUT_S = 300
+#: rclone's debug line once a transferred file's hash matched on both sides after the transfer
+#: (operations.checkHashes: `DEBUG : <path>: md5 = <hex> OK`).
+_HASH_OK_RE = re.compile(r"DEBUG : (?P<path>.+): (?P<kind>[a-z0-9]+) = (?P<sum>[0-9a-fA-F]+) OK$")
 
 
 class RemoteError(Exception):
@@ -117,13 +121,27 @@ class Remote:
 
     # -- transfers ------------------------------------------------------------------------
 
-    def upload_dirs(self, parent: Path, names: list[str]) -> None:
+    def upload_dirs(self, parent: Path, names: list[str]) -> dict[str, dict[str, str]]:
         """Make each remote directory `name` hold exactly `parent/name`'s files, in one `rclone
         sync` (one start-up, one listing for them all): files already there with the same size
         and time are not sent again, stray ones in those directories are removed, nothing else
-        on the remote is looked at."""
-        args = ["sync", str(parent), self.root, *_only(names), *self._transfer_flags()]
-        self._run(args, timeout=None)
+        on the remote is looked at.
+
+        Returns the hashes rclone checked: {`name/rel`: {hash type: value}} for each file it
+        sent whose hash it then found the same on the box and on the remote (its debug line
+        `md5 = … OK`; a mismatch fails the sync, "corrupted on transfer"). rclone reads each
+        file it sends to hash it anyway: taking its result spares the box a second hashing
+        pass over the checkpoint. A file it skipped (already on the remote) is absent, and so
+        is every file if a future rclone words the line otherwise: the caller hashes those."""
+        args = ["sync", str(parent), self.root, *_only(names), *self._transfer_flags(), "-vv"]
+        stderr: list[str] = []
+        self._run(args, timeout=None, stderr=stderr)
+        checked: dict[str, dict[str, str]] = {}
+        for line in "".join(stderr).splitlines():
+            found = _HASH_OK_RE.search(line.rstrip())
+            if found:
+                checked.setdefault(found["path"], {})[found["kind"]] = found["sum"].lower()
+        return checked
 
     def upload_file(self, local: Path, rel: str) -> None:
         """Copy one file to `rel` under the root."""
@@ -271,7 +289,12 @@ class Remote:
         return flags
 
     def _run(
-        self, args: list[str], *, stdin: str | None = None, timeout: float | None = _QUICK_TIMEOUT_S
+        self,
+        args: list[str],
+        *,
+        stdin: str | None = None,
+        timeout: float | None = _QUICK_TIMEOUT_S,
+        stderr: list[str] | None = None,
     ) -> str:
         if self.rclone is None:
             raise RemoteError(
@@ -291,6 +314,8 @@ class Remote:
             raise RemoteError(f"rclone {args[0]} took longer than {timeout:.0f}s") from None
         except OSError as exc:
             raise RemoteError(f"rclone could not start: {exc}") from None
+        if stderr is not None:
+            stderr.append(done.stderr)
         if done.returncode != 0:
             raise RemoteError(
                 _last_error(done.stderr) or f"rclone {args[0]} exited {done.returncode}"

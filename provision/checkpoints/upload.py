@@ -10,10 +10,12 @@ recorded as soon as it is verified, not after the others):
    file twice), then the `carry:` files to `.bootstrap/carry/<name>/`;
 2. verify: the remote's listing must hold every file of the box's copy with its size and its
    hash (the remote's own one type, `Remote.hash_type`, read from the object's metadata on
-   GCS, S3 or Drive), the box's side hashed once by rclone with the same algorithm while the
-   sync runs. A remote that would have to read every file back to hash it (the local disk,
-   sftp: `Remote.slow_hash`) is checked by size: its hash is the one rclone's sync compared
-   with the box's after each transfer;
+   GCS, S3 or Drive). The box's side is the hash rclone's sync computed of each file it sent
+   and found the same on the remote after the transfer (it reads the file for that anyway; a
+   second hashing pass cost the box as much CPU as the transfer); a file the sync skipped
+   (sent by a pass killed before recording) is hashed by rclone with the same algorithm. A
+   remote that would have to read every file back to hash it (the local disk, sftp:
+   `Remote.slow_hash`) is listed by size: its hash is the one the sync compared;
 3. write the manifest entries of the verified ones (the remote's sizes and hashes): from here on
    each is restorable; one that does not verify is not recorded, and fails the pass;
 4. `keep`: delete the oldest complete checkpoints beyond `keep`, but only those the manifest
@@ -124,17 +126,17 @@ class Uploader:
         names = [c.name for c in batch]
         self.log(f"uploading checkpoint {', '.join(names)} to {self.remote.url}")
         write_json_atomic(self.status_path, {**read_status(self.workdir), "uploading": names})
-        # The box's side is hashed while it uploads (a complete checkpoint no longer changes):
-        # the pass then costs the transfer plus the remote's hashes, not a third read after it.
+        # The remote's features (its hash type) are asked beside the transfer, not before it.
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            mine = pool.submit(self.remote.local_listings, self.directory, names)
-            self.remote.upload_dirs(self.directory, names)
-            carried = {c.name: self._carry(c) for c in batch}
-            theirs = self.remote.listings(names)
-            hashed = mine.result()
+            features = pool.submit(self.remote.hash_type)
+            checked = self.remote.upload_dirs(self.directory, names)
+            features.result()
         finally:
             pool.shutdown(wait=False)
+        carried = {c.name: self._carry(c) for c in batch}
+        theirs = self.remote.listings(names)
+        hashed = self._box_hashes(batch, checked)
         entries, problem = [], None
         for ckpt in batch:
             try:
@@ -154,6 +156,30 @@ class Uploader:
         if problem is not None:
             raise problem
         return [e["name"] for e in entries]
+
+    def _box_hashes(
+        self, batch: list[local.LocalCheckpoint], checked: dict[str, dict[str, str]]
+    ) -> dict[str, dict[str, RemoteFile]]:
+        """The box's files of each checkpoint of `batch` with their sizes and the remote's hash
+        type: the hash rclone's sync checked on both sides after sending the file (`checked`),
+        else (a file it skipped, sent by a pass killed before recording it) hashed here by
+        rclone with the remote's algorithm, for the checkpoints that have such a file."""
+        assert self.remote is not None
+        kind = self.remote.hash_type()
+        out: dict[str, dict[str, RemoteFile]] = {}
+        unknown = []
+        for ckpt in batch:
+            files = {}
+            for rel, size in local.files(ckpt.path).items():
+                value = checked.get(f"{ckpt.name}/{rel}", {}).get(kind) if kind else None
+                if kind and not value:
+                    unknown.append(ckpt.name)
+                    break
+                files[rel] = RemoteFile(size, {kind: value} if kind and value else {})
+            out[ckpt.name] = files
+        if unknown:
+            out.update(self.remote.local_listings(self.directory, unknown))
+        return out
 
     def _carry(self, ckpt: local.LocalCheckpoint) -> dict[str, RemoteFile]:
         """Send the files that travel with `ckpt`; the remote's copies, checked by size."""
