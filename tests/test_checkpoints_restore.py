@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ckpt_remotes import TRAINER, rclone_config, train
+from ckpt_remotes import TRAINER, no_process_outlives, rclone_config, train
 from gcs_emulator import EmulatorProcess, client
 from project import Project, wait_for
 
@@ -27,6 +27,13 @@ from provision.checkpoints.upload import Uploader
 from provision.errors import StepFailed
 
 FORK = {"dir": "ck", "step": r"(\d+)", "complete": "metadata.pt"}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_the_test(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """Guards, their rclone and trainers a test started end with it, whatever happened."""
+    with no_process_outlives(request, tmp_path):
+        yield
 
 
 def _setup(tmp_path: Path, **extra: object) -> tuple[CheckpointSpec, dict[str, str], Path]:

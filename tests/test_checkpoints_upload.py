@@ -14,10 +14,20 @@ import signal
 import subprocess
 import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ckpt_remotes import manifest, rclone_config, serve, train, trainer_command
+from ckpt_remotes import (
+    manifest,
+    no_process_outlives,
+    processes_of,
+    rclone_config,
+    reap,
+    serve,
+    train,
+    trainer_command,
+)
 from gcs_emulator import EmulatorProcess, client
 from project import one_line_error, wait_for
 
@@ -31,6 +41,13 @@ from provision.watch import guard
 from provision.watch.record import read_watch
 
 FORK = {"dir": "ck", "step": r"(\d+)", "complete": "metadata.pt"}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_the_test(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """Guards, their rclone and trainers a test started end with it, whatever happened."""
+    with no_process_outlives(request, tmp_path):
+        yield
 
 
 def make(tmp_path: Path, **extra: object) -> tuple[CheckpointSpec, dict[str, str], Path]:
@@ -324,3 +341,21 @@ def test_tmux_launch_starts_a_guard_that_outlives_the_session(
     finally:
         subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, check=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_guard_left_running_is_found_and_ended_by_pid(tmp_path: Path) -> None:
+    # What the autouse fixture does after every test here: a guard (its own Unix session,
+    # reparented away from pytest) and its rclone, mid-upload, are found by their paths.
+    spec, env, root = make(tmp_path, bwlimit="1M", poll=1)
+    train(tmp_path, 10, 10, "--ckpt-bytes", str(4 << 20))
+    work = tmp_path / "step"
+    work.mkdir()
+    pid = guard.start(work, _guard_config(tmp_path, spec), env)
+    wait_for(lambda: any("rclone" in a for a in processes_of(tmp_path).values()), timeout=30,
+             what="the guard's rclone running")  # fmt: skip
+    left = processes_of(tmp_path)
+    assert pid in left and os.getsid(pid) == pid
+    killed = reap(tmp_path, grace=0.5)
+    assert pid in killed and any("rclone" in argv for argv in killed.values())
+    assert processes_of(tmp_path) == {} and guard.guard_pid(work) is None
+    assert manifest(root) == {}

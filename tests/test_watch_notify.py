@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ckpt_remotes import TRAINER, rclone_config, serve
+from ckpt_remotes import TRAINER, no_process_outlives, rclone_config, serve
 from project import wait_for
 
 from provision.steps.base import ParamError, StepContext, validate_params
@@ -27,6 +27,13 @@ from provision.steps.tmux_launch import KIND as TMUX_LAUNCH
 from provision.watch import guard
 from provision.watch.record import read_watch
 from provision.watch.spec import parse_on_finish, parse_watch
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_the_test(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """Guards, their rclone and trainers a test started end with it, whatever happened."""
+    with no_process_outlives(request, tmp_path):
+        yield
 
 
 class Inbox:
