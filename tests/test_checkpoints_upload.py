@@ -383,11 +383,14 @@ def test_a_guard_left_running_is_found_and_ended_by_pid(tmp_path: Path) -> None:
     work = tmp_path / "step"
     work.mkdir()
     pid = guard.start(work, _guard_config(tmp_path, spec), env)
-    wait_for(lambda: any("rclone" in a for a in processes_of(tmp_path).values()), timeout=30,
-             what="the guard's rclone running")  # fmt: skip
+
+    def syncing() -> bool:  # its rclone sync: 4 MiB at 1 MB/s takes seconds
+        return any("rclone sync" in a for a in processes_of(tmp_path).values())
+
+    wait_for(syncing, timeout=30, what="the guard's rclone sync running")
     left = processes_of(tmp_path)
     assert pid in left and os.getsid(pid) == pid
     killed = reap(tmp_path, grace=0.5)
-    assert pid in killed and any("rclone" in argv for argv in killed.values())
+    assert pid in killed and any("rclone sync" in argv for argv in killed.values())
     assert processes_of(tmp_path) == {} and guard.guard_pid(work) is None
     assert manifest(root) == {}
