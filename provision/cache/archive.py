@@ -76,7 +76,8 @@ def codec_for(name: str | None = None, env: dict[str, str] | None = None) -> Cod
 
 @dataclass(frozen=True)
 class Packed:
-    """What `pack` wrote: the tar's size, the compressed size and the compressed hashes."""
+    """What `pack` wrote (or `unpack` read): the tar's size, the compressed size and the
+    compressed hashes (`unpack` computes no md5: "")."""
 
     raw_bytes: int
     packed_bytes: int
@@ -85,15 +86,21 @@ class Packed:
 
 
 class _Digest:
-    def __init__(self) -> None:
+    """sha256 (what a restore checks) and, for a save, md5 (what buckets report)."""
+
+    def __init__(self, md5: bool = True) -> None:
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5()
+        self.md5 = hashlib.md5() if md5 else None
         self.size = 0
 
     def update(self, chunk: bytes) -> None:
         self.sha256.update(chunk)
-        self.md5.update(chunk)
+        if self.md5 is not None:
+            self.md5.update(chunk)
         self.size += len(chunk)
+
+    def md5_hex(self) -> str:
+        return self.md5.hexdigest() if self.md5 is not None else ""
 
 
 def _tar_paths(paths: Iterable[str]) -> list[str]:
@@ -153,7 +160,7 @@ def pack(
         raise ArchiveError(f"tar failed (rc={tar_rc}): {_last_line(tar_err)}")
     if comp_rc != 0:
         raise ArchiveError(f"{codec.name} failed (rc={comp_rc})")
-    return Packed(feeder.size, digest.size, digest.sha256.hexdigest(), digest.md5.hexdigest())
+    return Packed(feeder.size, digest.size, digest.sha256.hexdigest(), digest.md5_hex())
 
 
 class _Feeder:
@@ -216,7 +223,7 @@ def unpack(
     )
     assert comp.stdin is not None and comp.stdout is not None
     comp.stdout.close()  # tar holds it now
-    digest = _Digest()
+    digest = _Digest(md5=False)  # a restore checks the sha256 alone: md5 is CPU on its path
     try:
         for chunk in chunks:
             digest.update(chunk)
@@ -243,7 +250,7 @@ def unpack(
         raise ArchiveError(f"{codec.name} -d failed: {_last_line(comp_err)}")
     if tar_rc != 0:
         raise ArchiveError(f"tar -x failed: {_last_line(tar_err)}")
-    return Packed(0, digest.size, sha, digest.md5.hexdigest())
+    return Packed(0, digest.size, sha, "")
 
 
 def _last_line(text: str) -> str:
