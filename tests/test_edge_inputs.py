@@ -115,4 +115,5 @@ def test_status_and_logs_use_box_python(project: Project, box: Box) -> None:
     logs = project.cli("logs", "box1", "a", "-p", "playbooks/test.yaml")
     assert logs.returncode == 0 and "hello-a" in logs.stdout, logs.stderr
     invoked = calls.read_text().splitlines()[before:]
-    assert invoked == ["status", "logs"], invoked
+    # Every agent verb goes through the prelude now (one agent protocol), with box_python.
+    assert invoked == ["prelude", "prelude"], invoked
