@@ -216,6 +216,44 @@ def test_nothing_is_deleted_before_it_is_on_the_remote(tmp_path: Path) -> None:
     assert report.pending == ["10", "20", "30"]
 
 
+class _Killed(BaseException):
+    """The uploader's process dying (kill -9) at the point a test chooses."""
+
+
+def test_a_pass_killed_while_pruning_leaves_the_remote_copy_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, env, root = make(tmp_path, keep=1)
+    train(tmp_path, 30, 10)
+    box = tmp_path / "ck"
+    sent = {p.relative_to(box): p.read_bytes() for p in box.rglob("*") if p.is_file()}
+    real = shutil.rmtree
+
+    def dies_after_one_file(path: str | Path, ignore_errors: bool = False) -> None:
+        if not (Path(path) / "metadata.pt").is_file():
+            real(path, ignore_errors=ignore_errors)  # not a checkpoint (the manifest's scratch)
+            return
+        # What rmtree leaves when the process dies after its first unlink: the marker still
+        # there (os.walk's order), a data file gone.
+        (Path(path) / "model.safetensors").unlink()
+        raise _Killed
+
+    monkeypatch.setattr(shutil, "rmtree", dies_after_one_file)
+    with pytest.raises(_Killed):
+        uploader(spec, env, tmp_path, []).sync()  # uploaded, recorded, then pruning 10
+    monkeypatch.undo()
+    recorded = manifest(root)
+    assert sorted(recorded) == ["10", "20", "30"]
+    report = uploader(spec, env, tmp_path, []).sync()  # the guard started again
+    assert report.error is None and report.uploaded == []
+    assert manifest(root) == recorded  # no entry rewritten over fewer files
+    for rel, data in sent.items():
+        if rel.parts[0] != "wandb_run_id.txt":
+            assert (root / rel).read_bytes() == data, rel  # the remote's copies are whole
+    assert [c.name for c in local.complete(box, spec)] == ["30"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ck")) == []
+
+
 def test_keep_without_a_remote_rotates(tmp_path: Path) -> None:
     spec = parse_checkpoints({**FORK, "keep": 2})
     train(tmp_path, 40, 10)
@@ -280,12 +318,20 @@ def _done_files(root: Path, box: Path) -> dict[Path, int]:
     return done
 
 
-def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
-    spec, env, root = make(tmp_path, bwlimit="2M", poll=1)
-    train(tmp_path, 30, 10, "--ckpt-bytes", str(3 << 20))
+def _started_guard(
+    tmp_path: Path, bwlimit: str, steps: int, ckpt_bytes: int
+) -> tuple[dict[str, str], Path, Path, int]:
+    """Checkpoints of `ckpt_bytes` every 10 of `steps` steps, and a guard uploading them at
+    `bwlimit` (slow enough to be caught mid-pass); (env, remote root, step dir, guard pid)."""
+    spec, env, root = make(tmp_path, bwlimit=bwlimit, poll=1)
+    train(tmp_path, steps, 10, "--ckpt-bytes", str(ckpt_bytes))
     work = tmp_path / "step"
     work.mkdir()
-    pid = guard.start(work, _guard_config(tmp_path, spec), env)
+    return env, root, work, guard.start(work, _guard_config(tmp_path, spec), env)
+
+
+def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
+    env, root, work, pid = _started_guard(tmp_path, "2M", 30, 3 << 20)
     box = tmp_path / "ck"
     wait_for(lambda: _done_files(root, box), timeout=60, what="a first file sent")
     # The guard and its rclone (its session) die mid-pass, before anything is recorded.
@@ -378,11 +424,7 @@ def test_tmux_launch_starts_a_guard_that_outlives_the_session(
 def test_a_guard_left_running_is_found_and_ended_by_pid(tmp_path: Path) -> None:
     # What the autouse fixture does after every test here: a guard (its own Unix session,
     # reparented away from pytest) and its rclone, mid-upload, are found by their paths.
-    spec, env, root = make(tmp_path, bwlimit="1M", poll=1)
-    train(tmp_path, 10, 10, "--ckpt-bytes", str(4 << 20))
-    work = tmp_path / "step"
-    work.mkdir()
-    pid = guard.start(work, _guard_config(tmp_path, spec), env)
+    _env, root, work, pid = _started_guard(tmp_path, "1M", 10, 4 << 20)
 
     def syncing() -> bool:  # its rclone sync: 4 MiB at 1 MB/s takes seconds
         return any("rclone sync" in a for a in processes_of(tmp_path).values())

@@ -19,7 +19,9 @@ recorded as soon as it is verified, not after the others):
 3. write the manifest entries of the verified ones (the remote's sizes and hashes): from here on
    each is restorable; one that does not verify is not recorded, and fails the pass;
 4. `keep`: delete the oldest complete checkpoints beyond `keep`, but only those the manifest
-   holds (with a remote), never the newest, never an incomplete one.
+   holds (with a remote), never the newest, never an incomplete one; each is renamed out of
+   the checkpoint directory before it is deleted, so a kill halfway leaves no checkpoint with
+   files missing.
 
 What the pass saw goes to `checkpoints.json` in the step's directory, which `status`, the
 watcher and `bootstrap checkpoints` read. Standard library only.
@@ -27,6 +29,8 @@ watcher and `bootstrap checkpoints` read. Standard library only.
 
 from __future__ import annotations
 
+import glob
+import os
 import shutil
 import socket
 import time
@@ -225,16 +229,34 @@ class Uploader:
         }
 
     def _prune(self, found: list[local.LocalCheckpoint], safe: set[str]) -> list[str]:
+        """Delete the checkpoints beyond `keep` that are `safe` (see the module doc).
+
+        Each leaves the checkpoint directory by one rename before it is deleted: a pass killed
+        halfway through deleting would otherwise leave a checkpoint with its marker and some of
+        its files, which the next pass would take for another run's and sync over the verified
+        copy on the remote. What such a pass left renamed is deleted by the next one."""
+        for left in self.directory.parent.glob(f"{glob.escape(self._pruning(''))}*"):
+            shutil.rmtree(left, ignore_errors=True)
         if self.spec.keep is None or len(found) <= self.spec.keep:
             return []
         deleted = []
         for ckpt in found[: -self.spec.keep]:
             if ckpt.name not in safe:
                 continue  # not on the remote yet: the box's copy is the only one
-            shutil.rmtree(ckpt.path, ignore_errors=True)
+            doomed = self.directory.parent / self._pruning(ckpt.name)
+            try:
+                os.rename(ckpt.path, doomed)
+            except OSError as exc:
+                self.log(f"could not delete local checkpoint {ckpt.name}: {exc}")
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
             deleted.append(ckpt.name)
             self.log(f"deleted local checkpoint {ckpt.name} (keep: {self.spec.keep})")
         return deleted
+
+    def _pruning(self, name: str) -> str:
+        """The name, beside the checkpoint directory, of checkpoint `name` being deleted."""
+        return f".{self.directory.name}.pruning-{name}"
 
     def _record(self, report: SyncReport) -> None:
         old = read_json(self.status_path, {})
