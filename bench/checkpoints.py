@@ -16,7 +16,11 @@
    rclone remote (`local`: the remote must read a file back to hash it) and to a bucket on the
    GCS emulator (`gs`: the hash comes with each object, as on GCS).
 
-    python bench/checkpoints.py [--rounds 3] [--steps 120] [--size-mb 64] [--remotes local,gs]
+The machine may be shared: each round prints the load average before and after it, and each
+ratio is the median of the rounds' own ratios (a round's measures ran back to back, so a load
+that changes between rounds falls on both sides of its ratio), beside the ratio of medians.
+
+    python bench/checkpoints.py [--rounds 5] [--steps 300] [--size-mb 64] [--remotes local,gs]
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import gcs_emulator  # noqa: E402
 
 from provision.checkpoints.remote import Remote, nice_prefix, rclone_path  # noqa: E402
 from provision.checkpoints.spec import parse_checkpoints  # noqa: E402
-from provision.checkpoints.upload import Uploader  # noqa: E402
+from provision.checkpoints.upload import Uploader, read_status  # noqa: E402
 from provision.watch import guard  # noqa: E402
 
 TRAINER = """
@@ -67,8 +71,9 @@ def _spec(root: Path, conf: Path, bwlimit: str | None = None) -> dict:
     return raw
 
 
-def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> float:
-    """Steps/s of one training run in a fresh directory, with or without a guard."""
+def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> tuple[float, int]:
+    """Steps/s of one training run in a fresh directory, with or without a guard, and how many
+    checkpoints the guard had verified on the remote by the time the trainer ended."""
     shutil.rmtree(work, ignore_errors=True)
     (work / "ck").mkdir(parents=True)
     conf = work / "rclone.conf"
@@ -84,9 +89,16 @@ def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> float:
         [sys.executable, "-c", TRAINER, str(args.steps), str(args.interval), str(size)],
         cwd=work, capture_output=True, text=True, check=True,
     )  # fmt: skip
+    verified = 0
     if guarded:
+        verified = len(read_status(step_dir).get("verified") or [])
         guard.stop(step_dir)
-    return float(done.stdout.strip())
+    return float(done.stdout.strip()), verified
+
+
+def load() -> str:
+    """The 1-minute load average, as a round prints it before and after itself."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def upload_compare(
@@ -115,10 +127,11 @@ def upload_compare(
         gcs_emulator.client(emulator.endpoint).create_bucket("bench")
         env["STORAGE_EMULATOR_HOST"] = emulator.endpoint
     total = args.count * args.size_mb
-    ours, plain, niced = [], [], []
+    rates: dict[str, list[float]] = {"ours": [], "plain": [], "niced": []}
     try:
         for r in range(args.upload_rounds):
             where = f"gs://bench/r{r}" if kind == "gs" else f"store:{work / f'r{r}'}"
+            before = load()
             for measure in ("plain", "ours", "niced") if r % 2 == 0 else ("niced", "ours", "plain"):
                 dest = rclone_path(f"{where}-{measure}", env)
                 start = time.perf_counter()
@@ -138,18 +151,27 @@ def upload_compare(
                          str(conf), "--transfers", "4"],
                         check=True, env=env,
                     )  # fmt: skip
-                rate = total / (time.perf_counter() - start)
-                {"ours": ours, "plain": plain, "niced": niced}[measure].append(rate)
+                rates[measure].append(total / (time.perf_counter() - start))
+            o, p, n = (rates[m][-1] for m in ("ours", "plain", "niced"))
+            print(f"  {kind} round {r + 1}: load {before} -> {load()}; uploader {o:.1f}, "
+                  f"rclone copy {p:.1f}, niced {n:.1f} MiB/s; uploader/copy {o / p:.2f}x, "
+                  f"uploader/niced {o / n:.2f}x", flush=True)  # fmt: skip
     finally:
         if emulator is not None:
             emulator.stop()
-    return ours, plain, niced
+    return rates["ours"], rates["plain"], rates["niced"]
+
+
+def paired(these: list[float], baseline: list[float]) -> str:
+    """`median of the per-round ratios (their range)`, the figure each ratio line leads with."""
+    ratios = [a / b for a, b in zip(these, baseline, strict=True)]
+    return f"{statistics.median(ratios):.3f}x (rounds {min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=5, help="training rounds (alone+guarded)")
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--interval", type=int, default=20)
     parser.add_argument("--size-mb", type=int, default=64)
     parser.add_argument("--count", type=int, default=4)
@@ -157,33 +179,40 @@ def main() -> int:
     parser.add_argument("--upload-rounds", type=int, default=3)
     parser.add_argument("--shard-mb", type=int, default=16, help="file size within a checkpoint")
     parser.add_argument("--remotes", default="local,gs", help="local, gs or both")
+    parser.add_argument("--skip-training", action="store_true", help="upload figures only")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    print(f"cores: {os.cpu_count()}; load average at start {load()}", flush=True)
     try:
-        alone, guarded = [], []
-        for i in range(args.rounds):
+        alone: list[float] = []
+        guarded: list[float] = []
+        for i in range(0 if args.skip_training else args.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
+            before, verified = load(), 0
             for with_guard in order:
-                rate = train_once(base / "train", args, with_guard)
+                rate, count = train_once(base / "train", args, with_guard)
                 (guarded if with_guard else alone).append(rate)
-        a, g = statistics.median(alone), statistics.median(guarded)
-        print(f"load average: {os.getloadavg()[0]:.1f} (cores: {os.cpu_count()})")
-        print(
-            f"training alone:        {a:7.2f} steps/s (runs {', '.join(f'{r:.2f}' for r in alone)})"
-        )
-        print(
-            f"training with uploads: {g:7.2f} steps/s (runs {', '.join(f'{r:.2f}' for r in guarded)})"
-        )
-        print(f"ratio with/without: {g / a:.3f}x (goal >= 0.97x)")
+                verified = count if with_guard else verified
+            print(f"  training round {i + 1}: load {before} -> {load()}; alone "
+                  f"{alone[-1]:.2f}, with uploads {guarded[-1]:.2f} steps/s "
+                  f"({guarded[-1] / alone[-1]:.3f}x; {verified} of "
+                  f"{args.steps // args.interval} checkpoints verified before the trainer "
+                  "ended)", flush=True)  # fmt: skip
+        if alone:
+            a, g = statistics.median(alone), statistics.median(guarded)
+            print(f"training alone:        {a:7.2f} steps/s (median of {len(alone)})")
+            print(f"training with uploads: {g:7.2f} steps/s (median of {len(guarded)})")
+            print(f"with/without, paired: {paired(guarded, alone)}; ratio of medians "
+                  f"{g / a:.3f}x (goal >= 0.97x)")  # fmt: skip
         for kind in args.remotes.split(","):
             ours, plain, niced = upload_compare(base, args, kind)
             o, p, n = (statistics.median(x) for x in (ours, plain, niced))
             print(f"upload to {kind} ({args.count} x {args.size_mb} MiB, "
-                  f"{args.upload_rounds} rounds): uploader {o:.1f} MiB/s "
-                  f"(runs {', '.join(f'{x:.1f}' for x in ours)}), rclone copy {p:.1f} MiB/s, "
-                  f"rclone copy niced {n:.1f} MiB/s")  # fmt: skip
-            print(f"  ratio uploader / rclone copy: {o / p:.2f}x; "
-                  f"/ rclone copy at the same priority: {o / n:.2f}x")  # fmt: skip
+                  f"{args.upload_rounds} rounds, medians): uploader {o:.1f} MiB/s, "
+                  f"rclone copy {p:.1f} MiB/s, rclone copy niced {n:.1f} MiB/s")  # fmt: skip
+            print(f"  uploader / rclone copy, paired: {paired(ours, plain)}; "
+                  f"/ rclone copy at the same priority: {paired(ours, niced)}")  # fmt: skip
+        print(f"load average at the end {load()}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
