@@ -4,17 +4,18 @@
    trainer (each step hashes 8 MiB with sha256: pure CPU) saves a checkpoint every
    `--interval` steps the way openpi's fork does (`tmp_N/`, then renamed to `N/`; see
    provision/data/fake_trainer.py). Timed alone, and with the real guard (provision/watch/
-   guard.py: niced, ionice idle) uploading each checkpoint to a local rclone remote; rounds
-   interleaved (alone, guarded, guarded, alone, ...) so the drift of this shared machine falls
-   on both. Baseline: the same trainer without a guard.
+   guard.py: nice 19, autogroup 19, SCHED_IDLE, ionice idle) uploading each checkpoint to a
+   local rclone remote; rounds interleaved (alone, guarded, guarded, alone, ...) so the drift
+   of this shared machine falls on both. Baseline: the same trainer without a guard. Each
+   guarded round also says how many checkpoints the guard had verified when the trainer
+   ended, the CPU it had used, and how long after the end the last one was verified.
 2. **Upload throughput vs `rclone copy`**: the uploader's pass (its niced `rclone sync` of the
    checkpoints waiting, the box's side hashed meanwhile, the remote's listing, the manifest
    entries) over `--count` checkpoints of `--size-mb` MiB, vs one plain `rclone copy` of the
-   same directories (baseline; files of `--shard-mb` MiB), and vs that copy under the uploader's own priority (`nice -n 19
-   ionice -c 3`: on a busy machine the idle class waits for the others; on an idle box both
-   copies are the same). Each measure `--upload-rounds` times, interleaved, median; to a local
-   rclone remote (`local`: the remote must read a file back to hash it) and to a bucket on the
-   GCS emulator (`gs`: the hash comes with each object, as on GCS).
+   same directories (baseline; files of `--shard-mb` MiB), and vs that copy under the
+   uploader's own priority (`nice -n 19 ionice -c 3`). Each measure `--upload-rounds` times,
+   interleaved; to a local rclone remote (`local`: the remote must read a file back to hash
+   it) and to a bucket on the GCS emulator (`gs`: the hash comes with each object, as on GCS).
 
 The machine may be shared: each round prints the load average before and after it, and each
 ratio is the median of the rounds' own ratios (a round's measures ran back to back, so a load
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,29 +73,53 @@ def _spec(root: Path, conf: Path, bwlimit: str | None = None) -> dict:
     return raw
 
 
-def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> tuple[float, int]:
-    """Steps/s of one training run in a fresh directory, with or without a guard, and how many
-    checkpoints the guard had verified on the remote by the time the trainer ended."""
+@dataclass
+class Run:
+    """One training run: its rate, and (guarded) what the guard did meanwhile and after."""
+
+    steps_per_s: float
+    verified: int = 0  # checkpoints verified on the remote when the trainer ended
+    guard_cpu_s: float = 0.0  # CPU the guard and its finished rclone calls used by then
+    drain_s: float | None = None  # seconds after the trainer's end until all were verified
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of `pid` and of its children it waited for, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> Run:
+    """One training run in a fresh directory, with or without a guard (see `Run`)."""
     shutil.rmtree(work, ignore_errors=True)
     (work / "ck").mkdir(parents=True)
     conf = work / "rclone.conf"
     conf.write_text("[store]\ntype = local\n")
     step_dir = work / "step"
     step_dir.mkdir()
+    pid = 0
     if guarded:
         spec = parse_checkpoints(_spec(work / "remote", conf, args.bwlimit)).to_dict()
         config = {"launch_id": "bench", "cwd": str(work), "checkpoints": spec, "log": ""}
-        guard.start(step_dir, config, dict(os.environ))
+        pid = guard.start(step_dir, config, dict(os.environ))
     size = args.size_mb << 20
     done = subprocess.run(
         [sys.executable, "-c", TRAINER, str(args.steps), str(args.interval), str(size)],
         cwd=work, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    verified = 0
+    run = Run(float(done.stdout.strip()))
     if guarded:
-        verified = len(read_status(step_dir).get("verified") or [])
+        ended = time.monotonic()
+        run.verified = len(read_status(step_dir).get("verified") or [])
+        run.guard_cpu_s = _cpu_s(pid)
+        want = args.steps // args.interval
+        while time.monotonic() - ended < args.drain_s:
+            if len(read_status(step_dir).get("verified") or []) >= want:
+                run.drain_s = time.monotonic() - ended
+                break
+            time.sleep(0.2)
         guard.stop(step_dir)
-    return float(done.stdout.strip()), verified
+    return run
 
 
 def load() -> str:
@@ -180,6 +206,8 @@ def main() -> int:
     parser.add_argument("--shard-mb", type=int, default=16, help="file size within a checkpoint")
     parser.add_argument("--remotes", default="local,gs", help="local, gs or both")
     parser.add_argument("--skip-training", action="store_true", help="upload figures only")
+    parser.add_argument("--drain-s", type=float, default=120,
+                        help="how long a guarded round waits for the last uploads")  # fmt: skip
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     print(f"cores: {os.cpu_count()}; load average at start {load()}", flush=True)
@@ -188,16 +216,19 @@ def main() -> int:
         guarded: list[float] = []
         for i in range(0 if args.skip_training else args.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
-            before, verified = load(), 0
-            for with_guard in order:
-                rate, count = train_once(base / "train", args, with_guard)
-                (guarded if with_guard else alone).append(rate)
-                verified = count if with_guard else verified
+            before = load()
+            runs = {
+                with_guard: train_once(base / "train", args, with_guard) for with_guard in order
+            }
+            alone.append(runs[False].steps_per_s)
+            guarded.append(runs[True].steps_per_s)
+            g = runs[True]
+            drain = f"{g.drain_s:.1f}s" if g.drain_s is not None else f"> {args.drain_s:.0f}s"
             print(f"  training round {i + 1}: load {before} -> {load()}; alone "
                   f"{alone[-1]:.2f}, with uploads {guarded[-1]:.2f} steps/s "
-                  f"({guarded[-1] / alone[-1]:.3f}x; {verified} of "
-                  f"{args.steps // args.interval} checkpoints verified before the trainer "
-                  "ended)", flush=True)  # fmt: skip
+                  f"({guarded[-1] / alone[-1]:.3f}x); by the trainer's end {g.verified} of "
+                  f"{args.steps // args.interval} checkpoints verified, guard CPU "
+                  f"{g.guard_cpu_s:.1f}s; all verified {drain} later", flush=True)  # fmt: skip
         if alone:
             a, g = statistics.median(alone), statistics.median(guarded)
             print(f"training alone:        {a:7.2f} steps/s (median of {len(alone)})")

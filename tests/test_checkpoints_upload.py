@@ -380,6 +380,8 @@ def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> Non
     assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 19
     if Path("/proc/self/autogroup").exists():
         assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "19"
+    # And the CPU only when nothing else wants it (a CPU running it counts as idle).
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE
     train(tmp_path, 10, 10)
     wait_for(lambda: "10" in manifest(root), timeout=30, what="upload by the detached guard")
     guard.stop(work)
@@ -432,6 +434,8 @@ def test_a_guard_left_running_is_found_and_ended_by_pid(tmp_path: Path) -> None:
     wait_for(syncing, timeout=30, what="the guard's rclone sync running")
     left = processes_of(tmp_path)
     assert pid in left and os.getsid(pid) == pid
+    syncs = [p for p, argv in left.items() if "rclone sync" in argv]
+    assert syncs and all(os.sched_getscheduler(p) == os.SCHED_IDLE for p in syncs)  # inherited
     killed = reap(tmp_path, grace=0.5)
     assert pid in killed and any("rclone sync" in argv for argv in killed.values())
     assert processes_of(tmp_path) == {} and guard.guard_pid(work) is None

@@ -16,7 +16,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from ckpt_remotes import TRAINER, no_process_outlives, rclone_config, serve
@@ -25,8 +27,11 @@ from project import wait_for
 from provision.steps.base import ParamError, StepContext, validate_params
 from provision.steps.tmux_launch import KIND as TMUX_LAUNCH
 from provision.watch import guard
+from provision.watch import watcher as watcher_module
+from provision.watch.notify import Notifier
 from provision.watch.record import read_watch
-from provision.watch.spec import parse_on_finish, parse_watch
+from provision.watch.spec import WatchSpec, parse_on_finish, parse_watch
+from provision.watch.watcher import Watcher
 
 
 @pytest.fixture(autouse=True)
@@ -173,13 +178,25 @@ def test_stop_ends_a_job_that_lingers_after_its_last_step(
     assert inbox.titles().count("training finished") == 1
 
 
-def test_a_remote_rejecting_writes_is_loud_and_the_job_runs(
-    tmp_path: Path, socket: str, inbox: Inbox
+@contextmanager
+def _bad_remote(kind: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(remote, rclone.conf) of a remote that rejects writes (`rclone serve webdav
+    --read-only`) or that does not exist (no such section in the config)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    if kind == "missing":
+        yield "nosuch:runs", rclone_config(tmp_path / "rclone.conf", other={"type": "local"})
+        return
+    with serve("webdav", served, "--read-only") as url:
+        yield "ro:runs", rclone_config(tmp_path / "rclone.conf", ro={"type": "webdav", "url": url})
+
+
+@pytest.mark.parametrize("kind", ["rejects_writes", "missing"])
+def test_a_bad_remote_is_loud_and_the_job_runs(
+    tmp_path: Path, socket: str, inbox: Inbox, kind: str
 ) -> None:
-    (tmp_path / "served").mkdir()
-    with serve("webdav", tmp_path / "served", "--read-only") as url:
-        conf = rclone_config(tmp_path / "rclone.conf", ro={"type": "webdav", "url": url})
-        ckpts = {"dir": "ck", "complete": "metadata.pt", "remote": "ro:runs", "poll": 1,
+    with _bad_remote(kind, tmp_path) as (remote, conf):
+        ckpts = {"dir": "ck", "complete": "metadata.pt", "remote": remote, "poll": 1,
                  "rclone_config": str(conf)}  # fmt: skip
         command = trainer("--steps", "100000", "--step-sleep", "0.05", "--save-dir", "ck",
                           "--save-interval", "10")  # fmt: skip
@@ -195,6 +212,28 @@ def test_a_remote_rejecting_writes_is_loud_and_the_job_runs(
         log = (ctx.workdir / guard.LOG_FILE).read_text()
         assert log.count("LOUD: checkpoints are not leaving the box") >= 2
         guard.stop(ctx.workdir)
+        assert list((tmp_path / "served").iterdir()) == []  # the read-only one took nothing
+        assert len(list((tmp_path / "ck").glob("[0-9]*"))) >= 1  # nothing pruned, nothing lost
+
+
+def test_a_failing_upload_is_told_again_each_repeat_s_while_it_lasts(
+    tmp_path: Path, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [time.time()]
+    monkeypatch.setattr(watcher_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    (tmp_path / "train.log").write_text("")
+    spec = WatchSpec(repeat_s=60)
+    watcher = Watcher(tmp_path, str(tmp_path / "train.log"), "l1", "train", spec)
+    notifier = Notifier(inbox.url, tmp_path, "b1 · train", print)
+    failing = {"failing": {"since": 0, "error": "403 Forbidden", "attempts": 1},
+               "pending": ["10"]}  # fmt: skip
+    title = "checkpoints are not leaving the box"
+    for step_s, uploads in ((0, failing), (30, failing), (31, failing), (10, failing),
+                            (50, failing), (1, {}), (1, failing)):  # fmt: skip
+        clock[0] += step_s
+        notifier.tell_findings(watcher.observe(None, False, uploads), "rerun", spec.repeat_s)
+    # Told at t=0, 61 (a second period), 121 (a third); cleared at 122; failing anew at 123.
+    assert inbox.titles().count(title) == 4, inbox.titles()
 
 
 @pytest.mark.parametrize(
