@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,22 +104,25 @@ def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> Run:
         config = {"launch_id": "bench", "cwd": str(work), "checkpoints": spec, "log": ""}
         pid = guard.start(step_dir, config, dict(os.environ))
     size = args.size_mb << 20
-    done = subprocess.run(
-        [sys.executable, "-c", TRAINER, str(args.steps), str(args.interval), str(size)],
-        cwd=work, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    run = Run(float(done.stdout.strip()))
-    if guarded:
-        ended = time.monotonic()
-        run.verified = len(read_status(step_dir).get("verified") or [])
-        run.guard_cpu_s = _cpu_s(pid)
-        want = args.steps // args.interval
-        while time.monotonic() - ended < args.drain_s:
-            if len(read_status(step_dir).get("verified") or []) >= want:
-                run.drain_s = time.monotonic() - ended
-                break
-            time.sleep(0.2)
-        guard.stop(step_dir)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", TRAINER, str(args.steps), str(args.interval), str(size)],
+            cwd=work, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        run = Run(float(done.stdout.strip()))
+        if guarded:
+            ended = time.monotonic()
+            run.verified = len(read_status(step_dir).get("verified") or [])
+            run.guard_cpu_s = _cpu_s(pid)
+            want = args.steps // args.interval
+            while time.monotonic() - ended < args.drain_s:
+                if len(read_status(step_dir).get("verified") or []) >= want:
+                    run.drain_s = time.monotonic() - ended
+                    break
+                time.sleep(0.2)
+    finally:
+        if guarded:
+            guard.stop(step_dir)  # its own session: it would outlive this process
     return run
 
 
@@ -209,6 +213,7 @@ def main() -> int:
     parser.add_argument("--drain-s", type=float, default=120,
                         help="how long a guarded round waits for the last uploads")  # fmt: skip
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks still run
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     print(f"cores: {os.cpu_count()}; load average at start {load()}", flush=True)
     try:

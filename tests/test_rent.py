@@ -405,6 +405,86 @@ def test_interruptible_outbid_is_replaced_and_resumes_from_the_remote(
     assert fake.live() == []
 
 
+FINISH_PLAYBOOK = """\
+name: finish-rent
+steps:
+  - id: train
+    kind: tmux_launch
+    session: train
+    command: >-
+      {python} {trainer} --mode ae --steps 30 --total 30 --step-sleep 0.05 --startup-sleep 0
+      --wandb offline --save-dir ck --save-interval 10 --hold
+    log: train.log
+    env: {{RCLONE_CONFIG_STORE_TYPE: local}}
+    checkpoints: {{dir: ck, complete: metadata.pt, remote: "store:{remote}", poll: 1}}
+    watch: {{poll: 1, finish_grace_s: 2}}
+    on_finish: destroy
+"""
+
+
+def test_on_finish_destroy_is_done_here_once_the_box_says_its_work_is_safe(
+    fake: FakeVast,
+    env: dict[str, str],
+    project: Path,
+    client_key: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from ckpt_remotes import TRAINER
+    from project import wait_for
+
+    from provision.rent import keepalive
+    from provision.rent.vast import Vast
+
+    remote = tmp_path / "remote"
+    book = project / "playbooks" / "finish-rent.yaml"
+    book.write_text(FINISH_PLAYBOOK.format(python=sys.executable, trainer=TRAINER, remote=remote))
+    fake.add_offer(801, 81, gpu_name="RTX PRO 6000 WS")
+    up = cli(project, env, "up", "--rent", "num_gpus=2", "--label", "fin", "--key",
+             str(client_key), "--disk", "2", "-p", "playbooks/finish-rent.yaml", "--var",
+             f"agent_python={sys.executable}")  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr
+    (instance,) = fake.live()
+    for name in ("BOOTSTRAP_CONFIG_DIR", "HOME"):
+        monkeypatch.setenv(name, env[name])  # this process is the controller that rented it
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    vast = Vast(fake.api_key, url=fake.url)
+    said: list[str] = []
+
+    def watch() -> dict[str, Any]:
+        shown = cli(project, env, "monitor", "fin", "-p", "playbooks/finish-rent.yaml", "--json")
+        doc: dict[str, Any] = json.loads(shown.stdout.splitlines()[-1])["watch"] or {}
+        return doc
+
+    # While it trains, and once its guard says it may not go: the box stays.
+    assert keepalive.release(vast, "fin", watch(), said.append) is False
+    not_ready = {"on_finish": {"action": "destroy", "ready": False, "why_not": "pending: 30"}}
+    assert keepalive.release(vast, "fin", not_ready, said.append) is False
+    assert said == ["fin: on_finish destroy: not destroying: pending: 30"]
+    assert keepalive.release(vast, "elsewhere", {"on_finish": {"action": "destroy",
+                                                               "ready": True}}, said.append) is False  # fmt: skip
+    assert [i.id for i in fake.live()] == [instance.id]
+
+    seen: list[dict[str, Any]] = []
+
+    def ready() -> bool:
+        seen[:] = [watch()]
+        return bool((seen[0].get("on_finish") or {}).get("ready"))
+
+    wait_for(ready, timeout=120, what="the guard's on_finish: ready")
+    (finished,) = seen
+    assert finished["state"] == "finished"
+    assert sorted(p.stem for p in (remote / ".bootstrap" / "manifest").glob("*.json")) == [
+        "10", "20", "30"
+    ]  # fmt: skip
+    assert keepalive.release(vast, "fin", finished, said.append) is True
+    assert fake.live() == [] and fake.instances[instance.id].ended
+    assert "fin" not in store(env)["instances"]
+    assert said[-1].startswith(f"fin: destroyed instance {instance.id} after ")
+
+
 LAUNCH_PLAYBOOK = """\
 name: launch-rent
 steps:

@@ -4,6 +4,7 @@ on_finish; checkpoints not leaving the box are reported loudly and repeatedly.""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -178,6 +179,40 @@ def test_stop_ends_a_job_that_lingers_after_its_last_step(
     assert inbox.titles().count("training finished") == 1
 
 
+@pytest.mark.parametrize("remote_kind", ["good", "rejects_writes"])
+def test_destroy_says_whether_the_box_may_go(
+    tmp_path: Path, socket: str, inbox: Inbox, remote_kind: str
+) -> None:
+    command = trainer("--steps", "30", "--total", "30", "--step-sleep", "0.05", "--save-dir",
+                      "ck", "--save-interval", "10", "--hold")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if remote_kind == "good":
+            remote = f"store:{tmp_path / 'remote'}"
+            conf = rclone_config(tmp_path / "rclone.conf", store={"type": "local"})
+        else:
+            remote, conf = stack.enter_context(_bad_remote("rejects_writes", tmp_path))
+        ckpts = {"dir": "ck", "complete": "metadata.pt", "remote": remote, "poll": 1,
+                 "rclone_config": str(conf)}  # fmt: skip
+        ctx = launch(tmp_path, socket, inbox, command, checkpoints=ckpts, on_finish="destroy",
+                     watch={"poll": 1, "finish_grace_s": 2})  # fmt: skip
+        wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=180, what="guard ends")
+    finish = json.loads((ctx.workdir / guard.FINISH_FILE).read_text())
+    assert finish["action"] == "destroy" and finish["outcome"] == "finished"
+    assert finish["stopped"] and TMUX_LAUNCH.check(ctx).done is False  # the job was ended
+    told = [m["message"] for m in inbox.messages if m["title"].endswith(": on_finish ran")]
+    assert len(told) == 1, inbox.titles()
+    if remote_kind == "good":
+        assert finish["ready"] is True and finish["why_not"] == ""
+        assert "the box may be destroyed: every complete checkpoint is verified on" in told[0]
+        assert "(newest 30)" in told[0]  # the trainer saves after steps 10, 20 and 30
+    else:
+        assert finish["ready"] is False
+        assert finish["why_not"].startswith("checkpoint uploads are failing: ")
+        assert "not ready to be destroyed: checkpoint uploads are failing" in told[0]
+    watch = read_watch(ctx.workdir)
+    assert watch and watch["on_finish"]["ready"] is finish["ready"]  # what the controller reads
+
+
 @contextmanager
 def _bad_remote(kind: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """(remote, rclone.conf) of a remote that rejects writes (`rclone serve webdav
@@ -251,10 +286,27 @@ def test_bad_watch_blocks(raw: dict, key: str) -> None:
     assert err.value.key == key
 
 
-@pytest.mark.parametrize("raw", ["destroy", {"run": ""}, {"run": "x", "when": "sometimes"}, 3])
-def test_bad_on_finish(raw: object) -> None:
-    with pytest.raises(ParamError):
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ("destroy-box", "on_finish"),
+        ({"run": ""}, "on_finish.run"),
+        ({"run": "x", "when": "sometimes"}, "on_finish.when"),
+        ({"run": "x", "destroy": True}, "on_finish"),
+        ({"destroy": "yes"}, "on_finish.destroy"),
+        (3, "on_finish"),
+    ],
+)
+def test_bad_on_finish(raw: object, key: str) -> None:
+    with pytest.raises(ParamError) as err:
         parse_on_finish(raw)
+    assert err.value.key == key
+
+
+def test_destroy_is_for_a_finished_run_unless_told() -> None:
+    assert parse_on_finish("destroy").when == ("finished",)  # a crashed box stays for a look
+    assert parse_on_finish({"destroy": True, "when": "crashed"}).when == ("crashed",)
+    assert parse_on_finish({"stop": True}).when == ("finished", "crashed")
 
 
 # ---- the runner's news: setup failed, training verified (over a test box) ---------------------

@@ -1,5 +1,6 @@
 """Unattended: a rented box that is stopped (an interruptible one outbid) or goes offline is
-replaced by one rented with the same query, and the caller runs the same playbook there.
+replaced by one rented with the same query, and the caller runs the same playbook there; one
+whose run asked to be destroyed when done (`on_finish: destroy`) is destroyed once it is.
 
 The playbook's own checkpoints (a tmux_launch step's `checkpoints:` with `restore: true`) make
 the new box resume from the newest checkpoint verified on the remote; nothing here copies data.
@@ -12,9 +13,10 @@ that was given at the first rent, counted over every box rented here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from provision.errors import ProvisionError
-from provision.rent import store
+from provision.rent import manage, store
 from provision.rent.renter import DEAD_STATES, Request, Say, rent
 from provision.rent.vast import Instance, Vast
 
@@ -59,3 +61,30 @@ def check(vast: Vast, name: str, say: Say) -> store.Rented | None:
     new = replace(vast, name, say)
     say(f"{name}: replaced by instance {new.id} at {new.host}:{new.port}, ${new.dph:.3f}/h")
     return new
+
+
+def release(vast: Vast, name: str, watch: dict[str, Any] | None, say: Say) -> bool:
+    """Destroy the rented box `name` when its run is over and asked for it; True once done.
+
+    `watch` is a tmux_launch step's `watch.json` as `status`/`monitor` read it from the box.
+    The box cannot destroy itself (the API key stays here): its guard, told `on_finish:
+    destroy`, ends the job and records `ready` once every complete checkpoint is verified on
+    the remote. Here the run must also be finished (`manage.down`'s check: every step done,
+    the runner idle), and the box must be one rented by this controller.
+    """
+    record = (watch or {}).get("on_finish")
+    if not isinstance(record, dict) or record.get("action") != "destroy":
+        return False
+    if name not in store.rented():
+        return False
+    if not record.get("ready"):
+        say(f"{name}: on_finish destroy: not destroying: {record.get('why_not') or 'not ready'}")
+        return False
+    try:
+        _rented, lines = manage.down(vast, name, force=False)
+    except ProvisionError as exc:
+        say(f"{name}: on_finish destroy: {exc}")
+        return False
+    for line in lines:
+        say(line)
+    return True

@@ -279,14 +279,44 @@ class Guard:
             "at": time.time(),
         }
         if self.finish.action != "nothing" and outcome in self.finish.when:
-            if self.finish.action == "stop":
+            if self.finish.action in ("stop", "destroy"):
                 record["stopped"] = self._stop_job()
             else:
                 record["rc"] = self._run_hook(outcome)
             message = f"on_finish {self.finish.action} after the run {outcome}: {record}"
+            if self.finish.action == "destroy":
+                record["why_not"] = self._unsafe_to_destroy()
+                record["ready"] = not record["why_not"]
+                message = (
+                    f"the run {outcome}; the box may be destroyed: {self._safe_line()} (the "
+                    "controller that rented it destroys it: `bootstrap monitor TARGET --watch`, "
+                    "or `bootstrap down TARGET`)"
+                    if record["ready"]
+                    else f"the run {outcome}; not ready to be destroyed: {record['why_not']}"
+                )
             self.notifier.tell(f"on_finish@{self.launch}", "on_finish", message)
         write_json_atomic(self.workdir / FINISH_FILE, record)
         self.log(f"on_finish: {record}")
+
+    def _unsafe_to_destroy(self) -> str:
+        """'' when the box's checkpoints are all safe on the remote (the uploader's last pass
+        verified every complete one, none failing), else why not."""
+        if self.spec is None:
+            return ""
+        if self.spec.remote is None:
+            return "its checkpoints have no remote: they exist only on the box"
+        status = read_status(self.workdir)
+        if status.get("failing"):
+            return f"checkpoint uploads are failing: {status['failing'].get('error')}"
+        if status.get("pending"):
+            return f"checkpoints not verified on {self.spec.remote}: {', '.join(status['pending'])}"
+        return ""
+
+    def _safe_line(self) -> str:
+        if self.spec is None or self.spec.remote is None:
+            return "no checkpoints declared"
+        newest = (read_status(self.workdir).get("verified") or ["none"])[-1]
+        return f"every complete checkpoint is verified on {self.spec.remote} (newest {newest})"
 
     def _stop_job(self) -> list[int]:
         """End the job: TERM (then KILL after 10 s) every process of its Unix session."""

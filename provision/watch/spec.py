@@ -9,7 +9,7 @@ watch:
   finish_grace_s: 300       # the last step reached and the job still there after this: ended
   repeat_s: 3600            # a failing upload is notified again this often
   thresholds: {gpu_memory_pct: 96}   # the monitor's alert rules (provision/monitor/alerts.py)
-on_finish: stop             # nothing (default) | stop | {run: "command"}
+on_finish: stop             # nothing (default) | stop | destroy | {run: "command"}
 ```
 
 `on_finish` runs once the run has ended (the job exited, or reached its last step and lingered
@@ -17,8 +17,15 @@ on_finish: stop             # nothing (default) | stop | {run: "command"}
 `{run: CMD}` runs CMD with bash in cwd, in the job's environment plus `BOOTSTRAP_OUTCOME`
 (finished | crashed), `BOOTSTRAP_RC`, `BOOTSTRAP_LAST_STEP`, `BOOTSTRAP_CHECKPOINT` (the newest
 verified one) and `BOOTSTRAP_UPLOADS_OK` (1 when every complete checkpoint is on the remote):
-the hook that destroys a rented box once its work is safe (`when: finished` keeps a crashed box
-for a look). Standard library only.
+a hook of the user's own (`when: finished` keeps a crashed box for a look).
+
+`destroy` is for a box bootstrap rented: the box cannot destroy itself (that takes the vast.ai
+API key, which stays on the controller), so the guard ends the job and records whether the box
+may go (`ready`: every complete checkpoint verified on the remote, no upload failing; a
+checkpoint without a remote is not safe), and tells it; the controller that rented the box
+destroys it once it sees `ready` and the run finished (provision/rent/keepalive.py `release`).
+It applies to a finished run only unless `when:` says otherwise: a crashed box stays for a
+look. Standard library only.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ class WatchSpec:
 class FinishAction:
     """A validated `on_finish`: what to do, and for which outcomes."""
 
-    action: str = "nothing"  # nothing | stop | run
+    action: str = "nothing"  # nothing | stop | run | destroy
     command: str | None = None
     when: tuple[str, ...] = OUTCOMES
 
@@ -104,13 +111,19 @@ def parse_on_finish(raw: Any) -> FinishAction:
         return FinishAction()
     if raw == "stop":
         return FinishAction("stop")
-    if not isinstance(raw, dict) or set(raw) - {"run", "stop", "when"}:
+    if raw == "destroy":
+        return FinishAction("destroy", None, ("finished",))
+    if not isinstance(raw, dict) or set(raw) - {"run", "stop", "destroy", "when"}:
         raise ParamError(
-            "'on_finish' must be nothing, stop, {run: COMMAND} or {stop: true}, with an optional "
-            "when: finished|crashed|[finished, crashed]",
+            "'on_finish' must be nothing, stop, destroy, {run: COMMAND}, {stop: true} or "
+            "{destroy: true}, with an optional when: finished|crashed|[finished, crashed]",
             "on_finish",
         )
-    when = raw.get("when", list(OUTCOMES))
+    if len(set(raw) & {"run", "stop", "destroy"}) != 1:
+        raise ParamError("'on_finish' needs one of run: COMMAND, stop: true, destroy: true",
+                         "on_finish")  # fmt: skip
+    default = ["finished"] if "destroy" in raw else list(OUTCOMES)
+    when = raw.get("when", default)
     when = [when] if isinstance(when, str) else when
     if not isinstance(when, list) or not when or not set(when) <= set(OUTCOMES):
         raise ParamError("'on_finish.when' must be finished, crashed or both", "on_finish.when")
@@ -119,6 +132,7 @@ def parse_on_finish(raw: Any) -> FinishAction:
         if not isinstance(command, str) or not command.strip():
             raise ParamError("'on_finish.run' must be a command line", "on_finish.run")
         return FinishAction("run", command.strip(), tuple(when))
-    if raw.get("stop") is not True:
-        raise ParamError("'on_finish' needs run: COMMAND or stop: true", "on_finish")
-    return FinishAction("stop", None, tuple(when))
+    action = "destroy" if "destroy" in raw else "stop"
+    if raw.get(action) is not True:
+        raise ParamError(f"'on_finish.{action}' must be true", f"on_finish.{action}")
+    return FinishAction(action, None, tuple(when))
