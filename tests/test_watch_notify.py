@@ -121,6 +121,12 @@ def test_stalled_then_crashed_is_one_message_each(
     wait_for(lambda: "training stalled" in inbox.titles(), timeout=60, what="stalled message")
     time.sleep(3)  # more looks while it stays stalled: no second message
     assert inbox.titles() == ["training runs", "training stalled"]
+    # kill -9 of the guard mid-run: the one started again tells nothing it told before.
+    os.kill(guard.guard_pid(ctx.workdir) or 0, signal.SIGKILL)
+    wait_for(lambda: guard.guard_pid(ctx.workdir) is None, timeout=10, what="the guard dead")
+    assert guard.revive(ctx.workdir, {**os.environ, "NOTIFY_URL": inbox.url}) is not None
+    time.sleep(4)
+    assert inbox.titles() == ["training runs", "training stalled"]
     watch = read_watch(ctx.workdir)
     assert watch and watch["state"] == "training"
     assert [f["kind"] for f in watch["findings"] if f["kind"] != "alert"] == ["stalled"]

@@ -52,9 +52,12 @@ class Watcher:
         same = isinstance(previous, dict) and previous.get("launch") == launch
         self._since: dict[str, float] = dict(previous.get("_since") or {}) if same else {}
         self._first_step = previous.get("first_step") if same else None
-        self._last_step: int | None = None
-        self._last_change = time.time()
-        self._gaps: list[float] = []
+        # The step rate seen so far, read back too: a guard started again (after kill -9)
+        # over a job that has stalled meanwhile sees no new step to learn the rate from.
+        pace = (previous.get("_pace") or {}) if same else {}
+        self._last_step: int | None = pace.get("last_step")
+        self._last_change = float(pace.get("last_change") or time.time())
+        self._gaps: list[float] = [float(g) for g in pace.get("gaps") or []]
         self._finished_at: float | None = previous.get("finished_at") if same else None
 
     def observe(self, rc: int | None, gone: bool, uploads: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +120,11 @@ class Watcher:
             "job": job,
             "checkpoints": uploads,
             "_since": self._since,
+            "_pace": {
+                "last_step": self._last_step,
+                "last_change": self._last_change,
+                "gaps": self._gaps,
+            },
         }
 
     def ended(self, doc: dict[str, Any], gone: bool) -> str | None:
