@@ -852,62 +852,16 @@ def forget(
     return _forget(target, inventory)
 
 
-def _launch_steps(plan: "Plan", step_id: str | None) -> "PlannedStep":
-    """The tmux_launch step named `step_id`, or the first selected one."""
-    launches = [s for s in plan.steps if s.kind == "tmux_launch"]
-    if step_id is not None:
-        launches = [s for s in launches if s.id == step_id]
-        if not launches:
-            raise ProvisionError(f"no tmux_launch step '{step_id}' in {plan.playbook}")
-    else:
-        launches = [s for s in launches if s.selected] or launches
-    if not launches:
-        raise ProvisionError(f"{plan.playbook} has no tmux_launch step")
-    return launches[0]
-
-
-def _training_log(step: "PlannedStep") -> str:
-    params = step.params
-    return _under_cwd(
-        params, params.get("log") or f"~/.bootstrap/runs/logs/{params['session']}.log"
-    )
-
-
-def _under_cwd(params: dict[str, Any], path: str) -> str:
-    """A launch step's path on the box: relative paths start at its `cwd`."""
-    if path.startswith(("/", "~")):
-        return path
-    return f"{params.get('cwd') or '~'}/{path}"
-
-
-def _checkpoint_spec(plan: "Plan", step: "PlannedStep") -> dict[str, Any] | None:
-    """The checkpoint directory `monitor` forecasts the disk for: the launch step's
-    `checkpoints:` block (`dir` relative to its cwd, `keep`, `step`, `complete`), else the
-    plan's preflight `checkpoint_dir` with its `checkpoint_keep` and `checkpoint_gb`."""
-    block = step.params.get("checkpoints")
-    if isinstance(block, dict) and block.get("dir"):
-        spec = {k: block.get(k) for k in ("keep", "step", "complete")}
-        return dict(spec, dir=_under_cwd(step.params, str(block["dir"])))
-    for other in plan.steps:
-        params = other.params if other.kind == "preflight" else {}
-        if params.get("checkpoint_dir"):
-            keep, size = params.get("checkpoint_keep"), params.get("checkpoint_gb")
-            return {"dir": params["checkpoint_dir"], "keep": keep, "size_gb": size}
-    return None
-
-
 def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as_json: bool) -> int:
     from provision import controller
+    from provision.launches import preflight_step
     from provision.monitor.render import render_rows
 
     loaded = Loaded(playbook, inventory, targets)
     plans = loaded.plans(None, {})
 
-    from provision.model import PlannedStep
-
-    def preflight(name: str) -> PlannedStep:
-        steps = [s for s in plans[name].steps if s.kind == "preflight"]
-        return steps[0] if steps else PlannedStep(id="preflight", kind="preflight")
+    def preflight(name: str) -> "PlannedStep":
+        return preflight_step(plans[name])
 
     boxes = _each_box(
         loaded.hosts,
@@ -960,13 +914,14 @@ def _monitor(
     import time
 
     from provision import console, controller
+    from provision.launches import launch_step, preflight_checkpoints
     from provision.monitor.alerts import expectation_alerts, merge_thresholds, parse_expectations
     from provision.monitor.render import render_snapshot
 
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
     plan = loaded.plans(None, {})[host.name]
-    step = _launch_steps(plan, step_id)
+    step = launch_step(plan, step_id)
     context_vars = {**loaded.book.vars, **loaded.inventory.vars, **host.vars}
     # A training's own figures (training_expect: {STEP: ...}) warn when it is off them, and may
     # set its own thresholds (the waypoint VLM runs at 93-95 % of GPU memory by design).
@@ -982,13 +937,12 @@ def _monitor(
     batch = batch_size or context_vars.get("global_batch_size")
     box = controller.connect(host)
     keep = _keeper(target, loaded.playbook_path, inventory) if watch else None
-    checkpoints = _checkpoint_spec(plan, step)
+    checkpoints = preflight_checkpoints(plan)
     while True:
         try:
             snap = controller.monitor(
-                box, _training_log(step), batch, thresholds, step.env, checkpoints,
-                watch=(plan.name, step.id),
-            )  # fmt: skip
+                box, plan.name, step, batch, thresholds, step.env, checkpoints
+            )
         except TargetError:
             if keep is None or not keep():
                 raise
@@ -1057,18 +1011,17 @@ def _checkpoints(
 ) -> int:
     from provision import controller
     from provision.checkpoints.listing import render_report
+    from provision.launches import checkpoint_steps
 
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
     plan = loaded.plans(None, {})[host.name]
-    launches = [s for s in plan.steps if s.kind == "tmux_launch" and s.params.get("checkpoints")]
-    if step_id is not None:
-        launches = [s for s in launches if s.id == step_id]
+    launches = checkpoint_steps(plan, step_id)
     if not launches:
         which = f"step '{step_id}'" if step_id else "no tmux_launch step"
         raise ProvisionError(f"{loaded.playbook_path}: {which} declares checkpoints")
     step = launches[0]
-    env = {**step.env, **{n: loaded.inventory.secret(n) for n in step.secrets}}
+    env = controller.step_env(step, loaded.inventory)
     report = controller.checkpoints(controller.connect(host), plan.name, step, env)
     if as_json:
         print(json.dumps(dict(report, host=host.name, step=step.id)))
@@ -1185,15 +1138,19 @@ def diagnose(
 
 def _attach(target: str, session: str | None, playbook: Path | None, inventory: Path | None) -> int:
     from provision import controller
+    from provision.launches import launch_step
     from provision.steps.tmux_launch import tmux_attach_command
 
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
+    box = controller.connect(host)
     socket = None
     if session is None:
-        step = _launch_steps(loaded.plans(None, {})[host.name], None)
-        session, socket = step.params["session"], step.params.get("socket")
-    return controller.interactive(controller.connect(host), tmux_attach_command(session, socket))
+        # The session the job runs in, as its launch recorded it (the box knows).
+        plan = loaded.plans(None, {})[host.name]
+        job = controller.launch(box, plan.name, launch_step(plan, None))
+        session, socket = str(job["session"]), job.get("socket")
+    return controller.interactive(box, tmux_attach_command(session, socket))
 
 
 @app.command()
@@ -1463,17 +1420,18 @@ def _checkpoints_unsafe(target: str, playbook: Path, inventory: Path | None) -> 
     """Why the checkpoints of `target`'s run are not all verified on their remote ('' when
     they are; None when its playbook declares none: then its run must be finished)."""
     from provision import controller
+    from provision.launches import checkpoint_steps
     from provision.rent.manage import checkpoints_unsafe
 
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
     plan = loaded.plans(None, {})[host.name]
     box = controller.connect(host)
-    launches = [s for s in plan.steps if s.kind == "tmux_launch" and s.params.get("checkpoints")]
+    launches = checkpoint_steps(plan)
     if not launches:
         return None
     for step in launches:
-        env = {**step.env, **{n: loaded.inventory.secret(n) for n in step.secrets}}
+        env = controller.step_env(step, loaded.inventory)
         try:
             why = checkpoints_unsafe(controller.checkpoints(box, plan.name, step, env))
         except ProvisionError as exc:

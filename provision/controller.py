@@ -324,6 +324,12 @@ def secrets_for(plan: Plan, inv: Inventory) -> dict[str, str]:
     return {n: inv.secret(n) for n in sorted(names)}
 
 
+def step_env(step: PlannedStep, inv: Inventory) -> dict[str, str]:
+    """A step's environment with the values of the secrets it names (for a command that runs
+    on the box on the step's behalf, as `checkpoints` reads its remote)."""
+    return {**step.env, **{n: inv.secret(n) for n in step.secrets}}
+
+
 def up(
     box: Box,
     plan: Plan,
@@ -393,23 +399,35 @@ def check(
     return agent_run(box, ["check"], payload, timeout=60)
 
 
+def _step_ref(run: str, step: PlannedStep) -> dict[str, Any]:
+    """What the agent needs to find a step's job: its run and the step (id, params)."""
+    return {"run": run, "step": {"id": step.id, "params": step.params}}
+
+
 def monitor(
     box: Box,
-    log: str,
+    run: str,
+    step: PlannedStep,
     batch_size: int | None,
     thresholds: dict[str, Any] | None,
     env: dict[str, str],
     checkpoints: dict[str, Any] | None = None,
-    watch: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Training progress, GPUs, host and alerts of one training log on the box, the disk
-    forecast of its checkpoint directory (`checkpoints`: see provision/monitor/snapshot.py),
-    and with `watch` (run, step id) what that step's guard saw last (`watch` in the result)."""
-    payload = {"log": log, "batch_size": batch_size, "thresholds": thresholds, "env": env}
+    """Training progress, GPUs, host and alerts of a tmux_launch step's job in `run`, the disk
+    forecast of its checkpoint directory and what its guard saw (`watch`). The box says where
+    the job logs (`launch`: from its launch record); `checkpoints` is the plan's preflight
+    checkpoint directory, used when the step declares none (see provision/monitor/snapshot.py).
+    """
+    payload = dict(_step_ref(run, step), batch_size=batch_size, thresholds=thresholds, env=env)
     payload["checkpoints"] = checkpoints
-    if watch is not None:
-        payload["run"], payload["step"] = watch
     return agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
+
+
+def launch(box: Box, run: str, step: PlannedStep) -> dict[str, Any]:
+    """Where a tmux_launch step's job is on the box: log, tmux session and socket, as its
+    launch recorded them (`launched`), else where its next launch will put them."""
+    payload = json.dumps(_step_ref(run, step)).encode()
+    return agent_run(box, ["launch"], payload, timeout=30)
 
 
 def checkpoints(

@@ -62,11 +62,11 @@ def test_status_and_logs_refuse_alike_on_a_box_with_no_run(tmp_path: Path) -> No
 
 
 def test_a_crashing_verb_answers_bug_with_its_traceback_on_stderr(tmp_path: Path) -> None:
-    """`monitor` given no log (a controller that broke the contract) is a crash, not a hang
+    """`monitor` given no step (a controller that broke the contract) is a crash, not a hang
     or a bare traceback: rc BUG, a JSON line saying so, the traceback on stderr."""
     result = _agent(tmp_path, "monitor")
     assert result.returncode == protocol.BUG
-    assert json.loads(result.stdout.splitlines()[-1]) == {"error": "KeyError: 'log'", "bug": True}
+    assert json.loads(result.stdout.splitlines()[-1]) == {"error": "KeyError: 'step'", "bug": True}
     assert "Traceback (most recent call last)" in result.stderr and "cmd_monitor" in result.stderr
 
 

@@ -8,7 +8,7 @@
 - `run`: the runner itself (started by `up`, detached, without a pty).
 - `exec`: one step (started by the runner).
 - `guard`: the detached guard of a launched job (started by `tmux_launch`).
-- `status`, `logs`, `check`, `monitor`, `checkpoints`: read-only reports.
+- `status`, `logs`, `check`, `monitor`, `launch`, `checkpoints`: read-only reports.
 
 Every verb the controller asks answers in JSON with a meaningful exit code: see `protocol`.
 """
@@ -353,22 +353,47 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(payload: dict[str, Any]) -> tuple[dict[str, Any], Path | None, dict[str, Any]]:
+    """The payload's tmux_launch step: its params, its directory in the run (None without a
+    run), and where its job is (`tmux_launch.launch_facts`)."""
+    from provision.steps.tmux_launch import launch_facts
+
+    step = payload["step"]
+    params = step.get("params") or {}
+    run = _run_for(payload.get("run"))
+    workdir = run.step_dir(step["id"]) if run is not None else None
+    return params, workdir, launch_facts(workdir, params)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Where a tmux_launch step's job is (log, session, socket), from its launch record."""
+    _params, _workdir, facts = _launch(_read_params())
+    protocol.emit(facts)
+    return 0
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
-    """Training progress, GPUs, host and alerts for one log, as JSON."""
+    """Training progress, GPUs, host and alerts of a tmux_launch step's job, as JSON: its log
+    and checkpoint directory as its launch put them on this box, what its guard saw."""
     from provision.monitor.snapshot import monitor_snapshot
+    from provision.steps.tmux_launch import job_path
+    from provision.watch.record import read_watch
 
     payload = _read_params()
+    params, workdir, launch = _launch(payload)
+    block = params.get("checkpoints")
+    checkpoints = payload.get("checkpoints")  # the plan's preflight checkpoint_dir, if any
+    if isinstance(block, dict) and block.get("dir"):
+        checkpoints = {k: block.get(k) for k in ("keep", "step", "complete")}
+        checkpoints["dir"] = str(job_path(params, str(block["dir"])))
     snap = monitor_snapshot(
-        payload["log"],
+        str(launch["log"]),
         payload.get("batch_size"),
         payload.get("thresholds") or None,
-        checkpoints=payload.get("checkpoints"),
+        checkpoints=checkpoints,
     )
-    if payload.get("step"):
-        from provision.watch.record import read_watch
-
-        run = _run_for(payload.get("run"))
-        snap["watch"] = read_watch(run.step_dir(payload["step"])) if run is not None else None
+    snap["launch"] = launch
+    snap["watch"] = read_watch(workdir) if workdir is not None else None
     protocol.emit(snap)
     return 0
 
@@ -440,6 +465,7 @@ def parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_logs)
     sub.add_parser("check").set_defaults(func=cmd_check)
     sub.add_parser("monitor").set_defaults(func=cmd_monitor)
+    sub.add_parser("launch").set_defaults(func=cmd_launch)
     sub.add_parser("checkpoints").set_defaults(func=cmd_checkpoints)
     gd = sub.add_parser("guard")
     gd.add_argument("dir")

@@ -222,7 +222,7 @@ class TmuxLaunch(Kind):
         resumed = (isinstance(previous, dict) or restored is not None) and bool(p["resume_args"])
         if resumed:
             command = f"{command} {p['resume_args']}"
-        log = _under(cwd, ctx.path(p["log"] or f"logs/{session}.log"))
+        log = job_path(p, p["log"] or f"logs/{session}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         launch = uuid.uuid4().hex[:12]
         claim_gpus = leases.claim(gpu_set(visible), **wanted, socket=p["socket"])
@@ -394,6 +394,31 @@ def _playbook_name(ctx: StepContext) -> str:
     plan = read_json(ctx.run_dir / "plan.json", {})
     name = plan.get("playbook") if isinstance(plan, dict) else None
     return str(name or ctx.run_dir.name)
+
+
+def job_path(params: Mapping[str, Any], path: str) -> Path:
+    """A path of a launch on this box (its log, its checkpoints): relative paths start at the
+    step's `cwd`."""
+    cwd = Path(os.path.expanduser(params.get("cwd") or "~"))
+    return _under(cwd, Path(os.path.expanduser(path)))
+
+
+def launch_facts(workdir: Path | None, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a tmux_launch step's job is, for the commands around it (`monitor`, `attach`):
+    its log, tmux session and socket as the last launch recorded them (`launched`: true), else
+    where the next launch will put them. The record wins over the params: a job launched
+    before the playbook renamed its session still runs in the old one."""
+    record = read_json(workdir / LAUNCH_FILE, None) if workdir is not None else None
+    if isinstance(record, dict) and record.get("log") and record.get("session"):
+        keep = ("log", "session", "socket", "launch_id", "started")
+        return {"launched": True, **{k: record.get(k) for k in keep}}
+    log = job_path(params, params.get("log") or f"logs/{params['session']}.log")
+    return {
+        "launched": False,
+        "log": str(log),
+        "session": params["session"],
+        "socket": params.get("socket"),
+    }
 
 
 def _under(base: Path, path: Path) -> Path:
