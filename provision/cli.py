@@ -288,15 +288,15 @@ def _redactor(values: list[str]) -> Any:
 
 
 def _open_early(
-    transports: dict[str, Any], accept_new: bool, auth_wait: float
+    opened: dict[str, Any], accept_new: bool, auth_wait: float
 ) -> Callable[[list[Any]], None]:
-    """A `Loaded` hook that starts each target's ssh handshake at once (into `transports`)."""
-    from provision.transport import for_host
+    """A `Loaded` hook that starts each target's ssh handshake at once (its Box into
+    `opened`)."""
+    from provision import controller
 
     def start(hosts: list[Any]) -> None:
         for host in hosts:
-            transports[host.name] = for_host(host, accept_new, auth_wait)
-            transports[host.name].open_early()
+            opened[host.name] = controller.connect_early(host, accept_new, auth_wait)
 
     return start
 
@@ -321,28 +321,24 @@ def _each_box(
     work: Any,
     accept_new: bool = False,
     auth_wait: float = 0.0,
-    transports: dict[str, Any] | None = None,
+    opened: dict[str, Any] | None = None,
     meanwhile: Callable[[], None] | None = None,
 ) -> Boxes:
-    """Run `work(box)` for every host in parallel (over `transports` opened early, when given).
+    """Run `work(box)` for every host in parallel (on the boxes `opened` early, when given).
     `meanwhile` runs here once the boxes' threads started.
 
     Each box is on its own: whatever goes wrong with one is reported for it, and the others
     carry on (a bug hit by one box included, rather than dropping it from the summary).
     """
     from provision import bugs
-    from provision.controller import Box, connect
+    from provision.controller import connect
 
     done = Boxes()
-    opened = transports or {}
+    early = opened or {}
 
     def one(host: Any) -> None:
         try:
-            box = (
-                Box(host, opened[host.name])
-                if host.name in opened
-                else connect(host, accept_new, auth_wait)
-            )
+            box = early.get(host.name) or connect(host, accept_new, auth_wait)
             done.results[host.name] = work(box)
         except ProvisionError as exc:
             done.errors[host.name] = str(exc)
@@ -422,8 +418,8 @@ def _run_up(
     auth_wait: float,
     reset: dict[str, Any] | None = None,
 ) -> int:
-    transports: dict[str, Any] = {}
-    loaded = Loaded(playbook, inventory, targets, _open_early(transports, accept_new, auth_wait))
+    opened: dict[str, Any] = {}
+    loaded = Loaded(playbook, inventory, targets, _open_early(opened, accept_new, auth_wait))
     from provision import controller, timings
 
     if reset is not None:
@@ -449,7 +445,7 @@ def _run_up(
             ),
             accept_new,
             auth_wait,
-            transports,
+            opened,
             meanwhile=view.open,
         )
     finally:
@@ -713,55 +709,9 @@ def _graph(playbook: Path | None, inventory: Path | None, fmt: str) -> int:
     # Measured on earlier runs of this playbook (the boxes `up` followed), else `estimate:`.
     measured = timings.expected(book.name)
     estimate = {s.id: measured.get(s.id, float(s.raw.get("estimate") or 0)) for s in book.steps}
-    path, total = dag.critical_path(needs, estimate)
-    on_path = set(path)
-    lines: list[str] = []
-    if fmt == "mermaid":
-        lines.append("graph LR")
-        for s in book.steps:
-            label = f"{s.id}" + (f" ({estimate[s.id]:.0f}s)" if estimate[s.id] else "")
-            lines.append(f'  {s.id.replace("-", "_")}["{label}"]')
-            for n in needs[s.id]:
-                arrow = "==>" if n in on_path and s.id in on_path else "-->"
-                lines.append(f"  {n.replace('-', '_')} {arrow} {s.id.replace('-', '_')}")
-    elif fmt == "dot":
-        lines.append(f'digraph "{book.name}" {{')
-        lines.append("  rankdir=LR;")
-        for s in book.steps:
-            style = " style=bold color=red" if s.id in on_path else ""
-            lines.append(f'  "{s.id}" [label="{s.id}\\n{s.kind}"{style}];')
-            for n in needs[s.id]:
-                lines.append(f'  "{n}" -> "{s.id}";')
-        lines.append("}")
-    else:
-        children = dag.dependents(needs)
-        roots = [s.id for s in book.steps if not needs[s.id]]
-        kinds = {s.id: s.kind for s in book.steps}
-        position = {s.id: i for i, s in enumerate(book.steps)}
-
-        lines.append(f"{book.name}")
-        seen: set[str] = set()
-        # Depth first with a stack, not recursion: a 1,000-step chain is 1,000 levels deep.
-        stack = [(root, "", i == len(roots) - 1) for i, root in enumerate(roots)][::-1]
-        while stack:
-            node, prefix, last = stack.pop()
-            mark = "*" if node in on_path else " "
-            est = f" ~{estimate[node]:.0f}s" if estimate[node] else ""
-            branch = "└─ " if last else "├─ "
-            again = " (see above)" if node in seen else ""
-            lines.append(f"{prefix}{branch}{mark}{node} [{kinds[node]}]{est}{again}")
-            if node in seen:
-                continue
-            seen.add(node)
-            kids = sorted(children.get(node, ()), key=position.__getitem__)
-            inner = prefix + ("   " if last else "│  ")
-            stack += [(kid, inner, i == len(kids) - 1) for i, kid in enumerate(kids)][::-1]
-    if fmt == "tree" or total:
-        lines.append(
-            f"critical path ({total:.0f}s): {' -> '.join(path)}"
-            if total
-            else "no estimates: critical path unknown"
-        )
+    steps = [(s.id, s.kind) for s in book.steps]
+    critical = dag.critical_path(needs, estimate)
+    lines = console.graph_lines(book.name, steps, needs, estimate, critical, fmt)
     console.print_tree(console.Out(), lines)
     return 0
 
@@ -779,36 +729,19 @@ def graph(
 
 
 def _kinds(name: str | None) -> int:
-    from provision.steps.registry import get_kind, kind_names
+    from provision import console
+    from provision.steps.registry import get_kind, kind_example, kind_names
 
+    out = console.Out()
     if name is None:
-        for kind_name in kind_names():
-            kind = get_kind(kind_name)
-            if kind is not None:
-                print(f"{kind_name:<18} {kind.summary}")
+        kinds = [(n, get_kind(n)) for n in kind_names()]
+        console.print_kinds(out, [(n, kind.summary) for n, kind in kinds if kind is not None])
         return 0
     kind = get_kind(name)
     if kind is None:
         raise ProvisionError(f"no kind '{name}' (kinds: {', '.join(kind_names())})")
-    print(f"{name}: {kind.summary}\n")
-    print("params:")
-    for p in kind.params:
-        need = "required" if p.required else f"default {p.default!r}"
-        print(f"  {p.name:<20} {p.type:<6} {need:<24} {p.help}")
-    example = kind_example(name)
-    if example:
-        print("\nexample:\n" + example)
+    console.print_kind(out, name, kind, kind_example(name))
     return 0
-
-
-def kind_example(name: str) -> str:
-    """The YAML example in a kind module's docstring (the first ```yaml block)."""
-    import importlib
-    import re
-
-    doc = importlib.import_module(f"provision.steps.{name}").__doc__ or ""
-    match = re.search(r"```yaml\n(.*?)```", doc, re.S)
-    return match.group(1) if match else ""
 
 
 @app.command()
@@ -822,22 +755,11 @@ def kinds(
 
 
 def _forget(target: str, inventory: Path | None) -> int:
-    from provision.inventory import resolve_targets
-    from provision.transport import for_host
-    from provision.transport.ssh import parse_forget_target
+    from provision import console, controller
 
-    inv = _load_inventory(inventory)
-    named = target in inv.hosts or target in inv.groups
-    # An inventory name: its key is stored under the host and port it names.
-    hosts = (
-        [h for h in resolve_targets([target], inv) if h.connection != "local"]
-        if named
-        else [parse_forget_target(target)]
-    )
-    for host in hosts:
-        label = f"{host.name} ({host.address})" if named else target
-        forgot = for_host(host).forget_host_key()
-        print(f"{'forgot' if forgot else 'no key stored for'} {label}")
+    out = console.Out()
+    for label, forgot in controller.forget_host_keys(target, _load_inventory(inventory)):
+        out.line(f"{'forgot' if forgot else 'no key stored for'} {label}")
     return 0
 
 
@@ -853,9 +775,8 @@ def forget(
 
 
 def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as_json: bool) -> int:
-    from provision import controller
+    from provision import console, controller
     from provision.launches import preflight_step
-    from provision.monitor.render import render_rows
 
     loaded = Loaded(playbook, inventory, targets)
     plans = loaded.plans(None, {})
@@ -863,6 +784,7 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
     def preflight(name: str) -> "PlannedStep":
         return preflight_step(plans[name])
 
+    out = console.Out()
     boxes = _each_box(
         loaded.hosts,
         lambda box: controller.check(
@@ -880,9 +802,7 @@ def _check(targets: list[str], playbook: Path | None, inventory: Path | None, as
         if as_json:
             print(json.dumps(dict(report, host=host.name)))
         else:
-            verdict = "ready" if report["ok"] else f"NOT ready: {', '.join(report['failed'])}"
-            print(f"{host.name}: {verdict}")
-            print(render_rows(report["rows"]))
+            console.print_check(out, host.name, report)
     for message in boxes.errors.values():
         _error(message)
     if boxes.code:
@@ -915,25 +835,17 @@ def _monitor(
 
     from provision import console, controller
     from provision.launches import launch_step, preflight_checkpoints
-    from provision.monitor.alerts import expectation_alerts, merge_thresholds, parse_expectations
-    from provision.monitor.render import render_snapshot
+    from provision.monitor.alerts import expectation_alerts, monitor_settings
 
     loaded = Loaded(playbook, inventory, [target])
     host = loaded.hosts[0]
     plan = loaded.plans(None, {})[host.name]
     step = launch_step(plan, step_id)
     context_vars = {**loaded.book.vars, **loaded.inventory.vars, **host.vars}
-    # A training's own figures (training_expect: {STEP: ...}) warn when it is off them, and may
-    # set its own thresholds (the waypoint VLM runs at 93-95 % of GPU memory by design).
     try:
-        expect = parse_expectations((context_vars.get("training_expect") or {}).get(step.id))
+        expect, thresholds = monitor_settings(context_vars, step.id)
     except ValueError as exc:
-        raise ProvisionError(f"{loaded.playbook_path}: training_expect: {step.id}: {exc}") from None
-    thresholds = {**(context_vars.get("alert_thresholds") or {}), **expect["alert_thresholds"]}
-    try:
-        merge_thresholds(thresholds)
-    except ValueError as exc:
-        raise ProvisionError(f"{loaded.playbook_path}: alert_thresholds: {exc}") from None
+        raise ProvisionError(f"{loaded.playbook_path}: {exc}") from None
     batch = batch_size or context_vars.get("global_batch_size")
     box = controller.connect(host)
     keep = _keeper(target, loaded.playbook_path, inventory) if watch else None
@@ -954,9 +866,7 @@ def _monitor(
         if as_json:
             print(json.dumps(dict(snap, host=host.name, step=step.id)), flush=True)
         else:
-            print(f"{host.name} · {step.id}")
-            print(render_snapshot(snap), flush=True)
-            console.print_watch(console.Out(), step.id, snap.get("watch"))
+            console.print_monitor(console.Out(), host.name, step.id, snap)
         if not watch:
             return 1 if snap.get("alerts") else 0
         time.sleep(interval)
@@ -1009,8 +919,7 @@ def _checkpoints(
     only: int | None,
     as_json: bool,
 ) -> int:
-    from provision import controller
-    from provision.checkpoints.listing import render_report
+    from provision import console, controller
     from provision.launches import checkpoint_steps
 
     loaded = Loaded(playbook, inventory, [target])
@@ -1026,8 +935,7 @@ def _checkpoints(
     if as_json:
         print(json.dumps(dict(report, host=host.name, step=step.id)))
     else:
-        print(f"{host.name} · {step.id}")
-        print(render_report(report, only))
+        console.print_checkpoints(console.Out(), host.name, step.id, report, only)
     failing = (report.get("uploader") or {}).get("failing")
     return 1 if failing or report.get("remote_error") else 0
 
@@ -1087,8 +995,9 @@ def _diagnose_step(
     variables: list[str] | None,
 ) -> int:
     """The log against a wait_log step's markers, the playbook resolved offline."""
-    from provision.monitor.diagnose import check_step_log, diagnose_command, render_step_verdict
+    from provision.monitor.diagnose import diagnose_command, render_step_verdict
     from provision.playbook import load_playbook, resolve_step
+    from provision.steps.wait_log import check_params
 
     path = _playbook_path(playbook)
     if not path.exists():
@@ -1101,7 +1010,7 @@ def _diagnose_step(
             f"{path}:{step.line}: step '{step_id}' is a {step.kind} step; --step takes a "
             f"wait_log step ({waits})"
         )
-    verdict = check_step_log(text, step.params, name)
+    verdict = check_params(text, step.params, name)
     matches = [] if verdict.met else diagnose_command(text)
     if as_json:
         out = {
@@ -1362,25 +1271,17 @@ def rent_command(
 
 
 def _instances(inventory: Path | None, as_json: bool, key: Path | None) -> int:
-    from provision.monitor.render import duration
+    from provision import console
     from provision.rent.manage import listing, runs, stopped_warning
 
     items = listing(_vast(inventory), _default_key(key))
     on_box = runs(items)
+    rows = [dict(item.to_dict(), run=on_box.get(item.name)) for item in items]
     if as_json:
-        for item in items:
-            print(json.dumps(dict(item.to_dict(), run=on_box.get(item.name))))
+        for row in rows:
+            print(json.dumps(row))
     else:
-        print(
-            f"{'name':<16} {'id':>9} {'state':<17} {'$/h':>7} {'uptime':>11} {'cost':>8}  gpus, run"
-        )
-        for item in items:
-            d = item.to_dict()
-            run = on_box.get(item.name) or "-"
-            print(
-                f"{d['name']:<16} {d['id']:>9} {d['state']:<17} {d['dph']:>7.3f} "
-                f"{duration(d['uptime_s']):>11} {d['cost']:>8.2f}  {d['gpu']}, {run}"
-            )
+        console.print_instances(console.Out(), rows)
     for item in items:
         warning = stopped_warning(item)
         if warning:

@@ -327,6 +327,26 @@ def print_status(out: Out, snaps: list[Snapshot], verbose_tail: int = 0) -> None
 WATCH_STALE_S = 300.0
 
 
+def print_monitor(out: Out, host: str, step_id: str, snap: Mapping[str, Any]) -> None:
+    """`bootstrap monitor` for one job: its training, GPUs, host and alerts, then what its
+    guard saw (`print_watch`)."""
+    from provision.monitor.render import render_snapshot
+
+    out.line(f"{host} · {step_id}")
+    out.line(render_snapshot(dict(snap)))
+    print_watch(out, step_id, snap.get("watch"))
+
+
+def print_checkpoints(
+    out: Out, host: str, step_id: str, report: Mapping[str, Any], only: int | None
+) -> None:
+    """`bootstrap checkpoints` for one job: its checkpoints here and on the remote."""
+    from provision.checkpoints.listing import render_report
+
+    out.line(f"{host} · {step_id}")
+    out.line(render_report(dict(report), only))
+
+
 def print_watch(
     out: Out, step_id: str, watch: Mapping[str, Any] | None, now: float | None = None
 ) -> None:
@@ -442,3 +462,137 @@ def wait_hint(out: Out, text: str) -> None:
 
 def elapsed(start: float) -> str:
     return f"{time.time() - start:.1f}s"
+
+
+# ------------------------------------------------------------------------------ graph, kinds, check
+
+
+def _node(step_id: str) -> str:
+    """A step id as a mermaid node name (mermaid reads `-` as an edge)."""
+    return step_id.replace("-", "_")
+
+
+def graph_lines(
+    name: str,
+    steps: list[tuple[str, str]],
+    needs: Mapping[str, list[str]],
+    estimate: Mapping[str, float],
+    critical: tuple[list[str], float],
+    fmt: str,
+) -> list[str]:
+    """A playbook's DAG as text: `tree` (depth first, `*` on the critical path), `mermaid` or
+    `dot`. `steps` are (id, kind) in playbook order; `critical` is (path, its seconds)."""
+    path, total = critical
+    if fmt == "mermaid":
+        lines = _mermaid(steps, needs, estimate, set(path))
+    elif fmt == "dot":
+        lines = _dot(name, steps, needs, set(path))
+    else:
+        lines = [name, *_tree(steps, needs, estimate, set(path))]
+    if fmt == "tree" or total:
+        lines.append(
+            f"critical path ({total:.0f}s): {' -> '.join(path)}"
+            if total
+            else "no estimates: critical path unknown"
+        )
+    return lines
+
+
+def _mermaid(
+    steps: list[tuple[str, str]],
+    needs: Mapping[str, list[str]],
+    estimate: Mapping[str, float],
+    on_path: set[str],
+) -> list[str]:
+    lines = ["graph LR"]
+    for step_id, _kind in steps:
+        label = step_id + (f" ({estimate[step_id]:.0f}s)" if estimate[step_id] else "")
+        lines.append(f'  {_node(step_id)}["{label}"]')
+        for need in needs[step_id]:
+            arrow = "==>" if need in on_path and step_id in on_path else "-->"
+            lines.append(f"  {_node(need)} {arrow} {_node(step_id)}")
+    return lines
+
+
+def _dot(
+    name: str, steps: list[tuple[str, str]], needs: Mapping[str, list[str]], on_path: set[str]
+) -> list[str]:
+    lines = [f'digraph "{name}" {{', "  rankdir=LR;"]
+    for step_id, kind in steps:
+        style = " style=bold color=red" if step_id in on_path else ""
+        lines.append(f'  "{step_id}" [label="{step_id}\\n{kind}"{style}];')
+        lines += [f'  "{need}" -> "{step_id}";' for need in needs[step_id]]
+    return [*lines, "}"]
+
+
+def _tree(
+    steps: list[tuple[str, str]],
+    needs: Mapping[str, list[str]],
+    estimate: Mapping[str, float],
+    on_path: set[str],
+) -> list[str]:
+    from provision import dag
+
+    children = dag.dependents(dict(needs))
+    roots = [step_id for step_id, _ in steps if not needs[step_id]]
+    kinds = dict(steps)
+    position = {step_id: i for i, (step_id, _) in enumerate(steps)}
+    lines: list[str] = []
+    seen: set[str] = set()
+    # Depth first with a stack, not recursion: a 1,000-step chain is 1,000 levels deep.
+    stack = [(root, "", i == len(roots) - 1) for i, root in enumerate(roots)][::-1]
+    while stack:
+        node, prefix, last = stack.pop()
+        mark = "*" if node in on_path else " "
+        est = f" ~{estimate[node]:.0f}s" if estimate[node] else ""
+        branch = "└─ " if last else "├─ "
+        again = " (see above)" if node in seen else ""
+        lines.append(f"{prefix}{branch}{mark}{node} [{kinds[node]}]{est}{again}")
+        if node in seen:
+            continue
+        seen.add(node)
+        kids = sorted(children.get(node, ()), key=position.__getitem__)
+        inner = prefix + ("   " if last else "│  ")
+        stack += [(kid, inner, i == len(kids) - 1) for i, kid in enumerate(kids)][::-1]
+    return lines
+
+
+def print_kinds(out: Out, summaries: list[tuple[str, str]]) -> None:
+    """`bootstrap kinds`: one line per step kind, its name and summary."""
+    for name, summary in summaries:
+        out.line(f"{name:<18} {summary}")
+
+
+def print_kind(out: Out, name: str, kind: Any, example: str) -> None:
+    """`bootstrap kinds NAME`: its summary, its params (type, required or default, help) and
+    the YAML example of its module docstring."""
+    out.line(f"{name}: {kind.summary}\n")
+    out.line("params:")
+    for p in kind.params:
+        need = "required" if p.required else f"default {p.default!r}"
+        out.line(f"  {p.name:<20} {p.type:<6} {need:<24} {p.help}")
+    if example:
+        out.line("\nexample:\n" + example)
+
+
+def print_check(out: Out, host: str, report: Mapping[str, Any]) -> None:
+    """`bootstrap check` for one box: ready or what failed, then the preflight rows."""
+    from provision.monitor.render import render_rows
+
+    verdict = "ready" if report["ok"] else f"NOT ready: {', '.join(report['failed'])}"
+    out.line(f"{host}: {verdict}")
+    out.line(render_rows(report["rows"]))
+
+
+def print_instances(out: Out, rows: list[dict[str, Any]]) -> None:
+    """`bootstrap instances`: one line per vast.ai instance, its cost so far and its run."""
+    from provision.monitor.render import duration
+
+    out.line(
+        f"{'name':<16} {'id':>9} {'state':<17} {'$/h':>7} {'uptime':>11} {'cost':>8}  gpus, run"
+    )
+    for d in rows:
+        out.line(
+            f"{d['name']:<16} {d['id']:>9} {d['state']:<17} {d['dph']:>7.3f} "
+            f"{duration(d['uptime_s']):>11} {d['cost']:>8.2f}  {d['gpu']}, {d['run'] or '-'}"
+        )

@@ -94,6 +94,14 @@ def connect(host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.
     return Box(host, for_host(host, accept_new_host_key, auth_wait))
 
 
+def connect_early(host: Host, accept_new_host_key: bool = False, auth_wait: float = 0.0) -> Box:
+    """The Box for a host, its connection started now in the background (the handshake
+    overlaps the controller's own work; the first command waits for it)."""
+    box = connect(host, accept_new_host_key, auth_wait)
+    box.transport.open_early()
+    return box
+
+
 # ------------------------------------------------------------------------------ agent shipping
 
 
@@ -214,12 +222,12 @@ class _Shipment:
             self.payload.remember(self.box)
 
 
-def _agent_failed(box: Box, verb: str, out: bytes, err: str) -> Exception:
+def _agent_failed(box: Box, verb: str, out: bytes, err: str, step: str | None = None) -> Exception:
     """What a failed agent call is: the agent's refusal or crash (its last JSON line), the
     prelude's own message, or what the shell said."""
     answer = protocol.last_answer(out)
     if answer is not None and answer.get("bug"):
-        return BoxBug(box.name, f"{verb}: {answer.get('error')}", err, _step_of(verb, answer))
+        return BoxBug(box.name, f"{verb}: {answer.get('error')}", err, step)
     if answer is not None and answer.get("error"):
         return TargetError(f"{box.name}: {answer['error']}")
     if out.startswith(_OLD_PYTHON):
@@ -239,14 +247,9 @@ def _agent_failed(box: Box, verb: str, out: bytes, err: str) -> Exception:
     if "Traceback (most recent call last)" in err:
         # Crashed before its answer could be written (an import in the zipapp).
         last = err.strip().splitlines()[-1]
-        return BoxBug(box.name, f"{verb}: {last}", err)
+        return BoxBug(box.name, f"{verb}: {last}", err, step)
     tail = " | ".join(err.strip().splitlines()[-3:]) or out.decode("utf-8", "replace")[-300:]
     return TargetError(f"{box.name}: the agent failed: {tail}")
-
-
-def _step_of(verb: str, answer: dict[str, Any]) -> str | None:
-    step = answer.get("step")
-    return str(step) if step else None
 
 
 def agent_run(
@@ -256,9 +259,11 @@ def agent_run(
     *,
     ephemeral: bool = False,
     timeout: float = 120,
+    step: str | None = None,
 ) -> dict[str, Any]:
     """Run an agent verb to completion; its answer (the last JSON line it printed). Raises
-    TargetError when it refused, BoxBug when it crashed."""
+    TargetError when it refused, BoxBug when it crashed (naming `step`, the step it was
+    asked about)."""
     call = _Shipment(box, argv, payload, ephemeral)
     while True:
         result = box.transport.run(_command(box), call.stdin(), timeout)
@@ -266,13 +271,13 @@ def agent_run(
             break
     answer = protocol.last_answer(result.stdout)
     if result.rc != protocol.ANSWERED or answer is None:
-        raise _agent_failed(box, argv[0], result.stdout, result.stderr)
+        raise _agent_failed(box, argv[0], result.stdout, result.stderr, step)
     call.done()
     return answer
 
 
 def agent_stream(
-    box: Box, argv: list[str], payload: bytes | PlanPayload = b""
+    box: Box, argv: list[str], payload: bytes | PlanPayload = b"", step: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """Run an agent verb and yield the JSON lines it prints, as they come; a refusal or a
     crash raises (TargetError, BoxBug) once the lines before it were yielded."""
@@ -306,7 +311,7 @@ def agent_stream(
     stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
     box.transport.check_stream(proc, stderr)
     if proc.returncode != protocol.ANSWERED:
-        raise _agent_failed(box, argv[0], last, stderr)
+        raise _agent_failed(box, argv[0], last, stderr, step)
     call.done()
 
 
@@ -386,7 +391,7 @@ def plan(box: Box, plan: Plan, secrets: dict[str, str]) -> dict[str, Any]:
 def logs(box: Box, run: str | None, step: str, lines: int, follow: bool) -> Iterator[str]:
     """A step's log tail, then (with `follow`) what is appended until its run ends."""
     argv = ["logs", step, "-n", str(int(lines)), *(["--run", run] if run else [])]
-    for event in agent_stream(box, argv + (["-f"] if follow else [])):
+    for event in agent_stream(box, argv + (["-f"] if follow else []), step=step):
         yield str(event.get("text", ""))
 
 
@@ -420,14 +425,14 @@ def monitor(
     """
     payload = dict(_step_ref(run, step), batch_size=batch_size, thresholds=thresholds, env=env)
     payload["checkpoints"] = checkpoints
-    return agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60)
+    return agent_run(box, ["monitor"], json.dumps(payload).encode(), timeout=60, step=step.id)
 
 
 def launch(box: Box, run: str, step: PlannedStep) -> dict[str, Any]:
     """Where a tmux_launch step's job is on the box: log, tmux session and socket, as its
     launch recorded them (`launched`), else where its next launch will put them."""
     payload = json.dumps(_step_ref(run, step)).encode()
-    return agent_run(box, ["launch"], payload, timeout=30)
+    return agent_run(box, ["launch"], payload, timeout=30, step=step.id)
 
 
 def checkpoints(
@@ -435,7 +440,20 @@ def checkpoints(
 ) -> dict[str, Any]:
     """A tmux_launch step's checkpoints on the box and on its remote (see checkpoints/listing)."""
     payload = {"run": run, "step": step.to_json(), "env": env}
-    return agent_run(box, ["checkpoints"], json.dumps(payload).encode(), timeout=300)
+    data = json.dumps(payload).encode()
+    return agent_run(box, ["checkpoints"], data, timeout=300, step=step.id)
+
+
+def forget_host_keys(target: str, inv: Inventory) -> list[tuple[str, bool]]:
+    """Forget the trusted key of `target` (HOST[:PORT], or an inventory host or group: its
+    keys are stored under the host and port it names); (what, whether a key was stored)."""
+    from provision.inventory import resolve_targets
+    from provision.transport.ssh import parse_forget_target
+
+    if target not in inv.hosts and target not in inv.groups:
+        return [(target, for_host(parse_forget_target(target)).forget_host_key())]
+    hosts = [h for h in resolve_targets([target], inv) if h.connection != "local"]
+    return [(f"{h.name} ({h.address})", for_host(h).forget_host_key()) for h in hosts]
 
 
 def interactive(box: Box, command: str) -> int:

@@ -8,7 +8,6 @@ zipapp and agent run; no root, no sshd.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,4 +116,7 @@ def test_an_agent_crash_is_a_bug_exit_3_with_the_box_traceback_in_the_debug_log(
     assert "NotADirectoryError" in lines[0] and f"(traceback in {log})" in lines[0]
     text = log.read_text()
     assert "on the box (here):" in text and "latest_run" in text and "os.listdir" in text
-    assert os.path.exists(log)
+    logs = run_cli(["logs", "here", "train"], env=here, cwd=tmp_path)
+    assert logs.returncode == 3 and "Traceback" not in logs.stderr, logs
+    assert logs.stderr.startswith("error: here: step 'train': this is a bug in bootstrap: ")
+    assert logs.stderr.count("\n") == 1

@@ -283,3 +283,22 @@ def _outside(
         return []
     msg = f"{subject}: {text.format(value)}, expected {low:g}-{high:g} (the validated run's)"
     return [Alert(alert_id, WARNING, subject, msg, value, high if value > high else low)]
+
+
+def monitor_settings(
+    context_vars: dict[str, Any], step_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What `monitor` checks one training against: its expectations (the var
+    `training_expect: {STEP: ...}`) and the alert thresholds (the var `alert_thresholds`, the
+    training's own on top: the waypoint VLM runs at 93-95 % of GPU memory by design).
+    ValueError names the var that is wrong."""
+    try:
+        expect = parse_expectations((context_vars.get("training_expect") or {}).get(step_id))
+    except ValueError as exc:
+        raise ValueError(f"training_expect: {step_id}: {exc}") from None
+    thresholds = {**(context_vars.get("alert_thresholds") or {}), **expect["alert_thresholds"]}
+    try:
+        merge_thresholds(thresholds)
+    except ValueError as exc:
+        raise ValueError(f"alert_thresholds: {exc}") from None
+    return expect, thresholds

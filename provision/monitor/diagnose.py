@@ -6,7 +6,7 @@ The CLI reads the file (or stdin), calls `diagnose_command(text)`, prints
 
 With `-p PLAYBOOK --step STEP` (a `wait_log` step, resolved offline: no inventory, no secrets)
 it checks the log against that step's markers with the rules the step applies on the box
-(`wait_log.check_text`): `check_step_log` gives the verdict, `render_step_verdict` the text, and
+(`wait_log.check_params`): that gives the verdict, `render_step_verdict` the text, and
 the CLI exits 0 when the markers are met, 1 when not (naming the first unmet marker, plus what
 the catalog knows about the log).
 """
@@ -14,12 +14,25 @@ the catalog knows about the log).
 from __future__ import annotations
 
 import textwrap
-from typing import Any
+from typing import Any, Protocol
 
 from provision.agent.catalog import Catalog, Match, default_catalog
-from provision.steps import wait_log
 
 WIDTH = 100
+
+
+class StepVerdict(Protocol):
+    """What `render_step_verdict` reads of a `wait_log` verdict (`wait_log.Verdict`; named by
+    its shape so that the monitor does not import the step kinds, which import the monitor)."""
+
+    @property
+    def met(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def hint(self) -> str | None: ...
+    @property
+    def record(self) -> dict[str, Any]: ...
 
 
 def diagnose_command(text: str, catalog: Catalog | None = None) -> list[Match]:
@@ -53,15 +66,7 @@ def _field(name: str, text: str) -> list[str]:
     )
 
 
-def check_step_log(text: str, params: dict[str, Any], source: str) -> wait_log.Verdict:
-    """`text` judged by a resolved `wait_log` step's params (markers, progress, fail_on, ...)."""
-    spec = wait_log.parse_spec(params["markers"], params.get("progress"))
-    return wait_log.check_text(
-        text, spec, params.get("fail_on") or [], params.get("ignore_issues") or [], source
-    )
-
-
-def render_step_verdict(step_id: str, verdict: wait_log.Verdict, matches: list[Match]) -> str:
+def render_step_verdict(step_id: str, verdict: StepVerdict, matches: list[Match]) -> str:
     """Plain text: met or not (and why), each marker with the line that showed it, diagnoses."""
     head = f"{step_id}: markers met" if verdict.met else f"{step_id}: NOT met: {verdict.reason}"
     out = [head]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provision import bugs
+from provision.bugs import BoxBug
 from provision.errors import ProvisionError, TargetError
 from provision.model import StepStatus
 from provision.rent import store
@@ -95,6 +97,9 @@ def runs(items: list[Listed]) -> dict[str, str]:
         except TargetError as exc:
             found[name] = f"? ({exc})"
             return
+        except BoxBug as exc:  # one line in the table, the traceback in the debug log
+            found[name] = f"? ({bugs.report(exc)})"
+            return
         done = sum(1 for s in snap.steps if s.status in (StepStatus.DONE, StepStatus.SKIPPED))
         found[name] = f"{snap.playbook}: {done}/{len(snap.steps)} done, runner {snap.runner}"
 
@@ -129,6 +134,8 @@ def run_finished(rented: store.Rented) -> str:
         snap = controller.status(box, None, lines=0)
     except TargetError as exc:
         return f"cannot check its run: {exc}"
+    except BoxBug as exc:
+        return f"cannot check its run: {bugs.report(exc)}"
     finished = (StepStatus.DONE, StepStatus.SKIPPED)
     pending = [s.id for s in snap.steps if s.status not in finished]
     if snap.runner == "running" or pending:

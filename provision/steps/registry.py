@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 from provision.steps.base import Kind
 
@@ -40,3 +41,10 @@ def get_kind(name: str) -> Kind | None:
         return None
     kind = getattr(module, "KIND", None)
     return kind if isinstance(kind, Kind) else None
+
+
+def kind_example(name: str) -> str:
+    """The YAML example in a kind module's docstring (its first ```yaml block)."""
+    doc = importlib.import_module(f"provision.steps.{name}").__doc__ or ""
+    match = re.search(r"```yaml\n(.*?)```", doc, re.S)
+    return match.group(1) if match else ""

@@ -388,6 +388,15 @@ class Verdict:
     record: dict[str, Any]
 
 
+def check_params(text: str, params: dict[str, Any], source: str) -> Verdict:
+    """`text` judged by a resolved `wait_log` step's params (markers, progress, fail_on, ...),
+    as the step judges its log on the box (`bootstrap diagnose --step`)."""
+    spec = parse_spec(params["markers"], params.get("progress"))
+    return check_text(
+        text, spec, params.get("fail_on") or [], params.get("ignore_issues") or [], source
+    )
+
+
 def check_text(
     text: str,
     spec: MarkerSpec,
