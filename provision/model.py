@@ -37,7 +37,7 @@ class StepStatus(str, enum.Enum):
 
     `error`: it could not run (a crash, a missing interpreter), as opposed to `failed`: it ran
     and failed. `blocked`: an upstream step failed, errored or is blocked. `skipped`: not
-    selected.
+    selected, or not needed (what needs it was restored from the step cache).
     """
 
     PENDING = "pending"
@@ -456,6 +456,15 @@ class StepRecord:
     def skip(self) -> None:
         """The step is not selected in this run."""
         self.status, self.reason = StepStatus.SKIPPED, "not selected"
+
+    def leave_out(self, reason: str) -> None:
+        """The step is selected but not needed: what needs it comes from the step cache
+        (provision/agent/prune.py)."""
+        self.status, self.reason, self.hint = StepStatus.SKIPPED, reason, None
+
+    def want(self, reason: str) -> None:
+        """A step left out is needed after all (a restore it was left out for failed)."""
+        self.status, self.reason = StepStatus.PENDING, reason
 
     def interrupt(self, reason: str) -> None:
         """The attempt was stopped from outside (runner stopping, rerun, runner died): the step

@@ -275,7 +275,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     os.dup2(devnull, 0)  # what the step runs reads nothing from the runner
     os.close(devnull)
     restore = bool(handoff.get("restore", True))
-    return exec_step(RunDir(args.run), step, list(handoff.get("redact") or []), restore)
+    left_out = [str(n) for n in handoff.get("left_out") or []]
+    return exec_step(RunDir(args.run), step, list(handoff.get("redact") or []), restore, left_out)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -34,6 +34,9 @@ from provision.steps.registry import get_kind
 #: Exit codes of `agent exec`: the step ran and failed, or it could not run at all.
 EXIT_FAILED = 1
 EXIT_ERROR = 3
+#: A cached step not restored while a need of it was left out for the cache
+#: (provision/agent/prune.py): it must not run before that need has.
+EXIT_NEEDS_PRUNED = 75
 #: How long `stop_group` keeps SIGKILLing a step's group before it reports survivors
 #: (a process in uninterruptible sleep, on a hung NFS mount say, ends only when its I/O does).
 STOP_GROUP_S = 10.0
@@ -77,13 +80,19 @@ def make_context(
 
 
 def exec_step(
-    run: RunDir, step: PlannedStep, redact_values: list[str], restore: bool = True
+    run: RunDir,
+    step: PlannedStep,
+    redact_values: list[str],
+    restore: bool = True,
+    left_out: list[str] | None = None,
 ) -> int:
     """Run and verify one step (as the runner handed it over); returns the exit code.
 
     `redact_values` are all the run's secret values: a reason or warning may quote a line
     holding any of them (a job's log read by a watcher). A cached step is restored from the
-    cache instead when it can be, unless `restore` is False (`rerun`: it runs).
+    cache instead when it can be, unless `restore` is False (`rerun`: it runs). `left_out`:
+    needs of it the runner left out because it expected the restore; without one, it does
+    not run (EXIT_NEEDS_PRUNED: the runner runs them first).
     """
     step_id = step.id
     result_path = run.step_dir(step_id) / "_result.json"
@@ -106,6 +115,11 @@ def exec_step(
     if cached is not None and cached.get("restored"):
         write_json_atomic(result_path, {"reason": cached["reason"], "cache": cached})
         return 0
+    if left_out:
+        why = cached["reason"] if cached is not None else "not restored"
+        ctx.log(f"{why}; {', '.join(left_out)} must run first (left out for the cache)")
+        write_json_atomic(result_path, {"reason": why})
+        return EXIT_NEEDS_PRUNED
     try:
         kind.run(ctx)
         kind.verify(ctx)

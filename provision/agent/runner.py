@@ -36,6 +36,7 @@ from provision import dag
 from provision.agent import checks, output
 from provision.agent.execute import (
     EXIT_ERROR,
+    EXIT_NEEDS_PRUNED,
     clear_reports,
     make_context,
     read_result,
@@ -44,6 +45,7 @@ from provision.agent.execute import (
 )
 from provision.agent.files import read_json, tail_text, write_json_atomic
 from provision.agent.paths import venv_python
+from provision.agent.prune import Pruner, Verdict
 from provision.agent.redact import Redactor
 from provision.agent.state import (
     RunDir,
@@ -117,6 +119,17 @@ class Runner:
         # step still running from before a restart (a rerun request) may end before its turn.
         self.passed: set[str] = set()
         self.cache = CacheHook(self)
+        self.prune = Pruner(
+            run.path,
+            self.steps,
+            self.needs,
+            self.status,
+            lambda sid: bool(sid in self.state.steps and self.state.steps[sid].forced),
+            lambda step: step_env(step, self.secrets),
+            lambda: self.events.put(("", -1, 0)),  # a lookup ended: dispatch again
+        )
+        #: A step left out is needed after all: the pass starts over (its sorter has settled it).
+        self.replan = False
 
     # ----------------------------------------------------------------- deciding, without running
 
@@ -194,7 +207,14 @@ class Runner:
             runner.ended, runner.pid = time.time(), None
             self.save()
         self.tell_news()
-        return all(self.status(s) is StepStatus.DONE for s in self.selected)
+        return all(self.finished(s) for s in self.selected)
+
+    def finished(self, step_id: str) -> bool:
+        """Done, or left out because what needs it came from the cache."""
+        status = self.status(step_id)
+        return status is StepStatus.DONE or (
+            status is StepStatus.SKIPPED and step_id in self.prune.candidates
+        )
 
     def tell_news(self) -> None:
         """Notify the launch steps' `notify:` URLs of a setup that failed or of training
@@ -234,7 +254,7 @@ class Runner:
             ready.extend(sorted(new, key=order.__getitem__))
             if self.dispatch(ready, sorter):
                 continue
-            if not self.procs:
+            if not self.procs and not self.prune.busy():
                 raise RuntimeError(f"stalled with ready steps {ready}")
             if self.wait(sorter):
                 return True
@@ -256,11 +276,21 @@ class Runner:
                 settled = True
                 continue
             decision = self.decide(step_id, self.executed)
-            if decision.done:
+            verdict, why = (
+                self.prune.verdict(step_id, self.executed)
+                if not decision.done
+                else (Verdict.RUN, "")
+            )
+            if decision.done or verdict == Verdict.SKIP:
                 ready.remove(step_id)
-                self.mark_done(step_id, decision.reason)
+                if decision.done:
+                    self.mark_done(step_id, decision.reason)
+                else:
+                    self.state.record(step_id).leave_out(why)
                 self.settle(sorter, step_id)
                 settled = True
+            elif verdict == Verdict.HOLD:
+                continue
             elif len(self.procs) < self.max_parallel:
                 ready.remove(step_id)
                 if not self.start(step_id, decision.reason):
@@ -344,6 +374,9 @@ class Runner:
         handoff: dict[str, Any] = {"step": step.to_json(), "redact": sorted(self.secrets.values())}
         if self.state.record(step.id).forced:
             handoff["restore"] = False  # `rerun` means run it, not fetch it from the cache
+        left_out = self.prune.left_out_needs(step.id)
+        if left_out:
+            handoff["left_out"] = left_out
         try:
             with proc.stdin:
                 proc.stdin.write(json.dumps(handoff).encode())
@@ -392,7 +425,8 @@ class Runner:
             if launched is not None and launched.token == token:
                 self.finish(step_id, launched, rc, sorter)
         self.enforce_timeouts()
-        return self.apply_requests()
+        replan, self.replan = self.replan, False
+        return self.apply_requests() or replan
 
     def _next_wakeup(self) -> float:
         times = [REQUEST_POLL_S]
@@ -421,7 +455,9 @@ class Runner:
         warnings = read_json(self.run.step_dir(step_id) / "_warnings.json", [])
         said = [self.redact(str(w)) for w in warnings] if isinstance(warnings, list) else []
         rec.end_attempt(rc, time.time(), said, step.fingerprint)
-        if rc == 0 and not launched.cancelled:
+        if rc == EXIT_NEEDS_PRUNED and not launched.cancelled:
+            self.want_left_out(step_id, str(result.get("reason") or "not restored"))
+        elif rc == 0 and not launched.cancelled:
             if rec.forced != "only":  # `rerun --only`: what depends on the step stays done
                 self.executed.add(step_id)
             self.state.remember_duration(step_id, rec.duration_s or 0.0)
@@ -446,6 +482,15 @@ class Runner:
             self.final.add(step_id)
             self.settle(sorter, step_id)
         self.save()
+
+    def want_left_out(self, step_id: str, reason: str) -> None:
+        """A cached step was not restored after all: the needs left out for it run first, then
+        it (the pass starts over: this pass's sorter has settled them)."""
+        back = self.prune.restore_failed(step_id)
+        for need in back:
+            self.state.record(need).want(f"needed: {step_id} was not restored ({reason})")
+        self.state.record(step_id).interrupt(f"{reason}: waits for {', '.join(back)}")
+        self.replan = True
 
     def diagnose(self, step_id: str, tail: output.Tail) -> str | None:
         """A known-issue hint for a failed step's last output, when the catalog knows it.
