@@ -644,3 +644,23 @@ def test_torch_cuda_wants_a_cu128_build(
     assert (done.returncode == 0) == ok, done.stdout + done.stderr
     if not ok:
         assert "wanted" in done.stderr
+
+
+def test_with_a_cache_a_warm_box_may_leave_out_the_checkpoint_only() -> None:
+    """Only `convert` needs `ckpt`, and `convert` is cached: a box whose bucket holds the
+    conversion skips the 12 GB download (provision/agent/prune.py); nothing else qualifies."""
+    from provision.agent.prune import Pruner
+    from provision.model import PlannedStep, StepStatus
+
+    steps = {sid: PlannedStep.from_json(s) for sid, s in _plan(cache_remote="gs://b/c").items()}
+    needs = {sid: list(s.needs) for sid, s in steps.items() if s.selected}
+
+    def pruner() -> Pruner:
+        return Pruner(
+            "/nonexistent", steps, needs, lambda _s: StepStatus.PENDING, lambda _s: False,
+            lambda _s: {}, lambda: None,
+        )  # fmt: skip
+
+    assert pruner().candidates == {"ckpt"}
+    steps = {sid: PlannedStep.from_json(s) for sid, s in _plan().items()}  # no cache
+    assert pruner().candidates == set()

@@ -9,7 +9,8 @@ U is then `skipped`, with the reason saying which steps made it unneeded.
 
 Only a step whose dependents' keys do not depend on its outputs can be left out: one that
 declares no `outputs:` (its dependents' keys hold its fingerprint, not its content), is not
-cached itself, and is not one of bootstrap's implicit steps. Its dependents' keys must be
+cached itself, is not one of bootstrap's implicit steps, and whose dependents declare no
+`inputs:` (files it may write). Its dependents' keys must be
 computable without it: a U that becomes ready before them (the checkpoint download, at once;
 the keys wait for the clone's lock file) is held until they are, at most `HOLD_S`, then runs.
 The lookup runs in a thread, beside the runner's loop.
@@ -92,7 +93,12 @@ class Pruner:
             and not step.cache
             and not step.outputs
             and not is_implicit(step_id)
-            and all(u.cache and step_id not in (u.cache.get("with") or []) for u in users)
+            # A dependent's `inputs` may be what this step writes (av-override edits the
+            # pyproject.toml uv-sync is keyed on): its key would then need this step run.
+            and all(
+                u.cache and not _inputs(u) and step_id not in (u.cache.get("with") or [])
+                for u in users
+            )
         )
 
     def busy(self) -> bool:
@@ -134,21 +140,17 @@ class Pruner:
         return self.status(step_id) is StepStatus.DONE and not (set(self.needs[step_id]) & rerun)
 
     def _keyable(self, user: str, left_out: str) -> bool:
-        """Whether `user`'s key can be computed now, with `left_out` not run: every step its
-        key hashes by content, or whose inputs it reads, is done."""
-        return all(n == left_out or self._upstream_ready(n) for n in self._unit_needs(user)) and (
-            not (self.steps[user].cache or {}).get("inputs") or self._needs_done(user, left_out)
-        )
+        """Whether `user`'s key can be computed now, with `left_out` not run: every part of
+        it that comes from its needs is final."""
+        return all(n == left_out or self._upstream_ready(n) for n in self._unit_needs(user))
 
     def _unit_needs(self, step_id: str) -> list[str]:
         cache = self.steps[step_id].cache or {}
         unit = [step_id, *(cache.get("with") or [])]
         return [n for m in unit if m in self.needs for n in self.needs[m] if n not in unit]
 
-    def _needs_done(self, step_id: str, left_out: str) -> bool:
-        return all(
-            n == left_out or self.status(n) is StepStatus.DONE for n in self._unit_needs(step_id)
-        )
+    def _needs_done(self, step_id: str) -> bool:
+        return all(self.status(n) is StepStatus.DONE for n in self._unit_needs(step_id))
 
     def _upstream_ready(self, step_id: str) -> bool:
         """Whether the part of a key that `step_id` contributes is final (see cache/key.py)."""
@@ -156,7 +158,7 @@ class Pruner:
         if step is None or self.status(step_id) is StepStatus.DONE:
             return True
         if step.cache:  # its own key: its inputs come from its needs
-            return self._needs_done(step_id, "")
+            return self._needs_done(step_id)
         if step.outputs:  # its content
             return False
         return all(self._upstream_ready(n) for n in self.needs.get(step_id, []))
@@ -204,3 +206,9 @@ class Pruner:
             for n in self.needs.get(step_id, [])
             if n in self.candidates and self.status(n) is StepStatus.SKIPPED
         ]
+
+
+def _inputs(step: PlannedStep) -> list[str]:
+    """The files a cached step is keyed on (its node of its key graph: cache/plan.py)."""
+    node = ((step.cache or {}).get("graph") or {}).get(step.id) or {}
+    return list((node.get("cache") or {}).get("inputs") or [])
