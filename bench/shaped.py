@@ -297,12 +297,14 @@ def warm_limit(
     payload: dict[str, int], restore: dict[str, tuple[int, float]], rate: float, launch: float
 ) -> dict[str, float]:
     """The earliest step 0 on a fresh box whose cache holds the round's archives: every
-    archive and the uncached downloads (checkpoint, data) cross the link; a restore unpacks
-    while it downloads (streamed), so each archive is ready after the longer of its transfer
-    and its unpacking measured alone; the trainer needs all."""
+    archive and the uncached download the trainer needs (the data) cross the link; the
+    checkpoint does not (only the cached conversion needs it: the box leaves it out,
+    provision/agent/prune.py); a restore unpacks while it downloads (streamed), so each archive
+    is ready after the longer of its transfer and its unpacking measured alone; the trainer
+    needs all."""
     bw = rate * MB
     archives = sum(size for size, _ in restore.values())
-    everything = (archives + payload["ckpt"] + payload["data"]) / bw
+    everything = (archives + payload["data"]) / bw
     chains = [max(size / bw, seconds) for size, seconds in restore.values()]
     ready = max([everything, *chains])
     return {"link": everything, "ready": ready, "limit": ready + launch}
