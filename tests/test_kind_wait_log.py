@@ -154,16 +154,19 @@ def test_offline_wandb_alternative(tmp_path: Path) -> None:
     assert "offline" in seen
 
 
-def _lines(tmp_path: Path) -> list[str]:
-    return trainer_output(tmp_path, "--steps", "1").splitlines()
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What the stand-in trainer prints for one step: run once for the module (torchrun and the
+    trainer are two Python starts, ~0.3 s); each test edits its own copy."""
+    return trainer_output(tmp_path_factory.mktemp("one-step"), "--steps", "1")
 
 
 def _index(lines: list[str], text: str) -> int:
     return next(i for i, line in enumerate(lines) if text in line)
 
 
-def test_setup_markers_in_any_order(tmp_path: Path) -> None:
-    lines = _lines(tmp_path)
+def test_setup_markers_in_any_order(tmp_path: Path, one_step: str) -> None:
+    lines = one_step.splitlines()
     lines.insert(0, lines.pop(_index(lines, "Constructing tf.data")))
     lines.insert(0, lines.pop(_index(lines, "View run at")))
     log = tmp_path / "train.log"
@@ -171,8 +174,8 @@ def test_setup_markers_in_any_order(tmp_path: Path) -> None:
     KIND.run(make_ctx(tmp_path, log))
 
 
-def test_progress_before_a_setup_marker_fails_naming_it(tmp_path: Path) -> None:
-    lines = _lines(tmp_path)
+def test_progress_before_a_setup_marker_fails_naming_it(tmp_path: Path, one_step: str) -> None:
+    lines = one_step.splitlines()
     lines.append(lines.pop(_index(lines, "Constructing tf.data")))
     log = tmp_path / "train.log"
     log.write_text("\n".join(lines) + "\n")
@@ -185,8 +188,8 @@ def test_progress_before_a_setup_marker_fails_naming_it(tmp_path: Path) -> None:
     assert not KIND.check(ctx).done
 
 
-def test_after_is_enforced(tmp_path: Path) -> None:
-    lines = _lines(tmp_path)
+def test_after_is_enforced(tmp_path: Path, one_step: str) -> None:
+    lines = one_step.splitlines()
     lines.insert(0, lines.pop(_index(lines, "Model: 3617.8M")))  # Model: before the weights
     log = tmp_path / "train.log"
     log.write_text("\n".join(lines) + "\n")
@@ -195,8 +198,8 @@ def test_after_is_enforced(tmp_path: Path) -> None:
     assert "marker `model` appeared before `weights`, which it must follow" in err.value.reason
 
 
-def test_repeated_marker_is_fine(tmp_path: Path) -> None:
-    lines = _lines(tmp_path)
+def test_repeated_marker_is_fine(tmp_path: Path, one_step: str) -> None:
+    lines = one_step.splitlines()
     lines.insert(4, lines[_index(lines, "WaypointAEDataset")])  # a second rank logs it again
     log = tmp_path / "train.log"
     log.write_text("\n".join(lines) + "\n")
@@ -216,8 +219,8 @@ def test_fails_on_loss_out_of_range(tmp_path: Path) -> None:
     assert err.value.hint == "the initial AE loss is 0.7-1.0"
 
 
-def test_fails_on_a_wrong_weight_count(tmp_path: Path) -> None:
-    text = trainer_output(tmp_path, "--steps", "1").replace(
+def test_fails_on_a_wrong_weight_count(tmp_path: Path, one_step: str) -> None:
+    text = one_step.replace(
         "Loaded 811 weight tensors, skipped 1", "Loaded 603 weight tensors, skipped 209"
     )
     log = tmp_path / "train.log"
@@ -228,8 +231,10 @@ def test_fails_on_a_wrong_weight_count(tmp_path: Path) -> None:
     assert err.value.hint == "pi0.5 has 812 tensors"
 
 
-def test_timeout_says_what_was_seen_and_what_is_missing(tmp_path: Path, writer) -> None:
-    lines = _lines(tmp_path)
+def test_timeout_says_what_was_seen_and_what_is_missing(
+    tmp_path: Path, writer, one_step: str
+) -> None:
+    lines = one_step.splitlines()
     log = tmp_path / "train.log"
     writer(log, lines[: _index(lines, "Model: 3617.8M")], 0.01)
     started = time.monotonic()
@@ -263,8 +268,8 @@ def test_fails_on_cuda_oom_with_the_catalog_hint(tmp_path: Path, writer) -> None
     assert "expandable_segments:True" in (err.value.hint or "")
 
 
-def test_wandb_network_retries_are_transient(tmp_path: Path) -> None:
-    lines = _lines(tmp_path)
+def test_wandb_network_retries_are_transient(tmp_path: Path, one_step: str) -> None:
+    lines = one_step.splitlines()
     lines.insert(
         _index(lines, "Model: 3617.8M"),
         "wandb: Network error (ConnectionError), entering retry loop.",
@@ -373,8 +378,8 @@ def test_follows_rotation_and_truncation(tmp_path: Path) -> None:
     assert KIND.check(ctx).done
 
 
-def test_carriage_returns_end_lines(tmp_path: Path) -> None:
-    lines = _lines(tmp_path)
+def test_carriage_returns_end_lines(tmp_path: Path, one_step: str) -> None:
+    lines = one_step.splitlines()
     step = _index(lines, "[AE] step=0/")
     lines[step] = "AE Training:   0%|          | 0/10000 [00:05<?, ?it/s]\r" + lines[step]
     log = tmp_path / "train.log"
