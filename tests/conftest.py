@@ -1,10 +1,17 @@
 """Shared fixtures: throwaway sshd boxes (see boxes.py) and a controller environment.
 
-Two tiers. A `box` test needs root or sshd: box users are uid 0 (as on vast.ai), and some tests
-mount a tmpfs, chroot or install packages. Such a test is marked `box` here, automatically when it
-uses a box fixture or is a fresh-box test, and by hand otherwise. As another user a box test
-fails, loudly (CI runs as root after `apt-get install -y openssh-server`: a skip would hide it).
-Everything else needs neither: `python3 -m pytest -m "not box"` runs it as any user.
+Two tiers by what a test needs. A `box` test needs root or sshd: box users are uid 0 (as on
+vast.ai), and some tests mount a tmpfs, chroot or install packages. Such a test is marked `box`
+here, automatically when it uses a box fixture or is a fresh-box test, and by hand otherwise. As
+another user a box test fails, loudly (CI runs as root after `apt-get install -y openssh-server`:
+a skip would hide it). Everything else needs neither: `python3 -m pytest -m "not box"` runs it as
+any user.
+
+And two by time. A `slow` test takes about a third of a second or more (measured on the 2-core
+machine): an end-to-end run of real processes (the CLI or the agent as subprocesses, tmux jobs,
+rclone, uv, git, the GCS emulator, the guard's polls), real waits, or a big input (a 1000-step
+graph, a big log, every module's source). It is skipped, saying so, unless `--run-slow` is given;
+`.ci/run` gives it, so CI runs every test.
 """
 
 from __future__ import annotations
@@ -25,13 +32,26 @@ from project import Project
 BOX_FIXTURES = frozenset({"client_key"})
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="run the `slow` tests too (skipped otherwise; .ci/run runs them)",
+    )
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs root or sshd `box` (see the module's docstring)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs root or sshd `box`, and skip the `slow` ones unless
+    `--run-slow` is given (see the module's docstring)."""
+    run_slow = config.getoption("--run-slow")
+    skip_slow = pytest.mark.skip(reason="slow: --run-slow runs it (.ci/run does)")
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         if uses & BOX_FIXTURES or item.get_closest_marker("freshbox"):
             item.add_marker(pytest.mark.box)
+        if not run_slow and item.get_closest_marker("slow"):
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,7 @@ def test_box_side_module_is_python39_and_stdlib_only(path: Path) -> None:
         assert "from __future__ import annotations" in source, path.name
 
 
+@pytest.mark.slow
 def test_agent_zipapp_runs_on_a_bare_interpreter(tmp_path: Path) -> None:
     """The zipapp starts with `-I -S` (no site-packages at all) and answers `status`."""
     agent = build_agent()

@@ -49,6 +49,7 @@ def _agent(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_status_and_logs_refuse_alike_on_a_box_with_no_run(tmp_path: Path) -> None:
     for argv in (["status"], ["logs", "x"], ["status", "--run", "nope"]):
         result = _agent(tmp_path, *argv)
@@ -60,6 +61,7 @@ def test_status_and_logs_refuse_alike_on_a_box_with_no_run(tmp_path: Path) -> No
     assert "named 'nope'" in json.loads(_agent(tmp_path, "status", "--run", "nope").stdout)["error"]
 
 
+@pytest.mark.slow
 def test_a_crashing_verb_answers_bug_with_its_traceback_on_stderr(tmp_path: Path) -> None:
     """`monitor` given no step (a controller that broke the contract) is a crash, not a hang
     or a bare traceback: rc BUG, a JSON line saying so, the traceback on stderr."""
@@ -69,6 +71,7 @@ def test_a_crashing_verb_answers_bug_with_its_traceback_on_stderr(tmp_path: Path
     assert "Traceback (most recent call last)" in result.stderr and "cmd_monitor" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_status_and_logs_on_a_box_with_no_run(here: dict[str, str], tmp_path: Path) -> None:
     """Both say it in one line, exit 2, through the prelude and the host's box_python."""
     status = run_cli(["status", "here"], env=here, cwd=tmp_path)
@@ -83,6 +86,7 @@ def test_cli_status_and_logs_on_a_box_with_no_run(here: dict[str, str], tmp_path
     assert starts == ["-c"] * 3, starts
 
 
+@pytest.mark.slow
 def test_status_and_logs_of_a_run(here: dict[str, str], tmp_path: Path) -> None:
     up = run_cli(["up", "here", "-p", "book.yaml"], env=here, cwd=tmp_path)
     assert up.returncode == 0, up.stderr
@@ -99,6 +103,7 @@ def test_status_and_logs_of_a_run(here: dict[str, str], tmp_path: Path) -> None:
     assert starts and set(starts) == {"-c"}, starts  # never `python3 agent.pyz`
 
 
+@pytest.mark.slow
 def test_an_agent_crash_is_a_bug_exit_3_with_the_box_traceback_in_the_debug_log(
     here: dict[str, str], tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import uv as uv_package
 from pywheels import build_wheel
 
@@ -29,6 +30,7 @@ def _fetch(url: str) -> int:
         return len(response.read())
 
 
+@pytest.mark.slow
 def test_the_link_holds_every_service_to_one_rate(tmp_path: Path) -> None:
     rate, size = 8 * MB, 4 * MB
     for name in ("a", "b"):
@@ -62,6 +64,7 @@ def test_the_link_holds_every_service_to_one_rate(tmp_path: Path) -> None:
     assert 0 < sent["a"] < 10_000  # the requests only
 
 
+@pytest.mark.slow
 def test_the_index_serves_wheels_uv_locks_from_metadata_and_installs(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     build_wheel(wheels, "shapedpkg", "1.2.3", requires=("shapeddep>=0.1",))

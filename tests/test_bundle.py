@@ -40,6 +40,7 @@ def _imported_from(pyz: Path) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_every_module_has_bytecode_for_this_interpreter(agent_zip: Path) -> None:
     with zipfile.ZipFile(agent_zip) as zf:
         names = set(zf.namelist())
@@ -51,6 +52,7 @@ def test_every_module_has_bytecode_for_this_interpreter(agent_zip: Path) -> None
     assert _imported_from(agent_zip) == "pyc pyc"
 
 
+@pytest.mark.slow
 def test_another_bytecode_version_falls_back_to_the_sources(
     agent_zip: Path, tmp_path: Path
 ) -> None:
@@ -73,6 +75,7 @@ def test_another_bytecode_version_falls_back_to_the_sources(
     assert status.returncode == 2 and "no bootstrap run" in status.stdout, status.stderr
 
 
+@pytest.mark.slow
 def test_the_build_is_reproducible(tmp_path: Path) -> None:
     """Two controllers (fresh caches) build the same bytes, so a box is not shipped twice."""
     shas = set()

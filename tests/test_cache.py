@@ -249,6 +249,7 @@ def test_pack_stops_at_a_secret_and_at_the_size_limit(tmp_path: Path) -> None:
 # ------------------------------------------------------------- the bucket (rclone, no box)
 
 
+@pytest.mark.slow
 def test_save_then_restore_through_a_local_remote(tmp_path: Path) -> None:
     out, remote, run = tmp_path / "out", tmp_path / "remote", tmp_path / "run"
     _tree(out)
@@ -270,6 +271,7 @@ def test_save_then_restore_through_a_local_remote(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".bootstrap-restore-*")), "the staging directory is removed"
 
 
+@pytest.mark.slow
 def test_the_units_markers_travel_with_the_outputs(tmp_path: Path) -> None:
     """What the unit's kinds keep in their step directories (what their checks read) is
     restored into the other box's run, wherever that box keeps it; the runner's files not."""
@@ -292,6 +294,7 @@ def test_the_units_markers_travel_with_the_outputs(tmp_path: Path) -> None:
     assert not (tmp_path / "box2" / "runs" / "r" / "steps" / "s" / "_result.json").exists()
 
 
+@pytest.mark.slow
 def test_restore_says_miss_and_corrupt(tmp_path: Path) -> None:
     out, remote = tmp_path / "out", tmp_path / "remote"
     _tree(out)
@@ -345,6 +348,7 @@ def test_outputs_above_the_limit_are_skipped_with_a_warning(tmp_path: Path) -> N
     assert _entries(remote) == []
 
 
+@pytest.mark.slow
 def test_two_boxes_filling_one_key_leave_one_valid_entry(tmp_path: Path) -> None:
     out, remote = tmp_path / "out", tmp_path / "remote"
     _tree(out)
@@ -382,6 +386,7 @@ def test_two_boxes_filling_one_key_leave_one_valid_entry(tmp_path: Path) -> None
     assert restore(tmp_path / "run3", step, dict(os.environ)).restored
 
 
+@pytest.mark.slow
 def test_the_gcs_emulator_as_the_bucket(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _tree(out)
@@ -452,6 +457,7 @@ def test_bad_cache_declarations_name_file_line_and_step(
     assert message in text and f"p.yaml:{line}" in text and "step 'a'" in text, text
 
 
+@pytest.mark.slow
 def test_a_relative_output_path_is_bad_input(
     tmp_path: Path, controller_env: dict[str, str]
 ) -> None:

@@ -60,6 +60,7 @@ def _spoil(root: Path) -> None:
     (root / "50" / "model.safetensors").unlink()
 
 
+@pytest.mark.slow
 def test_survey_and_restore_skip_partial_and_broken(tmp_path: Path) -> None:
     spec, env, root = _setup(tmp_path, restore=True, carry=["ck/wandb_run_id.txt"])
     box1 = tmp_path / "box1"
@@ -89,6 +90,7 @@ def test_survey_and_restore_skip_partial_and_broken(tmp_path: Path) -> None:
     assert restore.before_launch(spec, box2, env, lines.append) is None
 
 
+@pytest.mark.slow
 def test_a_checkpoint_changed_on_the_remote_with_its_size_is_passed_over(tmp_path: Path) -> None:
     # The local remote hashes by reading the data, so its listing is by size: only the
     # download, checked against the manifest's hashes, shows the change.
@@ -150,6 +152,7 @@ def test_disk_full_during_download_leaves_nothing(tmp_path: Path, small_disk: Pa
     assert list(small_disk.iterdir()) == []  # no staging, no checkpoint directory
 
 
+@pytest.mark.slow
 def test_a_stale_staging_directory_is_removed_first(tmp_path: Path) -> None:
     spec, env, _root = _setup(tmp_path, restore=True)
     box1 = tmp_path / "box1"

@@ -94,6 +94,7 @@ def test_bad_blocks_are_refused(raw: dict, key: str, fragment: str) -> None:
     assert fragment in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_block_in_a_playbook_is_one_line_with_file_line_and_step(
     tmp_path: Path, controller_env: dict[str, str]
 ) -> None:
@@ -135,6 +136,7 @@ def test_step_regex_matches_whole_names_so_tmp_dirs_are_not_checkpoints(tmp_path
 # ---- the uploader ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_complete_checkpoints_are_uploaded_verified_recorded_then_pruned(tmp_path: Path) -> None:
     spec, env, root = make(tmp_path, keep=1, carry=["ck/wandb_run_id.txt"])
     train(tmp_path, 30, 10)
@@ -165,6 +167,7 @@ def test_complete_checkpoints_are_uploaded_verified_recorded_then_pruned(tmp_pat
     assert report.deleted == ["10", "20"]
 
 
+@pytest.mark.slow
 def test_a_second_pass_sends_nothing(tmp_path: Path) -> None:
     spec, env, root = make(tmp_path)
     train(tmp_path, 20, 10)
@@ -176,6 +179,7 @@ def test_a_second_pass_sends_nothing(tmp_path: Path) -> None:
     assert {p: p.stat().st_ctime_ns for p in root.rglob("*") if p.is_file()} == stamps
 
 
+@pytest.mark.slow
 def test_the_box_is_hashed_by_the_sync_and_skipped_files_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,6 +211,7 @@ def test_the_box_is_hashed_by_the_sync_and_skipped_files_here(
     recorded_md5s_are_the_files()
 
 
+@pytest.mark.slow
 def test_nothing_is_deleted_before_it_is_on_the_remote(tmp_path: Path) -> None:
     spec, env, _root = make(tmp_path, keep=1, remote="nosuch:runs")
     train(tmp_path, 30, 10)
@@ -220,6 +225,7 @@ class _Killed(BaseException):
     """The uploader's process dying (kill -9) at the point a test chooses."""
 
 
+@pytest.mark.slow
 def test_a_pass_killed_while_pruning_leaves_the_remote_copy_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -261,6 +267,7 @@ def test_keep_without_a_remote_rotates(tmp_path: Path) -> None:
     assert report.deleted == ["10", "20"]
 
 
+@pytest.mark.slow
 def test_a_remote_that_rejects_writes_is_reported_and_loses_nothing(tmp_path: Path) -> None:
     (tmp_path / "served").mkdir()
     with serve("webdav", tmp_path / "served", "--read-only") as url:
@@ -279,6 +286,7 @@ def test_a_remote_that_rejects_writes_is_reported_and_loses_nothing(tmp_path: Pa
     assert list((tmp_path / "served").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_gs_remote_on_the_emulator(tmp_path: Path) -> None:
     emulator = EmulatorProcess()
     try:
@@ -330,6 +338,7 @@ def _started_guard(
     return env, root, work, guard.start(work, _guard_config(tmp_path, spec), env)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
     env, root, work, pid = _started_guard(tmp_path, "2M", 30, 3 << 20)
     box = tmp_path / "ck"
@@ -352,6 +361,7 @@ def test_kill_9_mid_upload_loses_nothing_and_sends_nothing_twice(tmp_path: Path)
     assert guard.revive(work, env) is None  # ended for good
 
 
+@pytest.mark.slow
 def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> None:
     spec, env, root = make(tmp_path, poll=1)
     work = tmp_path / "step"
@@ -388,6 +398,7 @@ def test_guard_outlives_the_process_group_that_started_it(tmp_path: Path) -> Non
     assert guard.guard_pid(work) is None
 
 
+@pytest.mark.slow
 def test_tmux_launch_starts_a_guard_that_outlives_the_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -423,6 +434,7 @@ def test_tmux_launch_starts_a_guard_that_outlives_the_session(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_guard_left_running_is_found_and_ended_by_pid(tmp_path: Path) -> None:
     # What the autouse fixture does after every test here: a guard (its own Unix session,
     # reparented away from pytest) and its rclone, mid-upload, are found by their paths.

@@ -20,6 +20,7 @@ def test_exit_code_is_returned(tmp_path: Path) -> None:
     assert checks.run_done_when("exit 3", _ctx(tmp_path)) == 3
 
 
+@pytest.mark.slow
 def test_a_hanging_command_is_killed_as_not_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -159,6 +159,7 @@ def test_every_command_accepts_an_inventory_option() -> None:
         ["forget", "box1"],
     ],
 )
+@pytest.mark.slow
 def test_a_missing_inventory_is_named_by_every_command(
     args: list[str], controller_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -167,6 +168,7 @@ def test_a_missing_inventory_is_named_by_every_command(
     assert not (tmp_path / "out").exists()  # sample-data wrote nothing
 
 
+@pytest.mark.slow
 def test_graph_reads_the_inventory_given(controller_env: dict[str, str], tmp_path: Path) -> None:
     inventory = tmp_path / "inv.yaml"
     inventory.write_text("hosts: {box1: {host: 127.0.0.1}}\n")

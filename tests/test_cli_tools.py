@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from boxes import Box, run_cli
 from gpu_fake import FAKES, waypoint_log, write_scenario
 from project import Project, one_line_error
@@ -70,6 +71,7 @@ def test_monitor_reads_the_training_log_and_raises_alerts(
     assert any("temperature" in json.dumps(a) for a in json.loads(hot.stdout)["alerts"])
 
 
+@pytest.mark.slow
 def test_diagnose_file_and_stdin(tmp_path: Path, controller_env: dict[str, str]) -> None:
     log = tmp_path / "train.log"
     log.write_text("starting\nModuleNotFoundError: No module named 'safetensors'\n")
@@ -87,6 +89,7 @@ def test_diagnose_file_and_stdin(tmp_path: Path, controller_env: dict[str, str])
     assert "No such file" in one_line_error(missing)
 
 
+@pytest.mark.slow
 def test_sample_data_then_stats_in_each_schema(
     tmp_path: Path, controller_env: dict[str, str]
 ) -> None:
@@ -109,6 +112,7 @@ def test_sample_data_then_stats_in_each_schema(
     assert "does not exist" in one_line_error(bad)
 
 
+@pytest.mark.slow
 def test_kinds_lists_and_describes(controller_env: dict[str, str]) -> None:
     listing = run_cli(["kinds"], env=controller_env)
     names = {line.split()[0] for line in listing.stdout.splitlines() if line.strip()}

@@ -15,6 +15,7 @@ from boxes import Box
 from project import Project, one_line_error
 
 
+@pytest.mark.slow
 def test_graph_draws_a_1000_step_chain(tmp_path: Path, controller_env: dict[str, str]) -> None:
     project = Project(tmp_path / "project", controller_env)
     steps = [f"  - {{id: s{i}, kind: shell, run: 'true', estimate: 1}}" for i in range(1000)]
@@ -30,6 +31,7 @@ def test_graph_draws_a_1000_step_chain(tmp_path: Path, controller_env: dict[str,
     assert tree.stdout.count("[shell]") == 1000
 
 
+@pytest.mark.slow
 def test_a_step_id_longer_than_the_limit_is_refused_at_load(
     tmp_path: Path, controller_env: dict[str, str]
 ) -> None:

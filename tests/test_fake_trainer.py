@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 TRAINER = Path(__file__).resolve().parents[1] / "provision" / "data" / "fake_trainer.py"
 
 
@@ -158,6 +160,7 @@ def test_wandb_online_without_a_key_fails_as_wandb_does() -> None:
     assert "wandb.errors.errors.UsageError: api_key not configured (no-tty)" in done.stdout
 
 
+@pytest.mark.slow
 def test_failures() -> None:
     oom = run("--fail", "oom", "--wandb", "disabled")
     assert oom.returncode == 1 and "torch.OutOfMemoryError: CUDA out of memory." in oom.stdout

@@ -47,6 +47,7 @@ def _venv_python() -> Path:
     return venv_dir() / "bin" / "python"
 
 
+@pytest.mark.slow
 def test_installs_with_uv_and_is_done_only_while_it_imports(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -65,6 +66,7 @@ def test_installs_with_uv_and_is_done_only_while_it_imports(
     assert result.reason.startswith("cannot import tinyreq (PackageNotFoundError")
 
 
+@pytest.mark.slow
 def test_a_venv_over_a_venv_sees_the_parent_venvs_packages(
     tmp_path: Path, env: dict[str, str]
 ) -> None:

@@ -125,6 +125,7 @@ def test_a_tool_on_path_is_done_by_its_version_not_by_a_file(tmp_path: Path, hom
     assert not KIND.check(ctx).done and "does not run" in KIND.check(ctx).reason
 
 
+@pytest.mark.slow
 def test_uv_comes_from_the_newest_wheel_for_this_machine(
     tmp_path: Path, home: Path, index: _Index
 ) -> None:
@@ -149,6 +150,7 @@ def test_uv_comes_from_the_newest_wheel_for_this_machine(
     assert os.listdir(installed.parent) == ["uv"]  # no scratch left behind
 
 
+@pytest.mark.slow
 def test_a_wheel_whose_hash_differs_installs_nothing_and_says_what_to_install(
     tmp_path: Path, home: Path, index: _Index
 ) -> None:

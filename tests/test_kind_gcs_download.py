@@ -80,6 +80,7 @@ def stamps(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.mark.slow
 def test_downloads_the_checkpoint_in_the_runbook_layout(
     tmp_path: Path, emulator: tuple[Any, str], bucket: str, objects: dict[str, bytes]
 ) -> None:
@@ -114,6 +115,7 @@ def test_downloads_the_checkpoint_in_the_runbook_layout(
     assert "commit_success.txt (1 bytes, downloaded" in KIND.check(ctx).reason
 
 
+@pytest.mark.slow
 def test_trailing_slash_puts_the_prefix_contents_into_dest(
     tmp_path: Path, emulator: tuple[Any, str], bucket: str, objects: dict[str, bytes]
 ) -> None:
@@ -125,6 +127,7 @@ def test_trailing_slash_puts_the_prefix_contents_into_dest(
     assert local_files(dest) == expected_files(objects, "checkpoints/pi05_base/")
 
 
+@pytest.mark.slow
 def test_rerun_after_a_file_went_missing_fetches_only_that_file(
     tmp_path: Path, emulator: tuple[Any, str], bucket: str, objects: dict[str, bytes]
 ) -> None:
@@ -146,6 +149,7 @@ def test_rerun_after_a_file_went_missing_fetches_only_that_file(
     assert "19 of 20 objects already present" in ctx.out.getvalue()
 
 
+@pytest.mark.slow
 def test_corrupted_local_file_is_fetched_again(
     tmp_path: Path, emulator: tuple[Any, str], bucket: str, objects: dict[str, bytes]
 ) -> None:
@@ -170,6 +174,7 @@ def test_corrupted_local_file_is_fetched_again(
 
 
 @pytest.mark.parametrize("chunked_above_mib", [4, 64], ids=["ranged", "whole"])
+@pytest.mark.slow
 def test_object_corrupted_on_the_server_fails_naming_it(
     tmp_path: Path,
     emulator: tuple[Any, str],
@@ -204,6 +209,7 @@ KIND.run(ctx)
 """
 
 
+@pytest.mark.slow
 def test_killed_download_resumes_without_fetching_finished_objects_again(
     tmp_path: Path, objects: dict[str, bytes]
 ) -> None:
@@ -260,6 +266,7 @@ def test_killed_download_resumes_without_fetching_finished_objects_again(
         emulator.stop()
 
 
+@pytest.mark.slow
 def test_sixteen_workers_reuse_their_connections(
     tmp_path: Path, objects: dict[str, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -283,6 +290,7 @@ def test_sixteen_workers_reuse_their_connections(
     assert not [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_empty_prefix_fails_clearly(tmp_path: Path, emulator: tuple[Any, str], bucket: str) -> None:
     ctx = context(tmp_path, src=f"gs://{bucket}/checkpoints/pi05", dest=str(tmp_path / "m"))
     ctx.params["endpoint"] = emulator[1]
@@ -303,6 +311,7 @@ def test_refuses_to_choose_between_dest_and_partial(
     assert "both" in err.value.reason
 
 
+@pytest.mark.slow
 def test_expect_failure_is_reported_and_not_done(
     tmp_path: Path, emulator: tuple[Any, str], bucket: str
 ) -> None:

@@ -55,6 +55,7 @@ def _head(dest: Path) -> tuple[str, str]:
     return branch, git("-C", str(dest), "rev-parse", "HEAD")
 
 
+@pytest.mark.slow
 def test_clone_branch_with_submodule(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "openpi"
     ctx = _ctx(
@@ -72,6 +73,7 @@ def test_clone_branch_with_submodule(tmp_path: Path, home: Path, repos: Repos) -
     assert result.reason == f"{dest} is at feature, submodules initialised"
 
 
+@pytest.mark.slow
 def test_uninitialised_submodule_is_not_done(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "openpi"
     raw = {"repo": str(repos.app), "dest": str(dest), "config": FILE_OK}
@@ -93,6 +95,7 @@ def test_file_submodules_are_refused_without_config(
         KIND.run(ctx)
 
 
+@pytest.mark.slow
 def test_existing_checkout_switches_branch(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "openpi"
     KIND.run(_ctx(tmp_path, home, repo=str(repos.app), dest=str(dest), depth=1, config=FILE_OK))
@@ -132,6 +135,7 @@ def test_conflicting_local_changes_fail_and_are_kept(
     assert _head(dest)[0] == "main"
 
 
+@pytest.mark.slow
 def test_tag_and_commit_refs_check_out_detached(tmp_path: Path, home: Path, repos: Repos) -> None:
     tagged = tmp_path / "tagged"
     ctx = _ctx(tmp_path, home, repo=str(repos.app), dest=str(tagged), ref="v1", config=FILE_OK)
@@ -186,6 +190,7 @@ def test_non_checkout_in_dest_is_left_alone(tmp_path: Path, home: Path, repos: R
     assert (dest / "data.bin").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_diverged_branch_keeps_local_commits(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "openpi"
     raw = {"repo": str(repos.app), "dest": str(dest), "branch": "feature", "config": FILE_OK}
@@ -236,6 +241,7 @@ def _all_git_config(dest: Path) -> str:
     return "".join(p.read_text() for p in dest.joinpath(".git").rglob("config") if p.is_file())
 
 
+@pytest.mark.slow
 def test_token_never_leaks(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "private"
     with serve_git(repos.root, "x-access-token", TOKEN) as server:
@@ -261,6 +267,7 @@ def test_token_never_leaks(tmp_path: Path, home: Path, repos: Repos) -> None:
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_token_protected_switch_and_wrong_token(tmp_path: Path, home: Path, repos: Repos) -> None:
     dest = tmp_path / "private"
     with serve_git(repos.root, "x-access-token", TOKEN) as server:

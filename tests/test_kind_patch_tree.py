@@ -133,6 +133,7 @@ def test_patches_hardlinked_files_without_touching_uv_cache(
     assert KIND.check(ctx).done
 
 
+@pytest.mark.slow
 def test_check_reuses_the_located_dir_without_running_python(
     tmp_path: Path, venv: tuple[Path, Path]
 ) -> None:

@@ -60,6 +60,7 @@ def run_and_verify(ctx: StepContext) -> str:
     return ctx.out.getvalue()
 
 
+@pytest.mark.slow
 def test_install_verifies_versions_and_expressions_then_is_done(
     tmp_path: Path, wheels: Path, env: dict[str, str], project: Path
 ) -> None:
@@ -103,6 +104,7 @@ def test_install_verifies_versions_and_expressions_then_is_done(
     assert KIND.check(ctx).done
 
 
+@pytest.mark.slow
 def test_overrides_apply_from_the_project_root_only(
     tmp_path: Path, wheels: Path, env: dict[str, str], project: Path
 ) -> None:
@@ -126,6 +128,7 @@ def test_overrides_apply_from_the_project_root_only(
     assert "project root" in (failed.value.hint or "")
 
 
+@pytest.mark.slow
 def test_verify_names_every_failing_expression(
     tmp_path: Path, wheels: Path, env: dict[str, str], project: Path
 ) -> None:
@@ -157,6 +160,7 @@ def test_verify_names_every_failing_expression(
     assert not KIND.check(ctx).done  # installed, but never verified
 
 
+@pytest.mark.slow
 def test_ranges_are_done_at_the_version_the_last_run_installed(
     tmp_path: Path, wheels: Path, env: dict[str, str], project: Path
 ) -> None:

@@ -62,6 +62,7 @@ def test_err_gpu_fails_with_the_hardware_hint(monkeypatch: pytest.MonkeyPatch) -
     assert "rent another box" in health["detail"]
 
 
+@pytest.mark.slow
 def test_not_enough_gpu_memory_or_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     use_fake_gpus(monkeypatch, "small")
     found = rows({"min_gpus": 2, "min_gpu_memory_gb": 80, "gpu_name": "H100|RTX PRO 6000"})
@@ -144,6 +145,7 @@ def test_checkpoint_disk_is_sized_from_the_real_checkpoints(tmp_path: Path) -> N
     assert not full.ok and "1 checkpoints × 1e+09 (keep 1 + 1 being written" in full.expected
 
 
+@pytest.mark.slow
 def test_workers_need_ram_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     use_fake_gpus(monkeypatch, "healthy")
     found = rows({"min_gpus": 2, "workers": 4096})
@@ -224,6 +226,7 @@ def test_bad_params(params: dict, key: str) -> None:
     assert err.value.key == key
 
 
+@pytest.mark.slow
 def test_gpus_held_by_another_runs_job_fail_before_the_downloads(
     monkeypatch: pytest.MonkeyPatch, agent_dir: Path, tmp_path: Path
 ) -> None:

@@ -55,6 +55,7 @@ RLDS = {f"1.0.0/libero-train.tfrecord-{i:05d}-of-00004": 20_000 + i for i in ran
 RLDS |= {"1.0.0/dataset_info.json": 300, "1.0.0/features.json": 200, "waypoint_indices.json": 50}
 
 
+@pytest.mark.slow
 def test_local_remote_copy_is_done_by_check_until_a_file_goes(tmp_path: Path) -> None:
     make_tree(tmp_path / "src", RLDS)
     dest = tmp_path / "data" / "libero"
@@ -179,6 +180,7 @@ def webdav(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     proc.wait(10)
 
 
+@pytest.mark.slow
 def test_webdav_remote_copies_without_printing_its_password(
     tmp_path: Path, webdav: tuple[str, Path, str], capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -226,6 +228,7 @@ KIND.run(ctx)
 """
 
 
+@pytest.mark.slow
 def test_interrupted_copy_resumes_and_only_then_is_done(tmp_path: Path) -> None:
     files = {f"1.0.0/shard-{i:05d}-of-00040": 16_000 for i in range(40)}
     make_tree(tmp_path / "src", files)

@@ -139,6 +139,7 @@ def test_inline_secret_defaults_to_0600(tmp_path: Path) -> None:
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_readers_never_see_a_partial_or_loose_file(tmp_path: Path) -> None:
     """A reader polling dest while it is rewritten sees the old or the new file, never a mix."""
     dest = tmp_path / "conf"

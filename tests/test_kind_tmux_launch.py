@@ -134,6 +134,7 @@ def wait_markers(tmp_path: Path, log: Path, markers: list, timeout: float = 15) 
     return ctx
 
 
+@pytest.mark.slow
 def test_session_survives_the_launching_process(tmp_path: Path, socket: str, job_dir: Path) -> None:
     command = f"python3 {AE} --steps 100000 --step-sleep 0.2 --wandb offline"
     launcher = """
@@ -164,6 +165,7 @@ KIND.verify(ctx)
     assert launch_s < 10
 
 
+@pytest.mark.slow
 def test_relaunch_kills_the_old_job_and_resumes(tmp_path: Path, socket: str, job_dir: Path) -> None:
     ctx = make_ctx(
         tmp_path,
@@ -195,6 +197,7 @@ def test_relaunch_kills_the_old_job_and_resumes(tmp_path: Path, socket: str, job
     assert KIND.check(ctx).done
 
 
+@pytest.mark.slow
 def test_kills_a_stale_session_of_the_same_name(tmp_path: Path, socket: str, job_dir: Path) -> None:
     tmux(socket, "new-session", "-d", "-s", "train", "sleep 300")
     stale = int(tmux(socket, "display-message", "-p", "-t", "=train:", "#{pane_pid}").stdout)
@@ -205,6 +208,7 @@ def test_kills_a_stale_session_of_the_same_name(tmp_path: Path, socket: str, job
     assert KIND.check(ctx).done
 
 
+@pytest.mark.slow
 def test_stale_job_control_groups_are_stopped_too(
     tmp_path: Path, socket: str, job_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,6 +248,7 @@ def _sleepers(socket: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_session_of_another_launch_is_not_done(tmp_path: Path, socket: str, job_dir: Path) -> None:
     ctx = make_ctx(tmp_path, socket, "sleep 300")
     KIND.run(ctx)
@@ -256,6 +261,7 @@ def test_session_of_another_launch_is_not_done(tmp_path: Path, socket: str, job_
     assert "is gone" in KIND.check(ctx).reason
 
 
+@pytest.mark.slow
 def test_venv_torchrun_is_used(tmp_path: Path, socket: str, job_dir: Path) -> None:
     venv = job_dir / ".venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -299,6 +305,7 @@ def test_venv_without_torchrun_fails_before_launching(
     assert "does not exist" in err.value.reason
 
 
+@pytest.mark.slow
 def test_system_torchrun_trap_is_diagnosed(tmp_path: Path, socket: str, job_dir: Path) -> None:
     system = tmp_path / "system-bin"  # python3 here is no venv's, whatever runs pytest
     system.mkdir()
@@ -317,6 +324,7 @@ def test_system_torchrun_trap_is_diagnosed(tmp_path: Path, socket: str, job_dir:
     assert KIND.check(ctx).reason.startswith("job exited with status 1")
 
 
+@pytest.mark.slow
 def test_secrets_stay_out_of_argv_logs_and_files(
     tmp_path: Path, socket: str, job_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,6 +374,7 @@ def test_env_file_is_private_while_it_exists(tmp_path: Path) -> None:
     assert shown.stdout == "it's $x\nline"
 
 
+@pytest.mark.slow
 def test_quick_job_finishing_with_zero_is_done(tmp_path: Path, socket: str, job_dir: Path) -> None:
     ctx = make_ctx(tmp_path, socket, "echo all good")
     KIND.run(ctx)
@@ -377,6 +386,7 @@ def test_quick_job_finishing_with_zero_is_done(tmp_path: Path, socket: str, job_
     assert lines[1] == "all good" and lines[2].endswith("exited with status 0")
 
 
+@pytest.mark.slow
 def test_failed_job_keeps_its_pane_and_is_not_done(
     tmp_path: Path, socket: str, job_dir: Path
 ) -> None:
@@ -395,6 +405,7 @@ def test_failed_job_keeps_its_pane_and_is_not_done(
     assert "exited with status 3" in KIND.check(ctx).reason
 
 
+@pytest.mark.slow
 def test_oom_failure_carries_the_catalog_hint(tmp_path: Path, socket: str, job_dir: Path) -> None:
     command = f"{FAKE_TORCHRUN} --nproc_per_node=2 {AE} --fail oom --wandb offline"
     ctx = make_ctx(tmp_path, socket, command)
@@ -591,6 +602,7 @@ def sessions(socket: str) -> set[str]:
     return set(tmux(socket, "list-sessions", "-F", "#{session_name}").stdout.split())
 
 
+@pytest.mark.slow
 def test_a_held_gpu_refuses_the_second_job_naming_the_first(
     agent_dir: Path, socket: str, job_dir: Path
 ) -> None:
@@ -610,6 +622,7 @@ def test_a_held_gpu_refuses_the_second_job_naming_the_first(
     assert alive(job_pid(first))  # and the first job was not touched
 
 
+@pytest.mark.slow
 def test_disjoint_gpus_run_side_by_side_each_seeing_its_own(
     agent_dir: Path, socket: str, job_dir: Path
 ) -> None:
@@ -629,6 +642,7 @@ def test_disjoint_gpus_run_side_by_side_each_seeing_its_own(
     assert "it holds GPU 0 while it runs" in jobs[0].out.getvalue()
 
 
+@pytest.mark.slow
 def test_a_job_that_ended_frees_its_gpus(agent_dir: Path, socket: str, job_dir: Path) -> None:
     quick = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "echo done", gpus="0")
     KIND.run(quick)
@@ -646,6 +660,7 @@ def test_a_job_that_ended_frees_its_gpus(agent_dir: Path, socket: str, job_dir: 
     assert [lease["session"] for lease in stored] == ["ae"]  # the stale ones are gone
 
 
+@pytest.mark.slow
 def test_children_outliving_the_script_keep_the_gpus(
     agent_dir: Path, socket: str, job_dir: Path
 ) -> None:
@@ -668,6 +683,7 @@ def test_children_outliving_the_script_keep_the_gpus(
     KIND.run(second)  # the last member gone, so is the lease
 
 
+@pytest.mark.slow
 def test_no_gpus_param_holds_every_gpu(agent_dir: Path, socket: str, job_dir: Path) -> None:
     first = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300")
     KIND.run(first)
@@ -686,6 +702,7 @@ def test_no_gpus_param_holds_every_gpu(agent_dir: Path, socket: str, job_dir: Pa
     assert [lease.gpus for lease in GpuLeases(agent_dir).live()] == [("2",)]
 
 
+@pytest.mark.slow
 def test_relaunching_the_same_step_takes_its_own_gpus_back(
     agent_dir: Path, socket: str, job_dir: Path
 ) -> None:
@@ -717,6 +734,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_two_launches_racing_for_one_gpu_start_one_job(
     agent_dir: Path, socket: str, job_dir: Path
 ) -> None:

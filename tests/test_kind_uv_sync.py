@@ -55,6 +55,7 @@ def run_and_verify(ctx: StepContext, kind: Any) -> str:
     return ctx.out.getvalue()
 
 
+@pytest.mark.slow
 def test_first_run_syncs_then_done_until_the_lock_changes(
     tmp_path: Path, wheels: Path, env: dict[str, str]
 ) -> None:
@@ -96,6 +97,7 @@ def test_first_run_syncs_then_done_until_the_lock_changes(
     assert uv_sync.KIND.check(ctx2).reason.endswith(".venv/bin/python is missing")
 
 
+@pytest.mark.slow
 def test_verify_imports_names_each_failure(
     tmp_path: Path, wheels: Path, env: dict[str, str]
 ) -> None:
@@ -115,6 +117,7 @@ def test_verify_imports_names_each_failure(
     assert not uv_sync.KIND.check(ctx).done  # a failed verification records nothing
 
 
+@pytest.mark.slow
 def test_av_pinned_without_wheel_is_overridden_before_sync(
     tmp_path: Path, wheels: Path, env: dict[str, str]
 ) -> None:
@@ -154,6 +157,7 @@ def test_av_pinned_without_wheel_is_overridden_before_sync(
     assert (project / "pyproject.toml").read_text() == before
 
 
+@pytest.mark.slow
 def test_av_trap_without_override_fails_at_once(
     tmp_path: Path, wheels: Path, env: dict[str, str]
 ) -> None:
@@ -170,6 +174,7 @@ def test_av_trap_without_override_fails_at_once(
     assert not (project / ".venv").exists()  # failed before syncing anything
 
 
+@pytest.mark.slow
 def test_sync_removes_what_pip_install_added(
     tmp_path: Path, wheels: Path, env: dict[str, str]
 ) -> None:
@@ -196,6 +201,7 @@ def test_sync_removes_what_pip_install_added(
     assert check.reason == f"extrapkg is not installed in {project / '.venv'}"
 
 
+@pytest.mark.slow
 def test_uv_is_installed_into_bootstrap_bin_when_absent(
     tmp_path: Path, wheels: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

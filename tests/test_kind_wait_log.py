@@ -97,6 +97,7 @@ def writer() -> Iterator[Callable[..., None]]:
         thread.join(timeout=30)
 
 
+@pytest.mark.slow
 def test_passes_on_the_trainer_lines_of_one_and_two_ranks(tmp_path: Path, writer) -> None:
     for ranks in (1, 2):
         log = tmp_path / f"train{ranks}.log"
@@ -116,6 +117,7 @@ def test_passes_on_the_trainer_lines_of_one_and_two_ranks(tmp_path: Path, writer
         assert check.done, check.reason
 
 
+@pytest.mark.slow
 def test_two_ranks_really_interleave(tmp_path: Path) -> None:
     # Rank 1 builds its data pipeline while rank 0 is still in wandb.init: the order the old
     # ordered markers (and seed 003 §13.1) assumed does not hold.
@@ -129,6 +131,7 @@ def test_two_ranks_really_interleave(tmp_path: Path) -> None:
     assert sum("Loaded 811 weight tensors" in line for line in lines) == 2
 
 
+@pytest.mark.slow
 def test_done_check_follows_the_file(tmp_path: Path) -> None:
     log = tmp_path / "train.log"
     log.write_text(trainer_output(tmp_path, "--steps", "2"))
@@ -144,6 +147,7 @@ def test_done_check_follows_the_file(tmp_path: Path) -> None:
     assert not KIND.check(ctx).done
 
 
+@pytest.mark.slow
 def test_offline_wandb_alternative(tmp_path: Path) -> None:
     log = tmp_path / "train.log"
     log.write_text(trainer_output(tmp_path, "--steps", "1", env={"WANDB_MODE": "offline"}))
@@ -206,6 +210,7 @@ def test_repeated_marker_is_fine(tmp_path: Path, one_step: str) -> None:
     KIND.run(make_ctx(tmp_path, log))
 
 
+@pytest.mark.slow
 def test_fails_on_loss_out_of_range(tmp_path: Path) -> None:
     text = trainer_output(tmp_path, "--steps", "2").replace(
         "step=0/10000 loss=0.", "step=0/10000 loss=1."
@@ -231,6 +236,7 @@ def test_fails_on_a_wrong_weight_count(tmp_path: Path, one_step: str) -> None:
     assert err.value.hint == "pi0.5 has 812 tensors"
 
 
+@pytest.mark.slow
 def test_timeout_says_what_was_seen_and_what_is_missing(
     tmp_path: Path, writer, one_step: str
 ) -> None:
@@ -251,12 +257,14 @@ def test_timeout_says_what_was_seen_and_what_is_missing(
     assert "last line: wandb: 🚀 View run at" in reason
 
 
+@pytest.mark.slow
 def test_timeout_when_the_log_never_appears(tmp_path: Path) -> None:
     with pytest.raises(StepFailed) as err:
         KIND.run(make_ctx(tmp_path, tmp_path / "missing.log", timeout=2))
     assert "never appeared" in err.value.reason
 
 
+@pytest.mark.slow
 def test_fails_on_cuda_oom_with_the_catalog_hint(tmp_path: Path, writer) -> None:
     log = tmp_path / "train.log"
     writer(log, trainer_output(tmp_path, "--fail", "oom").splitlines(), 0.02)
@@ -287,6 +295,7 @@ def test_wandb_network_retries_are_transient(tmp_path: Path, one_step: str) -> N
     assert "[wandb-init-timeout]" in err.value.reason  # wandb.init gave up: the script stops
 
 
+@pytest.mark.slow
 def test_ignored_issue_and_fail_on(tmp_path: Path) -> None:
     lines = trainer_output(tmp_path, "--steps", "3", "--fail", "nan", "--fail-at", "0").splitlines()
     log = tmp_path / "train.log"
@@ -326,6 +335,7 @@ def test_check_text_names_the_first_unmet_marker() -> None:
     assert "never appeared" in verdict.reason  # the latest launch only: no exit, no weights
 
 
+@pytest.mark.slow
 def test_only_the_latest_launch_counts(tmp_path: Path, writer) -> None:
     good = trainer_output(tmp_path, "--steps", "1")
     log = tmp_path / "train.log"
@@ -338,6 +348,7 @@ def test_only_the_latest_launch_counts(tmp_path: Path, writer) -> None:
     KIND.run(make_ctx(tmp_path, log))
 
 
+@pytest.mark.slow
 def test_fails_when_the_job_exits_first(tmp_path: Path, writer) -> None:
     lines = trainer_output(tmp_path, "--steps", "1").splitlines()[:2]
     log = tmp_path / "train.log"
@@ -348,6 +359,7 @@ def test_fails_when_the_job_exits_first(tmp_path: Path, writer) -> None:
     assert "the job exited with status 0 before marker `weights`" in err.value.reason
 
 
+@pytest.mark.slow
 def test_follows_rotation_and_truncation(tmp_path: Path) -> None:
     lines = trainer_output(tmp_path, "--steps", "1").splitlines()
     log = tmp_path / "train.log"

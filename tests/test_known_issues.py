@@ -222,6 +222,7 @@ def test_tail_text_cuts_at_a_line(tmp_path: Path) -> None:
     assert tail_text(tmp_path / "missing.log", 60) == ""
 
 
+@pytest.mark.slow
 def test_matching_a_big_log_is_fast() -> None:
     # ~8 MB of training output with the failure at the end.
     line = "12:58:30.101 [I] [AE] step=350/10000 loss=0.4410 lr=3.51e-05 gnorm=2.91 sps=0.1\n"

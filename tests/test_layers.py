@@ -37,6 +37,7 @@ def _contract(startswith: str) -> dict[str, Any]:
     return found
 
 
+@pytest.mark.slow
 def test_the_import_contracts_are_kept() -> None:
     code = (
         "import sys\n"
@@ -102,6 +103,7 @@ def _is_main_guard(test: ast.expr) -> bool:
     return ast.unparse(test) in ('__name__ == "__main__"', "__name__ == '__main__'")
 
 
+@pytest.mark.slow
 def test_only_the_command_lines_exit() -> None:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):

@@ -107,6 +107,7 @@ def test_thresholds_are_validated() -> None:
         merge_thresholds({"cpu_pct": "90"})
 
 
+@pytest.mark.slow
 def test_alerts_fire_and_clear_as_the_fake_gpu_and_the_log_change(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

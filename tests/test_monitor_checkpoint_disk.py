@@ -37,6 +37,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_run(tmp_path_factory.mktemp("train"), 5)
 
 
+@pytest.mark.slow
 def test_size_and_interval_come_from_the_directory(run_dir: Path) -> None:
     found = checkpoint_disk.forecast(str(run_dir), ahead=3, size_gb=500)
     assert found.complete == 5 and found.size_measured
@@ -47,6 +48,7 @@ def test_size_and_interval_come_from_the_directory(run_dir: Path) -> None:
     assert "5 complete checkpoint(s) (0.0 GB each, one every" in found.describe()
 
 
+@pytest.mark.slow
 def test_a_disk_that_will_not_hold_the_next_n_warns(run_dir: Path) -> None:
     fits = checkpoint_disk.forecast(str(run_dir)).fits
     assert fits is not None
@@ -78,6 +80,7 @@ def test_before_the_first_checkpoint_the_declared_size_stands_in(tmp_path: Path)
     assert "with keep 1 the next checkpoint(s) need 2000000000.0 GB" in alert.message
 
 
+@pytest.mark.slow
 def test_a_checkpoint_being_written_is_not_counted(tmp_path: Path) -> None:
     """tmp_<step> while its chunks land: neither a checkpoint nor its (partial) size."""
     command = trainer_command("ck", 2, 6, "--step-sleep", "0", "--ckpt-bytes", str(4 * MB))
@@ -165,6 +168,7 @@ def test_monitor_warns_when_the_box_disk_will_not_hold_the_next_checkpoints(
     assert "WARNING: " in text and "more checkpoint(s) of 0.0 GB" in text
 
 
+@pytest.mark.slow
 def test_only_the_newest_checkpoints_are_walked(tmp_path: Path) -> None:
     directory = write_run(tmp_path, 8)
     count, walked = checkpoint_disk.measure(str(directory))

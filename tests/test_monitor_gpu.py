@@ -107,6 +107,7 @@ def test_missing_nvidia_smi(tmp_path: Path) -> None:
     assert report.problems() == [report.error]
 
 
+@pytest.mark.slow
 def test_hanging_nvidia_smi_times_out(tmp_path: Path) -> None:
     hang = tmp_path / "nvidia-smi"
     hang.write_text("#!/bin/sh\nexec /bin/sleep 30\n")

@@ -142,6 +142,7 @@ def test_parse_log_file_reads_the_tail(tmp_path: Path) -> None:
     assert st.step == 5000 and 0 < st.records < 101
 
 
+@pytest.mark.slow
 def test_big_log_parses_in_reasonable_time() -> None:
     text = waypoint_log("AE", range(0, 200_001, 5), total=200_000)  # ~8 MB
     started = time.perf_counter()

@@ -16,6 +16,7 @@ from provision.monitor.snapshot import monitor_snapshot
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_snapshot_of_a_running_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     use_fake_gpus(monkeypatch, "training")
     log = tmp_path / "logs" / "waypoint_ae_libero.log"
@@ -38,6 +39,7 @@ def test_snapshot_of_a_running_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert "gpu1 NVIDIA RTX PRO 6000 Blackwell Workstation Edition: util 98 %" in text
 
 
+@pytest.mark.slow
 def test_snapshot_of_a_crashed_job_names_the_issue(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -72,6 +74,7 @@ def test_unknown_threshold_is_refused(tmp_path: Path) -> None:
         monitor_snapshot(str(tmp_path / "x.log"), thresholds={"gpu_temp": 80})
 
 
+@pytest.mark.slow
 def test_box_python_runs_the_snapshot_without_third_party_modules(tmp_path: Path) -> None:
     # The agent runs this with the box's bare python3: no yaml, rich, typer, numpy.
     log = tmp_path / "train.log"

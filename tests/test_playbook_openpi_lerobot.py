@@ -189,12 +189,14 @@ def _diagnose(log: Path, wandb: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("wandb", ["online", "offline", "disabled"])
+@pytest.mark.slow
 def test_train_logs_pass_diagnose_fresh_and_resumed(tmp_path: Path, wandb: str) -> None:
     for args in ((), ("--resume", "--start-step", "1000")):
         found = _diagnose(_jax_log(tmp_path, wandb, *args), wandb)
         assert found.returncode == 0, found.stdout + found.stderr
 
 
+@pytest.mark.slow
 def test_a_nan_or_a_high_first_loss_fails_naming_the_step(tmp_path: Path) -> None:
     nan = _diagnose(_jax_log(tmp_path, "offline", "--fail", "nan"), "offline")
     assert nan.returncode == 1 and "marker `first step`" in nan.stdout.splitlines()[0]

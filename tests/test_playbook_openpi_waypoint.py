@@ -255,6 +255,7 @@ def _diagnose(log: Path, mode: str, *extra: str) -> subprocess.CompletedProcess[
 @pytest.mark.parametrize("mode", ["ae", "vlm"])
 @pytest.mark.parametrize("wandb", ["online", "offline", "disabled"])
 @pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.slow
 def test_real_order_logs_pass_the_markers(
     tmp_path: Path, mode: str, wandb: str, ranks: int
 ) -> None:
@@ -289,6 +290,7 @@ def test_real_order_logs_pass_the_markers(
         ("ae", ("Model: 3617.8M", "Model: 3300.1M"), "marker `AE model`"),
     ],
 )
+@pytest.mark.slow
 def test_broken_logs_fail_naming_the_marker(
     tmp_path: Path, mode: str, edit: tuple[str, str], named: str
 ) -> None:
@@ -302,6 +304,7 @@ def test_broken_logs_fail_naming_the_marker(
     assert named in err.value.reason
 
 
+@pytest.mark.slow
 def test_head_resume_crash_is_diagnosed(tmp_path: Path) -> None:
     # At HEAD (since d30a12f) checkpoints lack optimizer.pt and --resume crashes on them.
     _real_log(tmp_path, "ae", "offline", 2, "--steps", "51", "--commit", "7de21c7")
@@ -327,6 +330,7 @@ def test_the_pin_decides_vlm_stats_and_resume() -> None:
     assert tip["clone"]["params"]["branch"] == "pytorch_lora_blackwell"
 
 
+@pytest.mark.slow
 def test_diagnose_bad_input_exits_2(tmp_path: Path) -> None:
     log = tmp_path / "x.log"
     log.write_text("hello\n")

@@ -231,6 +231,7 @@ def test_path_above_several_datasets_is_ambiguous(small: Path, tmp_path: Path) -
         stats_command(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_runbook_presets_have_the_runbook_layout_and_counts(tmp_path: Path) -> None:
     data = tmp_path / "libero_object_no_noops"
     info = samples.write_preset(data, "libero_object", {"image_bytes": 8})

@@ -113,6 +113,7 @@ def trainer(*args: str) -> str:
                      "--wandb", "offline", *args])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_stalled_then_crashed_is_one_message_each(
     tmp_path: Path, socket: str, inbox: Inbox
 ) -> None:
@@ -159,6 +160,7 @@ def _cmdline(proc: Path) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 def test_finished_then_on_finish_runs_once(tmp_path: Path, socket: str, inbox: Inbox) -> None:
     hook = "echo $BOOTSTRAP_OUTCOME $BOOTSTRAP_RC $BOOTSTRAP_LAST_STEP >> finish.txt"
     ctx = launch(
@@ -172,6 +174,7 @@ def test_finished_then_on_finish_runs_once(tmp_path: Path, socket: str, inbox: I
     assert watch and watch["state"] == "finished" and watch["on_finish"]["rc"] == 0
 
 
+@pytest.mark.slow
 def test_stop_ends_a_job_that_lingers_after_its_last_step(
     tmp_path: Path, socket: str, inbox: Inbox
 ) -> None:
@@ -186,6 +189,7 @@ def test_stop_ends_a_job_that_lingers_after_its_last_step(
 
 
 @pytest.mark.parametrize("remote_kind", ["good", "rejects_writes"])
+@pytest.mark.slow
 def test_destroy_says_whether_the_box_may_go(
     tmp_path: Path, socket: str, inbox: Inbox, remote_kind: str
 ) -> None:
@@ -233,6 +237,7 @@ def _bad_remote(kind: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.mark.parametrize("kind", ["rejects_writes", "missing"])
+@pytest.mark.slow
 def test_a_bad_remote_is_loud_and_the_job_runs(
     tmp_path: Path, socket: str, inbox: Inbox, kind: str
 ) -> None:
@@ -257,6 +262,7 @@ def test_a_bad_remote_is_loud_and_the_job_runs(
         assert len(list((tmp_path / "ck").glob("[0-9]*"))) >= 1  # nothing pruned, nothing lost
 
 
+@pytest.mark.slow
 def test_a_failing_upload_is_told_again_each_repeat_s_while_it_lasts(
     tmp_path: Path, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -405,6 +411,7 @@ def _runner_log(run_dir: Path) -> str:
     return path.read_text(errors="replace")[-2000:] if path.exists() else "no runner.log"
 
 
+@pytest.mark.slow
 def test_a_process_without_apprise_sends_through_the_venv_python(
     tmp_path: Path, inbox: Inbox
 ) -> None:
@@ -431,6 +438,7 @@ def test_a_process_without_apprise_sends_through_the_venv_python(
     assert inbox.url.split("//")[1] not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_telling_one_event_send_one_message(tmp_path: Path, inbox: Inbox) -> None:
     from provision.watch.notify import Notifier
 

@@ -45,6 +45,7 @@ FAILING = {
 }
 
 
+@pytest.mark.slow
 def test_training_with_a_remote_refusing_checkpoints_is_loud(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -62,6 +63,7 @@ def test_training_with_a_remote_refusing_checkpoints_is_loud(
     assert lines[-1] == "    checkpoints -> gg1:runs/ae: 2 verified (newest 100) · pending 150"
 
 
+@pytest.mark.slow
 def test_a_crash_shows_its_status_diagnosis_and_fix(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -78,6 +80,7 @@ def test_a_crash_shows_its_status_diagnosis_and_fix(
     assert "checkpoints ->" not in text  # no remote: no checkpoint line
 
 
+@pytest.mark.slow
 def test_stalled_then_finished_and_on_finish(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
