@@ -66,6 +66,7 @@ def _launch(agent_dir: Path, step: PlannedStep) -> StepContext:
     return ctx
 
 
+@pytest.mark.slow
 def test_monitor_watches_the_log_the_kind_writes_with_no_log_param(
     tmp_path: Path, agent_dir: Path, socket: str
 ) -> None:
@@ -84,6 +85,7 @@ def test_monitor_watches_the_log_the_kind_writes_with_no_log_param(
     assert not (Path.home() / ".bootstrap" / "runs" / "logs" / "train-ae.log").exists()
 
 
+@pytest.mark.slow
 def test_the_record_wins_over_a_changed_plan(tmp_path: Path, agent_dir: Path, socket: str) -> None:
     """The playbook renamed the log since the launch: the running job still writes the old
     one, and monitor reads that; before any launch the box says where the next will write."""

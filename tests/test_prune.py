@@ -51,7 +51,10 @@ steps:
     run: grep -q weights {sh}/out/model && echo use >> {sh}/count-use
 """
 
-pytestmark = pytest.mark.skipif(shutil.which("rclone") is None, reason="needs rclone")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("rclone") is None, reason="needs rclone"),
+    pytest.mark.slow,  # runs of the real runner, agent and rclone: seconds each
+]
 
 
 def _count(sh: Path, name: str) -> int:
