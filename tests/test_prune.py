@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +176,22 @@ def test_a_rerun_of_the_dependent_runs_what_it_needs(
     assert runner.execute()
     assert runner.state.steps["ckpt"].status is StepStatus.DONE
     assert (_count(sh, "ckpt"), _count(sh, "convert")) == (2, 2)
+
+
+def test_plan_says_which_step_may_be_left_out(
+    agent_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`plan` cannot know yet (the lookup waits for the keys), so it says what decides."""
+    runner = _box(tmp_path, "box1")
+    payload = json.dumps({"plan": runner.plan.to_json(), "secrets": {}}).encode()
+    done = subprocess.run(
+        [sys.executable, str(agent_dir / "agent.pyz"), "plan"],
+        input=payload, capture_output=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    reasons = {s["id"]: s["reason"] for s in json.loads(done.stdout.splitlines()[-1])["steps"]}
+    assert reasons["ckpt"].endswith(
+        "; left out if convert can be restored from the step cache then"
+    ), reasons["ckpt"]
+    assert "left out" not in reasons["src"] + reasons["use"]

@@ -298,6 +298,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
                 env = step_env(step, runner.secrets)
                 reason = f"{reason}; {preview(runner.run.path, step.to_json(), env, will_run)}"
+            if step_id in runner.prune.candidates:  # decided when it is ready (agent/prune.py)
+                users = ", ".join(runner.prune.dependents[step_id])
+                reason = f"{reason}; left out if {users} can be restored from the step cache then"
             will_run.add(step_id)
         reason, does = runner.redact(reason), runner.redact(describe)
         out.append({"id": step_id, "run": not decision.done, "reason": reason, "does": does})
