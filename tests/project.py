@@ -28,9 +28,9 @@ steps:
 """
 
 #: first -> long (sleeps `{seconds}`) -> last, each counting its runs in ~/count-ID: a run to
-#: cut the link under (`AWAY.format(seconds=N)`).
-AWAY = """
-name: away
+#: cut the link under, or to kill the controller during (`away(N)`).
+_AWAY = """
+name: {name}
 steps:
   - id: first
     kind: shell
@@ -38,12 +38,19 @@ steps:
   - id: long
     kind: shell
     needs: [first]
-    run: echo x >> ~/count-long; sleep {seconds}
+    run: echo x >> ~/count-long; sleep {seconds}{then}
   - id: last
     kind: shell
     needs: [long]
     run: echo x >> ~/count-last
 """
+
+
+def away(seconds: float, name: str = "away", marker: bool = False) -> str:
+    """The three steps with `long` sleeping `seconds`; with `marker`, it writes ~/long.out and is done
+    only when that exists (a step a second `up` finds done)."""
+    then = "; echo done > ~/long.out\n    creates: ~/long.out" if marker else ""
+    return _AWAY.format(name=name, seconds=seconds, then=then)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 import pytest
 from boxes import Box
 from conftest import TRANSPORTS
-from project import Project, count, wait_for
+from project import Project, away, count, wait_for
 
 #: The tests that run over both transports (`transport` ids openssh/paramiko): those whose
 #: guarantee rides on the link (the followed stream, the agent shipped on stdin, a killed
@@ -217,22 +217,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-SLOW = """
-name: slow
-steps:
-  - id: first
-    kind: shell
-    run: echo x >> ~/count-first
-  - id: long
-    kind: shell
-    needs: [first]
-    run: echo x >> ~/count-long; sleep 3; echo done > ~/long.out
-    creates: ~/long.out
-  - id: last
-    kind: shell
-    needs: [long]
-    run: echo x >> ~/count-last
-"""
+SLOW = away(3, "slow", marker=True)
 
 
 @both_transports

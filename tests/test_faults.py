@@ -33,7 +33,7 @@ import pytest
 from boxes import Box
 from conftest import TRANSPORTS
 from netlink import Link
-from project import AWAY, Project, count, one_line_error, wait_for
+from project import Project, away, count, one_line_error, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -469,7 +469,7 @@ def _all_done_on_box(box: Box, run: str) -> bool:
 def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
     project: Project, box: Box
 ) -> None:
-    project.playbook(AWAY.format(seconds=4))
+    project.playbook(away(4))
     assert project.up("box1", extra=["--detach"]).returncode == 0
     wait_for(lambda: count(box, "long") == 1, what="the long step")
     box.stop()
@@ -493,7 +493,7 @@ def test_stopped_sshd_is_unreachable_fast_and_status_catches_up_after(
 def test_blackholed_link_is_unreachable_within_10s_and_nothing_is_lost(
     project: Project, box: Box, tmp_path: Path
 ) -> None:
-    project.playbook(AWAY.format(seconds=8))
+    project.playbook(away(8))
     with Link(box) as link:
         inventory = link.inventory(tmp_path / "linked.yaml", project.connection)
         args = ("-p", "playbooks/test.yaml", "-i", str(inventory))

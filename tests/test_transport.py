@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from boxes import Box
 from conftest import TRANSPORTS
-from project import AWAY, QUICK, Project, count, one_line_error, wait_for
+from project import QUICK, Project, away, count, one_line_error, wait_for
 
 from provision.errors import ConfigError, TargetError
 from provision.inventory import Host, load_inventory, resolve_targets
@@ -225,7 +225,7 @@ def _frozen_sshd(box: Box) -> Iterator[None]:
 def test_a_box_whose_sshd_stops_answering_is_unreachable_within_10s(
     project: Project, box: Box
 ) -> None:
-    project.playbook(AWAY.format(seconds=14))
+    project.playbook(away(14))
     project.write_inventory()
     follower = subprocess.Popen(
         [sys.executable, "-m", "provision.cli", "up", "box1", "-p", "playbooks/test.yaml"],
