@@ -2,7 +2,8 @@
 children running real shell steps on this machine, no ssh, no root.
 
 `BOOTSTRAP_AGENT_DIR` points at the test's directory and the agent zipapp the runner starts its
-steps with is built once for the session, as `up` ships it.
+steps with is built once for the session, as `up` ships it. These are the fast tier's tests of
+the runner (`-m "not box"`, under a second each), but the timeout's, which waits out its grace.
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ def _group_gone(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.slow
 def test_parallel_tracks_run_together_and_a_join_waits_for_both(agent_dir: Path) -> None:
     ok, runner = _run(
         [
@@ -107,14 +107,12 @@ def test_parallel_tracks_run_together_and_a_join_waits_for_both(agent_dir: Path)
     assert on_disk.steps == runner.state.steps and on_disk.runner.status is RunnerStatus.IDLE
 
 
-@pytest.mark.slow
 def test_max_parallel_one_runs_steps_one_after_another(agent_dir: Path) -> None:
     ok, runner = _run([_shell("a", "sleep 0.3"), _shell("b", "sleep 0.3")], max_parallel=1)
     a, b = runner.state.steps["a"], runner.state.steps["b"]
     assert ok and a.ended and b.started and a.ended <= b.started
 
 
-@pytest.mark.slow
 def test_a_failure_blocks_its_dependents_and_the_other_track_finishes(agent_dir: Path) -> None:
     ok, runner = _run(
         [
@@ -137,7 +135,6 @@ def test_a_failure_blocks_its_dependents_and_the_other_track_finishes(agent_dir:
     assert recs["other"].status is StepStatus.DONE
 
 
-@pytest.mark.slow
 def test_a_retry_that_succeeds_and_one_that_does_not(agent_dir: Path, tmp_path: Path) -> None:
     counter = tmp_path / "count"
     flaky = f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; [ $n -ge 1 ]"
@@ -176,7 +173,6 @@ def test_a_timeout_kills_the_whole_process_group(agent_dir: Path, tmp_path: Path
     assert int(child_pid.read_text()) > 0
 
 
-@pytest.mark.slow
 def test_a_second_runner_finds_everything_done_and_runs_nothing(agent_dir: Path) -> None:
     steps = [_shell("a", "echo once >> ~/count"), _shell("b", "true", needs=["a"])]
     assert _run(steps)[0]
@@ -186,7 +182,6 @@ def test_a_second_runner_finds_everything_done_and_runs_nothing(agent_dir: Path)
     assert again.executed == set()
 
 
-@pytest.mark.slow
 def test_an_only_rerun_request_keeps_the_dependents_done(agent_dir: Path) -> None:
     steps = [_shell("a", "echo a >> ~/runs"), _shell("b", "echo b >> ~/runs", needs=["a"])]
     assert _run(steps)[0]
@@ -200,7 +195,6 @@ def test_an_only_rerun_request_keeps_the_dependents_done(agent_dir: Path) -> Non
     assert (Path(os.environ["HOME"]) / "runs").read_text() == "a\nb\na\na\nb\n"
 
 
-@pytest.mark.slow
 def test_a_crash_in_the_runner_is_recorded_as_crashed(
     agent_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -223,7 +217,6 @@ def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow
 def test_a_runner_killed_mid_step_is_recovered_by_the_next(agent_dir: Path, tmp_path: Path) -> None:
     """SIGKILL the runner while a step runs: its step's group lives on. The next runner kills
     it, runs that step again (whatever its checks say) and leaves the finished step alone."""
