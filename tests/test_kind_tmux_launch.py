@@ -652,7 +652,9 @@ def test_a_job_that_ended_frees_its_gpus(agent_dir: Path, socket: str, job_dir: 
     killed = job_pid(held)
     tmux(socket, "new-session", "-d", "-s", "keep", "sleep 300")  # keeps the server up
     tmux(socket, "kill-session", "-t", "=lora")  # stopped by hand, as the hint says
-    wait_for(lambda: not alive(killed), timeout=15)
+    # Its leader first, then (under load, a moment later) the rest of its session: until the
+    # last member is gone the GPU is rightly held.
+    wait_for(lambda: not alive(killed) and not session_members([killed]), timeout=15)
     again = launch_in(agent_dir, socket, job_dir, "waypoint", "ae", "sleep 300", gpus="0,1")
     KIND.run(again)
     assert [lease.session for lease in GpuLeases(agent_dir).live()] == ["ae"]
