@@ -130,6 +130,8 @@ class Runner:
         )
         #: A step left out is needed after all: the pass starts over (its sorter has settled it).
         self.replan = False
+        #: Steps held for a cache lookup (prune), with their done decision.
+        self.holding: dict[str, checks.Decision] = {}
 
     # ----------------------------------------------------------------- deciding, without running
 
@@ -243,6 +245,7 @@ class Runner:
 
     def schedule(self) -> bool:
         """One pass over the DAG; returns True when a rerun request means starting over."""
+        self.holding.clear()  # a new pass (a rerun, a left-out step wanted) decides again
         order = {sid: i for i, sid in enumerate(dag.topo_order(self.needs))}
         sorter = graphlib.TopologicalSorter({k: tuple(v) for k, v in self.needs.items()})
         sorter.prepare()
@@ -275,7 +278,8 @@ class Runner:
                 self.settle(sorter, step_id)
                 settled = True
                 continue
-            decision = self.decide(step_id, self.executed)
+            # A step held for the cache lookup is not checked again at every wakeup.
+            decision = self.holding.pop(step_id, None) or self.decide(step_id, self.executed)
             verdict, why = (
                 self.prune.verdict(step_id, self.executed)
                 if not decision.done
@@ -290,6 +294,7 @@ class Runner:
                 self.settle(sorter, step_id)
                 settled = True
             elif verdict == Verdict.HOLD:
+                self.holding[step_id] = decision
                 continue
             elif len(self.procs) < self.max_parallel:
                 ready.remove(step_id)
