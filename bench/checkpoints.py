@@ -62,7 +62,7 @@ for step in range(1, steps + 1):
             fh.write(os.urandom(size))
         open(f"{tmp}/metadata.pt", "w").write(str(step))
         os.rename(tmp, f"ck/{step}")
-print(steps / (time.perf_counter() - start))
+print(steps / (time.perf_counter() - start), steps / time.process_time())
 """
 
 
@@ -79,6 +79,7 @@ class Run:
     """One training run: its rate, and (guarded) what the guard did meanwhile and after."""
 
     steps_per_s: float
+    steps_per_cpu_s: float  # steps per second of the trainer's own CPU time
     verified: int = 0  # checkpoints verified on the remote when the trainer ended
     guard_cpu_s: float = 0.0  # CPU the guard and its finished rclone calls used by then
     drain_s: float | None = None  # seconds after the trainer's end until all were verified
@@ -100,7 +101,9 @@ def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> Run:
     step_dir.mkdir()
     pid = 0
     if guarded:
-        spec = parse_checkpoints(_spec(work / "remote", conf, args.bwlimit)).to_dict()
+        where = args.remote_root / "bench-ckpt-remote" if args.remote_root else work / "remote"
+        shutil.rmtree(where, ignore_errors=True)
+        spec = parse_checkpoints(_spec(where, conf, args.bwlimit)).to_dict()
         config = {"launch_id": "bench", "cwd": str(work), "checkpoints": spec, "log": ""}
         pid = guard.start(step_dir, config, dict(os.environ))
     size = args.size_mb << 20
@@ -109,7 +112,7 @@ def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> Run:
             [sys.executable, "-c", TRAINER, str(args.steps), str(args.interval), str(size)],
             cwd=work, capture_output=True, text=True, check=True,
         )  # fmt: skip
-        run = Run(float(done.stdout.strip()))
+        run = Run(*(float(x) for x in done.stdout.split()))
         if guarded:
             ended = time.monotonic()
             run.verified = len(read_status(step_dir).get("verified") or [])
@@ -123,6 +126,8 @@ def train_once(work: Path, args: argparse.Namespace, guarded: bool) -> Run:
     finally:
         if guarded:
             guard.stop(step_dir)  # its own session: it would outlive this process
+        if args.remote_root:
+            shutil.rmtree(args.remote_root / "bench-ckpt-remote", ignore_errors=True)
     return run
 
 
@@ -210,6 +215,10 @@ def main() -> int:
     parser.add_argument("--shard-mb", type=int, default=16, help="file size within a checkpoint")
     parser.add_argument("--remotes", default="local,gs", help="local, gs or both")
     parser.add_argument("--skip-training", action="store_true", help="upload figures only")
+    parser.add_argument("--remote-root", type=Path, default=None,
+                        help="where the training rounds' local remote lives (default: beside "
+                        "the trainer, on its disk; /dev/shm: a remote that, like a bucket, "
+                        "writes nothing to the box's disk)")  # fmt: skip
     parser.add_argument("--drain-s", type=float, default=120,
                         help="how long a guarded round waits for the last uploads")  # fmt: skip
     args = parser.parse_args()
@@ -219,6 +228,8 @@ def main() -> int:
     try:
         alone: list[float] = []
         guarded: list[float] = []
+        cpu_alone: list[float] = []
+        cpu_guarded: list[float] = []
         for i in range(0 if args.skip_training else args.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
             before = load()
@@ -227,6 +238,8 @@ def main() -> int:
             }
             alone.append(runs[False].steps_per_s)
             guarded.append(runs[True].steps_per_s)
+            cpu_alone.append(runs[False].steps_per_cpu_s)
+            cpu_guarded.append(runs[True].steps_per_cpu_s)
             g = runs[True]
             drain = f"{g.drain_s:.1f}s" if g.drain_s is not None else f"> {args.drain_s:.0f}s"
             print(f"  training round {i + 1}: load {before} -> {load()}; alone "
@@ -240,6 +253,9 @@ def main() -> int:
             print(f"training with uploads: {g:7.2f} steps/s (median of {len(guarded)})")
             print(f"with/without, paired: {paired(guarded, alone)}; ratio of medians "
                   f"{g / a:.3f}x (goal >= 0.97x)")  # fmt: skip
+            print(f"steps per CPU-second of the trainer, with/without, paired: "
+                  f"{paired(cpu_guarded, cpu_alone)} (the scheduler's share aside: what the "
+                  "uploads cost each step through caches, memory and the kernel)")  # fmt: skip
         for kind in args.remotes.split(","):
             ours, plain, niced = upload_compare(base, args, kind)
             o, p, n = (statistics.median(x) for x in (ours, plain, niced))

@@ -180,6 +180,23 @@ def test_a_second_pass_sends_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_manifest_entry_torn_by_a_kill_is_verified_again_not_sent_again(tmp_path: Path) -> None:
+    spec, env, root = make(tmp_path)
+    train(tmp_path, 20, 10)
+    assert uploader(spec, env, tmp_path, []).sync().uploaded == ["10", "20"]
+    # Killed while writing 20's entry (the local backend writes in place): half a JSON line.
+    entry = root / ".bootstrap" / "manifest" / "20.json"
+    entry.write_text(entry.read_text()[:40])
+    stamps = {p: p.stat().st_ctime_ns for p in (root / "20").iterdir()}
+    fresh = uploader(spec, env, tmp_path, [])
+    assert fresh.sync().uploaded == ["20"]  # not restorable until verified again
+    assert {p: p.stat().st_ctime_ns for p in (root / "20").iterdir()} == stamps  # not resent
+    recorded = json.loads(entry.read_text())["files"]
+    assert {k: v["size"] for k, v in recorded.items()} == local.files(tmp_path / "ck" / "20")
+    assert sorted(Remote(spec, env).entries()) == ["10", "20"]
+
+
+@pytest.mark.slow
 def test_the_box_is_hashed_by_the_sync_and_skipped_files_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
