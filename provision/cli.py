@@ -849,6 +849,7 @@ def _monitor(
     batch = batch_size or context_vars.get("global_batch_size")
     box = controller.connect(host)
     keep = _keeper(target, loaded.playbook_path, inventory) if watch else None
+    release = _releaser(target, inventory) if watch else None
     checkpoints = preflight_checkpoints(plan)
     while True:
         try:
@@ -869,9 +870,22 @@ def _monitor(
             console.print_monitor(console.Out(), host.name, step.id, snap)
         if not watch:
             return 1 if snap.get("alerts") else 0
+        if release is not None and release(snap.get("watch")):
+            return 0  # on_finish: destroy, and it was: nothing left to watch
         time.sleep(interval)
         if keep is not None and keep():
             box = controller.connect(Loaded(playbook, inventory, [target]).hosts[0])
+
+
+def _releaser(target: str, inventory: Path | None) -> Any:
+    """For a rented target: a check that destroys its box once its job's guard, told
+    `on_finish: destroy`, says it may go (keepalive.release), True then; None otherwise."""
+    from provision.rent import keepalive, store
+
+    if target not in store.rented():
+        return None
+    vast, say = _vast(inventory), keepalive.say_once(_say)
+    return lambda watch: keepalive.release(vast, target, watch, say)
 
 
 def _keeper(target: str, playbook: Path, inventory: Path | None) -> Any:
@@ -1227,11 +1241,17 @@ def _keep_alive(
 
     vast = _vast(inventory)
     _say(f"keeping {', '.join(names)} alive: checking every {every:g}s (Ctrl-C stops watching)")
-    while True:
-        for name in names:
+    say = keepalive.say_once(_say)
+    left = list(names)
+    while left:
+        for name in list(left):
             if keepalive.check(vast, name, _say) is not None:
                 _run_up([name], playbook, inventory, tags, variables, False, False, auth_wait)
-        time.sleep(every)
+            elif keepalive.release_when_asked(vast, name, say):  # on_finish: destroy
+                left.remove(name)
+        if left:
+            time.sleep(every)
+    return 0
 
 
 @app.command("rent")

@@ -417,6 +417,9 @@ def print_watch(
     finish = watch.get("on_finish")
     if isinstance(finish, dict) and finish.get("action") not in (None, "nothing"):
         result = f"rc {finish['rc']}" if "rc" in finish else f"stopped {finish.get('stopped')}"
+        if finish["action"] == "destroy":  # the controller destroys it (rent/keepalive.release)
+            why = finish.get("why_not") or "not ready"
+            result += ": may be destroyed" if finish.get("ready") else f": kept ({why})"
         out.line(
             f"    on_finish {finish['action']} after the run {finish.get('outcome')}: {result}"
         )

@@ -461,6 +461,7 @@ def test_on_finish_destroy_is_done_here_once_the_box_says_its_work_is_safe(
 
     # While it trains, and once its guard says it may not go: the box stays.
     assert keepalive.release(vast, "fin", watch(), said.append) is False
+    assert keepalive.release_when_asked(vast, "fin", said.append) is False
     not_ready = {"on_finish": {"action": "destroy", "ready": False, "why_not": "pending: 30"}}
     assert keepalive.release(vast, "fin", not_ready, said.append) is False
     assert said == ["fin: on_finish destroy: not destroying: pending: 30"]
@@ -480,7 +481,9 @@ def test_on_finish_destroy_is_done_here_once_the_box_says_its_work_is_safe(
     assert sorted(p.stem for p in (remote / ".bootstrap" / "manifest").glob("*.json")) == [
         "10", "20", "30"
     ]  # fmt: skip
-    assert keepalive.release(vast, "fin", finished, said.append) is True
+    # What `up --keep-alive` polls: the box's status, its guarded step's watch record in it.
+    once = keepalive.say_once(said.append)
+    assert keepalive.release_when_asked(vast, "fin", once) is True
     assert fake.live() == [] and fake.instances[instance.id].ended
     assert "fin" not in store(env)["instances"]
     assert said[-1].startswith(f"fin: destroyed instance {instance.id} after ")

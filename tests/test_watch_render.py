@@ -115,3 +115,14 @@ def test_a_guard_that_stopped_looking_is_said_and_nothing_without_a_guard() -> N
     assert "the guard has not looked for 15m00s (dead? the next `up` starts it again)" in text
     assert "has not looked" not in _render({**doc, "state": "finished"}, now)
     assert _render(None) == ""
+
+
+def test_on_finish_destroy_says_whether_the_box_may_go() -> None:
+    """The controller destroys a rented box only once its guard says its work is safe."""
+    base = {"state": "finished", "last_step": 30, "total": 30}
+    kept = {"action": "destroy", "outcome": "finished", "stopped": True, "ready": False}
+    kept["why_not"] = "checkpoint 30 not verified on the remote yet"
+    text = _render({**base, "on_finish": kept})
+    assert "on_finish destroy after the run finished: stopped True: kept (checkpoint 30 " in text
+    ready = dict(kept, ready=True, why_not=None)
+    assert "stopped True: may be destroyed" in _render({**base, "on_finish": ready})

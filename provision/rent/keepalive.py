@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from provision.errors import ProvisionError
+from provision.errors import ProvisionError, TargetError
 from provision.rent import manage, store
 from provision.rent.renter import DEAD_STATES, Request, Say, rent
 from provision.rent.vast import Instance, Vast
@@ -88,3 +88,33 @@ def release(vast: Vast, name: str, watch: dict[str, Any] | None, say: Say) -> bo
     for line in lines:
         say(line)
     return True
+
+
+def release_when_asked(vast: Vast, name: str, say: Say) -> bool:
+    """`release` for every guarded step of the rented box's run, read from its `status`
+    (`up --keep-alive` polls it); True once the box was destroyed. A box that does not answer
+    is not released (its checkpoints cannot be proven safe): `check` deals with a lost one."""
+    from provision import controller
+    from provision.inventory import Host
+
+    rented = store.rented().get(name)
+    if rented is None:
+        return False
+    box = controller.connect(Host(name=name, **rented.host_entry()))
+    try:
+        snap = controller.status(box, None, lines=0)
+    except TargetError:
+        return False
+    return any(release(vast, name, step.watch, say) for step in snap.steps if step.watch)
+
+
+def say_once(say: Say) -> Say:
+    """`say`, saying each line once (a poll that finds the same reason again stays quiet)."""
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            say(line)
+
+    return once

@@ -158,7 +158,11 @@ class TmuxLaunch(Kind):
             "inventory secret holding apprise URL(s) for the guard's news",
             secret_ref=True,
         ),
-        Param("on_finish", "any", "when the run ends: nothing, stop, or {run: COMMAND, when: ...}"),
+        Param(
+            "on_finish",
+            "any",
+            "when the run ends: nothing, stop, destroy (a rented box), or {run: COMMAND, when: ...}",
+        ),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
