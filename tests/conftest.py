@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -127,3 +129,14 @@ def project(tmp_path: Path, controller_env: dict[str, str], box: Box, transport:
     over `transport`."""
     connection = "paramiko" if transport == "paramiko" else "ssh"
     return Project(tmp_path / "project", controller_env, [box], connection=connection)
+
+
+@pytest.fixture
+def socket() -> Iterator[str]:
+    """A tmux server socket of the test's own (a short path: unix sockets allow ~107 bytes);
+    its server is killed when the test ends."""
+    folder = tempfile.mkdtemp(prefix="tmx", dir="/tmp")
+    path = f"{folder}/tmux"
+    yield path
+    subprocess.run(["tmux", "-S", path, "kill-server"], capture_output=True, check=False)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -6,13 +6,10 @@ import io
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,16 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
 FAKE_TORCHRUN = REPO / "tests" / "fakes" / "torchrun"
 AE = f"{TRAINER} --mode ae --config configs/ae.yaml --startup-sleep 0"
-
-
-@pytest.fixture
-def socket() -> Iterator[str]:
-    """A tmux server socket of this test's own (short path: unix sockets allow ~107 bytes)."""
-    folder = tempfile.mkdtemp(prefix="tmx", dir="/tmp")
-    path = f"{folder}/tmux"
-    yield path
-    subprocess.run(["tmux", "-S", path, "kill-server"], capture_output=True, check=False)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +22,6 @@ from provision.steps.tmux_launch import KIND, launch_facts
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "provision" / "data" / "fake_trainer.py"
-
-
-@pytest.fixture
-def socket() -> Iterator[str]:
-    """A tmux server of this test's own (short path: unix sockets allow ~107 bytes)."""
-    folder = tempfile.mkdtemp(prefix="tmx", dir="/tmp")
-    yield f"{folder}/tmux"
-    subprocess.run(["tmux", "-S", f"{folder}/tmux", "kill-server"], capture_output=True)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

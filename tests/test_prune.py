@@ -93,6 +93,16 @@ def _new_box(sh: Path) -> None:
     shutil.rmtree(sh / "out", ignore_errors=True)
 
 
+def _cache_filled(tmp_path: Path) -> tuple[Path, Path]:
+    """Box 1 ran the playbook and saved convert; the next box has neither its outputs nor the
+    checkpoint. (shared dir, bucket)"""
+    sh, bucket = tmp_path / "shared", tmp_path / "bucket"
+    assert _box(tmp_path, "box1").execute()
+    _saved(bucket)
+    _new_box(sh)
+    return sh, bucket
+
+
 def test_a_warm_box_leaves_out_what_only_a_restored_step_needs(
     agent_dir: Path,  # noqa: F811
     tmp_path: Path,
@@ -127,14 +137,11 @@ def test_a_restore_that_fails_after_its_need_was_left_out_runs_that_need_first(
     agent_dir: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    sh, bucket = tmp_path / "shared", tmp_path / "bucket"
-    assert _box(tmp_path, "box1").execute()
-    _saved(bucket)
+    sh, bucket = _cache_filled(tmp_path)
     # The archive is truncated after its entry was written: the lookup finds the entry (the
     # checkpoint is left out), the restore finds the archive corrupt.
     (obj,) = [p for p in (bucket / "objects").rglob("*") if p.is_file()]
     obj.write_bytes(obj.read_bytes()[:-100])
-    _new_box(sh)
     second = _box(tmp_path, "box2")
     assert second.execute()
     st = second.state.steps
@@ -167,10 +174,7 @@ def test_a_rerun_of_the_dependent_runs_what_it_needs(
     tmp_path: Path,
 ) -> None:
     """A forced dependent runs (never restores), so what it needs cannot be left out."""
-    sh, bucket = tmp_path / "shared", tmp_path / "bucket"
-    assert _box(tmp_path, "box1").execute()
-    _saved(bucket)
-    _new_box(sh)
+    sh, _bucket = _cache_filled(tmp_path)
     runner = _box(tmp_path, "box2")
     runner.state.record("convert").force(only=False)
     assert runner.execute()

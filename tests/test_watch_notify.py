@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -78,14 +77,6 @@ def inbox() -> Iterator[Inbox]:
     box = Inbox()
     yield box
     box.server.shutdown()
-
-
-@pytest.fixture
-def socket() -> Iterator[str]:
-    folder = tempfile.mkdtemp(prefix="tmx", dir="/tmp")
-    yield f"{folder}/tmux"
-    subprocess.run(["tmux", "-S", f"{folder}/tmux", "kill-server"], capture_output=True)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def launch(
