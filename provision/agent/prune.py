@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 from provision import dag
 from provision.model import PlannedStep, StepStatus
@@ -66,7 +66,7 @@ class Pruner:
 
     def __init__(
         self,
-        run_dir: Any,
+        run_dir: Path,
         steps: dict[str, PlannedStep],
         needs: dict[str, list[str]],
         status: Callable[[str], StepStatus],
@@ -193,7 +193,7 @@ class Pruner:
 
     def restore_failed(self, step_id: str) -> list[str]:
         """A dependent's restore failed: the steps left out that it needs run after all."""
-        back = [n for n in self.needs.get(step_id, []) if n in self.candidates]
+        back = self.left_out_needs(step_id)
         self.needed.update(back)
         for n in back:
             self.lookups.pop(n, None)
