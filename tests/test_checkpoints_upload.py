@@ -329,8 +329,11 @@ def _guard_config(tmp_path: Path, spec: CheckpointSpec, launch: str = "abc123") 
 
 
 def _done_files(root: Path, box: Path) -> dict[Path, int]:
-    """The remote's files that rclone finished (the box's size and modification time): a
-    later sync skips those, so their ctime stays; {path: ctime}."""
+    """The remote's files that rclone finished (the box's size and modification time, to
+    the nanosecond: rclone sets it once the file is written, and a file written within the
+    second its source was has the same whole-second mtime before that, which a later sync
+    then sets, changing the ctime): a later sync skips those, so their ctime stays;
+    {path: ctime}."""
     done = {}
     for path in root.rglob("*"):
         if not path.is_file() or ".bootstrap" in path.parts:
@@ -338,7 +341,7 @@ def _done_files(root: Path, box: Path) -> dict[Path, int]:
         mine = box / path.relative_to(root)
         if mine.is_file():
             theirs, ours = path.stat(), mine.stat()
-            if theirs.st_size == ours.st_size and int(theirs.st_mtime) == int(ours.st_mtime):
+            if theirs.st_size == ours.st_size and theirs.st_mtime_ns == ours.st_mtime_ns:
                 done[path] = theirs.st_ctime_ns
     return done
 
