@@ -23,8 +23,8 @@ import pytest
 from gcs_emulator import EmulatorProcess, client
 from project import Project, count, one_line_error, wait_for
 
-from provision.cache import archive, key
-from provision.cache.restore import compute_key, restore
+from provision.cache import archive, key, save
+from provision.cache.restore import compute_key, objects_of, restore
 from provision.cache.save import Saver, signature
 from provision.errors import ConfigError
 from provision.inventory import Host, Inventory
@@ -269,6 +269,72 @@ def test_save_then_restore_through_a_local_remote(tmp_path: Path) -> None:
     assert attempt.reason.startswith("restored from cache (key ")
     assert _listing(out) == before
     assert not list(tmp_path.glob(".bootstrap-restore-*")), "the staging directory is removed"
+
+
+def _sharded_tree(root: Path) -> None:
+    """_tree and enough more files for four shards, a hard link between two of them, a
+    name with a newline and a read-only directory (its mode is set after its files)."""
+    _tree(root)
+    for i in range(12):
+        (root / "sub" / f"f{i:02d}.bin").write_bytes(os.urandom(100_000))
+    os.link(root / "sub" / "f00.bin", root / "sub" / "z-hardlink.bin")
+    (root / "odd\nname").write_text("newline\n")
+    (root / "ro").mkdir()
+    (root / "ro" / "x").write_text("x")
+    (root / "ro").chmod(0o555)
+
+
+@pytest.mark.slow
+def test_large_outputs_are_saved_as_shards_and_restored_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SHARD_BYTES the saver writes shards plus a directories archive; a restore unpacks
+    them side by side and gives back the same tree (modes, links, hard links); one tampered
+    shard is refused before anything is placed, and removing the entry's objects removes all."""
+    monkeypatch.setattr(save, "SHARD_BYTES", 60_000)
+    out, remote, run = tmp_path / "out", tmp_path / "remote", tmp_path / "run"
+    _sharded_tree(out)
+    before = _listing(out)
+    dir_modes = {p: p.stat().st_mode for p in out.rglob("*") if p.is_dir()}
+    step = _step(out, str(remote))
+    assert _save(run, step) == "saved"
+    entry = json.loads(_entries(remote)[0].read_text())
+    assert len(entry["shards"]) == save.MAX_SHARDS and "object" not in entry
+    named = sorted(objects_of(entry))
+    assert [str(p.relative_to(remote)) for p in _objects(remote)] == named
+    assert entry["packed_bytes"] == sum(p.stat().st_size for p in _objects(remote))
+    subprocess.run(["chmod", "-R", "u+w", str(out)], check=True)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    attempt = restore(tmp_path / "run2", step, dict(os.environ))
+    assert attempt.restored, attempt.reason
+    assert _listing(out) == before
+    assert {p: p.stat().st_mode for p in out.rglob("*") if p.is_dir()} == dir_modes
+    assert (out / "sub" / "f00.bin").stat().st_ino == (out / "sub" / "z-hardlink.bin").stat().st_ino
+    # Tamper with one shard: the restore is refused and the outputs stay as they are.
+    shard = remote / entry["shards"][2]["object"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = restore(tmp_path / "run3", step, dict(os.environ))
+    assert not bad.restored and "corrupt or truncated" in bad.reason, bad.reason
+    assert _listing(out) == before
+    subprocess.run(["chmod", "-R", "u+w", str(out)], check=True)
+
+
+def test_shards_cut_the_listing_by_bytes_and_keep_hard_links_together(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    _sharded_tree(root)
+    runs, dirs = archive.shards([str(root)], 4)
+    assert len(runs) == 4
+    files = [p for run in runs for p in run]
+    assert sorted(files) == sorted(str(p) for p in root.rglob("*") if not p.is_dir())
+    assert sorted(dirs) == sorted([str(root), *(str(p) for p in root.rglob("*") if p.is_dir())])
+    link = str(root / "sub" / "z-hardlink.bin")
+    (holder,) = [run for run in runs if link in run]
+    assert str(root / "sub" / "f00.bin") in holder
+    sizes = [sum(os.lstat(p).st_size for p in run) for run in runs]
+    assert max(sizes) < 2.5 * min(sizes), sizes
+    (root / "ro").chmod(0o755)
 
 
 @pytest.mark.slow

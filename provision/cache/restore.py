@@ -5,7 +5,8 @@ The plan carries, for a step with `cache:` and a remote, a `cache` object (see
 steps its key depends on. `agent exec` computes the key here, before anything runs (the
 saver later uses that same key, even if the step changed its own inputs), looks it up, and
 when the bucket has an entry, streams the archive into a staging directory beside the
-outputs, checks its sha256, and moves the outputs into place. The caller then verifies the
+outputs (a sharded entry's archives side by side, its directories last), checks each sha256,
+and moves the outputs into place. The caller then verifies the
 step exactly as after a run; if that fails, it runs the step.
 
 A miss, an unreachable bucket, a corrupt archive: the step runs, with the reason said.
@@ -16,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from provision.agent.units import human_bytes
-from provision.cache.archive import ArchiveError, codec_for, unpack
+from provision.cache.archive import ArchiveError, Codec, codec_for, unpack
 from provision.cache.key import Probe, expand, is_implicit, step_key
 from provision.cache.store import Store, StoreError
 
@@ -130,7 +132,9 @@ def place(
     try:
         codec = codec_for(str(entry["codec"]))
         assert codec is not None  # checked by the caller
-        unpack(store.download(str(entry["object"])), staging, codec, str(entry["sha256"]))
+        together, last = archives_of(entry)
+        _unpack_at_once(store, together, staging, codec)
+        _unpack_at_once(store, last, staging, codec)
         for path in paths:
             staged = os.path.join(staging, path.lstrip("/"))
             if not os.path.lexists(staged):
@@ -142,6 +146,45 @@ def place(
             _place_markers(staging, entry.get("markers") or {}, steps_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def archives_of(entry: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The entry's archives ({object, sha256, ...}): those unpacked at once, then those after
+    them (a sharded entry's directories, whose modes and times the shards' files would
+    change). An entry of one archive names it itself."""
+    if "shards" in entry:
+        return list(entry["shards"]), [entry["dirs"]]
+    return [{"object": entry["object"], "sha256": entry["sha256"]}], []
+
+
+def objects_of(entry: dict[str, Any]) -> list[str]:
+    """Every object the entry names, in the bucket's paths."""
+    together, last = archives_of(entry)
+    return [str(a["object"]) for a in together + last]
+
+
+def _unpack_at_once(
+    store: Store, archives: list[dict[str, Any]], staging: str, codec: Codec
+) -> None:
+    """Download and unpack `archives` into `staging` side by side (a thread each: the work is
+    in rclone, the decompressor and tar); the first failure, once all have ended."""
+    errors: list[BaseException] = []
+
+    def one(archive: dict[str, Any]) -> None:
+        try:
+            unpack(store.download(str(archive["object"])), staging, codec, str(archive["sha256"]))
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(a,), daemon=True) for a in archives[1:]]
+    for thread in threads:
+        thread.start()
+    if archives:
+        one(archives[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _place_markers(staging: str, markers: dict[str, list[str]], steps_dir: Path) -> None:
