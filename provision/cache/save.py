@@ -332,7 +332,9 @@ def _layout(archives: list[dict[str, Any]]) -> dict[str, Any]:
     (what every agent reads); shards as `shards` (unpacked at once) and `dirs` (after them)."""
     if len(archives) == 1:
         return {k: archives[0][k] for k in ("object", "sha256", "md5")}
-    return {"shards": archives[:-1], "dirs": archives[-1]}
+    # `object: null`: an agent from before shards reads it as an object it cannot fetch
+    # ("cached copy unusable: ran"), where a missing field would crash it.
+    return {"object": None, "sha256": None, "shards": archives[:-1], "dirs": archives[-1]}
 
 
 def spawn(
