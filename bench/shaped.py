@@ -55,6 +55,7 @@ from githttp import serve_git
 from project import Project
 from shaper import Shaper, shaped
 
+from provision.cache.restore import archives_of
 from provision.stats.samples import write_preset
 
 BENCH = Path(__file__).resolve().parent
@@ -163,18 +164,29 @@ def webdav(root: Path) -> Iterator[int]:
 
 
 def restore_cpu(cache_dir: Path, root: str, scratch: Path) -> dict[str, tuple[int, float]]:
-    """Per cached step of the round: (archive bytes, seconds to unpack it alone here)."""
+    """Per cached step of the round: (archive bytes, seconds to unpack it alone here; a sharded
+    entry's shards at once, then its directories, as `provision.cache.restore` does)."""
     out: dict[str, tuple[int, float]] = {}
     for entry_path in sorted((cache_dir / root / "entries").glob("*.json")):
         entry = json.loads(entry_path.read_text())
-        archive = cache_dir / root / entry["object"]
+        together, last = archives_of(entry)
         dest = scratch / entry["step"]
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         decompress = "zstd -dc" if entry["codec"] == "zstd" else "gzip -dc"
+        size = 0
         start = time.perf_counter()
-        subprocess.run(f"{decompress} {archive} | tar -x -C {dest}", shell=True, check=True)
-        out[entry["step"]] = (archive.stat().st_size, time.perf_counter() - start)
+        for group in (together, last):
+            paths = [cache_dir / root / a["object"] for a in group]
+            size += sum(p.stat().st_size for p in paths)
+            # Each pipeline in the background, then each waited for: one that fails fails all.
+            starts = "".join(
+                f'{decompress} {p} | tar -x -C {dest} & pids="$pids $!"; ' for p in paths
+            )
+            subprocess.run(
+                f"{starts}for p in $pids; do wait $p || exit 1; done", shell=True, check=True
+            )
+        out[entry["step"]] = (size, time.perf_counter() - start)
         shutil.rmtree(dest, ignore_errors=True)
     return out
 
