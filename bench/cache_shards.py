@@ -3,14 +3,14 @@
     python3 bench/cache_shards.py                       # the interpreter's site-packages
     python3 bench/cache_shards.py --tree PATH --shards 1,2,4,8 --rounds 3
 
-The step cache keeps a venv as one `tar | zstd -3` stream (provision.cache.archive), and one
-`zstd -d | tar -x` pipeline unpacks it: tar is one process, writing files one after another.
-On the shaped bench a warm box spent 18.8 s unpacking a 1.3 GB venv that uv installs in 8.7 s
-from its cache (uv writes in parallel). This bench packs the same tree as N shards — the sorted
-file list cut into N runs of about equal bytes (a file's hard links stay in one shard, so each
-shard can make its links), the directories in one more small archive unpacked last (their
-modes and times) — and unpacks the N at once, against the named baseline **one archive**
-(N = 1, the format the cache writes today), in the same run.
+The step cache kept a venv as one `tar | zstd -3` stream, which one `zstd -d | tar -x`
+pipeline unpacks: tar is one process, writing files one after another. On the shaped bench a
+warm box spent 18.8 s unpacking a 1.3 GB venv that uv installs in 8.7 s from its cache (uv
+writes in parallel). This bench packs a tree as N shards with the cache's own code
+(`provision.cache.archive.shards` and `pack`: the sorted listing cut into N runs of about
+equal bytes, an inode's hard links in one run, the directories in one more archive unpacked
+last, for their modes) and unpacks the N at once, against the named baseline **one archive**
+(N = 1), in the same run.
 
 Archives are read from the page cache (a restore streams from the network: the bytes are in
 memory, not on disk); before each unpack the previous tree is removed and the disk synced, so
@@ -31,58 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ZSTD = ("zstd", "-3", "-T0", "-q", "-c")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from provision.cache import archive
+
 UNZSTD = ("zstd", "-d", "-q", "-c")
-SKIP = {"__pycache__"}
 
 
-def listing(tree: Path) -> tuple[list[tuple[str, int, tuple[int, int]]], list[str]]:
-    """(files and links with their size and inode, directories), relative to the tree's parent,
-    in sorted order, without SKIP."""
-    base = tree.parent
-    files: list[tuple[str, int, tuple[int, int]]] = []
-    dirs: list[str] = []
-    for root, names, leaves in os.walk(tree):
-        names[:] = sorted(n for n in names if n not in SKIP)
-        dirs.append(os.path.relpath(root, base))
-        for leaf in sorted(leaves):
-            st = os.lstat(os.path.join(root, leaf))
-            files.append(
-                (
-                    os.path.relpath(os.path.join(root, leaf), base),
-                    st.st_size,
-                    (st.st_dev, st.st_ino),
-                )
-            )
-    return files, dirs
-
-
-def split(files: list[tuple[str, int, tuple[int, int]]], n: int) -> list[list[str]]:
-    """The files in n contiguous runs of about equal bytes; a later hard link of an inode goes
-    to the shard of its first name."""
-    total = sum(size for _, size, _ in files) or 1
-    shards: list[list[str]] = [[] for _ in range(n)]
-    first: dict[tuple[int, int], int] = {}
-    done = 0
-    for name, size, inode in files:
-        index = first.setdefault(inode, min(n - 1, done * n // total))
-        shards[index].append(name)
-        done += size
-    return shards
-
-
-def pack(base: Path, names: list[str], out: Path) -> int:
-    """`tar -c --no-recursion -T list | zstd -3` into `out`; its size."""
-    listfile = out.with_suffix(".list")
-    listfile.write_text("".join(f"{n}\n" for n in names))
+def pack(paths: list[str], out: Path, codec: archive.Codec) -> int:
+    """`provision.cache.archive.pack` of exactly `paths` (no recursion) into `out`; its size."""
     with open(out, "wb") as sink:
-        tar = subprocess.Popen(
-            ["tar", "-c", "-f", "-", "--no-recursion", "-C", str(base), "-T", str(listfile)],
-            stdout=subprocess.PIPE,
-        )
-        subprocess.run(ZSTD, stdin=tar.stdout, stdout=sink, check=True)
-        if tar.wait() != 0:
-            raise SystemExit(f"tar -c failed for {out}")
+        archive.pack(paths, sink.write, codec, recurse=False)
     return out.stat().st_size
 
 
@@ -117,23 +76,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     counts = [int(c) for c in args.shards.split(",")]
-    if shutil.which("zstd") is None:
+    codec = archive.codec_for("zstd")
+    if codec is None:
         raise SystemExit("zstd is not installed")
     tree = args.tree.resolve()
-    files, dirs = listing(tree)
-    raw = sum(size for _, size, _ in files)
-    print(f"tree {tree}: {len(files)} files, {len(dirs)} directories, {raw / 1e6:.0f} MB")
+    runs, dirs = archive.shards([str(tree)], 1)
+    raw = sum(os.lstat(p).st_size for p in runs[0])
+    print(f"tree {tree}: {len(runs[0])} files, {len(dirs)} directories, {raw / 1e6:.0f} MB")
     print(f"cores {os.cpu_count()}, load {os.getloadavg()[0]:.2f} at the start")
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
         work = Path(tmp)
         sets: dict[int, tuple[list[Path], Path, int]] = {}
         for n in counts:
-            paths = [work / f"n{n}-{i}.tar.zst" for i in range(n)]
-            size = sum(
-                pack(tree.parent, names, p) for names, p in zip(split(files, n), paths, strict=True)
-            )
+            runs, dirs = archive.shards([str(tree)], n)
+            paths = [work / f"n{n}-{i}.tar.zst" for i in range(len(runs))]
+            size = sum(pack(run, p, codec) for run, p in zip(runs, paths, strict=True))
             dir_archive = work / f"n{n}-dirs.tar.zst"
-            size += pack(tree.parent, dirs, dir_archive)
+            size += pack(dirs, dir_archive, codec)
             sets[n] = (paths, dir_archive, size)
         times: dict[int, list[float]] = {n: [] for n in counts}
         for round_ in range(args.rounds):
