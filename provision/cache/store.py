@@ -3,8 +3,9 @@ backend on the fly, as for checkpoints), driven through the rclone binary.
 
 Layout under the cache root `R`:
 
-- `R/objects/<key>/<upload id>.tar.<codec>`: an archive, whole and checked;
-- `R/tmp/<key>.<upload id>.partial`: an archive being uploaded (never read by a restore);
+- `R/objects/<key>/<upload id>.tar.<codec>`: an archive, whole and checked (a sharded entry:
+  `<upload id>.<n>.tar.<codec>` and `<upload id>.dirs.tar.<codec>`, see `provision.cache.save`);
+- `R/tmp/<key>.<upload id>.<n>.partial`: an archive being uploaded (never read by a restore);
 - `R/entries/<key>.json`: the manifest, written last, once its object is in `objects/` with
   the size and md5 the uploader counted. A key without an entry is a miss, whatever objects
   say: an upload killed half-way leaves a `.partial` and no entry.
