@@ -259,15 +259,8 @@ class Saver:
     def _check_sent(self, tmp: str, archive_: dict[str, Any]) -> None:
         seen = self.store.stat(tmp)
         md5 = (seen or {}).get("hashes", {}).get("md5")
-        if (
-            seen is None
-            or seen["size"] != archive_["packed_bytes"]
-            or md5
-            not in (
-                None,
-                archive_["md5"],
-            )
-        ):
+        size_ok = seen is not None and seen["size"] == archive_["packed_bytes"]
+        if not size_ok or md5 not in (None, archive_["md5"]):
             raise ArchiveError(f"the uploaded archive is not what was sent ({seen})")
 
     def _commit(self, entry: dict[str, Any], size: int, seconds: float) -> str:
