@@ -182,6 +182,32 @@ def test_a_second_runner_finds_everything_done_and_runs_nothing(agent_dir: Path)
     assert again.executed == set()
 
 
+def test_checks_of_independent_steps_are_decided_side_by_side(agent_dir: Path) -> None:
+    # a's check waits for b's to have started and b's for a's: decided one after another, the
+    # first would give up after 5 s (not done); side by side, both hold at once.
+    def meet(mine: str, other: str) -> str:
+        wait = f"until [ -e ~/{other}.seen ]; do sleep 0.01; done"
+        return f"touch ~/{mine}.seen && timeout 5 sh -c '{wait}'"
+
+    steps = [
+        _shell("a", "true", done_when=meet("a", "b")),
+        _shell("b", "true", done_when=meet("b", "a")),
+        _shell("join", "true", needs=["a", "b"], done_when="test -e ~/a.seen -a -e ~/b.seen"),
+        _shell("missing", "true", done_when="false"),
+        _shell("after", "true", needs=["missing"], done_when="true"),
+    ]
+    run = RunDir("t")
+    run.make()
+    plan = Plan(name="t", steps=steps)
+    run.plan.write_text(json.dumps(plan.to_json()))
+    decisions = Runner(run, plan=plan, secrets={}).evaluate()
+    assert [step_id for step_id, _ in decisions] == ["a", "b", "missing", "join", "after"]
+    done = {step_id: d.done for step_id, d in decisions}
+    assert done == {"a": True, "b": True, "join": True, "missing": False, "after": False}
+    # A step is decided after its needs: it knows one of them will run.
+    assert dict(decisions)["after"].reason == "never ran"
+
+
 def test_an_only_rerun_request_keeps_the_dependents_done(agent_dir: Path) -> None:
     steps = [_shell("a", "echo a >> ~/runs"), _shell("b", "echo b >> ~/runs", needs=["a"])]
     assert _run(steps)[0]

@@ -154,15 +154,44 @@ class Runner:
         return checks.decide(step, rec, gens, ctx, rerun_needs)
 
     def evaluate(self) -> list[tuple[str, checks.Decision]]:
-        """Decide every selected step in order as if all that must run succeeded (for `plan`)."""
+        """Decide every selected step as if all that must run succeeded (for `plan` and `up`),
+        in the plan's order.
+
+        A step is decided once its needs are (whether a need will run is part of its decision),
+        and the steps whose needs are decided are decided side by side, at most `max_parallel`
+        at once: their checks are mostly other processes (`done_when`, dpkg, tmux, a venv's
+        imports), so a no-op `up` waits for the longest chain of checks, not for their sum.
+        """
+        sorter = graphlib.TopologicalSorter({k: tuple(v) for k, v in self.needs.items()})
+        sorter.prepare()
+        answers: queue.SimpleQueue[tuple[str, checks.Decision | BaseException]]
+        answers = queue.SimpleQueue()
         will_run: set[str] = set()
-        out = []
-        for step_id in dag.topo_order(self.needs):
-            decision = self.decide(step_id, will_run)
-            if not decision.done:
+        decided: dict[str, checks.Decision] = {}
+        ready: list[str] = []
+        busy = 0
+
+        def decide(step_id: str, rerun: frozenset[str]) -> None:
+            try:
+                answers.put((step_id, self.decide(step_id, set(rerun))))
+            except BaseException as exc:  # raised again by the caller's thread
+                answers.put((step_id, exc))
+
+        while sorter.is_active():
+            ready.extend(sorter.get_ready())
+            while ready and busy < self.max_parallel:
+                args = (ready.pop(0), frozenset(will_run))
+                threading.Thread(target=decide, args=args, daemon=True).start()
+                busy += 1
+            step_id, answer = answers.get()
+            busy -= 1
+            if isinstance(answer, BaseException):
+                raise answer
+            decided[step_id] = answer
+            if not answer.done:
                 will_run.add(step_id)
-            out.append((step_id, decision))
-        return out
+            sorter.done(step_id)
+        return [(step_id, decided[step_id]) for step_id in dag.topo_order(self.needs)]
 
     def mark_done(self, step_id: str, reason: str) -> None:
         """Record a step found done without running it."""
