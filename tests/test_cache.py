@@ -415,23 +415,50 @@ def test_outputs_above_the_limit_are_skipped_with_a_warning(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_two_boxes_filling_one_key_leave_one_valid_entry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shard_bytes", [None, 60_000], ids=["one-archive", "sharded"])
+def test_two_boxes_filling_one_key_leave_one_valid_entry(
+    tmp_path: Path, shard_bytes: int | None
+) -> None:
+    """Whichever box loses the race removes what it uploaded: every object of its entry (all
+    shards and the directories archive, for a sharded one), and nothing of the winner's."""
     out, remote = tmp_path / "out", tmp_path / "remote"
-    _tree(out)
-    (out / "big").write_bytes(os.urandom(4_000_000))
+    if shard_bytes is None:
+        _tree(out)
+        (out / "big").write_bytes(os.urandom(4_000_000))
+    else:
+        _sharded_tree(out)
     step = _step(out, str(remote))
     results: list[str] = []
-    # Each saver is its own process, as on two boxes (the upload ids differ).
-    code = (
-        "import json, os, sys; from pathlib import Path; from provision.cache.save import Saver, signature;"
-        "s = json.loads(sys.argv[1]); run = Path(sys.argv[2]); d = run / 'steps' / 's';"
-        "d.mkdir(parents=True); print(Saver(d, s, sys.argv[3], dict(os.environ)).run([]))"
+    # Each saver is its own process, as on two boxes (the upload ids differ). Neither writes
+    # its entry before both have uploaded (a file each in `meet`): the race is always run.
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    code = textwrap.dedent(
+        """
+        import json, os, sys, time
+        from pathlib import Path
+        from provision.cache import save
+        s, run, k, shard_bytes, meet = json.loads(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
+        save.SHARD_BYTES = int(shard_bytes) or save.SHARD_BYTES
+        commit = save.Saver._commit
+        def _commit(self, *args):
+            Path(meet, str(os.getpid())).touch()
+            deadline = time.time() + 30
+            while len(os.listdir(meet)) < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            return commit(self, *args)
+        save.Saver._commit = _commit
+        d = run / "steps" / "s"
+        d.mkdir(parents=True)
+        print(save.Saver(d, s, k, dict(os.environ)).run([]))
+        """
     )
     k = compute_key(tmp_path / "run0", step)
 
     def one(i: int) -> None:
+        argv = [json.dumps(step), str(tmp_path / f"run{i}"), k, str(shard_bytes or 0), str(meet)]
         done = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(step), str(tmp_path / f"run{i}"), k],
+            [sys.executable, "-c", code, *argv],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
@@ -444,10 +471,14 @@ def test_two_boxes_filling_one_key_leave_one_valid_entry(tmp_path: Path) -> None
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) in (["present", "saved"], ["saved", "saved"]), results
+    assert sorted(results) == ["present", "saved"], results
+    assert len(os.listdir(meet)) == 2, "both boxes uploaded before either wrote its entry"
     assert len(_entries(remote)) == 1
     entry = json.loads(_entries(remote)[0].read_text())
-    assert [str(p.relative_to(remote)) for p in _objects(remote)] == [entry["object"]]
+    assert (entry["object"] is None) == (shard_bytes is not None)
+    assert [str(p.relative_to(remote)) for p in _objects(remote)] == sorted(objects_of(entry))
+    assert not list((remote / "tmp").glob("*")), "no partial object is left"
+    subprocess.run(["chmod", "-R", "u+w", str(out)], check=True)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     assert restore(tmp_path / "run3", step, dict(os.environ)).restored
 
