@@ -17,7 +17,6 @@ field for an empty one, so state files of either version load in the other.
 from __future__ import annotations
 
 import enum
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
@@ -642,6 +641,8 @@ class RunState:
 
     def expected_duration(self, step_id: str) -> float | None:
         """The median of a step's measured durations on this box (None when it never ran)."""
+        import statistics  # only for an ETA: not in every agent process
+
         kept = self.durations.get(step_id)
         return float(statistics.median(kept)) if kept else None
 

@@ -20,15 +20,24 @@ from provision.watch.record import CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Modules a no-op `up` never needs: the wheel download (urllib.request pulls in http.client,
-#: email and ssl; box_tool, whose check every tool step runs, uses it only to install) and the
-#: guard (checkpoints, the monitor's log parsing).
-ONLY_SOME_COMMANDS = ("urllib.request", "http.client", "ssl", "provision.watch.guard")
+#: email and ssl; box_tool, whose check every tool step runs, uses it only to install), the
+#: guard (checkpoints, the monitor's log parsing), the GPU leases (`status`), the median of an
+#: ETA (statistics: fractions, decimal, random) and platform (the cache key reads os.uname).
+ONLY_SOME_COMMANDS = (
+    "urllib.request",
+    "http.client",
+    "ssl",
+    "provision.watch.guard",
+    "provision.agent.gpus",
+    "statistics",
+    "platform",
+)
 
 
 def test_agent_command_line_imports_nothing_only_some_commands_need() -> None:
     code = (
         "import json, sys\n"
-        "import provision.agent.__main__, provision.steps.box_tool\n"
+        "import provision.agent.__main__, provision.steps.box_tool, provision.cache.key\n"
         f"print(json.dumps(sorted(m for m in {list(ONLY_SOME_COMMANDS)!r} if m in sys.modules)))"
     )
     out = subprocess.run(

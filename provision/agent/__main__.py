@@ -29,7 +29,6 @@ from typing import Any
 from provision.agent import blobs, protocol, report
 from provision.agent.execute import EXIT_ERROR, exec_step, step_env
 from provision.agent.files import write_json_atomic
-from provision.agent.gpus import GpuLeases
 from provision.agent.runner import Runner
 from provision.agent.state import (
     RunDir,
@@ -330,6 +329,8 @@ def _existing_run(name: str | None) -> RunDir:
 def cmd_status(args: argparse.Namespace) -> int:
     run = _existing_run(args.run)
     snap = report.snapshot(run, args.lines)
+    from provision.agent.gpus import GpuLeases  # `status` only
+
     snap.gpu_leases = [lease.to_dict() for lease in GpuLeases().live()]
     protocol.emit(snap.to_json())
     return 0
