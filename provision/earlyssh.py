@@ -17,7 +17,6 @@ it runs before everything else.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -64,7 +63,9 @@ def _load() -> dict[str, dict[str, object]]:
 def start(args: list[str], cwd: str) -> None:
     """Spawn the masters remembered for this command line, when their inputs are unchanged."""
     global _key
-    _key = hashlib.sha256(json.dumps([cwd, args, _config_dir()]).encode()).hexdigest()
+    # The command line itself is the key (no hash: hashlib loads OpenSSL, ~2 ms before the
+    # handshake could start; the file beside it already holds the ssh command lines).
+    _key = json.dumps([cwd, args, _config_dir()])
     entry = _load().get(_key)
     if not isinstance(entry, dict):
         return
