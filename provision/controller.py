@@ -174,7 +174,11 @@ def _payload_bytes(box: Box, payload: bytes | PlanPayload, everything: bool) -> 
 
 
 def _command(box: Box) -> str:
-    return f"{_python(box)} -c {shlex.quote(_PRELUDE)}"
+    # -S: no `site`. The prelude and the agent core import only the standard library, and a
+    # no-op pays every millisecond of the box's start-up after the handshake (Debian's python3
+    # starts in ~6 ms without site, ~13 with it). The runner and the steps' processes it starts
+    # are ordinary interpreters (`sys.executable`, the agent venv's python).
+    return f"{_python(box)} -S -c {shlex.quote(_PRELUDE)}"
 
 
 def _stdin(agent: Agent, argv: list[str], payload: bytes, ship: bool, ephemeral: bool) -> bytes:

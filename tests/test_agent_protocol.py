@@ -83,7 +83,7 @@ def test_cli_status_and_logs_on_a_box_with_no_run(here: dict[str, str], tmp_path
     named = run_cli(["status", "here", "--json", "-p", "book.yaml"], env=here, cwd=tmp_path)
     assert "no bootstrap run named 'book' on this box" in one_line_error(named)
     starts = (tmp_path / "python-used").read_text().splitlines()
-    assert starts == ["-c"] * 3, starts
+    assert starts == ["-S"] * 3, starts  # the prelude: `python3 -S -c ...`
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_status_and_logs_of_a_run(here: dict[str, str], tmp_path: Path) -> None:
     missing = run_cli(["logs", "here", "nosuch"], env=here, cwd=tmp_path)
     assert one_line_error(missing) == "error: here: no log for step 'nosuch' in run 'book'"
     starts = (tmp_path / "python-used").read_text().splitlines()
-    assert starts and set(starts) == {"-c"}, starts  # never `python3 agent.pyz`
+    assert starts and set(starts) == {"-S"}, starts  # `python3 -S -c`, never `python3 agent.pyz`
 
 
 @pytest.mark.slow
