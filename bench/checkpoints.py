@@ -43,7 +43,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import gcs_emulator  # noqa: E402
 
-from provision.checkpoints.remote import Remote, nice_prefix, rclone_path  # noqa: E402
+from provision.agent.priority import nice_prefix  # noqa: E402
+from provision.checkpoints.remote import Remote, rclone_path  # noqa: E402
 from provision.checkpoints.spec import parse_checkpoints  # noqa: E402
 from provision.checkpoints.upload import Uploader, read_status  # noqa: E402
 from provision.watch import guard  # noqa: E402

@@ -246,6 +246,32 @@ def test_pack_stops_at_a_secret_and_at_the_size_limit(tmp_path: Path) -> None:
         archive.pack([str(src)], lambda _c: None, codec, max_bytes=100_000)
 
 
+def test_a_save_yields_the_cpu_to_the_steps_on_the_way_to_step_0(tmp_path: Path) -> None:
+    """`agent cache-save` runs in a session of its own (the runner may end first): at the
+    lowest weight of that session's autogroup and SCHED_IDLE, inherited by zstd, tar and
+    rclone, or packing a venv would take as much CPU as the steps that come after it."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from pathlib import Path
+        from provision.cache import save
+        rc = save.main(Path(sys.argv[1]), "s", {})  # no step: refused, after yielding
+        group = Path("/proc/self/autogroup")
+        nice = group.read_text().split()[-1] if group.exists() else "19"
+        print(rc, os.sched_getscheduler(0) == os.SCHED_IDLE, nice)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,  # the autogroup is the session's: not this test's
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.stdout.split() == ["3", "True", "19"], done.stdout + done.stderr
+
+
 # ------------------------------------------------------------- the bucket (rclone, no box)
 
 

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.files import write_json_atomic
+from provision.agent.priority import nice_prefix, yield_to_the_job
 from provision.agent.units import human_bytes
 from provision.cache.archive import ArchiveError, Codec, Packed, codec_for, pack, shards
 from provision.cache.key import expand, walk
 from provision.cache.restore import objects_of, short
 from provision.cache.store import Store, StoreError
-from provision.checkpoints.remote import nice_prefix
 
 SAVE_FILE = "_cache_save.json"
 SAVE_LOG = "_cache_save.log"
@@ -349,7 +349,8 @@ def spawn(
         {"state": "queued", "key": key, "reason": "about to save", "at": time.time()},
     )
     with open(step_dir / SAVE_LOG, "ab") as log:
-        # Niced (CPU and disk) like the checkpoint uploader: a training may be starting.
+        # Niced (CPU and disk) like the checkpoint uploader, and yielding once started (see
+        # `main`): the steps after this one, a training, may be starting.
         proc = subprocess.Popen(
             [*nice_prefix(), *argv_prefix, "cache-save", "--run", run_name, step["id"]],
             stdin=subprocess.PIPE,
@@ -370,7 +371,12 @@ def spawn(
 
 
 def main(run_dir: Path, step_id: str, payload: dict[str, Any]) -> int:
-    """`agent cache-save`: the payload is {step, key, replace, secrets} from the runner."""
+    """`agent cache-save`: the payload is {step, key, replace, secrets} from the runner.
+
+    Started in a session of its own, so that the runner ending leaves it running: at the
+    lowest priority of that session too, else packing a venv (zstd, tar, rclone) would get as
+    much CPU as every step still on the way to step 0 (`provision.agent.priority`)."""
+    yield_to_the_job()
     step = payload.get("step")
     if not isinstance(step, dict) or step.get("id") != step_id or not step.get("cache"):
         return 3

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.agent.paths import tools_bin
+from provision.agent.priority import nice_prefix
 from provision.checkpoints.spec import CheckpointSpec, gs_bucket_path
 
 META_DIR = ".bootstrap"
@@ -91,14 +92,6 @@ def find_rclone(env: dict[str, str]) -> str | None:
         return found
     local = tools_bin() / "rclone"  # where `tool-rclone` puts it
     return str(local) if os.access(local, os.X_OK) else None
-
-
-def nice_prefix() -> list[str]:
-    """Lowest CPU and disk priority for what the uploader starts."""
-    prefix = ["nice", "-n", "19"] if shutil.which("nice") else []
-    if shutil.which("ionice"):
-        prefix += ["ionice", "-c", "3"]
-    return prefix
 
 
 class Remote:

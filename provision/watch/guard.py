@@ -5,7 +5,7 @@ in a new Unix session (outside the job's tmux session and process group, so kill
 its session leaves it running, and so does the controller going away), at the lowest CPU and
 disk priority (`nice -n 19`, `ionice -c 3`, the session's autogroup at nice 19, without which
 the scheduler would give the guard's session as much CPU as the job's, and the `SCHED_IDLE`
-policy: see `yield_to_the_job`); everything it starts inherits them.
+policy: see `provision.agent.priority`); everything it starts inherits them.
 
 Its files, in the step's directory:
 
@@ -41,7 +41,8 @@ from typing import Any
 
 import provision
 from provision.agent.files import read_json, write_json_atomic
-from provision.checkpoints.remote import Remote, nice_prefix
+from provision.agent.priority import nice_prefix, yield_to_the_job
+from provision.checkpoints.remote import Remote
 from provision.checkpoints.spec import CheckpointSpec
 from provision.checkpoints.upload import Uploader, read_status
 from provision.watch.notify import Notifier
@@ -410,27 +411,6 @@ class Guard:
                     self.uploads_settled.set()
                     return
             self.stopping.wait(self.spec.poll if not ended else min(self.spec.poll * 2, 30))
-
-
-def yield_to_the_job() -> None:
-    """Give the guard, and what it starts, the CPU only when nothing else wants it.
-
-    - Its Unix session at the lowest weight (its autogroup's nice value): with autogroups
-      (Linux's default on most distributions: `kernel.sched_autogroup_enabled`) the scheduler
-      shares the CPU between sessions first, each at the same weight whatever its processes'
-      nice values: the guard, in a session of its own, would get as much CPU as the whole
-      training. Without autogroups the file is absent and nice alone does it.
-    - The `SCHED_IDLE` policy, inherited by its rclone: nice 19 still cost a CPU-bound trainer
-      ~7% on a loaded 2-core machine (bench/README.md), as the scheduler counts a CPU running
-      a nice-19 task as busy and puts the processes it wakes beside the training instead; a
-      CPU running only `SCHED_IDLE` tasks counts as idle, and they yield it at once.
-
-    Both are allowed to any user (they only lower the guard's priority).
-    """
-    with contextlib.suppress(OSError):
-        Path("/proc/self/autogroup").write_text("19", encoding="utf-8")
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def main(workdir: str) -> int:
