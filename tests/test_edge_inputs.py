@@ -101,9 +101,9 @@ def test_status_and_logs_use_box_python(project: Project, box: Box) -> None:
     wrapper = box.home / "py" / "python"
     wrapper.parent.mkdir()
     calls = box.home / "py" / "calls"
-    # Records how it was started (`-c`: the prelude every command sends), then runs python3.
+    # Records how it was started (`-S -c`: the prelude every command sends), then runs python3.
     wrapper.write_text(
-        f'#!/bin/sh\ncase "$1" in -c) echo prelude ;; *) echo "$2" ;; esac >> {calls}\n'
+        f'#!/bin/sh\ncase "$1" in -S) echo prelude ;; *) echo "$2" ;; esac >> {calls}\n'
         'exec python3 "$@"\n'
     )
     wrapper.chmod(0o755)

@@ -23,7 +23,8 @@ def test_following_a_long_run_streams_changes(project: Project, box: Box) -> Non
     wrapper.parent.mkdir()
     wrapper.write_text(
         "#!/bin/bash\n"
-        f'if [ "$1" = -c ]; then python3 "$@" | tee -a {stream}; exit "${{PIPESTATUS[0]}}"; fi\n'
+        # The prelude (python3 -S -c ...): its output is the stream.
+        f'if [ "$1" = -S ]; then python3 "$@" | tee -a {stream}; exit "${{PIPESTATUS[0]}}"; fi\n'
         'exec python3 "$@"\n'
     )
     wrapper.chmod(0o755)

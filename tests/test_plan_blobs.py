@@ -24,7 +24,7 @@ def test_a_large_template_is_sent_only_when_the_box_lacks_it(project: Project, b
     wrapper.parent.mkdir()
     wrapper.write_text(
         "#!/bin/bash\n"
-        'if [ "$1" = -c ]; then\n'
+        'if [ "$1" = -S ]; then\n'  # the prelude: python3 -S -c ...
         f'  f=$(mktemp); cat > "$f"; wc -c < "$f" >> {sizes}\n'
         '  python3 "$@" < "$f"; rc=$?; rm -f "$f"; exit $rc\n'
         "fi\n"
