@@ -141,9 +141,11 @@ class Shaper:
                 if not data:
                     break
                 bucket.take(len(data))
-                dst.sendall(data)
+                # Counted before it is sent: counted after, a client that has read the last
+                # byte could read the counts a chunk short (the test of the link did, under load).
                 with self._count_lock:
                     counter[name] += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
