@@ -8,10 +8,11 @@ Two layers, because either alone leaves the job paying:
   default on most distributions: `kernel.sched_autogroup_enabled`) the scheduler shares the
   CPU between sessions first, each at the same weight whatever its processes' nice values: a
   process in a session of its own would get as much CPU as the whole training, or as the
-  runner's session with the steps still on the way to step 0. And nice 19 alone still cost a
-  CPU-bound trainer ~7% on a loaded 2-core machine (bench/README.md): the scheduler counts a
-  CPU running a nice-19 task as busy and puts the processes it wakes beside the job instead;
-  a CPU running only `SCHED_IDLE` tasks counts as idle, and they yield it at once.
+  runner's session with the steps still on the way to step 0 (without autogroups the file is
+  absent and nice alone does it). And nice 19 alone still cost a CPU-bound trainer ~7% on a
+  loaded 2-core machine (bench/README.md): the scheduler counts a CPU running a nice-19 task
+  as busy and puts the processes it wakes beside the job instead; a CPU running only
+  `SCHED_IDLE` tasks counts as idle, and they yield it at once.
 
 Both are allowed to any user (they only lower priority).
 """
