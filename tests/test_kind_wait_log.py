@@ -450,3 +450,61 @@ def test_bad_log_fail_on_and_ignore_issues_are_rejected() -> None:
     with pytest.raises(ParamError) as err:
         validate_params(KIND, {"log": "/x", "markers": ["a"], "ignore_issues": ["no-such-issue"]})
     assert err.value.key == "ignore_issues"
+
+
+class _Clock:
+    """time.sleep, time.monotonic and time.time of provision.steps.base, without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("grows_after", [None, 3])
+def test_a_log_that_changes_is_read_at_the_next_glance_not_the_next_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grows_after: int | None
+) -> None:
+    """Between polls (1 s growing to `poll`) the log's stat is looked at every GLANCE_S: a
+    marker written meanwhile is seen within a glance, not up to `poll` seconds late."""
+    from provision.steps import base
+
+    clock = _Clock()
+    monkeypatch.setattr(base.time, "sleep", clock.sleep)
+    monkeypatch.setattr(base.time, "monotonic", clock.monotonic)
+    ctx = StepContext(step_id="w", params={}, run_dir=tmp_path, poll=10, deadline=None)
+    probes: list[float] = []
+    looks = iter(range(1, 1000))
+
+    def probe() -> str | None:
+        probes.append(clock.now)
+        return "seen" if len(probes) == 2 else None
+
+    def changed() -> bool:
+        return next(looks) == grows_after
+
+    assert ctx.wait_until(probe, "a marker", changed if grows_after else None) == "seen"
+    waited = probes[1] - probes[0]
+    if grows_after is None:
+        assert clock.sleeps == [1.0] and waited == 1.0  # no stat to look at: the poll's pace
+    else:
+        assert clock.sleeps == [base.GLANCE_S] * 3 and waited == 3 * base.GLANCE_S
+
+
+def test_changed_is_true_once_per_change_of_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    watch = wait_log._Watch(log, wait_log.Tracker(wait_log.parse_spec(["x"])), tmp_path)
+    assert watch.changed() is False  # absent, as at the start
+    log.write_text("one\n")
+    assert watch.changed() is True and watch.changed() is False
+    with open(log, "a") as fh:
+        fh.write("two\n")
+    assert watch.changed() is True and watch.changed() is False
+    log.unlink()
+    assert watch.changed() is True

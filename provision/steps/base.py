@@ -45,6 +45,8 @@ PARAM_TYPES = ("str", "path", "int", "float", "bool", "list", "dict", "any")
 
 #: No polling interval anywhere may exceed this many seconds (DESIGN.md).
 MAX_POLL_S = 30.0
+#: Between the polls of `wait_until`, how often its cheap `changed` test is looked at.
+GLANCE_S = 0.25
 #: `StepContext.sh` reads its command's output this many bytes at a time...
 SH_CHUNK = 64 * 1024
 #: ...and keeps this many characters of its end, for the last line in an error.
@@ -362,9 +364,17 @@ class StepContext:
         warnings.append(message)
         write_json_atomic(path, warnings)
 
-    def wait_until(self, probe: Callable[[], T | None], what: str) -> T:
+    def wait_until(
+        self,
+        probe: Callable[[], T | None],
+        what: str,
+        changed: Callable[[], bool] | None = None,
+    ) -> T:
         """Poll `probe` until it returns a value, adaptively from 1 s up to `poll` seconds.
 
+        `changed`, when given, is a cheap test (a stat) of whether the probe could find
+        something new: it is looked at every GLANCE_S between polls, and the probe runs at
+        once when it says so (a marker is seen within a glance, not up to `poll` late).
         Raises StepFailed when the step's deadline comes first.
         """
         interval = 1.0
@@ -375,5 +385,17 @@ class StepContext:
                 return value
             if self.deadline is not None and time.time() + interval >= self.deadline:
                 raise StepFailed(f"timed out waiting for {what}")
-            time.sleep(interval)
+            _sleep_unless(changed, interval)
             interval = min(interval * 1.5, ceiling)
+
+
+def _sleep_unless(changed: Callable[[], bool] | None, seconds: float) -> None:
+    """Sleep `seconds`, or until `changed()` says so (looked at every GLANCE_S)."""
+    if changed is None:
+        time.sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(GLANCE_S, left))
+        if changed():
+            return

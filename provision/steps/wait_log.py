@@ -51,8 +51,10 @@ the marker, when:
 - the job launched by `tmux_launch` logs that it exited before the markers are all seen;
 - the step's `timeout` passes (one hour without one), naming the markers still missing.
 
-The log is read incrementally, only new bytes each poll (1 s growing to `poll`), following it
-across truncation and rotation like `tail -F`. When `tmux_launch` relaunched a job into the same
+The log is read incrementally, only new bytes each poll (1 s growing to `poll`, and at once when
+a look at its size and inode, every 0.25 s, finds it changed: step 0 is seen within a quarter of
+a second, not up to `poll` seconds late), following it across truncation and rotation like
+`tail -F`. When `tmux_launch` relaunched a job into the same
 log, only the latest launch counts: reading starts at its `[bootstrap] job … started` line.
 Progress shows markers seen of all and the values captured; `markers.json` in the step's
 directory records them. `check_text` applies the same rules to a finished log offline
@@ -500,7 +502,7 @@ class WaitLog(Kind):
         started = time.monotonic()
         watch.report(ctx)
         try:
-            ctx.wait_until(lambda: watch.poll(ctx), f"markers in {log}")
+            ctx.wait_until(lambda: watch.poll(ctx), f"markers in {log}", watch.changed)
         except StepFailed as exc:
             if tracker.failed:
                 raise
@@ -613,10 +615,24 @@ class _Watch:
     ident: tuple[int, int] | None = None
     digest: str = ""
     last_line: str = ""
+    #: The log's (dev, inode, size, mtime) at the last `changed` (None: absent).
+    seen: tuple[int, ...] | None = None
     follower: _Follower = field(init=False)
 
     def __post_init__(self) -> None:
         self.follower = _Follower(self.log)
+
+    def changed(self) -> bool:
+        """Whether the log is another file, or another size, than at the last look (a stat)."""
+        try:
+            st = os.stat(self.log)
+            seen: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        if seen == self.seen:
+            return False
+        self.seen = seen
+        return True
 
     def poll(self, ctx: StepContext) -> bool | None:
         """Read what is new; True when every marker is seen, None to poll again."""
