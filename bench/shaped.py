@@ -425,7 +425,8 @@ def controller_env(w: World, name: str) -> dict[str, str]:
         subprocess.run([sys.executable, "-c", code], env=warm, check=True)
         package = str(harness.ROOT / "provision")
         subprocess.run([sys.executable, "-m", "compileall", "-q", package], env=warm, check=True)
-    shutil.copytree(built / "agent-cache", Path(env["BOOTSTRAP_CONFIG_DIR"]) / "agent-cache")
+    mine = Path(env["BOOTSTRAP_CONFIG_DIR"]) / "agent-cache"
+    shutil.copytree(built / "agent-cache", mine, dirs_exist_ok=True)
     return env
 
 

@@ -171,16 +171,16 @@ class Runner:
         ready: list[str] = []
         busy = 0
 
-        def decide(step_id: str, rerun: frozenset[str]) -> None:
+        def decide(step_id: str, rerun: set[str]) -> None:
             try:
-                answers.put((step_id, self.decide(step_id, set(rerun))))
+                answers.put((step_id, self.decide(step_id, rerun)))
             except BaseException as exc:  # raised again by the caller's thread
                 answers.put((step_id, exc))
 
         while sorter.is_active():
             ready.extend(sorter.get_ready())
             while ready and busy < self.max_parallel:
-                args = (ready.pop(0), frozenset(will_run))
+                args = (ready.pop(0), set(will_run))  # a copy: the loop adds to it
                 threading.Thread(target=decide, args=args, daemon=True).start()
                 busy += 1
             step_id, answer = answers.get()
