@@ -173,8 +173,9 @@ def _restore(run: RunDir, step: PlannedStep, ctx: StepContext, kind: Kind) -> di
 
 def _key_only(run: RunDir, step: PlannedStep, ctx: StepContext) -> dict[str, Any]:
     """A cached step that runs without looking in the cache (`rerun`): its key, to save it."""
-    from provision.cache.restore import compute_key, short
+    from provision.cache.restore import compute_key, drop_ahead, short
 
+    drop_ahead(step.to_json())  # fetched ahead before the rerun was asked for: not used
     try:
         key: str | None = compute_key(run.path, step.to_json())
     except OSError as exc:

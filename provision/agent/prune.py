@@ -139,6 +139,12 @@ class Pruner:
     def _done(self, step_id: str, rerun: set[str]) -> bool:
         return self.status(step_id) is StepStatus.DONE and not (set(self.needs[step_id]) & rerun)
 
+    def key_final(self, step_id: str) -> bool:
+        """Whether the cached step's key can be computed now and is the one it will have when
+        it starts: every part of it that comes from its needs is final (provision/agent/
+        ahead.py fetches its entry then)."""
+        return all(self._upstream_ready(n) for n in self._unit_needs(step_id))
+
     def _keyable(self, user: str, left_out: str) -> bool:
         """Whether `user`'s key can be computed now, with `left_out` not run: every part of
         it that comes from its needs is final."""

@@ -34,6 +34,7 @@ from typing import Any
 
 from provision import dag
 from provision.agent import checks, output
+from provision.agent.ahead import Ahead
 from provision.agent.execute import (
     EXIT_ERROR,
     EXIT_NEEDS_PRUNED,
@@ -127,6 +128,17 @@ class Runner:
             lambda sid: bool(sid in self.state.steps and self.state.steps[sid].forced),
             lambda step: step_env(step, self.secrets),
             lambda: self.events.put(("", -1, 0)),  # a lookup ended: dispatch again
+        )
+        self.ahead = Ahead(
+            run.path,
+            self.steps,
+            self.needs,
+            self.prune,
+            self.status,
+            lambda sid: bool(sid in self.state.steps and self.state.steps[sid].forced),
+            lambda step: step_env(step, self.secrets),
+            lambda: self.events.put(("", -1, 0)),  # a fetch ended: dispatch again
+            lambda line: _log(self.redact(line)),
         )
         #: A step left out is needed after all: the pass starts over (its sorter has settled it).
         self.replan = False
@@ -234,6 +246,7 @@ class Runner:
             raise
         finally:
             self.stop_all("runner stopping")
+            self.ahead.end()
             runner.status = RunnerStatus.CRASHED if runner.error else RunnerStatus.IDLE
             runner.ended, runner.pid = time.time(), None
             self.save()
@@ -252,16 +265,13 @@ class Runner:
         verified (provision/watch/run_news.py); a notification never fails the run."""
         from provision.watch.run_news import tell_run_end
 
-        def log(message: str) -> None:
-            print(f"runner: {message}", file=sys.stderr, flush=True)
-
         try:
             tell_run_end(
-                self.run.path, self.plan, self.state, self.secrets, self.python_for, log,
+                self.run.path, self.plan, self.state, self.secrets, self.python_for, _log,
                 self.redact,
             )  # fmt: skip
         except Exception as exc:  # a bug there must not turn a finished run into a crash
-            log(f"notifications failed: {type(exc).__name__}: {exc}")
+            _log(f"notifications failed: {type(exc).__name__}: {exc}")
 
     def save(self) -> None:
         """Write the state. A disk too full even after the reserve was spent must not stop the
@@ -286,7 +296,7 @@ class Runner:
             ready.extend(sorted(new, key=order.__getitem__))
             if self.dispatch(ready, sorter):
                 continue
-            if not self.procs and not self.prune.busy():
+            if not self.procs and not self.prune.busy() and not self.ahead.busy():
                 raise RuntimeError(f"stalled with ready steps {ready}")
             if self.wait(sorter):
                 return True
@@ -295,6 +305,7 @@ class Runner:
     def dispatch(self, ready: list[str], sorter: graphlib.TopologicalSorter[str]) -> bool:
         """Settle or start ready steps; True when some step was settled (new ones may be ready)."""
         settled = False
+        self.ahead.consider(lambda sid: sid in self.started)
         for step_id in list(ready):
             if step_id in self.procs:
                 ready.remove(step_id)  # still running from before a restart: await its exit
@@ -322,8 +333,8 @@ class Runner:
                     self.state.record(step_id).leave_out(why)
                 self.settle(sorter, step_id)
                 settled = True
-            elif verdict == Verdict.HOLD:
-                self.holding[step_id] = decision
+            elif verdict == Verdict.HOLD or self.ahead.fetching(step_id):
+                self.holding[step_id] = decision  # a lookup, or its own fetch ahead, to end
                 continue
             elif len(self.procs) < self.max_parallel:
                 ready.remove(step_id)
@@ -694,6 +705,11 @@ def read_plan(run: RunDir) -> Plan:
         return Plan.from_json(data)
     except ModelError as exc:
         raise RuntimeError(f"{run.plan}: {exc}") from None
+
+
+def _log(message: str) -> None:
+    """One line of the runner's own log (its stderr: `runner.log`)."""
+    print(f"runner: {message}", file=sys.stderr, flush=True)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

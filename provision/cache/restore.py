@@ -10,15 +10,24 @@ and moves the outputs into place. The caller then verifies the
 step exactly as after a run; if that fails, it runs the step.
 
 A miss, an unreachable bucket, a corrupt archive: the step runs, with the reason said.
+
+**Fetched ahead.** The runner may fetch a cached step's entry before the step can start
+(`fetch_ahead`, provision/agent/ahead.py: its key is final while its needs are still being
+restored or run), into a staging directory of its own beside the outputs,
+`.bootstrap-ahead-<step>`, whose marker file (written last, atomically) names the key and the
+entry. The step's `restore` then only puts that copy in place, when the marker's key is the one
+it computes now; any other copy there is removed and the step restores (or runs) as without.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import threading
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,8 @@ from provision.cache.store import Store, StoreError
 #: Where a run keeps what the cache knows about its steps: `steps/<id>/_cache.json`.
 CACHE_FILE = "_cache.json"
 HASHES_FILE = "cache-hashes.json"
+#: In a fetched-ahead staging directory: {key, entry}, written once every archive is in.
+AHEAD_MARKER = ".bootstrap-ahead.json"
 
 
 @dataclass(frozen=True)
@@ -61,14 +72,20 @@ def compute_key(run_dir: Path, step: dict[str, Any]) -> str:
 
 
 def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt:
-    """Compute the key and put the cached outputs in place when the bucket has them."""
+    """Compute the key and put the cached outputs in place when the bucket has them (or when
+    the runner fetched them ahead for this key)."""
     cache = step["cache"]
     try:
         key = compute_key(run_dir, step)
     except OSError as exc:
+        drop_ahead(step)
         return Attempt(None, False, f"cache key unknown ({exc.strerror or exc}): ran")
-    store = Store(cache["remote"], env, cache.get("rclone_config"))
+    outputs = [expand(p) for p in step.get("outputs") or []]
     started = time.monotonic()
+    ahead = take_ahead(step, key)
+    if ahead is not None:
+        return _place_ahead(step, key, ahead, outputs, run_dir / "steps", started)
+    store = Store(cache["remote"], env, cache.get("rclone_config"))
     try:
         entry = store.entry(key)
     except StoreError as exc:
@@ -80,18 +97,124 @@ def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt
         reason = f"cache entry is {entry.get('codec')}, not on this box: ran"
         return Attempt(key, False, reason)
     try:
-        place(store, entry, [expand(p) for p in step.get("outputs") or []], run_dir / "steps")
+        place(store, entry, outputs, run_dir / "steps")
     except (ArchiveError, StoreError, OSError) as exc:
         return Attempt(key, False, f"cached copy unusable ({exc}): ran", found=True)
+    packed = int(entry.get("packed_bytes", 0))
     return Attempt(
         key,
         True,
-        f"restored from cache (key {short(key)}, {human_bytes(int(entry.get('packed_bytes', 0)))} "
+        f"restored from cache (key {short(key)}, {human_bytes(packed)} "
         f"in {time.monotonic() - started:.1f}s)",
         time.monotonic() - started,
-        int(entry.get("packed_bytes", 0)),
+        packed,
         found=True,
     )
+
+
+def _place_ahead(
+    step: dict[str, Any],
+    key: str,
+    entry: dict[str, Any],
+    outputs: list[str],
+    steps_dir: Path,
+    started: float,
+) -> Attempt:
+    staging = ahead_dir(step)
+    try:
+        put_in_place(staging, entry, outputs, steps_dir)
+    except (ArchiveError, OSError) as exc:
+        return Attempt(key, False, f"cached copy unusable ({exc}): ran", found=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    packed = int(entry.get("packed_bytes", 0))
+    return Attempt(
+        key,
+        True,
+        f"restored from cache (key {short(key)}, {human_bytes(packed)} fetched ahead, "
+        f"placed in {time.monotonic() - started:.1f}s)",
+        time.monotonic() - started,
+        packed,
+        found=True,
+    )
+
+
+# ----------------------------------------------------------------------- fetched ahead
+
+
+def ahead_dir(step: dict[str, Any]) -> str:
+    """Where the runner fetches `step`'s entry ahead of it: beside its first output (the
+    same filesystem, so putting it in place is a rename)."""
+    outputs = [expand(p) for p in step.get("outputs") or []]
+    return os.path.join(os.path.dirname(outputs[0]), f".bootstrap-ahead-{step['id']}")
+
+
+def fetch_ahead(
+    run_dir: Path, step: dict[str, Any], env: dict[str, str], stop: threading.Event
+) -> str:
+    """Fetch the entry of `step`'s key into its `ahead_dir` and mark it complete; what
+    happened, in words (a miss, an error: nothing is left there). `stop` set: give up."""
+    staging = ahead_dir(step)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        key = compute_key(run_dir, step)
+        cache = step["cache"]
+        store = Store(cache["remote"], env, cache.get("rclone_config"))
+        entry = store.entry(key)
+        if entry is None:
+            return f"cache miss: key {short(key)}"
+        codec = codec_for(str(entry.get("codec")), env)
+        if codec is None:
+            return f"cache entry is {entry.get('codec')}, not on this box"
+        _check_paths(entry, [expand(p) for p in step.get("outputs") or []])
+        started = time.monotonic()
+        fetch(store, entry, staging, codec, stop)
+        with open(os.path.join(staging, AHEAD_MARKER + ".tmp"), "w", encoding="utf-8") as f:
+            json.dump({"key": key, "entry": entry}, f)
+        os.replace(os.path.join(staging, AHEAD_MARKER + ".tmp"), _marker(staging))
+    except (ArchiveError, StoreError, OSError, Stopped) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        return f"not fetched ahead ({exc})"
+    packed = int(entry.get("packed_bytes", 0))
+    return (
+        f"fetched ahead (key {short(key)}, {human_bytes(packed)} "
+        f"in {time.monotonic() - started:.1f}s)"
+    )
+
+
+def take_ahead(step: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The entry fetched ahead for `key`, complete, in `ahead_dir`; None (and whatever is
+    there removed) when there is none for this key."""
+    if not step.get("outputs"):
+        return None
+    staging = ahead_dir(step)
+    try:
+        with open(_marker(staging), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        marker = None
+    if (
+        isinstance(marker, dict)
+        and marker.get("key") == key
+        and isinstance(marker.get("entry"), dict)
+    ):
+        return dict(marker["entry"])
+    shutil.rmtree(staging, ignore_errors=True)
+    return None
+
+
+def drop_ahead(step: dict[str, Any]) -> None:
+    """Remove what was fetched ahead for `step`, if anything (the run ends without it)."""
+    if step.get("outputs"):
+        shutil.rmtree(ahead_dir(step), ignore_errors=True)
+
+
+def _marker(staging: str) -> str:
+    return os.path.join(staging, AHEAD_MARKER)
+
+
+class Stopped(Exception):
+    """A fetch ahead was told to stop (its runner is ending)."""
 
 
 def preview(run_dir: Path, step: dict[str, Any], env: dict[str, str], will_run: set[str]) -> str:
@@ -115,37 +238,63 @@ def preview(run_dir: Path, step: dict[str, Any], env: dict[str, str], will_run: 
 def place(
     store: Store, entry: dict[str, Any], outputs: list[str], steps_dir: Path | None = None
 ) -> None:
-    """Extract the entry's archive beside the first output and move every path into place.
+    """Fetch the entry's archives into a staging directory beside the first output and
+    `put_in_place` what they hold."""
+    paths = _check_paths(entry, outputs)
+    parent = os.path.dirname(outputs[0]) if outputs else os.path.dirname(paths[0])
+    staging = os.path.join(parent, f".bootstrap-restore-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        codec = codec_for(str(entry["codec"]))
+        assert codec is not None  # checked by the caller
+        fetch(store, entry, staging, codec)
+        put_in_place(staging, entry, outputs, steps_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch(
+    store: Store,
+    entry: dict[str, Any],
+    staging: str,
+    codec: Codec,
+    stop: threading.Event | None = None,
+) -> None:
+    """Download and unpack every archive of the entry into `staging`, each checked against its
+    sha256 (a sharded entry's directories last)."""
+    os.makedirs(staging, exist_ok=True)
+    together, last = archives_of(entry)
+    _unpack_at_once(store, together, staging, codec, stop)
+    _unpack_at_once(store, last, staging, codec, stop)
+
+
+def put_in_place(
+    staging: str, entry: dict[str, Any], outputs: list[str], steps_dir: Path | None = None
+) -> None:
+    """Move every path of the entry from `staging` into place.
 
     Paths the entry adds to the step's outputs (a uv-managed interpreter a venv points at)
     are put in place only where the box has none: that is the same interpreter already. The
     unit's kinds' markers go into this run's step directories (`steps_dir`), wherever the
     saving box kept its own.
     """
+    for path in _check_paths(entry, outputs):
+        staged = os.path.join(staging, path.lstrip("/"))
+        if not os.path.lexists(staged):
+            raise ArchiveError(f"the archive lacks {path}")
+        if path not in outputs and os.path.lexists(path):
+            continue
+        _replace(staged, path)
+    if steps_dir is not None:
+        _place_markers(staging, entry.get("markers") or {}, steps_dir)
+
+
+def _check_paths(entry: dict[str, Any], outputs: list[str]) -> list[str]:
+    """The entry's paths; ArchiveError when they do not hold all the step's outputs."""
     paths = [str(p) for p in entry.get("paths") or []]
     if not paths or not set(outputs) <= set(paths):
         raise ArchiveError("the entry does not hold the step's outputs")
-    parent = os.path.dirname(outputs[0]) if outputs else os.path.dirname(paths[0])
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".bootstrap-restore-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        codec = codec_for(str(entry["codec"]))
-        assert codec is not None  # checked by the caller
-        together, last = archives_of(entry)
-        _unpack_at_once(store, together, staging, codec)
-        _unpack_at_once(store, last, staging, codec)
-        for path in paths:
-            staged = os.path.join(staging, path.lstrip("/"))
-            if not os.path.lexists(staged):
-                raise ArchiveError(f"the archive lacks {path}")
-            if path not in outputs and os.path.lexists(path):
-                continue
-            _replace(staged, path)
-        if steps_dir is not None:
-            _place_markers(staging, entry.get("markers") or {}, steps_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return paths
 
 
 def archives_of(entry: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -164,7 +313,11 @@ def objects_of(entry: dict[str, Any]) -> list[str]:
 
 
 def _unpack_at_once(
-    store: Store, archives: list[dict[str, Any]], staging: str, codec: Codec
+    store: Store,
+    archives: list[dict[str, Any]],
+    staging: str,
+    codec: Codec,
+    stop: threading.Event | None = None,
 ) -> None:
     """Download and unpack `archives` into `staging` side by side (a thread each: the work is
     in rclone, the decompressor and tar); the first failure, once all have ended."""
@@ -172,7 +325,13 @@ def _unpack_at_once(
 
     def one(archive: dict[str, Any]) -> None:
         try:
-            unpack(store.download(str(archive["object"])), staging, codec, str(archive["sha256"]))
+            chunks = store.download(str(archive["object"]))
+            unpack(
+                _until(chunks, stop) if stop is not None else chunks,
+                staging,
+                codec,
+                str(archive["sha256"]),
+            )
         except BaseException as exc:  # re-raised below, in the caller's thread
             errors.append(exc)
 
@@ -185,6 +344,19 @@ def _unpack_at_once(
         thread.join()
     if errors:
         raise errors[0]
+
+
+def _until(chunks: Generator[bytes, None, None], stop: threading.Event) -> Iterator[bytes]:
+    """`chunks`, until `stop` is set (then Stopped: the unpack ends its decompressor and tar,
+    and closing the download ends its rclone)."""
+    try:
+        for chunk in chunks:
+            if stop.is_set():
+                raise Stopped("its runner is ending")
+            yield chunk
+    finally:
+        with contextlib.suppress(StoreError):  # an rclone ended early says so: not the point
+            chunks.close()
 
 
 def _place_markers(staging: str, markers: dict[str, list[str]], steps_dir: Path) -> None:

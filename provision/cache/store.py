@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from provision.checkpoints.remote import _last_error, find_rclone, rclone_path
@@ -120,7 +120,7 @@ class Store:
         """An `rclone rcat` writing what its stdin gets to `rel` (the caller feeds and waits)."""
         return self._popen(["rcat", self.path(rel)], stdin=subprocess.PIPE)
 
-    def download(self, rel: str) -> Iterator[bytes]:
+    def download(self, rel: str) -> Generator[bytes, None, None]:
         """The bytes of object `rel`, streamed; raises StoreError at the end when rclone
         failed (then the chunks were short: the archive's hash check catches it first)."""
         proc = self._popen(["cat", self.path(rel)], stdin=subprocess.DEVNULL)
