@@ -222,3 +222,63 @@ def test_only_a_complete_copy_for_the_very_key_is_taken(tmp_path: Path) -> None:
     staging.mkdir()
     (staging / restore.AHEAD_MARKER).write_text(json.dumps({"key": "k1", "entry": entry}))
     assert restore.take_ahead(step, "k1") == entry and staging.exists()
+
+
+YIELD_PLAYBOOK = """\
+name: aheadyield
+cache: {{remote: "{bucket}"}}
+steps:
+  - id: venv
+    kind: shell
+    run: mkdir -p {sh}/venv
+    outputs: ["{sh}/venv"]
+    cache: true
+  - id: lockfile
+    kind: shell
+    run: echo v1 > {sh}/lock
+  - id: keyed-on-a-file
+    kind: shell
+    needs: [lockfile]
+    run: mkdir -p {sh}/k
+    outputs: ["{sh}/k"]
+    cache: {{inputs: ["{sh}/lock"]}}
+  - id: convert
+    kind: shell
+    needs: [venv]
+    run: mkdir -p {sh}/out
+    outputs: ["{sh}/out"]
+    cache: true
+"""
+
+
+def test_a_fetch_ahead_waits_for_the_link_while_a_cached_step_upstream_receives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """convert's key is final at once (venv's key needs nothing); its fetch starts only once
+    venv's restore says its bytes are all in. A step keyed on a file is never a candidate."""
+    monkeypatch.setenv("BOOTSTRAP_AGENT_DIR", str(tmp_path / "agent"))
+    sh = tmp_path / "shared"
+    sh.mkdir()
+    book = tmp_path / "book.yaml"
+    book.write_text(YIELD_PLAYBOOK.format(sh=sh, bucket=tmp_path / "bucket"))
+    plan = resolve(load_playbook(book), Inventory(), Host(name="local", connection="local"))
+    run = RunDir("yield")
+    run.make()
+    runner = Runner(run, plan=plan, secrets={})
+    assert runner.ahead.candidates == ["venv", "convert"]
+    fetched: list[str] = []
+    monkeypatch.setattr(runner.ahead, "_start", fetched.append)
+    runner.mark_done("tool-rclone", "rclone is there")  # bootstrap's own step, needed by all
+    runner.state.record("venv").begin_attempt(1, "never ran", time.time())
+    progress = run.step_dir("venv") / "_progress.json"
+    run.step_dir("venv").mkdir(parents=True, exist_ok=True)
+
+    def consider() -> list[str]:
+        runner.ahead.consider(lambda sid: sid == "venv")
+        return fetched
+
+    assert consider() == [], "venv has not said anything yet: its restore is about to begin"
+    progress.write_text(json.dumps({"message": restore.RECEIVING, "done": 5, "total": 9}))
+    assert consider() == []
+    progress.write_text(json.dumps({"message": restore.RECEIVING, "done": 9, "total": 9}))
+    assert consider() == ["convert"]

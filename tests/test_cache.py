@@ -290,10 +290,15 @@ def test_save_then_restore_through_a_local_remote(tmp_path: Path) -> None:
     assert _save(run, step) == "present"
     # "Another box": the outputs are gone, the run directory is new.
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    attempt = restore(tmp_path / "run2", step, dict(os.environ))
+    heard: list[tuple[int, int]] = []
+    attempt = restore(
+        tmp_path / "run2", step, dict(os.environ), lambda d, t, _s: heard.append((d, t))
+    )
     assert attempt.restored, attempt.reason
     assert attempt.reason.startswith("restored from cache (key ")
     assert _listing(out) == before
+    # The progress ends with every byte of the entry in (status's bar; the fetches ahead).
+    assert heard and heard[-1] == (entry["packed_bytes"], entry["packed_bytes"]), heard
     assert not list(tmp_path.glob(".bootstrap-restore-*")), "the staging directory is removed"
 
 

@@ -11,6 +11,10 @@ fetch_ahead`: every archive checked against its sha256, a marker written last). 
 starts, its `agent exec` finds the copy for the key it computes and only puts it in place,
 then verifies it as always (a restored step is verified like a run one).
 
+The fetch waits for the link while a cached step upstream is receiving its own archives
+(its restore's progress says so, or it has not said anything yet): that step is on the way to
+this one, and bytes shared with it would only delay it; the fetch then overlaps that step's
+unpacking and verification (a venv's imports: seconds on which the link idles) instead.
 A step whose fetch is still going when it becomes ready is held until the fetch ends (sooner
 than a download of its own that starts then). A miss or a failed fetch leaves nothing: the step
 restores or runs as without. Not fetched ahead: a step done on this box before (it is most
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
-from provision.agent.prune import Pruner
+from provision import dag
+from provision.agent.files import read_json
+from provision.agent.prune import Pruner, cache_inputs
+from provision.agent.state import RunDir
 from provision.model import PlannedStep, StepStatus
 
 
@@ -40,7 +46,7 @@ class Ahead:
 
     def __init__(
         self,
-        run_dir: Path,
+        run: RunDir,
         steps: dict[str, PlannedStep],
         needs: dict[str, list[str]],
         pruner: Pruner,
@@ -50,10 +56,14 @@ class Ahead:
         wake: Callable[[], None],
         log: Callable[[str], None],
     ) -> None:
-        self.run_dir, self.steps, self.needs, self.pruner = run_dir, steps, needs, pruner
+        self.run, self.steps, self.needs, self.pruner = run, steps, needs, pruner
         self.status, self.forced, self.env, self.wake = status, forced, env, wake
         self.log = log
-        self.candidates = [s for s in needs if steps[s].cache and steps[s].outputs]
+        # A step keyed on files (`inputs:`, a lock file its needs write) has its key only once
+        # its needs are done, and then it starts: nothing to fetch ahead of it.
+        self.candidates = [
+            s for s in needs if steps[s].cache and steps[s].outputs and not cache_inputs(steps[s])
+        ]
         self.fetches: dict[str, threading.Thread] = {}
         self.stop = threading.Event()
 
@@ -92,7 +102,22 @@ class Ahead:
             and not any(self.status(n).bad for n in needs)
             and not all(self.status(n) is StepStatus.DONE for n in needs)
             and self.pruner.key_final(step_id)
+            and not self._receiving_upstream(step_id)
         )
+
+    def _receiving_upstream(self, step_id: str) -> bool:
+        """Whether a cached step upstream runs and its archives' bytes are not all in yet."""
+        from provision.cache.restore import RECEIVING
+
+        for up in dag.upstream(self.needs, [step_id]) - {step_id}:
+            if not self.steps[up].cache or self.status(up) is not StepStatus.RUNNING:
+                continue
+            said = read_json(self.run.step_dir(up) / "_progress.json", None)
+            if not isinstance(said, dict):
+                return True  # its restore has not begun (or it missed and runs: then wait)
+            if said.get("message") == RECEIVING and said.get("done", 0) < said.get("total", 0):
+                return True
+        return False
 
     def _start(self, step_id: str) -> None:
         thread = threading.Thread(
@@ -106,7 +131,7 @@ class Ahead:
 
         step = self.steps[step_id]
         try:
-            said = fetch_ahead(self.run_dir, step.to_json(), self.env(step), self.stop)
+            said = fetch_ahead(self.run.path, step.to_json(), self.env(step), self.stop)
         except Exception as exc:  # a bug here must not cost the step its normal restore
             said = f"not fetched ahead ({type(exc).__name__}: {exc})"
         self.log(f"{step_id}: {said}")

@@ -151,9 +151,12 @@ def _restore(run: RunDir, step: PlannedStep, ctx: StepContext, kind: Kind) -> di
 
     Not restored (a miss, an unusable copy, a failed verification): the reason says why, and
     the step runs."""
-    from provision.cache.restore import restore
+    from provision.cache.restore import RECEIVING, restore
 
-    attempt = restore(run.path, step.to_json(), ctx.env)
+    def report(done: int, total: int, speed: float) -> None:
+        ctx.progress(done=done, total=total or None, unit="B", speed=speed, message=RECEIVING)
+
+    attempt = restore(run.path, step.to_json(), ctx.env, report)
     restored, reason = attempt.restored, attempt.reason
     # An entry that is there but unusable is replaced by what this run makes.
     replace = attempt.found

@@ -96,7 +96,7 @@ class Pruner:
             # A dependent's `inputs` may be what this step writes (av-override edits the
             # pyproject.toml uv-sync is keyed on): its key would then need this step run.
             and all(
-                u.cache and not _inputs(u) and step_id not in (u.cache.get("with") or [])
+                u.cache and not cache_inputs(u) and step_id not in (u.cache.get("with") or [])
                 for u in users
             )
         )
@@ -214,7 +214,7 @@ class Pruner:
         ]
 
 
-def _inputs(step: PlannedStep) -> list[str]:
+def cache_inputs(step: PlannedStep) -> list[str]:
     """The files a cached step is keyed on (its node of its key graph: cache/plan.py)."""
     node = ((step.cache or {}).get("graph") or {}).get(step.id) or {}
     return list((node.get("cache") or {}).get("inputs") or [])

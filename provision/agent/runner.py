@@ -130,7 +130,7 @@ class Runner:
             lambda: self.events.put(("", -1, 0)),  # a lookup ended: dispatch again
         )
         self.ahead = Ahead(
-            run.path,
+            run,
             self.steps,
             self.needs,
             self.prune,

@@ -27,7 +27,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,14 @@ CACHE_FILE = "_cache.json"
 HASHES_FILE = "cache-hashes.json"
 #: In a fetched-ahead staging directory: {key, entry}, written once every archive is in.
 AHEAD_MARKER = ".bootstrap-ahead.json"
+#: A restore's progress message while its archives' bytes arrive (`status` shows the bar; the
+#: runner's fetches ahead wait for the link until the bytes are in: provision/agent/ahead.py).
+RECEIVING = "receiving from the step cache"
+#: Seconds between two progress reports of a restore.
+REPORT_S = 0.5
+
+#: A restore's progress: (bytes received, bytes in all, bytes per second).
+Report = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,11 @@ def compute_key(run_dir: Path, step: dict[str, Any]) -> str:
         probe.save()
 
 
-def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt:
+def restore(
+    run_dir: Path, step: dict[str, Any], env: dict[str, str], report: Report | None = None
+) -> Attempt:
     """Compute the key and put the cached outputs in place when the bucket has them (or when
-    the runner fetched them ahead for this key)."""
+    the runner fetched them ahead for this key); `report` hears how the bytes arrive."""
     cache = step["cache"]
     try:
         key = compute_key(run_dir, step)
@@ -97,7 +107,7 @@ def restore(run_dir: Path, step: dict[str, Any], env: dict[str, str]) -> Attempt
         reason = f"cache entry is {entry.get('codec')}, not on this box: ran"
         return Attempt(key, False, reason)
     try:
-        place(store, entry, outputs, run_dir / "steps")
+        place(store, entry, outputs, run_dir / "steps", report)
     except (ArchiveError, StoreError, OSError) as exc:
         return Attempt(key, False, f"cached copy unusable ({exc}): ran", found=True)
     packed = int(entry.get("packed_bytes", 0))
@@ -168,7 +178,7 @@ def fetch_ahead(
             return f"cache entry is {entry.get('codec')}, not on this box"
         _check_paths(entry, [expand(p) for p in step.get("outputs") or []])
         started = time.monotonic()
-        fetch(store, entry, staging, codec, stop)
+        fetch(store, entry, staging, codec, Meter(0, stop=stop))
         with open(os.path.join(staging, AHEAD_MARKER + ".tmp"), "w", encoding="utf-8") as f:
             json.dump({"key": key, "entry": entry}, f)
         os.replace(os.path.join(staging, AHEAD_MARKER + ".tmp"), _marker(staging))
@@ -236,7 +246,11 @@ def preview(run_dir: Path, step: dict[str, Any], env: dict[str, str], will_run: 
 
 
 def place(
-    store: Store, entry: dict[str, Any], outputs: list[str], steps_dir: Path | None = None
+    store: Store,
+    entry: dict[str, Any],
+    outputs: list[str],
+    steps_dir: Path | None = None,
+    report: Report | None = None,
 ) -> None:
     """Fetch the entry's archives into a staging directory beside the first output and
     `put_in_place` what they hold."""
@@ -247,25 +261,58 @@ def place(
     try:
         codec = codec_for(str(entry["codec"]))
         assert codec is not None  # checked by the caller
-        fetch(store, entry, staging, codec)
+        fetch(store, entry, staging, codec, Meter(int(entry.get("packed_bytes", 0)), report))
         put_in_place(staging, entry, outputs, steps_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def fetch(
-    store: Store,
-    entry: dict[str, Any],
-    staging: str,
-    codec: Codec,
-    stop: threading.Event | None = None,
+    store: Store, entry: dict[str, Any], staging: str, codec: Codec, meter: Meter | None = None
 ) -> None:
     """Download and unpack every archive of the entry into `staging`, each checked against its
-    sha256 (a sharded entry's directories last)."""
+    sha256 (a sharded entry's directories last), the bytes counted by `meter`."""
     os.makedirs(staging, exist_ok=True)
     together, last = archives_of(entry)
-    _unpack_at_once(store, together, staging, codec, stop)
-    _unpack_at_once(store, last, staging, codec, stop)
+    meter = meter or Meter(0)
+    _unpack_at_once(store, together, staging, codec, meter)
+    _unpack_at_once(store, last, staging, codec, meter)
+
+
+class Meter:
+    """The bytes of an entry's archives as they arrive (threads: one per archive): told to
+    `report` at most every REPORT_S and when all are in; with `stop` set, the next chunk
+    raises Stopped (the unpack then ends its decompressor and tar, and closing the download
+    ends its rclone)."""
+
+    def __init__(
+        self, total: int, report: Report | None = None, stop: threading.Event | None = None
+    ) -> None:
+        self.total, self.report, self.stop = total, report, stop
+        self.done = 0
+        self.started = self.reported = time.monotonic()
+        self.lock = threading.Lock()
+
+    def chunks(self, source: Generator[bytes, None, None]) -> Iterator[bytes]:
+        """`source`'s chunks, counted."""
+        try:
+            for chunk in source:
+                if self.stop is not None and self.stop.is_set():
+                    raise Stopped("its runner is ending")
+                self._add(len(chunk))
+                yield chunk
+        finally:
+            with contextlib.suppress(StoreError):  # an rclone ended early says so: not the point
+                source.close()
+
+    def _add(self, size: int) -> None:
+        with self.lock:
+            self.done += size
+            now = time.monotonic()
+            if self.report is None or (now - self.reported < REPORT_S and self.done < self.total):
+                return
+            self.reported = now
+            self.report(self.done, self.total, self.done / max(now - self.started, 1e-3))
 
 
 def put_in_place(
@@ -313,11 +360,7 @@ def objects_of(entry: dict[str, Any]) -> list[str]:
 
 
 def _unpack_at_once(
-    store: Store,
-    archives: list[dict[str, Any]],
-    staging: str,
-    codec: Codec,
-    stop: threading.Event | None = None,
+    store: Store, archives: list[dict[str, Any]], staging: str, codec: Codec, meter: Meter
 ) -> None:
     """Download and unpack `archives` into `staging` side by side (a thread each: the work is
     in rclone, the decompressor and tar); the first failure, once all have ended."""
@@ -325,13 +368,8 @@ def _unpack_at_once(
 
     def one(archive: dict[str, Any]) -> None:
         try:
-            chunks = store.download(str(archive["object"]))
-            unpack(
-                _until(chunks, stop) if stop is not None else chunks,
-                staging,
-                codec,
-                str(archive["sha256"]),
-            )
+            chunks = meter.chunks(store.download(str(archive["object"])))
+            unpack(chunks, staging, codec, str(archive["sha256"]))
         except BaseException as exc:  # re-raised below, in the caller's thread
             errors.append(exc)
 
@@ -344,19 +382,6 @@ def _unpack_at_once(
         thread.join()
     if errors:
         raise errors[0]
-
-
-def _until(chunks: Generator[bytes, None, None], stop: threading.Event) -> Iterator[bytes]:
-    """`chunks`, until `stop` is set (then Stopped: the unpack ends its decompressor and tar,
-    and closing the download ends its rclone)."""
-    try:
-        for chunk in chunks:
-            if stop.is_set():
-                raise Stopped("its runner is ending")
-            yield chunk
-    finally:
-        with contextlib.suppress(StoreError):  # an rclone ended early says so: not the point
-            chunks.close()
 
 
 def _place_markers(staging: str, markers: dict[str, list[str]], steps_dir: Path) -> None:
