@@ -269,14 +269,15 @@ def test_a_fetch_ahead_waits_for_the_link_while_a_cached_step_upstream_receives(
     fetched: list[str] = []
     monkeypatch.setattr(runner.ahead, "_start", fetched.append)
     runner.mark_done("tool-rclone", "rclone is there")  # bootstrap's own step, needed by all
-    runner.state.record("venv").begin_attempt(1, "never ran", time.time())
-    progress = run.step_dir("venv") / "_progress.json"
-    run.step_dir("venv").mkdir(parents=True, exist_ok=True)
 
     def consider() -> list[str]:
         runner.ahead.consider(lambda sid: sid == "venv")
         return fetched
 
+    assert consider() == [], "venv is about to start: its restore comes first"
+    runner.state.record("venv").begin_attempt(1, "never ran", time.time())
+    progress = run.step_dir("venv") / "_progress.json"
+    run.step_dir("venv").mkdir(parents=True, exist_ok=True)
     assert consider() == [], "venv has not said anything yet: its restore is about to begin"
     progress.write_text(json.dumps({"message": restore.RECEIVING, "done": 5, "total": 9}))
     assert consider() == []

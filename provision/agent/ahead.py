@@ -106,12 +106,15 @@ class Ahead:
         )
 
     def _receiving_upstream(self, step_id: str) -> bool:
-        """Whether a cached step upstream runs and its archives' bytes are not all in yet."""
+        """Whether a cached step upstream is to start or runs, and its archives' bytes are not
+        all in yet (one not started yet: its needs are done, as `key_final` asked)."""
         from provision.cache.restore import RECEIVING
 
         for up in dag.upstream(self.needs, [step_id]) - {step_id}:
-            if not self.steps[up].cache or self.status(up) is not StepStatus.RUNNING:
+            if not self.steps[up].cache or self.status(up) is StepStatus.DONE:
                 continue
+            if self.status(up) is not StepStatus.RUNNING:
+                return True
             said = read_json(self.run.step_dir(up) / "_progress.json", None)
             if not isinstance(said, dict):
                 return True  # its restore has not begun (or it missed and runs: then wait)
