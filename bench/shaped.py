@@ -256,9 +256,17 @@ class CpuParts:
         convert = [python, "examples/convert_jax_model_to_pytorch.py", "--checkpoint_dir",
                    str(self.ckpt), "--config_name", "pi05_libero", "--output_path",
                    str(self.scratch / "model"), "--passes", str(CONVERT_PASSES)]  # fmt: skip
+        # The checks a step's verification runs on the venv (the playbook's verify_imports,
+        # the extra's and the patch's verify): one python each, as the steps start them.
+        imports = [python, "-c", "import jax, numpy, transformers"]
+        extra_imports = [python, "-c", "import cv2, polars"]
+        patch_import = [python, "-c", "import transformers.models.siglip"]
         return {
             "venv": self._run(self.sync, "uv sync from a warm cache"),
+            "verify": self._run(imports, "the venv's verification imports"),
+            "patch": self._run(patch_import, "the patch's verification import"),
             "extra": self._run(self.extra, "uv pip install from a warm cache"),
+            "verify_extra": self._run(extra_imports, "the extra's verification imports"),
             "convert": self._run(convert, "the conversion stand-in"),
             "launch": _until_step0(
                 python, self.repo, self.scratch / "model" / "model.safetensors", self.stats
@@ -292,34 +300,42 @@ def cold_limit(payload: dict[str, int], rate: float, cpu: dict[str, float]) -> d
     """The earliest step 0 a perfect schedule could reach on a fresh box with nothing cached.
 
     The link carries every byte at `rate` at best; the venv is usable `venv` seconds after its
-    last wheel arrived (uv links after downloading); the extra install links after its bytes
-    and the venv; the conversion needs the venv and the checkpoint; the trainer needs all.
-    Everything else (unpacking while downloading, statistics, checks) is taken to overlap."""
+    last wheel arrived (uv links after downloading) and its verification imports (`verify`:
+    nothing may use a venv before it is verified); the extra install links after its bytes
+    and the venv, and is verified; the conversion needs the venv, the patch (its verification
+    import) and the checkpoint; the trainer needs all. Everything else (unpacking while
+    downloading, statistics, cheap checks) is taken to overlap."""
     bw = rate * MB
     sync, extra, ckpt = payload["uv-sync"], payload["extra"], payload["ckpt"]
     everything = sum(payload.values()) / bw
-    venv = sync / bw + cpu["venv"]
-    extra_done = max(venv, (sync + extra) / bw) + cpu["extra"]
-    convert_done = max(venv, (sync + ckpt) / bw) + cpu["convert"]
+    venv = sync / bw + cpu["venv"] + cpu["verify"]
+    extra_done = max(venv, (sync + extra) / bw) + cpu["extra"] + cpu["verify_extra"]
+    convert_done = max(venv + cpu["patch"], (sync + ckpt) / bw) + cpu["convert"]
     ready = max(everything, extra_done, convert_done)
     return {"link": everything, "ready": ready, "limit": ready + cpu["launch"]}
 
 
 def warm_limit(
-    payload: dict[str, int], restore: dict[str, tuple[int, float]], rate: float, launch: float
+    payload: dict[str, int],
+    restore: dict[str, tuple[int, float]],
+    rate: float,
+    cpu: dict[str, float],
 ) -> dict[str, float]:
     """The earliest step 0 on a fresh box whose cache holds the round's archives: every
     archive and the uncached download the trainer needs (the data) cross the link; the
     checkpoint does not (only the cached conversion needs it: the box leaves it out,
     provision/agent/prune.py); a restore unpacks while it downloads (streamed), so each archive
-    is ready after the longer of its transfer and its unpacking measured alone; the trainer
-    needs all."""
+    is ready after the longer of its transfer and its unpacking measured alone; the restored
+    venv is verified like a synced one (`verify`, its imports) before anything uses it; the
+    trainer needs all."""
     bw = rate * MB
     archives = sum(size for size, _ in restore.values())
     everything = (archives + payload["data"]) / bw
-    chains = [max(size / bw, seconds) for size, seconds in restore.values()]
-    ready = max([everything, *chains])
-    return {"link": everything, "ready": ready, "limit": ready + launch}
+    chains = {step: max(size / bw, seconds) for step, (size, seconds) in restore.items()}
+    if "uv-sync" in chains:
+        chains["uv-sync"] += cpu["verify"]
+    ready = max([everything, *chains.values()])
+    return {"link": everything, "ready": ready, "limit": ready + cpu["launch"]}
 
 
 # ------------------------------------------------------------------ one scenario on a fresh box
@@ -489,15 +505,13 @@ def report(rounds: list[Round], payload: dict[str, int], rate: float, loads: lis
         + ", ".join(f"{k} {v / MB:.0f} MB" for k, v in payload.items())
         + f"; {total / MB:.0f} MB = {total / rate / MB:.1f} s at {rate:g} MB/s"
     )
-    for name in ("venv", "extra", "convert", "launch"):
+    for name in CPU_LABELS:
         values = [r.cpu[name] for r in rounds]
         print(f"  CPU alone, {CPU_LABELS[name]:<44} {_spread(values)}")
     limits = [cold_limit(payload, rate, r.cpu)["limit"] for r in rounds]
     print(f"  cold limit (bytes / bandwidth + the CPU after them)  {_spread(limits)}")
     warm_rounds = [r for r in rounds if r.restore and "warm" in r.results]
-    warm_limits = [
-        warm_limit(payload, r.restore, rate, r.cpu["launch"])["limit"] for r in warm_rounds
-    ]
+    warm_limits = [warm_limit(payload, r.restore, rate, r.cpu)["limit"] for r in warm_rounds]
     for step in sorted({s for r in warm_rounds for s in r.restore}):
         sizes = [r.restore[step][0] / MB for r in warm_rounds if step in r.restore]
         unpack = [r.restore[step][1] for r in warm_rounds if step in r.restore]
@@ -582,7 +596,10 @@ LABELS = {
 }
 CPU_LABELS = {
     "venv": "uv sync into a fresh venv, warm uv cache",
+    "verify": "the venv's verification imports",
+    "patch": "the patch's verification import",
     "extra": "the extra install, warm uv cache",
+    "verify_extra": "the extra's verification imports",
     "convert": "the conversion",
     "launch": "the trainer, start to step 0",
 }
