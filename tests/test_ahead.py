@@ -35,7 +35,14 @@ cache: {{remote: "{bucket}"}}
 steps:
   - id: prep
     kind: shell
-    run: sleep 2 && echo prep >> {sh}/count-prep && test ! -e {sh}/fail-prep
+    run: |
+      sleep 2 && echo prep >> {sh}/count-prep
+      if [ -e {sh}/fail-prep ]; then  # fail once convert's copy is complete (however slow)
+        for i in $(seq 300); do
+          [ -e {sh}/.bootstrap-ahead-convert/.bootstrap-ahead.json ] && break; sleep 0.1
+        done
+        exit 1
+      fi
   - id: convert
     kind: shell
     needs: [prep]
