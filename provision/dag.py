@@ -91,3 +91,23 @@ def critical_path(
         path.append(cursor)
         cursor = best_prev[cursor]
     return list(reversed(path)), finish[end]
+
+
+def slack(needs: Mapping[str, Iterable[str]], duration: Mapping[str, float]) -> dict[str, float]:
+    """Each step's total float (the critical path method): how many seconds it can start later
+    than it could without making the whole graph end later; 0 on the critical path. Missing
+    durations count 0."""
+    order = topo_order(needs)
+    earliest: dict[str, float] = {}  # earliest start
+    for node in order:
+        earliest[node] = max(
+            (earliest[d] + float(duration.get(d) or 0.0) for d in needs.get(node, ())),
+            default=0.0,
+        )
+    end = max((earliest[n] + float(duration.get(n) or 0.0) for n in order), default=0.0)
+    after = dependents(needs)
+    latest: dict[str, float] = {}  # latest start
+    for node in reversed(order):
+        finish = min((latest[d] for d in after.get(node, ())), default=end)
+        latest[node] = finish - float(duration.get(node) or 0.0)
+    return {node: max(0.0, latest[node] - earliest[node]) for node in order}

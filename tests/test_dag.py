@@ -62,3 +62,13 @@ def test_critical_path_is_the_longest_chain_by_estimate() -> None:
     path, total = dag.critical_path(NEEDS, {"docs": 200, "build": 1})
     assert (path, total) == (["docs"], 200)
     assert dag.critical_path({}, {}) == ([], 0.0)
+
+
+def test_slack_is_zero_on_the_critical_path_and_the_spare_seconds_elsewhere() -> None:
+    estimate = {"fetch": 10, "build": 100, "lint": 5, "test": 20, "ship": 1, "docs": 120}
+    # The end is at 131 s (fetch, build, test, ship); lint may end as late as build (110 s),
+    # docs as late as the end.
+    assert dag.slack(NEEDS, estimate) == {
+        "fetch": 0.0, "docs": 11.0, "build": 0.0, "lint": 95.0, "test": 0.0, "ship": 0.0,
+    }  # fmt: skip
+    assert dag.slack({}, {}) == {}

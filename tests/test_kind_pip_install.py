@@ -77,7 +77,7 @@ def test_install_verifies_versions_and_expressions_then_is_done(
     assert "+ tinypkg==1.0" in log
     assert 'verified: tinypkg.__version__ == "1.0"' in log
     progress = json.loads((ctx.workdir / "_progress.json").read_text())
-    assert progress["message"] == "installed 2 packages"
+    assert progress["message"] == "installed 2 packages" and progress["received"] is True
     check = KIND.check(ctx)
     assert check.done, check.reason
     assert check.reason == "installed: tinypkg==1.0, odd.name==3.0"

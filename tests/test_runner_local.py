@@ -306,3 +306,64 @@ def test_a_state_killed_under_the_previous_version_is_recovered(agent_dir: Path)
     assert "=== long: attempt 1 (last attempt interrupted) ===" in _log("long")
     save_state(run, runner.state)
     assert load_state(run).damage is None
+
+
+def _link_steps(tmp_path: Path, *, estimates: bool = True) -> list[PlannedStep]:
+    """y and then z are the critical path (10 s estimated), x has 9 s of slack; y says its
+    bytes are in after 0.5 s and ends 1.5 s later (the runner looks every 0.5 s). Shell steps stand in for downloads: the test
+    makes the shell kind a receiving one in the runner."""
+    progress = RunDir("t").step_dir("y") / "_progress.json"
+    said = tmp_path / "y.received"
+    y = (
+        f"sleep 0.5; printf '%s' '{{\"received\": true}}' > {progress}; "
+        f"date +%s.%N > {said}; sleep 1.5"
+    )
+    return [
+        _shell("y", y, estimate=5),
+        _shell("z", "true", needs=["y"], estimate=5),
+        _shell("x", "true", estimate=1 if estimates else None),
+        _shell("end", "true", needs=["z", "x"], estimate=0.1),
+    ]
+
+
+def test_a_download_with_slack_waits_while_the_critical_one_receives(
+    agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from provision.steps.shell import Shell
+
+    monkeypatch.setattr(Shell, "receives", True)
+    ok, runner = _run(_link_steps(tmp_path))
+    recs = runner.state.steps
+    assert ok and recs["x"].started and recs["y"].started and recs["y"].ended
+    received = float((tmp_path / "y.received").read_text())
+    assert received <= recs["x"].started < recs["y"].ended, "x started once y's bytes were in"
+    assert "x: waits for the link while y receives (slack 9s)" in capsys.readouterr().err
+
+
+def test_a_download_waits_at_most_its_slack(
+    agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provision.steps.shell import Shell
+
+    monkeypatch.setattr(Shell, "receives", True)
+    steps = [
+        _shell("y", "sleep 2", estimate=1.4),  # never says its bytes are in
+        _shell("x", "true", estimate=1),
+        _shell("end", "true", needs=["y", "x"], estimate=0.1),
+    ]
+    ok, runner = _run(steps)
+    x, y = runner.state.steps["x"], runner.state.steps["y"]
+    assert ok and x.started and y.started and y.ended
+    assert y.started + 0.35 < x.started < y.ended - 0.5, "x waited its 0.4 s of slack, no more"
+
+
+def test_without_a_duration_for_every_step_nothing_waits_for_the_link(
+    agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provision.steps.shell import Shell
+
+    monkeypatch.setattr(Shell, "receives", True)
+    ok, runner = _run(_link_steps(tmp_path, estimates=False))
+    x, y = runner.state.steps["x"], runner.state.steps["y"]
+    assert ok and x.started and y.started
+    assert x.started < float((tmp_path / "y.received").read_text()), "x started beside y"

@@ -211,14 +211,15 @@ def test_wheel_fits(filename: str, fits: bool) -> None:
 
 def test_progress_messages_from_uv_output() -> None:
     lines = {
-        "Resolved 250 packages in 1.20s": "resolved 250 packages",
-        "Downloading torch (846.8MiB)": "downloading torch (846.8MiB)",
-        " Downloaded torch": "downloaded torch",
-        "Building evdev==1.9.0": "building evdev==1.9.0",
-        "      Built evdev==1.9.0": "built evdev==1.9.0",
-        "Prepared 1 package in 3ms": "prepared 1 packages",
-        "Installed 240 packages in 2.31s": "installed 240 packages",
-        "Uninstalled 1 package in 0.67ms": "uninstalled 1 packages",
+        "Resolved 250 packages in 1.20s": ("resolved 250 packages", False),
+        "Downloading torch (846.8MiB)": ("downloading torch (846.8MiB)", False),
+        " Downloaded torch": ("downloaded torch", False),
+        "Building evdev==1.9.0": ("building evdev==1.9.0", False),
+        "      Built evdev==1.9.0": ("built evdev==1.9.0", False),
+        # every wheel is in once uv says it prepared them: the link is free for others
+        "Prepared 1 package in 3ms": ("prepared 1 packages", True),
+        "Installed 240 packages in 2.31s": ("installed 240 packages", True),
+        "Uninstalled 1 package in 0.67ms": ("uninstalled 1 packages", True),
         " + tinypkg==1.0": None,
         "Using CPython 3.11.7 interpreter at: /usr/bin/python3": None,
     }

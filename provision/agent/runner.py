@@ -45,6 +45,7 @@ from provision.agent.execute import (
     stop_group,
 )
 from provision.agent.files import read_json, tail_text, write_json_atomic
+from provision.agent.link import Link
 from provision.agent.paths import venv_python
 from provision.agent.prune import Pruner, Verdict
 from provision.agent.redact import Redactor
@@ -140,10 +141,18 @@ class Runner:
             lambda: self.events.put(("", -1, 0)),  # a fetch ended: dispatch again
             lambda line: _log(self.redact(line)),
         )
+        self.link = Link(
+            self.needs,
+            self.durations,
+            self.receives,
+            lambda sid: read_json(run.step_dir(sid) / "_progress.json", None),
+        )
         #: A step left out is needed after all: the pass starts over (its sorter has settled it).
         self.replan = False
         #: Steps held for a cache lookup (prune), with their done decision.
         self.holding: dict[str, checks.Decision] = {}
+        #: Steps whose wait for the link the runner's log has told.
+        self.told_waiting: set[str] = set()
 
     # ----------------------------------------------------------------- deciding, without running
 
@@ -293,7 +302,8 @@ class Runner:
         while sorter.is_active():
             new = sorter.get_ready()
             self.passed.update(new)
-            ready.extend(sorted(new, key=order.__getitem__))
+            ready.extend(new)
+            ready.sort(key=lambda sid: (self.link.rank(sid), order[sid]))  # critical first
             if self.dispatch(ready, sorter):
                 continue
             if not self.procs and not self.prune.busy() and not self.ahead.busy():
@@ -337,6 +347,11 @@ class Runner:
                 self.holding[step_id] = decision  # a lookup, or its own fetch ahead, to end
                 continue
             elif len(self.procs) < self.max_parallel:
+                first = self.link.yields_to(step_id, self.procs)
+                if first is not None:
+                    self.holding[step_id] = decision
+                    self.tell_waiting(step_id, first)
+                    continue
                 ready.remove(step_id)
                 if not self.start(step_id, decision.reason):
                     self.settle(sorter, step_id)
@@ -344,6 +359,27 @@ class Runner:
         if settled:
             self.save()
         return settled
+
+    def tell_waiting(self, step_id: str, first: str) -> None:
+        """Say once in the runner's log that a step waits for the link."""
+        if step_id not in self.told_waiting:
+            self.told_waiting.add(step_id)
+            slack = self.link.rank(step_id)
+            _log(f"{step_id}: waits for the link while {first} receives (slack {slack:.0f}s)")
+
+    def durations(self) -> dict[str, float | None]:
+        """Each selected step's expected seconds: measured on this box, else its `estimate:`."""
+        out: dict[str, float | None] = {}
+        for sid in self.selected:
+            estimate = self.steps[sid].estimate
+            measured = self.state.expected_duration(sid)
+            out[sid] = measured if measured is not None else estimate
+        return out
+
+    def receives(self, step_id: str) -> bool:
+        """Is the step's kind one that mostly receives bytes (provision/agent/link.py)?"""
+        kind = get_kind(self.steps[step_id].kind)
+        return bool(kind is not None and kind.receives)
 
     def settle(self, sorter: graphlib.TopologicalSorter[str], step_id: str) -> None:
         """Tell this pass's sorter the step is over, if it has handed the step out yet."""

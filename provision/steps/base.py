@@ -114,6 +114,9 @@ class Kind:
     #: kinds whose selected steps this kind's steps run after (a check of the box's tools runs
     #: after the steps that install them), added by the engine where no cycle forbids it.
     runs_after: ClassVar[tuple[str, ...]] = ()
+    #: the step's work is mostly bytes arriving over the box's link (a sync, a download): the
+    #: runner gives the link to the critical path first (provision/agent/link.py).
+    receives: ClassVar[bool] = False
 
     def validate(self, params: dict[str, Any]) -> None:
         """Cross-field validation on the controller; raise ParamError. Types are already checked."""
@@ -339,8 +342,11 @@ class StepContext:
         files_total: int | None = None,
         speed: float | None = None,
         message: str | None = None,
+        received: bool | None = None,
     ) -> None:
-        """Report progress of long work (bytes, files, speed in unit/s); shown by `status`."""
+        """Report progress of long work (bytes, files, speed in unit/s); shown by `status`.
+        `received`: a receiving kind's bytes are all in, what is left is the box's own work (the
+        runner lets other downloads have the link, provision/agent/link.py)."""
         data: dict[str, Any] = {"unit": unit, "updated": time.time()}
         for key, value in (
             ("done", done),
@@ -349,6 +355,7 @@ class StepContext:
             ("files_total", files_total),
             ("speed", speed),
             ("message", message),
+            ("received", received),
         ):
             if value is not None:
                 data[key] = value

@@ -77,6 +77,7 @@ class GcsDownload(Kind):
 
     name = "gcs_download"
     summary = "download a gs:// prefix in parallel, resumably (done while every file is there)"
+    receives = True
     pip = ("google-cloud-storage",)
     params = (
         Param(

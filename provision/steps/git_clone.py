@@ -61,6 +61,7 @@ class GitClone(Kind):
     name = "git_clone"
     tools = ("git",)
     summary = "clone a git repository at a branch or ref, with submodules (token as a secret)"
+    receives = True
     params = (
         Param(
             "repo", "str", "clone URL (https, ssh or a path), without credentials", required=True

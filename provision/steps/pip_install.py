@@ -67,6 +67,7 @@ class PipInstall(Kind):
 
     name = "pip_install"
     summary = "uv pip install exact pins into a venv, from the project root (versions verified)"
+    receives = True
     params = (
         Param("packages", "list", "requirements, each `name==version`", required=True, items="str"),
         Param(

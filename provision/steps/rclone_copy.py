@@ -63,6 +63,7 @@ class RcloneCopy(Kind):
 
     name = "rclone_copy"
     summary = "copy a remote directory with rclone (done while every copied file is there)"
+    receives = True
     pip = ("rclone-python",)
     tools = ("rclone",)
     params = (

@@ -73,6 +73,7 @@ class UvSync(Kind):
 
     name = "uv_sync"
     summary = "uv sync a project's locked venv (lock traps fixed first; imports verified)"
+    receives = True
     params = (
         Param("project", "path", "project directory (holds pyproject.toml)", required=True),
         Param("python", "str", "Python version request for uv (`--python`), e.g. '3.11'"),

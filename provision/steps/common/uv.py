@@ -102,25 +102,29 @@ def _is_executable(path: Path) -> bool:
     return stat.S_ISREG(mode) and os.access(path, os.X_OK)
 
 
+#: uv's summary lines: the progress message each makes, and whether uv has all its bytes by
+#: then (it prints "Prepared" once every wheel is downloaded and built; what follows is linking
+#: them into the venv, the box's own work).
 _PROGRESS_LINES = (
-    (re.compile(r"^Resolved (\d+) packages? in "), "resolved {0} packages"),
-    (re.compile(r"^Downloading (\S+) \(([^)]+)\)"), "downloading {0} ({1})"),
-    (re.compile(r"^\s*Downloaded (\S+)"), "downloaded {0}"),
-    (re.compile(r"^Building (\S+)"), "building {0}"),
-    (re.compile(r"^\s*Built (\S+)"), "built {0}"),
-    (re.compile(r"^Prepared (\d+) packages? in "), "prepared {0} packages"),
-    (re.compile(r"^Uninstalled (\d+) packages? in "), "uninstalled {0} packages"),
-    (re.compile(r"^Installed (\d+) packages? in "), "installed {0} packages"),
-    (re.compile(r"^Audited (\d+) packages? in "), "audited {0} packages"),
+    (re.compile(r"^Resolved (\d+) packages? in "), "resolved {0} packages", False),
+    (re.compile(r"^Downloading (\S+) \(([^)]+)\)"), "downloading {0} ({1})", False),
+    (re.compile(r"^\s*Downloaded (\S+)"), "downloaded {0}", False),
+    (re.compile(r"^Building (\S+)"), "building {0}", False),
+    (re.compile(r"^\s*Built (\S+)"), "built {0}", False),
+    (re.compile(r"^Prepared (\d+) packages? in "), "prepared {0} packages", True),
+    (re.compile(r"^Uninstalled (\d+) packages? in "), "uninstalled {0} packages", True),
+    (re.compile(r"^Installed (\d+) packages? in "), "installed {0} packages", True),
+    (re.compile(r"^Audited (\d+) packages? in "), "audited {0} packages", True),
 )
 
 
-def progress_message(line: str) -> str | None:
-    """The progress message for one line of uv's output, or None for lines that carry none."""
-    for pattern, template in _PROGRESS_LINES:
+def progress_message(line: str) -> tuple[str, bool] | None:
+    """The progress message for one line of uv's output and whether uv's bytes are all in by
+    then, or None for lines that carry none."""
+    for pattern, template, received in _PROGRESS_LINES:
         match = pattern.match(line)
         if match:
-            return template.format(*match.groups())
+            return template.format(*match.groups()), received
     return None
 
 
@@ -138,9 +142,10 @@ class _UvOutput:
         lines = (self._partial + text).replace("\r", "\n").split("\n")
         self._partial = lines.pop()
         for line in lines:
-            message = progress_message(line)
-            if message:
-                self._ctx.progress(message=message)
+            said = progress_message(line)
+            if said:
+                message, received = said
+                self._ctx.progress(message=message, received=received or None)
         return len(text)
 
     def flush(self) -> None:
