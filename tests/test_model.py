@@ -153,6 +153,18 @@ def test_durations_keep_the_newest_five() -> None:
     assert state.expected_duration("s") == 4.0 and state.expected_duration("t") is None
 
 
+@pytest.mark.parametrize(
+    ("seconds", "median"), [((7,), 7.0), ((9, 1), 5.0), ((3, 1, 2), 2.0), ((4, 1, 3, 2), 2.5)]
+)
+def test_the_expected_duration_is_the_median_of_the_kept_ones(
+    seconds: tuple[float, ...], median: float
+) -> None:
+    state = RunState(run="r")
+    for s in seconds:
+        state.remember_duration("s", s)
+    assert state.expected_duration("s") == median
+
+
 # ------------------------------------------------------------------------ the record's changes
 
 
