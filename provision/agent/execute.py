@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +131,8 @@ def exec_step(
         write_json_atomic(result_path, {"reason": redact(exc.reason), "hint": hint})
         return EXIT_FAILED
     except Exception as exc:  # a crash is an error of the kind, not a failure of the work
+        import traceback  # only on a crash: linecache and tokenize cost every agent ~6 ms
+
         traceback.print_exc(file=sys.stdout)
         reason = redact(f"crashed: {type(exc).__name__}: {exc}")
         write_json_atomic(result_path, {"reason": reason})

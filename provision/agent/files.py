@@ -12,7 +12,6 @@ the leftovers of killed writers from live ones.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -96,6 +95,8 @@ def read_json(path: Path, default: Any) -> Any:
 
 def file_sha256(path: str | os.PathLike[str]) -> str | None:
     """sha256 of a file's bytes (read in 1 MiB blocks), or None when it cannot be read."""
+    import hashlib  # only where a file is hashed: OpenSSL's _hashlib costs a process ~5 ms
+
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

@@ -84,22 +84,23 @@ class Pruner:
         self.needed: set[str] = set()
 
     def _can_leave_out(self, step_id: str) -> bool:
-        from provision.cache.key import is_implicit
-
         step = self.steps[step_id]
         users = [self.steps[c] for c in self.dependents.get(step_id, []) if c in self.needs]
-        return bool(
+        if not (
             users
             and not step.cache
             and not step.outputs
-            and not is_implicit(step_id)
             # A dependent's `inputs` may be what this step writes (av-override edits the
             # pyproject.toml uv-sync is keyed on): its key would then need this step run.
             and all(
                 u.cache and not cache_inputs(u) and step_id not in (u.cache.get("with") or [])
                 for u in users
             )
-        )
+        ):
+            return False
+        from provision.cache.key import is_implicit  # only with cached steps: it costs hashlib
+
+        return not is_implicit(step_id)
 
     def busy(self) -> bool:
         """Whether a step is held or looked up (the runner waits for it, as for a child)."""

@@ -16,7 +16,6 @@ Arbitrary transforms (hex, a change of case, a value split over two lines) are o
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import urllib.parse
@@ -62,6 +61,8 @@ def _strings(document: object) -> Iterator[str]:
 
 def _forms(value: str) -> set[str]:
     """Literal forms: plain, URL-encoded, base64, shell single-quoted."""
+    import base64  # only where a run has secrets: struct and binascii for every process else
+
     raw = value.encode()
     forms = {
         value,

@@ -20,7 +20,6 @@ Lifecycle of one step on the box:
 from __future__ import annotations
 
 import codecs
-import difflib
 import io
 import os
 import subprocess
@@ -145,6 +144,14 @@ class Kind:
         """Prove the work took effect; raise StepFailed with the reason otherwise."""
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ " (did you mean 'X'?)" for the known name closest to `name`, or ""."""
+    import difflib  # only for a bad key: every agent process validates params (~2 ms)
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def check_keys(
     raw: Iterable[Any], known: Sequence[str], where: str, key: str, *, dotted: bool = False
 ) -> None:
@@ -155,8 +162,7 @@ def check_keys(
     """
     for name in raw:
         if name not in known:
-            close = difflib.get_close_matches(str(name), list(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = _did_you_mean(str(name), known)
             raise ParamError(
                 f"unknown key '{name}' in {where}{hint}; its keys: {', '.join(known)}",
                 f"{key}.{name}" if dotted else key,
@@ -171,8 +177,7 @@ def validate_params(kind: Kind, raw: Mapping[str, Any]) -> dict[str, Any]:
     known = {p.name: p for p in kind.params}
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = _did_you_mean(str(key), known)
             expected = ", ".join(sorted(known)) or "none"
             raise ParamError(
                 f"unknown key '{key}' for kind '{kind.name}'{hint}; its params: {expected}",

@@ -8,7 +8,6 @@ subpackage (`provision.steps.common`, the helpers the kinds share).
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import re
 
 from provision.steps.base import Kind
@@ -18,6 +17,8 @@ _NOT_KINDS = {"base", "registry"}
 
 def kind_names() -> list[str]:
     """Names of every kind, sorted."""
+    import pkgutil  # only to list kinds: an agent process looks its kinds up by name
+
     import provision.steps as package
 
     return sorted(
